@@ -1,0 +1,93 @@
+"""Configuration of the teacher-cache stage: one pydantic model, defaults in code, YAML overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PreprocessingConfig(_Strict):
+    """Teacher preprocessing; any field left empty comes from the model's pretrained config, then defaults."""
+
+    input_size: int | None = Field(None, ge=8, le=2048, description="square input size in pixels")
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="eval view: share of the shorter side")
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    channels: Literal[1, 3] | None = Field(None, description="1 = grayscale, 3 = RGB (alpha is dropped)")
+
+
+class TeacherConfig(_Strict):
+    """A teacher is an architecture + local checkpoint, or a TorchScript / torch.export file."""
+
+    arch: str | None = Field(None, description="registered, timm:<name> or torchvision:<name>")
+    arch_kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    checkpoint: Path | None = Field(None, description="state dict file, loaded with weights_only=True")
+    pretrained: bool = Field(False, description="timm pretrained weights (needs hub access)")
+    scripted: Path | None = Field(None, description="TorchScript (.pt) or torch.export (.pt2) file")
+    num_classes: int | None = Field(None, ge=2, description="inferred from the checkpoint when empty")
+    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if (self.arch is None) == (self.scripted is None):
+            raise ValueError("give exactly one of `arch` (with `checkpoint`) or `scripted`")
+        if self.arch is not None and self.checkpoint is None and not self.pretrained:
+            raise ValueError(f"`arch: {self.arch}` needs `checkpoint: PATH` (or `pretrained: true`); "
+                             "an untrained teacher would cache noise")
+        if self.scripted is not None and self.preprocessing.input_size is None:
+            raise ValueError("a `scripted` teacher needs `preprocessing.input_size` (and mean/std)")
+        return self
+
+
+class ViewsConfig(_Strict):
+    num_views: int = Field(4, ge=1, le=64, description="view 0 = eval view, 1..V-1 = random resized crops")
+    seed: int = 0
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ViewsConfig:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {list(self.ratio)}")
+        return self
+
+
+class RayConfig(_Strict):
+    enabled: bool = Field(True, description="false = run every shard in this process (debugging, no Ray)")
+    address: str | None = Field(None, description="Ray cluster address; empty = RAY_ADDRESS or a local cluster")
+    num_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(1.0, ge=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0 = any free port (logged)")
+
+
+class CacheConfig(_Strict):
+    """`distill cache`: label every shard once with the teacher, write sparse soft labels to Parquet."""
+
+    shards: list[str] = Field(..., min_length=1, description="shard paths, globs or brace patterns")
+    cache_root: Path = Field(..., description="the cache goes to <cache_root>/<fingerprint>/")
+    teacher: TeacherConfig
+    topk: int = Field(10, ge=1)
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    batch_size: int = Field(64, ge=1, description="view-images per teacher forward")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    decode_threads: int = Field(2, ge=1, description="threads decoding images while the model runs")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per labeller (default: torch's)")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    progress: bool = True

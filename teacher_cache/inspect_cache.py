@@ -1,0 +1,70 @@
+"""`distill cache inspect`: what a cache holds and how good its soft labels are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from teacher_cache.reader import CacheReader, find_cache_dir
+from teacher_cache.run import read_errors
+
+
+def inspect_cache(path: Path, verify: bool = True) -> dict[str, Any]:
+    """Summary of one fingerprint directory (or the newest one under a cache root)."""
+    reader = CacheReader(find_cache_dir(Path(path)), verify=verify)
+    rows = bytes_total = 0
+    mass_sum = 0.0
+    labelled = correct = 0
+    meta = None
+    for stem in reader.shards:
+        a = reader.arrays(stem)
+        meta = reader.meta(stem)
+        rows += len(a.keys)
+        bytes_total += reader.manifest.shards[stem].file_bytes
+        mass_sum += float(np.exp(a.topk_logits.astype(np.float32)).sum(-1).sum())
+        has = a.labels >= 0
+        labelled += int(has.sum())
+        correct += int((a.topk_ids[has, 0, 0] == a.labels[has]).sum())
+    errors = read_errors(reader.directory)
+    views = meta.num_views if meta else 0
+    return {
+        "cache_dir": str(reader.directory),
+        "fingerprint": reader.fingerprint,
+        "schema_version": reader.manifest.schema_version,
+        "teacher": reader.manifest.teacher,
+        "shards": len(reader.shards),
+        "rows": rows,
+        "views": views,
+        "k": meta.k if meta else None,
+        "num_classes": meta.num_classes if meta else None,
+        "preprocessing": meta.preprocessing if meta else None,
+        "bytes": bytes_total,
+        "bytes_per_sample_view": bytes_total / max(1, rows * views),
+        "mean_topk_mass": mass_sum / max(1, rows * views),
+        "labelled_rows": labelled,
+        "teacher_top1_vs_labels": (correct / labelled) if labelled else None,
+        "errors_recorded": len(errors),
+        "first_errors": errors[:5],
+    }
+
+
+def format_inspect(info: dict[str, Any]) -> str:
+    acc = info["teacher_top1_vs_labels"]
+    acc_text = ("n/a (no labels)" if acc is None
+                else f"{acc:.4f} top-1 on {info['labelled_rows']} labelled rows (view 0)")
+    lines = [
+        f"cache        {info['cache_dir']}",
+        f"fingerprint  {info['fingerprint']} (schema v{info['schema_version']})",
+        f"teacher      {info['teacher'].get('arch')} ({info['teacher'].get('source')}), "
+        f"{info['num_classes']} classes",
+        f"shards       {info['shards']}",
+        f"rows         {info['rows']} samples x {info['views']} views, top-{info['k']}",
+        f"size         {info['bytes'] / 1e6:.2f} MB, {info['bytes_per_sample_view']:.1f} bytes per sample-view",
+        f"top-k mass   {info['mean_topk_mass']:.4f} (mean probability held by the stored top-k, T=1)",
+        f"teacher acc  {acc_text}",
+        f"errors       {info['errors_recorded']} samples skipped",
+    ]
+    lines += [f"  {e['shard']} {e['key']}: {e['reason']}" for e in info["first_errors"]]
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""The manifest: which shard produced which cache file, from which input identity, with which checksum.
+
+Written only by the driver (one writer), atomically (temp file + fsync + rename + directory fsync) after each
+cache file is renamed into place. A reader accepts only files listed here whose checksum matches, so a file
+left by a killed job is never read as complete.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from teacher_cache.schema import SCHEMA_VERSION
+from teacher_cache.shards import ShardIdentity, file_sha256
+
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = ".lock"
+TMP_MARK = ".tmp-"
+
+
+@dataclass
+class ShardEntry:
+    source: str  # absolute path of the input shard
+    size: int
+    mtime_ns: int
+    content_sha256: str
+    file: str  # cache file name inside the fingerprint directory
+    file_bytes: int
+    file_sha256: str
+    rows: int
+    errors: int
+    written_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class Manifest:
+    fingerprint: str
+    teacher: dict[str, Any]
+    schema_version: int = SCHEMA_VERSION
+    shards: dict[str, ShardEntry] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, directory: Path, fingerprint: str | None = None) -> Manifest | None:
+        path = directory / MANIFEST_NAME
+        if not path.exists():
+            return None
+        try:
+            raw = json.loads(path.read_text())
+            shards = {k: ShardEntry(**v) for k, v in raw.get("shards", {}).items()}
+            m = cls(fingerprint=raw["fingerprint"], teacher=raw.get("teacher", {}),
+                    schema_version=int(raw["schema_version"]), shards=shards)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: damaged manifest ({exc}); delete the directory to rebuild the cache") from exc
+        if fingerprint is not None and m.fingerprint != fingerprint:
+            raise ValueError(f"{path}: manifest is for fingerprint {m.fingerprint}, expected {fingerprint}")
+        return m
+
+    def save(self, directory: Path) -> None:
+        data = {"schema_version": self.schema_version, "fingerprint": self.fingerprint, "teacher": self.teacher,
+                "shards": {k: asdict(v) for k, v in sorted(self.shards.items())}}
+        atomic_write_bytes(directory / MANIFEST_NAME, json.dumps(data, indent=1).encode())
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_path_for(final: Path) -> Path:
+    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{time.monotonic_ns()}")
+
+
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    tmp = tmp_path_for(final)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def remove_stale_tmp(directory: Path) -> int:
+    """Delete temp files a killed run left behind (safe: we hold the directory lock)."""
+    n = 0
+    for p in directory.glob(f"*{TMP_MARK}*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+class CacheLockedError(RuntimeError):
+    """Another job is writing this cache directory."""
+
+
+class DirectoryLock:
+    """Exclusive flock on <dir>/.lock: never two writers on one cache. Released by the kernel if we die."""
+
+    def __init__(self, directory: Path, wait: bool = False) -> None:
+        self.path = directory / LOCK_NAME
+        self.wait = wait
+        self._fd: int | None = None
+
+    def __enter__(self) -> DirectoryLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CacheLockedError(f"{self.path.parent} is being written by another job ({holder}); wait for it "
+                                   "to finish or stop it (a killed job releases the lock)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%H:%M:%S')}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class RefreshPlan:
+    """What a run must do: label these shards; skip those; report vanished ones; touched = same content."""
+
+    todo: list[tuple[str, Path, str]] = field(default_factory=list)  # (stem, path, reason: new|changed|unlisted)
+    unchanged: list[str] = field(default_factory=list)
+    touched: dict[str, ShardIdentity] = field(default_factory=dict)  # mtime/size moved, content hash equal
+    vanished: list[str] = field(default_factory=list)
+
+
+def plan_refresh(manifest: Manifest | None, shards: dict[str, Path], directory: Path,
+                 verify_cache_files: bool = False) -> RefreshPlan:
+    """Decide per shard with the cheapest evidence first: size+mtime, then content hash only if those moved."""
+    plan = RefreshPlan()
+    listed = manifest.shards if manifest is not None else {}
+    for stem, path in shards.items():
+        entry = listed.get(stem)
+        if entry is None:
+            plan.todo.append((stem, path, "new"))
+            continue
+        cache_file = directory / entry.file
+        if not cache_file.exists() or (verify_cache_files and file_sha256(cache_file) != entry.file_sha256):
+            plan.todo.append((stem, path, "cache file missing or damaged"))
+            continue
+        ident = ShardIdentity.stat(path)
+        if entry.source == str(path) and (ident.size, ident.mtime_ns) == (entry.size, entry.mtime_ns):
+            plan.unchanged.append(stem)
+            continue
+        content = file_sha256(path) if ident.size == entry.size else None
+        if content is not None and content == entry.content_sha256:
+            plan.unchanged.append(stem)
+            plan.touched[stem] = ShardIdentity(ident.size, ident.mtime_ns, content)
+        else:
+            plan.todo.append((stem, path, "changed"))
+    plan.vanished = sorted(set(listed) - set(shards))
+    return plan

@@ -1,0 +1,168 @@
+"""Read the cache: only manifest-listed files with a matching checksum, rows in shard order.
+
+    reader = CacheReader(cache_root / fingerprint)
+    for stem in reader.shards:
+        arrays = reader.arrays(stem)           # numpy columns, for batching
+        for s in reader.iter_shard(stem): ...  # or one CachedSample per row
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from teacher_cache.manifest import Manifest
+from teacher_cache.schema import (
+    COL_CROP,
+    COL_FLIP,
+    COL_IMAGE_HW,
+    COL_KEY,
+    COL_LABEL,
+    COL_TAIL_LSE,
+    COL_TOPK_IDS,
+    COL_TOPK_LOGITS,
+    CacheMeta,
+    SchemaError,
+)
+from teacher_cache.shards import file_sha256
+from teacher_cache.views import ViewParams
+
+
+class CacheError(RuntimeError):
+    """The cache is missing, incomplete, or does not match what the caller expects; names the file."""
+
+
+@dataclass
+class CachedSample:
+    key: str
+    label: int | None
+    image_hw: tuple[int, int]
+    views: list[ViewParams]
+    topk_ids: np.ndarray  # (V, k)
+    topk_logits: np.ndarray  # (V, k) float16, shifted log-probabilities
+    tail_lse: np.ndarray  # (V,) float32
+
+
+@dataclass
+class ShardArrays:
+    """A whole shard's cache as numpy arrays (row i = sample i of the shard, in tar order)."""
+
+    keys: list[str]
+    labels: np.ndarray  # (N,) int64, -1 where unlabelled
+    image_hw: np.ndarray  # (N, 2)
+    crops: np.ndarray  # (N, V, 4) top, left, height, width
+    flips: np.ndarray  # (N, V) bool
+    topk_ids: np.ndarray  # (N, V, k)
+    topk_logits: np.ndarray  # (N, V, k) float16
+    tail_lse: np.ndarray  # (N, V) float32
+
+    def view(self, i: int, v: int) -> ViewParams:
+        t, left, h, w = (int(x) for x in self.crops[i, v])
+        return ViewParams(t, left, h, w, bool(self.flips[i, v]))
+
+
+def _fixed(col: pa.ChunkedArray, *shape: int) -> np.ndarray:
+    arr = col.combine_chunks()
+    while isinstance(arr.type, pa.FixedSizeListType):
+        arr = arr.flatten()
+    return arr.to_numpy(zero_copy_only=False).reshape(-1, *shape)
+
+
+class CacheReader:
+    """One fingerprint directory of the cache."""
+
+    def __init__(self, directory: Path, verify: bool = True, expect_fingerprint: str | None = None) -> None:
+        self.directory = Path(directory)
+        manifest = Manifest.load(self.directory)
+        if manifest is None:
+            raise CacheError(f"{self.directory}: no cache here (no manifest.json); run `distill cache` first")
+        if expect_fingerprint is not None and manifest.fingerprint != expect_fingerprint:
+            raise CacheError(f"{self.directory}: cache was written by teacher fingerprint {manifest.fingerprint}, "
+                             f"but the config names {expect_fingerprint}; re-run `distill cache` with this teacher")
+        self.manifest = manifest
+        self.verify = verify
+        self._meta: dict[str, CacheMeta] = {}
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted(self.manifest.shards)
+
+    def path(self, stem: str) -> Path:
+        entry = self.manifest.shards.get(stem)
+        if entry is None:
+            raise CacheError(f"{self.directory}: shard '{stem}' has no complete cache file (not in the manifest); "
+                             "run `distill cache` over it")
+        return self.directory / entry.file
+
+    def table(self, stem: str) -> pa.Table:
+        """The shard's table after checking checksum, row count, schema version and fingerprint."""
+        path, entry = self.path(stem), self.manifest.shards[stem]
+        if not path.exists():
+            raise CacheError(f"{path}: listed in the manifest but missing; re-run `distill cache`")
+        if self.verify and file_sha256(path) != entry.file_sha256:
+            raise CacheError(f"{path}: checksum does not match the manifest (partial or altered file); "
+                             "re-run `distill cache` to rewrite it")
+        table = pq.read_table(path)
+        try:
+            meta = CacheMeta.from_kv(table.schema.metadata, str(path))
+        except SchemaError as exc:
+            raise CacheError(str(exc)) from exc
+        if meta.fingerprint != self.fingerprint:
+            raise CacheError(f"{path}: file fingerprint {meta.fingerprint} != directory {self.fingerprint}")
+        if table.num_rows != entry.rows:
+            raise CacheError(f"{path}: {table.num_rows} rows but the manifest says {entry.rows}")
+        self._meta[stem] = meta
+        return table
+
+    def meta(self, stem: str | None = None) -> CacheMeta:
+        stem = stem or self.shards[0]
+        if stem not in self._meta:
+            path = self.path(stem)
+            self._meta[stem] = CacheMeta.from_kv(pq.read_schema(path).metadata, str(path))
+        return self._meta[stem]
+
+    def arrays(self, stem: str) -> ShardArrays:
+        t = self.table(stem)
+        m = self._meta[stem]
+        labels = t.column(COL_LABEL).fill_null(-1).to_numpy().astype(np.int64)
+        return ShardArrays(
+            keys=t.column(COL_KEY).to_pylist(), labels=labels,
+            image_hw=_fixed(t.column(COL_IMAGE_HW), 2),
+            crops=_fixed(t.column(COL_CROP), m.num_views, 4),
+            flips=_fixed(t.column(COL_FLIP), m.num_views).astype(bool),
+            topk_ids=_fixed(t.column(COL_TOPK_IDS), m.num_views, m.k),
+            topk_logits=_fixed(t.column(COL_TOPK_LOGITS), m.num_views, m.k),
+            tail_lse=_fixed(t.column(COL_TAIL_LSE), m.num_views))
+
+    def iter_shard(self, stem: str) -> Iterator[CachedSample]:
+        a = self.arrays(stem)
+        for i, key in enumerate(a.keys):
+            yield CachedSample(key=key, label=None if a.labels[i] < 0 else int(a.labels[i]),
+                               image_hw=(int(a.image_hw[i, 0]), int(a.image_hw[i, 1])),
+                               views=[a.view(i, v) for v in range(a.crops.shape[1])],
+                               topk_ids=a.topk_ids[i], topk_logits=a.topk_logits[i], tail_lse=a.tail_lse[i])
+
+
+def find_cache_dir(cache_root: Path, fingerprint: str | None = None) -> Path:
+    """The fingerprint directory to read: the named one, or the only / most recently written one."""
+    root = Path(cache_root)
+    if fingerprint:
+        d = root / fingerprint
+        if not (d / "manifest.json").exists():
+            raise CacheError(f"{d}: no cache for fingerprint {fingerprint}; run `distill cache` with that teacher")
+        return d
+    if (root / "manifest.json").exists():
+        return root
+    dirs = sorted((p for p in root.glob("*/manifest.json")), key=lambda p: p.stat().st_mtime)
+    if not dirs:
+        raise CacheError(f"{root}: no cache found; run `distill cache` first")
+    return dirs[-1].parent

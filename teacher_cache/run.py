@@ -1,0 +1,181 @@
+"""`distill cache`: validate, plan the incremental refresh, label shards (Ray pool or in-process), keep the manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from teacher_cache import metrics
+from teacher_cache.config import CacheConfig
+from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
+from teacher_cache.manifest import (
+    DirectoryLock,
+    Manifest,
+    ShardEntry,
+    atomic_write_bytes,
+    plan_refresh,
+    remove_stale_tmp,
+)
+from teacher_cache.shards import expand_shard_patterns, shard_stem
+from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
+
+log = logging.getLogger(__name__)
+SUMMARY_NAME = "last_run.json"
+
+
+@dataclass
+class CacheResult:
+    cache_dir: Path
+    fingerprint: str
+    labelled: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    touched: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    vanished: list[str] = field(default_factory=list)
+    images: int = 0
+    decode_errors: int = 0
+    seconds: float = 0.0
+    teacher_seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        """success (nothing failed), partial (some shards failed), failure (every shard to label failed)."""
+        if not self.failed:
+            return "success"
+        return "failure" if not self.labelled else "partial"
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d["cache_dir"], d["status"] = str(self.cache_dir), self.status
+        return d
+
+
+def map_shards(patterns: list[str]) -> dict[str, Path]:
+    """stem -> path; two inputs with the same file name would overwrite each other's cache, so refuse."""
+    out: dict[str, Path] = {}
+    for p in expand_shard_patterns(patterns):
+        stem = shard_stem(p)
+        if stem in out:
+            raise ValueError(f"two shards share the name '{stem}': {out[stem]} and {p}; cache files are named "
+                             "after the shard, so give shards unique file names")
+        out[stem] = p
+    return out
+
+
+def prepare(cfg: CacheConfig) -> tuple[LoadedTeacher, str, dict[str, Path]]:
+    """Everything that can fail on bad input, before any work: shards exist, teacher loads and fits."""
+    shards = map_shards(cfg.shards)
+    teacher = load_teacher(cfg.teacher)
+    if cfg.topk > teacher.num_classes:
+        raise ValueError(f"topk={cfg.topk} is larger than the teacher's {teacher.num_classes} classes; "
+                         f"set topk <= {teacher.num_classes}")
+    return teacher, fingerprint(teacher, cfg), shards
+
+
+def run(cfg: CacheConfig) -> CacheResult:
+    """Label new/changed shards, skip unchanged ones, record everything in the manifest."""
+    t0 = time.perf_counter()
+    teacher, fp, shards = prepare(cfg)
+    out_dir = Path(cfg.cache_root) / fp
+    result = CacheResult(cache_dir=out_dir, fingerprint=fp)
+    with DirectoryLock(out_dir):
+        if (n := remove_stale_tmp(out_dir)):
+            log.info("removed %d temp files left by an interrupted run", n)
+        manifest = Manifest.load(out_dir, fp) or Manifest(fingerprint=fp, teacher=teacher.info)
+        plan = plan_refresh(manifest, shards, out_dir)
+        for stem, ident in plan.touched.items():  # same content, new mtime: remember the new identity
+            e = manifest.shards[stem]
+            e.size, e.mtime_ns, e.source = ident.size, ident.mtime_ns, str(shards[stem])
+        manifest.save(out_dir)
+        atomic_write_bytes(out_dir / "cache_config.resolved.yaml",
+                           yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+        result.unchanged, result.touched, result.vanished = plan.unchanged, sorted(plan.touched), plan.vanished
+        for decision, n in (("label", len(plan.todo)), ("unchanged", len(plan.unchanged)),
+                            ("vanished", len(plan.vanished))):
+            metrics.SHARDS_PLANNED.labels(decision).set(n)
+        if plan.vanished:
+            log.warning("%d cached shards are no longer in the input: %s", len(plan.vanished),
+                        ", ".join(plan.vanished[:5]))
+        log.info("cache %s: %d shards to label (%d unchanged)", out_dir, len(plan.todo), len(plan.unchanged))
+        tasks = [ShardTask(stem, path, out_dir) for stem, path, _ in plan.todo]
+        if tasks:
+            _execute(cfg, fp, teacher, tasks, manifest, out_dir, result)
+    result.seconds = time.perf_counter() - t0
+    metrics.RUN_SECONDS.set(result.seconds)
+    if result.status == "success":
+        metrics.LAST_SUCCESS.set_to_current_time()
+    atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
+    return result
+
+
+def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[ShardTask], manifest: Manifest,
+             out_dir: Path, result: CacheResult) -> None:
+    disable = not cfg.progress
+    shard_bar = tqdm(total=len(tasks), desc="shards", unit="shard", position=0, disable=disable)
+    image_bar = tqdm(desc="images", unit="img", position=1, disable=disable)
+
+    def on_progress(ev: ProgressEvent) -> None:
+        image_bar.update(ev.images)
+        metrics.IMAGES.inc(ev.images)
+        metrics.DECODE_ERRORS.inc(ev.errors)
+        for s in ev.batch_seconds:
+            metrics.BATCH_LATENCY.observe(s)
+
+    def on_result(r: ShardResult) -> None:
+        shard_bar.update(1)
+        if not r.ok:
+            result.failed[r.stem] = r.message or "unknown error"
+            metrics.SHARDS.labels("failed").inc()
+            log.error("shard failed: %s", r.message)
+            return
+        assert r.identity is not None and r.file is not None and r.file_sha256 is not None
+        manifest.shards[r.stem] = ShardEntry(
+            source=r.source, size=r.identity.size, mtime_ns=r.identity.mtime_ns,
+            content_sha256=r.identity.sha256 or "", file=r.file, file_bytes=r.file_bytes,
+            file_sha256=r.file_sha256, rows=r.rows, errors=len(r.error_records))
+        _save_errors(out_dir, r)
+        manifest.save(out_dir)
+        result.labelled.append(r.stem)
+        result.images += r.rows
+        result.decode_errors += len(r.error_records)
+        result.teacher_seconds += r.teacher_seconds
+        metrics.SHARDS.labels("done").inc()
+        metrics.BYTES_WRITTEN.inc(r.file_bytes)
+
+    try:
+        if cfg.ray.enabled:
+            from teacher_cache.ray_pool import connect_ray, label_with_ray
+
+            connect_ray(cfg.ray.address)
+            label_with_ray(cfg, fp, tasks, on_result, on_progress)
+        else:
+            labeler = Labeler(cfg, fp, teacher)
+            for task in tasks:
+                on_result(labeler.label_shard(task, on_progress))
+    finally:
+        image_bar.close()
+        shard_bar.close()
+
+
+def _save_errors(out_dir: Path, r: ShardResult) -> None:
+    """Per-shard error files, replaced when a shard is relabelled, so records never duplicate."""
+    path = out_dir / "errors" / f"{r.stem}.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    if r.error_records:
+        atomic_write_bytes(path, "".join(json.dumps(e) + "\n" for e in r.error_records).encode())
+    else:
+        path.unlink(missing_ok=True)
+
+
+def read_errors(cache_dir: Path) -> list[dict]:
+    """Every recorded per-sample error (shard, key, reason) of a cache directory."""
+    out: list[dict] = []
+    for p in sorted((cache_dir / "errors").glob("*.jsonl")):
+        out.extend(json.loads(line) for line in p.read_text().splitlines() if line.strip())
+    return out

@@ -1,0 +1,122 @@
+"""The cache contract: the single source of truth for what a soft-label Parquet file holds.
+
+One Parquet file per input shard, one row per sample. Per-view columns are fixed-size lists of length V
+(number of views); per-view-per-class columns are fixed-size lists of fixed-size lists (V x k).
+
+Logits are stored shifted by the row's full log-sum-exp (so they are log-probabilities at T=1). Softmax at
+any temperature is invariant to a constant shift, so nothing is lost, and values near 0 keep more fp16
+precision than raw logits of magnitude ~20 would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+# Parquet key-value metadata keys (all values are UTF-8 strings; JSON for structured ones).
+META_SCHEMA_VERSION = b"distill.schema_version"
+META_FINGERPRINT = b"distill.fingerprint"
+META_TOPK = b"distill.topk"
+META_NUM_VIEWS = b"distill.num_views"
+META_NUM_CLASSES = b"distill.num_classes"
+META_PREPROCESSING = b"distill.preprocessing"
+META_TEACHER = b"distill.teacher"
+META_SHARD = b"distill.shard"
+META_VIEW_POLICY = b"distill.view_policy"
+
+COL_KEY = "key"
+COL_LABEL = "label"
+COL_IMAGE_HW = "image_hw"  # [2] int32: decoded source image (height, width); replay checks it
+COL_CROP = "crop"  # [V][4] int32: (top, left, height, width) in source-image pixels
+COL_FLIP = "flip"  # [V] bool: horizontal flip after the crop
+COL_TOPK_IDS = "topk_ids"  # [V][k] int16 (int32 when num_classes > 32767)
+COL_TOPK_LOGITS = "topk_logits"  # [V][k] float16, shifted by the full log-sum-exp
+COL_TAIL_LSE = "tail_lse"  # [V] float32: log sum exp of the logits outside the top-k (same shift); -inf if k == C
+
+
+def id_type(num_classes: int) -> pa.DataType:
+    """Class ids fit int16 for any realistic vision head; fall back to int32 beyond it."""
+    return pa.int16() if num_classes <= 32767 else pa.int32()
+
+
+def arrow_schema(num_views: int, k: int, num_classes: int) -> pa.Schema:
+    """The Arrow schema of a cache file for V views, top-k and C classes."""
+    v, ids = num_views, id_type(num_classes)
+    return pa.schema(
+        [
+            pa.field(COL_KEY, pa.string(), nullable=False),
+            pa.field(COL_LABEL, pa.int32(), nullable=True),
+            pa.field(COL_IMAGE_HW, pa.list_(pa.int32(), 2), nullable=False),
+            pa.field(COL_CROP, pa.list_(pa.list_(pa.int32(), 4), v), nullable=False),
+            pa.field(COL_FLIP, pa.list_(pa.bool_(), v), nullable=False),
+            pa.field(COL_TOPK_IDS, pa.list_(pa.list_(ids, k), v), nullable=False),
+            pa.field(COL_TOPK_LOGITS, pa.list_(pa.list_(pa.float16(), k), v), nullable=False),
+            pa.field(COL_TAIL_LSE, pa.list_(pa.float32(), v), nullable=False),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """What every cache file declares about itself (stored as Parquet key-value metadata)."""
+
+    schema_version: int
+    fingerprint: str
+    k: int
+    num_views: int
+    num_classes: int
+    preprocessing: dict[str, Any]
+    teacher: dict[str, Any]
+    shard: str
+    view_policy: dict[str, Any]
+
+    def to_kv(self) -> dict[bytes, bytes]:
+        return {
+            META_SCHEMA_VERSION: str(self.schema_version).encode(),
+            META_FINGERPRINT: self.fingerprint.encode(),
+            META_TOPK: str(self.k).encode(),
+            META_NUM_VIEWS: str(self.num_views).encode(),
+            META_NUM_CLASSES: str(self.num_classes).encode(),
+            META_PREPROCESSING: json.dumps(self.preprocessing, sort_keys=True).encode(),
+            META_TEACHER: json.dumps(self.teacher, sort_keys=True).encode(),
+            META_SHARD: self.shard.encode(),
+            META_VIEW_POLICY: json.dumps(self.view_policy, sort_keys=True).encode(),
+        }
+
+    @classmethod
+    def from_kv(cls, kv: dict[bytes, bytes] | None, where: str) -> CacheMeta:
+        """Parse file metadata; raise a SchemaError naming the file when it is not a cache file we can read."""
+        kv = kv or {}
+        if META_SCHEMA_VERSION not in kv:
+            raise SchemaError(f"{where}: not a distill cache file (no {META_SCHEMA_VERSION.decode()} metadata)")
+        version = int(kv[META_SCHEMA_VERSION])
+        if version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise SchemaError(
+                f"{where}: cache schema version {version} is not supported by this build "
+                f"(supports {list(SUPPORTED_SCHEMA_VERSIONS)}); re-create the cache with `distill cache` "
+                "or upgrade distill"
+            )
+        try:
+            return cls(
+                schema_version=version,
+                fingerprint=kv[META_FINGERPRINT].decode(),
+                k=int(kv[META_TOPK]),
+                num_views=int(kv[META_NUM_VIEWS]),
+                num_classes=int(kv[META_NUM_CLASSES]),
+                preprocessing=json.loads(kv[META_PREPROCESSING]),
+                teacher=json.loads(kv[META_TEACHER]),
+                shard=kv[META_SHARD].decode(),
+                view_policy=json.loads(kv[META_VIEW_POLICY]),
+            )
+        except (KeyError, ValueError) as exc:
+            raise SchemaError(f"{where}: damaged cache metadata ({exc}); delete the file and re-run") from exc
+
+
+class SchemaError(ValueError):
+    """A cache file does not follow the contract this build understands."""

@@ -1,0 +1,164 @@
+"""WebDataset shards: expand user patterns, cheap identity, and a strict streaming sample reader.
+
+We read tars with ``tarfile`` in streaming mode instead of webdataset's iterators because the cache needs
+strictness that the library does not give: duplicate keys are an error (webdataset silently yields a second
+sample when a key's files are not adjacent), truncation must fail the shard with its name, and the bytes are
+hashed while they stream so an incremental refresh never reads a shard twice.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import braceexpand
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class ShardError(RuntimeError):
+    """A whole shard cannot be read (truncated, not a tar, duplicate key); names the shard."""
+
+
+def expand_shard_patterns(patterns: list[str]) -> list[Path]:
+    """Brace patterns (``train-{000000..000009}.tar``) and globs -> sorted unique existing paths.
+
+    Raises FileNotFoundError listing every pattern that matched nothing.
+    """
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    for pattern in patterns:
+        matched = False
+        for expanded in braceexpand.braceexpand(pattern):
+            hits = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else (
+                [expanded] if os.path.exists(expanded) else [])
+            for hit in hits:
+                found[str(Path(hit).resolve())] = Path(hit).resolve()
+                matched = True
+            if not hits and not glob.has_magic(expanded):
+                missing.append(expanded)
+        if not matched and pattern not in missing:
+            missing.append(pattern)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"no shard file matches: {shown}; check the paths in `shards`")
+    return [found[k] for k in sorted(found)]
+
+
+def shard_stem(path: Path) -> str:
+    """Cache file name for a shard: its file name without the .tar/.tar.gz suffix."""
+    name = path.name
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+@dataclass(frozen=True)
+class ShardIdentity:
+    """Cheap identity (size, mtime) plus an optional content hash computed only when needed."""
+
+    size: int
+    mtime_ns: int
+    sha256: str | None = None
+
+    @classmethod
+    def stat(cls, path: Path) -> ShardIdentity:
+        st = path.stat()
+        return cls(size=st.st_size, mtime_ns=st.st_mtime_ns)
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _HashingReader:
+    """File wrapper that hashes every byte tarfile reads, so labelling a shard also yields its content hash."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.hash = hashlib.sha256()
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.hash.update(data)
+        self.bytes_read += len(data)
+        return data
+
+
+@dataclass
+class RawSample:
+    """One WebDataset sample: its key and the raw bytes of each file extension."""
+
+    key: str
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = path up to the first dot of the basename, ext = the rest (lower-case)."""
+    directory, base = os.path.split(name)
+    if "." not in base:
+        return name, ""
+    stem, ext = base.split(".", 1)
+    return (os.path.join(directory, stem) if directory else stem), ext.lower()
+
+
+class ShardReader:
+    """Iterate the samples of one tar shard in order; ``sha256`` is valid after full iteration."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._hasher: _HashingReader | None = None
+
+    @property
+    def sha256(self) -> str:
+        if self._hasher is None:
+            raise RuntimeError("iterate the shard before asking for its hash")
+        return self._hasher.hash.hexdigest()
+
+    def __iter__(self) -> Iterator[RawSample]:
+        seen: set[str] = set()
+        current: RawSample | None = None
+        with open(self.path, "rb") as raw:
+            self._hasher = _HashingReader(raw)
+            try:
+                with tarfile.open(fileobj=self._hasher, mode="r|*") as tar:  # type: ignore[call-overload]
+                    for member in tar:
+                        if not member.isfile():
+                            continue
+                        key, ext = split_member_name(member.name)
+                        if key.startswith("__") or not ext:
+                            continue  # e.g. __index__ files some writers add
+                        if current is None or key != current.key:
+                            if current is not None:
+                                yield current
+                            if key in seen:
+                                raise ShardError(
+                                    f"{self.path}: duplicate key '{key}' (its files are not adjacent or the "
+                                    "key repeats); fix the shard so that every __key__ appears once")
+                            seen.add(key)
+                            current = RawSample(key)
+                        if ext in current.files:
+                            raise ShardError(f"{self.path}: duplicate key '{key}' (file '.{ext}' appears twice)")
+                        data = tar.extractfile(member)
+                        current.files[ext] = data.read() if data is not None else b""
+                    # drain the end-of-archive padding so the hash covers the whole file
+                    while self._hasher.read(1 << 20):
+                        pass
+            except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+                raise ShardError(f"{self.path}: corrupt or truncated tar ({exc}); re-create this shard") from exc
+        if current is not None:
+            yield current
+
