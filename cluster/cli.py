@@ -10,45 +10,13 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before any `import ray`: loopback listeners
 
-import functools  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import click  # noqa: E402
 
-from cluster.config_loading import ConfigError  # noqa: E402
-
-EXIT_BAD_INPUT, EXIT_PARTIAL, EXIT_FAILURE = 2, 3, 4
-STATUS_EXIT = {"success": 0, "partial": EXIT_PARTIAL, "failure": EXIT_FAILURE}
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'your input is wrong': printed as one line, exit 2, no traceback."""
-    from teacher_cache.manifest import CacheLockedError
-    from teacher_cache.models import UnknownModelError
-    from teacher_cache.reader import CacheError
-    from teacher_cache.schema import SchemaError
-    from teacher_cache.teacher import TeacherLoadError
-
-    return (ConfigError, TeacherLoadError, UnknownModelError, CacheError, SchemaError, CacheLockedError,
-            FileNotFoundError, ValueError)
-
-
-def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--config FILE.yaml and repeatable --set a.b=value on every stage command."""
-
-    @click.option("--config", "-c", "config_path", type=click.Path(path_type=Path), default=None,
-                  help="YAML config (the stage's fields at top level, or under a section named after the stage).")
-    @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-                  help="Override one config field (repeatable), e.g. --set teacher.checkpoint=t.pt")
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
-    return wrapper
+from cluster.cli_common import EXIT_BAD_INPUT, user_errors  # noqa: E402
 
 
 class _Main(click.Group):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cluster.cli import STATUS_EXIT, config_options
+from cluster.cli_common import STATUS_EXIT, config_options
 from cluster.config_loading import load_config
 from cluster.metrics_server import start_metrics_server
 

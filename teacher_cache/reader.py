@@ -70,7 +70,7 @@ def _fixed(col: pa.ChunkedArray, *shape: int) -> np.ndarray:
     arr = col.combine_chunks()
     while isinstance(arr.type, pa.FixedSizeListType):
         arr = arr.flatten()
-    return arr.to_numpy(zero_copy_only=False).reshape(-1, *shape)
+    return arr.to_numpy(zero_copy_only=False).copy().reshape(-1, *shape)
 
 
 class CacheReader:

@@ -153,10 +153,18 @@ class ShardReader:
                         if ext in current.files:
                             raise ShardError(f"{self.path}: duplicate key '{key}' (file '.{ext}' appears twice)")
                         data = tar.extractfile(member)
-                        current.files[ext] = data.read() if data is not None else b""
+                        payload = data.read() if data is not None else b""
+                        if len(payload) != member.size:
+                            raise ShardError(f"{self.path}: corrupt or truncated tar ('{member.name}' has "
+                                             f"{len(payload)} of {member.size} bytes); re-create this shard")
+                        current.files[ext] = payload
+                    end_of_members = tar.offset
                     # drain the end-of-archive padding so the hash covers the whole file
                     while self._hasher.read(1 << 20):
                         pass
+                    if self._hasher.bytes_read < end_of_members + 1024:
+                        raise ShardError(f"{self.path}: corrupt or truncated tar (no end-of-archive marker after "
+                                         f"{end_of_members} bytes); re-create this shard")
             except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
                 raise ShardError(f"{self.path}: corrupt or truncated tar ({exc}); re-create this shard") from exc
         if current is not None:

@@ -1,0 +1,43 @@
+"""Pieces every `distill` subcommand shares: exit codes, the user-error set, --config/--set options."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cluster.config_loading import ConfigError
+
+EXIT_BAD_INPUT, EXIT_PARTIAL, EXIT_FAILURE = 2, 3, 4
+STATUS_EXIT = {"success": 0, "partial": EXIT_PARTIAL, "failure": EXIT_FAILURE}
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'your input is wrong': printed as one line, exit 2, no traceback."""
+    from teacher_cache.manifest import CacheLockedError
+    from teacher_cache.models import UnknownModelError
+    from teacher_cache.reader import CacheError
+    from teacher_cache.schema import SchemaError
+    from teacher_cache.teacher import TeacherLoadError
+
+    return (ConfigError, TeacherLoadError, UnknownModelError, CacheError, SchemaError, CacheLockedError,
+            FileNotFoundError, ValueError)
+
+
+def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--config FILE.yaml and repeatable --set a.b=value on every stage command."""
+
+    @click.option("--config", "-c", "config_path", type=click.Path(path_type=Path), default=None,
+                  help="YAML config (the stage's fields at top level, or under a section named after the stage).")
+    @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                  help="Override one config field (repeatable), e.g. --set teacher.checkpoint=t.pt")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+

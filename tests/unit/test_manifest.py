@@ -1,0 +1,90 @@
+"""Incremental refresh decisions, atomic manifest, and the single-writer lock."""
+
+import os
+import time
+
+import pytest
+
+from teacher_cache.manifest import (
+    CacheLockedError,
+    DirectoryLock,
+    Manifest,
+    ShardEntry,
+    plan_refresh,
+    remove_stale_tmp,
+    tmp_path_for,
+)
+from teacher_cache.shards import file_sha256
+
+
+def _entry(path, cache_dir, stem):
+    st = path.stat()
+    (cache_dir / f"{stem}.parquet").write_bytes(b"x")
+    return ShardEntry(source=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns,
+                      content_sha256=file_sha256(path), file=f"{stem}.parquet", file_bytes=1,
+                      file_sha256=file_sha256(cache_dir / f"{stem}.parquet"), rows=1, errors=0)
+
+
+def test_plan_new_unchanged_touched_changed_vanished(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shards = {s: tmp_path / f"{s}.tar" for s in ("a", "b", "c", "d")}
+    for s, p in shards.items():
+        p.write_bytes(s.encode() * 100)
+    m = Manifest(fingerprint="fp", teacher={})
+    for s in ("a", "b", "c"):
+        m.shards[s] = _entry(shards[s], cache, s)
+    m.shards["gone"] = _entry(shards["a"], cache, "gone")
+    later = time.time() + 10
+    os.utime(shards["b"], (later, later))  # touched: same bytes, new mtime
+    shards["c"].write_bytes(b"C" * 100)  # changed: same size, new content
+    plan = plan_refresh(m, {k: v for k, v in shards.items()}, cache)
+    assert [(s, r) for s, _, r in plan.todo] == [("c", "changed"), ("d", "new")]
+    assert sorted(plan.unchanged) == ["a", "b"]
+    assert list(plan.touched) == ["b"]
+    assert plan.vanished == ["gone"]
+
+
+def test_missing_cache_file_is_relabelled(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    p = tmp_path / "a.tar"
+    p.write_bytes(b"abc")
+    m = Manifest(fingerprint="fp", teacher={})
+    m.shards["a"] = _entry(p, cache, "a")
+    (cache / "a.parquet").unlink()
+    assert [r for _, _, r in plan_refresh(m, {"a": p}, cache).todo] == ["cache file missing or damaged"]
+
+
+def test_unchanged_plan_reads_no_shard_bytes(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    p = tmp_path / "a.tar"
+    p.write_bytes(b"abc")
+    m = Manifest(fingerprint="fp", teacher={})
+    m.shards["a"] = _entry(p, cache, "a")
+    import teacher_cache.manifest as mod
+
+    monkeypatch.setattr(mod, "file_sha256", lambda *_: pytest.fail("hashed a shard on a no-op refresh"))
+    assert plan_refresh(m, {"a": p}, cache).unchanged == ["a"]
+
+
+def test_manifest_roundtrip_and_fingerprint_check(tmp_path):
+    m = Manifest(fingerprint="abc", teacher={"arch": "x"})
+    m.save(tmp_path)
+    assert Manifest.load(tmp_path).fingerprint == "abc"
+    with pytest.raises(ValueError, match="expected zzz"):
+        Manifest.load(tmp_path, "zzz")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="damaged manifest"):
+        Manifest.load(tmp_path)
+
+
+def test_lock_is_exclusive_and_stale_tmp_removed(tmp_path):
+    with DirectoryLock(tmp_path), pytest.raises(CacheLockedError, match="being written by another job"):
+        DirectoryLock(tmp_path).__enter__()
+    with DirectoryLock(tmp_path):
+        pass  # released after exit
+    tmp_path_for(tmp_path / "x.parquet").write_bytes(b"partial")
+    assert remove_stale_tmp(tmp_path) == 1
+    assert not list(tmp_path.glob("*.tmp-*"))
