@@ -23,6 +23,7 @@ from teacher_cache.manifest import (
     remove_stale_tmp,
 )
 from teacher_cache.shards import expand_shard_patterns, shard_stem
+from teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
 from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
 
 log = logging.getLogger(__name__)
@@ -68,27 +69,43 @@ def map_shards(patterns: list[str]) -> dict[str, Path]:
     return out
 
 
-def prepare(cfg: CacheConfig) -> tuple[LoadedTeacher, str, dict[str, Path]]:
-    """Everything that can fail on bad input, before any work: shards exist, teacher loads and fits."""
-    shards = map_shards(cfg.shards)
+def prepare(cfg: CacheConfig) -> tuple[LoadedTeacher, str]:
+    """Load and check the teacher (fails on bad input before any work) and compute its fingerprint."""
     teacher = load_teacher(cfg.teacher)
     if cfg.topk > teacher.num_classes:
         raise ValueError(f"topk={cfg.topk} is larger than the teacher's {teacher.num_classes} classes; "
                          f"set topk <= {teacher.num_classes}")
-    return teacher, fingerprint(teacher, cfg), shards
+    fp = fingerprint(teacher, cfg)
+    remember_fingerprint(cfg, fp)
+    return teacher, fp
 
 
 def run(cfg: CacheConfig) -> CacheResult:
-    """Label new/changed shards, skip unchanged ones, record everything in the manifest."""
+    """Label new/changed shards, skip unchanged ones, record everything in the manifest.
+
+    A no-op refresh (same teacher files, same shards) neither loads the teacher nor reads shard data: the
+    fingerprint comes from a memo keyed by the teacher files' size+mtime and the fingerprint-relevant config.
+    """
     t0 = time.perf_counter()
-    teacher, fp, shards = prepare(cfg)
+    shards = map_shards(cfg.shards)
+    teacher: LoadedTeacher | None = None
+    fp = recall_fingerprint(cfg)
+    if fp is None:
+        teacher, fp = prepare(cfg)
     out_dir = Path(cfg.cache_root) / fp
     result = CacheResult(cache_dir=out_dir, fingerprint=fp)
     with DirectoryLock(out_dir):
         if (n := remove_stale_tmp(out_dir)):
             log.info("removed %d temp files left by an interrupted run", n)
-        manifest = Manifest.load(out_dir, fp) or Manifest(fingerprint=fp, teacher=teacher.info)
+        manifest = Manifest.load(out_dir, fp)
         plan = plan_refresh(manifest, shards, out_dir)
+        if plan.todo and teacher is None:
+            teacher, fp2 = prepare(cfg)
+            if fp2 != fp:  # the memo was stale (files rewritten with the same mtime): start over, correctly
+                raise RuntimeError(f"teacher fingerprint changed during the run ({fp} -> {fp2}); re-run")
+        if manifest is None:
+            assert teacher is not None  # every shard is new, so the teacher was loaded above
+            manifest = Manifest(fingerprint=fp, teacher=teacher.info)
         for stem, ident in plan.touched.items():  # same content, new mtime: remember the new identity
             e = manifest.shards[stem]
             e.size, e.mtime_ns, e.source = ident.size, ident.mtime_ns, str(shards[stem])
@@ -105,6 +122,7 @@ def run(cfg: CacheConfig) -> CacheResult:
         log.info("cache %s: %d shards to label (%d unchanged)", out_dir, len(plan.todo), len(plan.unchanged))
         tasks = [ShardTask(stem, path, out_dir) for stem, path, _ in plan.todo]
         if tasks:
+            assert teacher is not None
             _execute(cfg, fp, teacher, tasks, manifest, out_dir, result)
     result.seconds = time.perf_counter() - t0
     metrics.RUN_SECONDS.set(result.seconds)

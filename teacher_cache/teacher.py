@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,33 @@ def _build_from_arch(cfg: TeacherConfig) -> tuple[nn.Module, dict[str, Any]]:
             detail = " ".join(str(exc).split())[:400]
             raise TeacherLoadError(f"checkpoint {cfg.checkpoint} does not fit arch '{cfg.arch}' "
                                    f"{cfg.arch_kwargs or ''}: {detail}") from exc
-    weights = file_sha256(cfg.checkpoint) if cfg.checkpoint is not None else _state_hash(model)
+    weights = weights_sha256(cfg.checkpoint) if cfg.checkpoint is not None else _state_hash(model)
     return model, {"source": "arch", "arch": cfg.arch, "arch_kwargs": cfg.arch_kwargs,
                    "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None, "weights_sha256": weights,
                    "in_chans": in_chans}
+
+
+def weights_sha256(path: Path) -> str:
+    """Content hash of a weights file, remembered per (path, size, mtime) so a nightly no-op stays cheap."""
+    st = path.stat()
+    index_path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distill" / "weights_sha256.json"
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if ident in index:
+        return index[ident]
+    digest = file_sha256(path)
+    index[ident] = digest
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_name(f"{index_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_path)
+    except OSError:
+        pass  # a read-only home only costs a re-hash next time
+    return digest
 
 
 def _state_hash(model: nn.Module) -> str:
@@ -127,7 +151,7 @@ def _build_scripted(cfg: TeacherConfig) -> tuple[nn.Module, dict[str, Any]]:
             kind = "torchscript"
     except Exception as exc:  # many loader error types; one clear line
         raise TeacherLoadError(f"cannot load {path} as TorchScript/torch.export: {exc}".splitlines()[0]) from exc
-    return model, {"source": kind, "arch": path.name, "checkpoint": str(path), "weights_sha256": file_sha256(path),
+    return model, {"source": kind, "arch": path.name, "checkpoint": str(path), "weights_sha256": weights_sha256(path),
                    "in_chans": cfg.preprocessing.channels or 3}
 
 
@@ -149,7 +173,8 @@ def resolve_preprocessing(model: nn.Module, cfg: TeacherConfig, in_chans: int) -
 def load_teacher(cfg: TeacherConfig) -> LoadedTeacher:
     """Build the teacher in eval mode on the CPU; find its class count with one dummy forward."""
     model, info = _build_from_arch(cfg) if cfg.arch is not None else _build_scripted(cfg)
-    model.eval()
+    if info["source"] != "torch.export":  # an exported program is frozen in the mode it was exported in
+        model.eval()
     prep = resolve_preprocessing(model, cfg, int(info["in_chans"]))
     if len(prep.mean) != prep.channels or len(prep.std) != prep.channels:
         raise TeacherLoadError(f"preprocessing mean/std have {len(prep.mean)}/{len(prep.std)} values but the "

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from helpers import cache_cfg_dict, mnist_shard, save_teacher
 
-from teacher_cache.reader import CacheReader
+from teacher_cache.reader import CacheReader, find_cache_dir
 from teacher_cache.shards import ShardReader
 
 pytestmark = pytest.mark.integration
@@ -55,7 +55,7 @@ def test_sigkill_any_moment_then_rerun_gives_every_key_once(tmp_path):
     assert kills >= 2, "the job finished before it could be killed; the test did not test anything"
     done = _distill("cache", "-c", str(cfg))
     assert done.returncode == 0, done.stderr
-    reader = CacheReader(next(cache.iterdir()))
+    reader = CacheReader(find_cache_dir(cache))
     keys = sorted(k for s in reader.shards for k in reader.arrays(s).keys)
     assert keys == expected  # every key exactly once
     assert not list(cache.glob("*/*.tmp-*"))

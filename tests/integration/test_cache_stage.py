@@ -174,3 +174,43 @@ def test_metrics_endpoint_counts_the_work(setup):
     assert float(line.split()[1]) - before == 120
     assert 'distill_cache_shards_total{status="done"}' in body
     assert "distill_cache_batch_latency_seconds_count" in body
+
+
+def test_noop_refresh_loads_no_teacher_and_rewritten_weights_refingerprint(setup, monkeypatch):
+    tmp, shards, ckpt = setup
+    cfg = _cfg(tmp, ckpt)
+    first = run(cfg)
+    import teacher_cache.run as run_mod
+    import teacher_cache.shards as shards_mod
+
+    with monkeypatch.context() as m:
+        m.setattr(run_mod, "load_teacher", lambda *_: pytest.fail("no-op refresh loaded the teacher"))
+        m.setattr(shards_mod.ShardReader, "__iter__", lambda *_: pytest.fail("no-op refresh read a shard"))
+        noop = run(cfg)
+    assert noop.fingerprint == first.fingerprint and noop.labelled == []
+    time.sleep(0.01)
+    save_teacher(ckpt, seed=7)  # same path, new weights, new mtime
+    again = run(cfg)
+    assert again.fingerprint != first.fingerprint and len(again.labelled) == 3
+
+
+def test_torchscript_and_export_teachers(setup):
+    tmp, shards, ckpt = setup
+    cfg = _cfg(tmp, ckpt)
+    teacher = load_teacher(cfg.teacher)
+    scripted = tmp / "teacher_ts.pt"
+    torch.jit.script(teacher.model).save(str(scripted))
+    exported = tmp / "teacher.pt2"
+    torch.export.save(torch.export.export(teacher.model, (torch.zeros(2, 1, 32, 32),),
+                                          dynamic_shapes=({0: torch.export.Dim("batch")},)), str(exported))
+    base = run(cfg)
+    ref = CacheReader(base.cache_dir).arrays("train-000000")
+    for path in (scripted, exported):
+        over = {"teacher": {"scripted": str(path),
+                            "preprocessing": {"input_size": 32, "mean": [0.13], "std": [0.31], "channels": 1}},
+                "cache_root": str(tmp / f"cache_{path.suffix}")}
+        res = run(_cfg(tmp, ckpt, **over))
+        assert res.status == "success"
+        got = CacheReader(res.cache_dir).arrays("train-000000")
+        assert np.array_equal(got.topk_ids[..., 0], ref.topk_ids[..., 0])
+        assert CacheReader(res.cache_dir).manifest.teacher["source"] in ("torchscript", "torch.export")

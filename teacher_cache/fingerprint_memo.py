@@ -1,0 +1,61 @@
+"""Remember a teacher's fingerprint by cheap identity, so a no-op nightly refresh never loads the teacher.
+
+Key = hash of the fingerprint-relevant config (teacher block, top-k, views, schema version) plus the size and
+mtime of the teacher's files. A teacher without a local file (hub `pretrained`) is never memoised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from teacher_cache.config import CacheConfig
+from teacher_cache.manifest import atomic_write_bytes
+from teacher_cache.schema import SCHEMA_VERSION
+
+MEMO_NAME = ".fingerprints.json"
+
+
+def _memo_key(cfg: CacheConfig) -> str | None:
+    files = [p for p in (cfg.teacher.checkpoint, cfg.teacher.scripted) if p is not None]
+    if not files or cfg.teacher.pretrained:
+        return None
+    idents = []
+    for p in files:
+        try:
+            st = Path(p).stat()
+        except OSError:
+            return None
+        idents.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+    payload = {"schema": SCHEMA_VERSION, "teacher": cfg.teacher.model_dump(mode="json"), "topk": cfg.topk,
+               "views": cfg.views.model_dump(mode="json"), "files": idents}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _load(root: Path) -> dict[str, str]:
+    try:
+        return json.loads((root / MEMO_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def recall_fingerprint(cfg: CacheConfig) -> str | None:
+    key = _memo_key(cfg)
+    if key is None:
+        return None
+    fp = _load(Path(cfg.cache_root)).get(key)
+    if fp is not None and not (Path(cfg.cache_root) / fp / "manifest.json").exists():
+        return None
+    return fp
+
+
+def remember_fingerprint(cfg: CacheConfig, fp: str) -> None:
+    key = _memo_key(cfg)
+    if key is None:
+        return
+    root = Path(cfg.cache_root)
+    root.mkdir(parents=True, exist_ok=True)
+    memo = _load(root)
+    memo[key] = fp
+    atomic_write_bytes(root / MEMO_NAME, json.dumps(memo, indent=1).encode())
