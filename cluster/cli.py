@@ -45,9 +45,11 @@ def cli(log_level: str) -> None:
 def _register() -> None:
     from cluster.cmd_cache import cache
     from cluster.cmd_shards import shards
+    from cluster.cmd_train import train
 
     cli.add_command(shards)
     cli.add_command(cache)
+    cli.add_command(train)
 
 
 _register()

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from teacher_cache import metrics
 from teacher_cache.config import CacheConfig
+from teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from teacher_cache.manifest import (
     DirectoryLock,
@@ -23,7 +24,6 @@ from teacher_cache.manifest import (
     remove_stale_tmp,
 )
 from teacher_cache.shards import expand_shard_patterns, shard_stem
-from teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
 from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,42 @@
+"""`distill train`: many student variants from the teacher cache (or plain supervised with mode: none)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from cluster.cli_common import STATUS_EXIT, config_options
+from cluster.config_loading import load_config
+from cluster.metrics_server import start_metrics_server
+
+
+@click.command()
+@config_options
+@click.option("--no-ray", is_flag=True, help="Run the variants one after another in this process (1 worker each).")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster).")
+def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, address: str | None) -> None:
+    """Train student variants with DeepSpeed (Ray Tune runs them in parallel) and print a leaderboard.
+
+    \b
+    Modes: soft (KD from cached top-k at the variant's T), hard (teacher argmax), none (plain CE: teacher
+    pre-training and the no-KD baseline), online (teacher runs live: the baseline the cache must beat).
+    Variants: `variants:` (explicit list) and/or `grid:` (cartesian product over variant fields) over `base:`.
+    Output: <run_dir>/<variant>/{metrics.csv, best.pt, arch.json, ds_ckpt/, status.json}, leaderboard.parquet.
+    Re-running skips finished variants and resumes interrupted ones from their last epoch checkpoint.
+    Exit: 0 all variants done, 3 some failed, 4 all failed, 2 bad config/input.
+    Example: distill train --config examples/demo.yaml --set base.epochs=2
+    """
+    from student_train.config import TrainConfig
+    from student_train.leaderboard import format_leaderboard
+    from student_train.run import run
+
+    sets = list(overrides) + (["ray.enabled=false"] if no_ray else []) + ([f"ray.address={address}"] if address else [])
+    cfg = load_config(TrainConfig, config_path, sets, "train")
+    if not cfg.ray.enabled and cfg.metrics_port is not None:
+        start_metrics_server("127.0.0.1", cfg.metrics_port)
+    result = run(cfg)
+    click.echo(format_leaderboard(result.leaderboard))
+    click.echo(f"\nleaderboard: {result.leaderboard_path}\nrun dir:     {result.run_dir}")
+    sys.exit(STATUS_EXIT[result.status])

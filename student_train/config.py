@@ -1,0 +1,129 @@
+"""Configuration of `distill train`: shared data/run settings plus one or many student variants."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from teacher_cache.config import PreprocessingConfig, TeacherConfig, ViewsConfig
+
+Mode = Literal["soft", "hard", "none", "online"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VariantConfig(_Strict):
+    """One student: architecture + hyperparameters. Every field can also be a grid axis."""
+
+    name: str | None = Field(None, description="default: built from arch and the grid values")
+    arch: str = "cnn_small"
+    arch_kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    input_size: int | None = Field(None, ge=8, description="student input size (default: the teacher's)")
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    mode: Mode = "soft"
+    alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the distillation term")
+    temperature: float = Field(4.0, gt=0.0)
+    views: int | None = Field(None, ge=1, description="how many cached views to cycle through (default: all)")
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(64, ge=1, description="micro-batch per worker")
+    grad_accum: int = Field(1, ge=1)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0.0)
+    weight_decay: float = Field(0.05, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    warmup_epochs: float = Field(0.5, ge=0.0)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    clip_grad: float | None = Field(1.0, gt=0.0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    num_workers: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (Ray Train workers)")
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    seed: int = 0
+
+    def display_name(self, index: int) -> str:
+        return self.name or f"v{index:02d}-{self.arch}-{self.mode}"
+
+
+class DataConfig(_Strict):
+    train_shards: list[str] = Field(..., min_length=1)
+    val_shards: list[str] = Field(default_factory=list)
+    cache_root: Path | None = Field(None, description="teacher cache; required unless every variant is mode: none")
+    num_classes: int | None = Field(None, ge=2, description="only without a cache (default: classes.json)")
+    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig,
+                                               description="only without a cache: input size, mean/std, channels")
+    fingerprint: str | None = Field(None, description="expected cache fingerprint; default: computed from "
+                                    "`teacher` when given, else the newest cache under cache_root")
+    shuffle_buffer: int = Field(256, ge=1)
+    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank (decode in parallel)")
+
+
+class TuneConfig(_Strict):
+    max_concurrent: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(0.05, ge=0.0, description="the trial driver; the workers hold the real CPUs")
+    max_failures: int = Field(1, ge=0, description="restarts of a variant after a worker dies (resumes)")
+    asha: bool = Field(False, description="stop weak variants early on val top-1 (ASHA)")
+    asha_grace_epochs: int = Field(1, ge=1)
+    asha_reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class RayTrainConfig(_Strict):
+    enabled: bool = Field(True, description="false = variants run one after another in this process")
+    address: str | None = None
+
+
+class TrainConfig(_Strict):
+    """`distill train`: many student variants from one cache (or plain supervised with mode: none)."""
+
+    run_dir: Path
+    data: DataConfig
+    teacher: TeacherConfig | None = Field(None, description="the cache's teacher block: checks the cache "
+                                          "fingerprint and is the live teacher for mode: online")
+    teacher_views: ViewsConfig = Field(default_factory=ViewsConfig, description="views block of the cache "
+                                       "config (only used to compute the expected fingerprint)")
+    teacher_topk: int = Field(10, ge=1, description="top-k of the cache config (for the fingerprint)")
+    base: VariantConfig = Field(default_factory=VariantConfig, description="defaults for every variant")
+    variants: list[dict[str, Any]] = Field(default_factory=list, description="explicit variants (fields of base)")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="cartesian product over base fields")
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
+    log_every: int = Field(20, ge=1, description="steps between progress lines")
+    metrics_port: int | None = Field(0, description="per-worker Prometheus port (0 = any free, null = off)")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        unknown = sorted(set(self.grid) - set(VariantConfig.model_fields))
+        if unknown:
+            raise ValueError(f"grid axes {unknown} are not variant fields; valid: {sorted(VariantConfig.model_fields)}")
+        self.expand()  # validates every variant now, so nothing fails after training started
+        return self
+
+    def expand(self) -> list[tuple[str, VariantConfig]]:
+        """Explicit variants, then the grid (applied on top of each explicit variant, or of base)."""
+        base = self.base.model_dump()
+        explicit = self.variants or [{}]
+        keys = list(self.grid)
+        combos = list(itertools.product(*(self.grid[k] for k in keys))) or [()]
+        out: list[tuple[str, VariantConfig]] = []
+        for ev in explicit:
+            for combo in combos:
+                fields = {**base, **ev, **dict(zip(keys, combo, strict=True))}
+                v = VariantConfig.model_validate(fields)
+                if v.name is None and (combo or len(explicit) > 1):
+                    parts = [f"{k}={val}" for k, val in zip(keys, combo, strict=True)]
+                    v.name = "-".join([v.arch, v.mode, *parts]) if parts else None
+                out.append((v.display_name(len(out)), v))
+        names = [n for n, _ in out]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variant names repeat: {dup}; give each variant a distinct `name`")
+        for name, v in out:
+            if v.mode == "online" and self.teacher is None:
+                raise ValueError(f"variant {name}: mode online needs the `teacher` block (the cache's teacher)")
+        return out

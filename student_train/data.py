@@ -1,0 +1,289 @@
+"""Stream WebDataset shards side by side with their cache files, joined by __key__, as training batches.
+
+Sharding: each epoch the shard order is shuffled (seeded by epoch), then shard i goes to global loader slot
+i mod (ranks x loader workers). Every slot's sample count is known from the manifest, so every rank computes
+the same number of steps per epoch; a rank that runs out early pads with zero-weight batches (they keep
+collectives in step and contribute nothing). No sample is dropped or repeated within an epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from teacher_cache.reader import CacheError, CacheReader, ShardArrays
+from teacher_cache.run import read_errors
+from teacher_cache.shards import IMAGE_EXTS, ShardIdentity, ShardReader, expand_shard_patterns, file_sha256, shard_stem
+from teacher_cache.teacher import Preprocessing
+from teacher_cache.topk import rebuild_log_probs
+from teacher_cache.views import image_to_tensor, normalize, replay_view
+
+
+class DataJoinError(CacheError):
+    """A shard and its cache file do not line up; names the shard and the key."""
+
+
+@dataclass(frozen=True)
+class ShardPair:
+    stem: str
+    tar: Path
+    rows: int
+
+
+def resolve_split(patterns: list[str], reader: CacheReader, split: str) -> list[ShardPair]:
+    """Check every shard of a split against the cache before training: cached, unchanged since, same teacher."""
+    pairs: list[ShardPair] = []
+    problems: list[str] = []
+    for path in expand_shard_patterns(patterns):
+        stem = shard_stem(path)
+        entry = reader.manifest.shards.get(stem)
+        if entry is None:
+            problems.append(f"{path}: no cache file in {reader.directory} (run `distill cache` over this shard)")
+            continue
+        ident = ShardIdentity.stat(path)
+        if (ident.size, ident.mtime_ns) != (entry.size, entry.mtime_ns) and (
+                ident.size != entry.size or file_sha256(path) != entry.content_sha256):
+            problems.append(f"{path}: changed since it was cached (keys may not match); re-run `distill cache`")
+            continue
+        pairs.append(ShardPair(stem, path, entry.rows))
+    if problems:
+        raise DataJoinError(f"{split} shards do not match the cache:\n  " + "\n  ".join(problems))
+    for p in pairs[:1]:
+        reader.meta(p.stem)  # schema version + metadata check (raises naming the file)
+    return pairs
+
+
+def assign_shards(pairs: list[ShardPair], epoch: int, seed: int, slots: int, shuffle: bool) -> list[list[ShardPair]]:
+    order = list(pairs)
+    if shuffle:
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [order[s::slots] for s in range(slots)]
+
+
+def steps_per_epoch(pairs: list[ShardPair], epoch: int, seed: int, world: int, loader_workers: int,
+                    batch_size: int, shuffle: bool) -> int:
+    """Batches of the busiest rank this epoch (every rank computes the same number)."""
+    nw = max(1, loader_workers)
+    slots = assign_shards(pairs, epoch, seed, world * nw, shuffle)
+    per_rank = [sum(math.ceil(p.rows / batch_size) for w in range(nw) for p in slots[r * nw + w])
+                for r in range(world)]
+    return max(per_rank) if per_rank else 0
+
+
+def count_samples(path: Path) -> tuple[int, int]:
+    """(samples with an image, samples with a .cls) of a shard without a cache: headers only (seeks over data)."""
+    import tarfile
+
+    from teacher_cache.shards import split_member_name
+
+    images: set[str] = set()
+    labels: set[str] = set()
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, ext = split_member_name(member.name)
+                if ext in IMAGE_EXTS:
+                    images.add(key)
+                elif ext == "cls":
+                    labels.add(key)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise DataJoinError(f"{path}: corrupt or truncated tar ({exc}); re-create this shard") from exc
+    return len(images), len(images & labels)
+
+
+@dataclass
+class StreamSpec:
+    """Everything a loader worker needs (picklable). cache_dir None = plain supervised data (no teacher)."""
+
+    cache_dir: Path | None
+    pairs: list[ShardPair]
+    student: Preprocessing  # size / mean / std / interpolation / channels of the student input
+    teacher: Preprocessing | None  # set for online KD: the live teacher's own input
+    num_classes: int
+    temperature: float
+    views: int  # cycle through views 0..views-1
+    train: bool
+    batch_size: int
+    shuffle_buffer: int
+    seed: int
+    epoch: int
+    rank: int
+    world: int
+    loader_workers: int
+
+
+def view_for(key: str, epoch: int, views: int, train: bool) -> int:
+    """Eval always uses view 0; training cycles through the cached views, offset per key."""
+    if not train or views <= 1:
+        return 0
+    offset = int.from_bytes(key.encode()[-4:].rjust(4, b"\0"), "little") % views
+    return (epoch + offset) % views
+
+
+class JoinedStream(IterableDataset):
+    """Yields ready batches (dicts of tensors) for this rank and loader worker."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def _my_shards(self) -> list[ShardPair]:
+        s = self.spec
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        slots = assign_shards(s.pairs, s.epoch, s.seed, s.world * max(1, s.loader_workers), s.train)
+        return slots[s.rank * max(1, s.loader_workers) + wid] if nw == max(1, s.loader_workers) else []
+
+    def _uncached(self, pair: ShardPair) -> Iterator[dict]:
+        """No cache (teacher pre-training, baselines): labels from .cls, views drawn live, same replay code."""
+        from teacher_cache.views import ViewPolicy, sample_views
+
+        s = self.spec
+        policy = ViewPolicy(num_views=2, seed=s.seed * 1000 + s.epoch, crop_pct=s.student.crop_pct,
+                            scale=(0.35, 1.0))
+        for raw in ShardReader(pair.tar):
+            ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
+            if ext is None:
+                continue
+            try:
+                with Image.open(io.BytesIO(raw.files[ext])) as im:
+                    im.load()
+                    pixels = image_to_tensor(im, s.student.channels)
+                label = int(raw.files["cls"].decode().strip()) if "cls" in raw.files else -1
+            except (OSError, ValueError, SyntaxError):
+                continue  # the same samples `distill cache` would skip and record
+            view = sample_views(raw.key, pixels.shape[1], pixels.shape[2], policy)[1 if s.train else 0]
+            zeros = np.zeros(1, dtype=np.float32)
+            yield {"pixels": replay_view(pixels, view, s.student.input_size, s.student.interpolation), "label": label,
+                   "ids": np.zeros(1, dtype=np.int64), "vals": zeros, "tail": np.full(1, -np.inf, np.float32),
+                   "teacher_top1_view0": -1}
+
+    def _samples(self, pair: ShardPair) -> Iterator[dict]:
+        s = self.spec
+        if s.cache_dir is None:
+            yield from self._uncached(pair)
+            return
+        reader = CacheReader(s.cache_dir, verify=False)
+        arrays = reader.arrays(pair.stem)
+        index = {k: i for i, k in enumerate(arrays.keys)}
+        skipped = {e["key"] for e in read_errors(s.cache_dir) if e.get("shard") == pair.stem}
+        seen = 0
+        for raw in ShardReader(pair.tar):
+            i = index.get(raw.key)
+            if i is None:
+                if raw.key in skipped:
+                    continue
+                raise DataJoinError(f"{pair.tar}: key '{raw.key}' is not in its cache file; re-run `distill cache`")
+            if i != seen:
+                raise DataJoinError(f"{pair.tar}: key '{raw.key}' out of order against the cache (row {i}, "
+                                    f"expected {seen}); re-run `distill cache`")
+            seen += 1
+            yield self._sample(pair, raw.files, arrays, i)
+        if seen != len(arrays.keys):
+            raise DataJoinError(f"{pair.tar}: {len(arrays.keys) - seen} cached keys missing from the shard "
+                                f"(first: '{arrays.keys[seen]}'); re-run `distill cache`")
+
+    def _sample(self, pair: ShardPair, files: dict[str, bytes], a: ShardArrays, i: int) -> dict:
+        s = self.spec
+        ext = next(e for e in IMAGE_EXTS if e in files)
+        with Image.open(io.BytesIO(files[ext])) as im:
+            im.load()
+            pixels = image_to_tensor(im, s.student.channels)
+        if (pixels.shape[1], pixels.shape[2]) != tuple(int(x) for x in a.image_hw[i]):
+            raise DataJoinError(f"{pair.tar}: image '{a.keys[i]}' is {tuple(pixels.shape[1:])}, cached as "
+                                f"{tuple(a.image_hw[i])}; re-run `distill cache`")
+        v = view_for(a.keys[i], s.epoch, s.views, s.train)
+        view = a.view(i, v)
+        out = {"pixels": replay_view(pixels, view, s.student.input_size, s.student.interpolation),
+               "label": int(a.labels[i]), "ids": a.topk_ids[i, v], "vals": a.topk_logits[i, v],
+               "tail": a.tail_lse[i, v], "teacher_top1_view0": int(a.topk_ids[i, 0, 0])}
+        if s.teacher is not None:
+            out["teacher_pixels"] = replay_view(pixels, view, s.teacher.input_size, s.teacher.interpolation)
+        return out
+
+    def _collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        s = self.spec
+        ids = torch.from_numpy(np.stack([it["ids"] for it in items]).astype(np.int64))
+        if s.cache_dir is None:
+            ids = torch.zeros(len(items), 1, dtype=torch.int64)
+        vals = torch.from_numpy(np.stack([it["vals"] for it in items]).astype(np.float32))
+        tail = torch.from_numpy(np.stack([it["tail"] for it in items]).astype(np.float32))
+        batch = {
+            "pixels": normalize(torch.stack([it["pixels"] for it in items]), s.student.mean, s.student.std),
+            "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+            "teacher_logp": (rebuild_log_probs(ids, vals, tail, s.num_classes, s.temperature) if s.cache_dir
+                             else torch.zeros(len(items), s.num_classes)),
+            "teacher_top1": ids[:, 0].clone(),
+            "teacher_top1_view0": torch.tensor([it["teacher_top1_view0"] for it in items], dtype=torch.int64),
+            "weight": torch.ones(len(items)),
+        }
+        if s.teacher is not None:
+            batch["teacher_pixels"] = normalize(torch.stack([it["teacher_pixels"] for it in items]),
+                                                s.teacher.mean, s.teacher.std)
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        s = self.spec
+        info = get_worker_info()
+        rng = random.Random(s.seed * 7919 + s.epoch * 104_729 + s.rank * 1_009 + (info.id if info else 0))
+        for pair in self._my_shards():
+            buffer: list[dict] = []
+            batch: list[dict] = []
+            for sample in self._samples(pair):
+                if s.train and s.shuffle_buffer > 1:
+                    buffer.append(sample)
+                    if len(buffer) < s.shuffle_buffer:
+                        continue
+                    sample = buffer.pop(rng.randrange(len(buffer)))
+                batch.append(sample)
+                if len(batch) == s.batch_size:
+                    yield self._collate(batch)
+                    batch = []
+            rng.shuffle(buffer)
+            for sample in buffer:
+                batch.append(sample)
+                if len(batch) == s.batch_size:
+                    yield self._collate(batch)
+                    batch = []
+            if batch:  # one partial batch per shard keeps the step count computable from the manifest
+                yield self._collate(batch)
+
+
+def placeholder_batch(spec: StreamSpec) -> dict[str, torch.Tensor]:
+    """A one-row, zero-weight batch for a rank whose slot got no shard this epoch (it still joins collectives)."""
+    p = spec.student
+    batch = {"pixels": torch.zeros(1, p.channels, p.input_size, p.input_size), "label": torch.full((1,), -1),
+             "teacher_logp": torch.full((1, spec.num_classes), -math.log(spec.num_classes)),
+             "teacher_top1": torch.zeros(1, dtype=torch.int64), "teacher_top1_view0": torch.full((1,), -1),
+             "weight": torch.zeros(1)}
+    if spec.teacher is not None:
+        t = spec.teacher
+        batch["teacher_pixels"] = torch.zeros(1, t.channels, t.input_size, t.input_size)
+    return batch
+
+
+def padded(batches: Iterator[dict[str, torch.Tensor]], steps: int,
+           placeholder: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+    """Exactly `steps` batches: real ones first, then zero-weight copies of the last real one."""
+    last: dict[str, torch.Tensor] | None = None
+    n = 0
+    for b in batches:
+        if n == steps:
+            raise RuntimeError(f"data produced more than the planned {steps} batches; the cache manifest is stale")
+        last = b
+        n += 1
+        yield b
+    while n < steps:
+        pad = dict(last if last is not None else placeholder)
+        pad["weight"] = torch.zeros_like(pad["weight"])
+        n += 1
+        yield pad

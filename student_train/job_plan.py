@@ -1,0 +1,96 @@
+"""Check the data against the cache and the variants before any training, and build the shared JobSpec."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from student_train.config import TrainConfig
+from student_train.data import DataJoinError, ShardPair, count_samples, resolve_split
+from student_train.train_loop import JobSpec
+from teacher_cache.config import CacheConfig
+from teacher_cache.reader import CacheReader, find_cache_dir
+from teacher_cache.shards import expand_shard_patterns, shard_stem
+from teacher_cache.teacher import Preprocessing, fingerprint, load_teacher
+
+log = logging.getLogger(__name__)
+
+
+def expected_fingerprint(cfg: TrainConfig) -> str | None:
+    if cfg.data.fingerprint:
+        return cfg.data.fingerprint
+    if cfg.teacher is None or cfg.data.cache_root is None:
+        return None
+    cache_cfg = CacheConfig(shards=["-"], cache_root=cfg.data.cache_root, teacher=cfg.teacher,
+                            topk=cfg.teacher_topk, views=cfg.teacher_views)
+    return fingerprint(load_teacher(cfg.teacher), cache_cfg)
+
+
+def _uncached_split(patterns: list[str]) -> tuple[list[ShardPair], int]:
+    pairs, labelled = [], 0
+    for path in expand_shard_patterns(patterns):
+        images, with_label = count_samples(path)
+        pairs.append(ShardPair(shard_stem(path), path, images))
+        labelled += with_label
+    return pairs, labelled
+
+
+def _labelled_rows(reader: CacheReader, pairs: list[ShardPair]) -> int:
+    return sum(p.rows - pq.read_table(reader.path(p.stem), columns=["label"]).column(0).null_count for p in pairs)
+
+
+def _num_classes(cfg: TrainConfig) -> int:
+    if cfg.data.num_classes:
+        return cfg.data.num_classes
+    for path in expand_shard_patterns(cfg.data.train_shards)[:1]:
+        classes = path.parent / "classes.json"
+        if classes.exists():
+            return len(json.loads(classes.read_text()))
+    raise ValueError("cannot tell the number of classes without a cache: set data.num_classes "
+                     "(or keep the classes.json that `distill shards` writes beside the shards)")
+
+
+def plan_job(cfg: TrainConfig) -> JobSpec:
+    """Resolve shards and cache, check they line up and suit every variant's mode; raise before training."""
+    variants = cfg.expand()
+    needs_cache = any(v.mode != "none" for _, v in variants)
+    if cfg.data.cache_root is None:
+        if needs_cache:
+            raise ValueError("data.cache_root is required: variants with mode soft/hard/online read the teacher "
+                             "cache (only mode: none trains without one)")
+        train, labelled = _uncached_split(cfg.data.train_shards)
+        val = _uncached_split(cfg.data.val_shards)[0] if cfg.data.val_shards else []
+        p = cfg.data.preprocessing
+        prep = Preprocessing(input_size=p.input_size or 224, crop_pct=p.crop_pct or 0.875,
+                             mean=tuple(p.mean or (0.485, 0.456, 0.406)), std=tuple(p.std or (0.229, 0.224, 0.225)),
+                             interpolation=p.interpolation or "bilinear", channels=p.channels or 3)
+        cache_dir, num_classes, num_views = None, _num_classes(cfg), 1
+    else:
+        fp = expected_fingerprint(cfg)
+        cache_dir = find_cache_dir(cfg.data.cache_root, fp)
+        reader = CacheReader(cache_dir, expect_fingerprint=fp)
+        train = resolve_split(cfg.data.train_shards, reader, "train")
+        val = resolve_split(cfg.data.val_shards, reader, "val") if cfg.data.val_shards else []
+        meta = reader.meta(train[0].stem)
+        prep, num_classes, num_views = Preprocessing.from_dict(meta.preprocessing), meta.num_classes, meta.num_views
+        labelled = _labelled_rows(reader, train)
+    if not train:
+        raise DataJoinError("no train shards")
+    for name, v in variants:
+        wants_labels = v.mode == "none" or (v.mode in ("soft", "hard", "online") and v.alpha < 1)
+        if wants_labels and labelled == 0:
+            raise ValueError(f"variant {name}: the train shards have no labels, so only pure distillation works; "
+                             "set alpha: 1 (mode soft/hard/online)")
+        if v.num_workers > len(train):
+            raise ValueError(f"variant {name}: {v.num_workers} workers but only {len(train)} train shards; "
+                             "each rank needs at least one shard (write smaller shards or use fewer workers)")
+    if labelled < sum(p.rows for p in train):
+        log.info("%d of %d train samples are labelled", labelled, sum(p.rows for p in train))
+    return JobSpec(run_dir=Path(cfg.run_dir), cache_dir=cache_dir, train=train, val=val, num_classes=num_classes,
+                   num_views=num_views, teacher_prep=prep, teacher=cfg.teacher,
+                   shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
+                   log_every=cfg.log_every, metrics_port=cfg.metrics_port)
+

@@ -1,0 +1,47 @@
+"""Prometheus metrics of student training, one scrape target per worker process.
+
+Each training worker (a Ray Train worker, a torchrun rank, or the CLI process) serves its own /metrics and
+writes a Prometheus file_sd target file under <run_dir>/metrics_targets/, so Prometheus discovers workers
+wherever Ray places them. Labels: variant and rank only (bounded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+SAMPLES = Counter("distill_train_samples_total", "Training samples processed", ["variant", "rank"])
+SAMPLES_PER_S = Gauge("distill_train_samples_per_second", "Training throughput of the last interval",
+                      ["variant", "rank"])
+STEP_SECONDS = Histogram("distill_train_step_seconds", "Wall time of one optimizer micro-step", ["variant"],
+                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+LOSS = Gauge("distill_train_loss", "Training loss of the last interval", ["variant", "rank", "part"])
+VAL_TOP1 = Gauge("distill_train_val_top1_ratio", "Validation top-1 accuracy of the last epoch", ["variant"])
+EPOCH = Gauge("distill_train_epoch", "Epochs completed", ["variant"])
+
+_served: dict[str, int] = {}
+
+
+def serve_worker_metrics(run_dir: Path, variant: str, rank: int, port: int, host: str = "127.0.0.1") -> int:
+    """Start this process's exporter once and publish it as a file_sd target (atomic write)."""
+    if "port" not in _served:
+        server, _ = start_http_server(port, addr=host)
+        _served["port"] = int(server.server_port)
+    bound = _served["port"]
+    targets = Path(run_dir) / "metrics_targets"
+    targets.mkdir(parents=True, exist_ok=True)
+    entry = [{"targets": [f"{host}:{bound}"], "labels": {"job": "distill_train", "variant": variant,
+                                                         "rank": str(rank), "host": socket.gethostname()}}]
+    final = targets / f"{variant}-rank{rank}.json"
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(entry))
+    os.replace(tmp, final)
+    log.info("training metrics of %s rank %d at http://%s:%d/metrics", variant, rank, host, bound)
+    return bound

@@ -1,0 +1,109 @@
+"""Thin Ray wrapper: Ray Tune runs the variants; each trial builds and fits one TorchTrainer running DeepSpeed.
+
+The trial is the V2 pattern (a function that fits a TorchTrainer), not the deprecated Trainer-in-Tuner API.
+Worker reports reach Tune through TuneReportCallback, so ASHA can stop weak variants on val top-1.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from student_train.config import TrainConfig, VariantConfig
+from student_train.train_loop import JobSpec, NonFiniteLossError, WorkerContext, train_variant
+
+log = logging.getLogger(__name__)
+
+
+def _worker_fn(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: DeepSpeed inside, reports every epoch."""
+    import ray.train
+    import torch
+
+    ctx_ray = ray.train.get_context()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def report(metrics: dict[str, Any], out: Path | None) -> None:
+        if out is not None and (out / "arch.json").exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "arch.json").write_text((out / "arch.json").read_text())
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+    ctx = WorkerContext(rank=ctx_ray.get_world_rank(), world=ctx_ray.get_world_size(), device=device,
+                        report=report, in_ray=True)
+    v = VariantConfig.model_validate(config["variant"])
+    train_variant(config["name"], v, config["job"], ctx)
+
+
+def _trial_fn(config: dict[str, Any]) -> None:
+    """One Tune trial = one variant = one TorchTrainer.fit(); failures become a status, not a crash."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from student_train.run import write_status
+
+    name, job, v = config["name"], config["job"], VariantConfig.model_validate(config["variant"])
+    use_gpu = v.gpus_per_worker > 0
+    resources = {"CPU": v.cpus_per_worker} | ({"GPU": v.gpus_per_worker} if use_gpu else {})
+    trainer = TorchTrainer(
+        _worker_fn,
+        train_loop_config={"name": name, "variant": v.model_dump(mode="json"), "job": job},
+        scaling_config=ScalingConfig(num_workers=v.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=name, storage_path=str(Path(job.run_dir).resolve() / "ray_results"),
+                             failure_config=FailureConfig(max_failures=config["max_failures"]),
+                             callbacks=[TuneReportCallback()]))
+    write_status(job.run_dir, name, "running")
+    try:
+        trainer.fit()
+    except Exception as exc:  # TrainingFailedError wraps the worker's exception; keep its first line as reason
+        reason = _root_reason(exc)
+        write_status(job.run_dir, name, "failed", reason)
+        log.error("variant %s failed: %s", name, reason)
+        return
+    write_status(job.run_dir, name, "done")
+
+
+def _root_reason(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in (NonFiniteLossError.__name__, "Error:"):
+        for line in text.splitlines():
+            if marker in line:
+                return line.strip()[:400]
+    return f"{exc.__class__.__name__}: {text.splitlines()[0] if text else ''}"[:400]
+
+
+def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, VariantConfig]]) -> None:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from teacher_cache.ray_pool import connect_ray
+
+    connect_ray(cfg.ray.address)
+    space = {"trial": tune.grid_search([{"name": n, "variant": v.model_dump(mode="json")} for n, v in variants])}
+
+    def trial(config: dict[str, Any]) -> None:
+        _trial_fn({**config["trial"], "job": job, "max_failures": cfg.tune.max_failures})
+
+    scheduler = None
+    if cfg.tune.asha:
+        scheduler = ASHAScheduler(time_attr="epoch", metric="val_top1", mode="max",
+                                  max_t=max(v.epochs for _, v in variants), grace_period=cfg.tune.asha_grace_epochs,
+                                  reduction_factor=cfg.tune.asha_reduction_factor)
+    tuner = tune.Tuner(
+        tune.with_resources(trial, {"CPU": cfg.tune.cpus_per_trial}),
+        param_space=space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent, scheduler=scheduler),
+        run_config=tune.RunConfig(name="tune", storage_path=str(Path(job.run_dir).resolve() / "ray_results"),
+                                  verbose=1))
+    tuner.fit()
+    from student_train.run import read_status, write_status
+
+    for name, _ in variants:  # a trial ASHA terminated never wrote its end status
+        if read_status(job.run_dir, name).get("status") == "running":
+            write_status(job.run_dir, name, "stopped", "stopped early by ASHA (weaker val top-1)")

@@ -1,0 +1,99 @@
+"""`distill train`: plan and check, then run every variant (Ray Tune + Ray Train, or in-process), then rank them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from student_train.config import TrainConfig, VariantConfig
+from student_train.job_plan import plan_job
+from student_train.leaderboard import format_leaderboard, variant_row, write_leaderboard
+from student_train.train_loop import JobSpec, NonFiniteLossError, WorkerContext, student_prep, train_variant
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    leaderboard: list[dict]
+    leaderboard_path: Path
+    seconds: float
+
+    @property
+    def status(self) -> str:
+        done = sum(r["status"] == "done" for r in self.leaderboard)
+        return "success" if done == len(self.leaderboard) else ("failure" if done == 0 else "partial")
+
+    def best(self) -> dict | None:
+        done = [r for r in self.leaderboard if r["status"] == "done"]
+        return max(done, key=lambda r: r["val_top1"] or -1) if done else None
+
+
+def write_status(run_dir: Path, name: str, status: str, reason: str = "", **extra: object) -> None:
+    out = Path(run_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "status.json").write_text(json.dumps({"status": status, "reason": reason, "time": time.time(), **extra}))
+
+
+def run_in_process(job: JobSpec, variants: list[tuple[str, VariantConfig]]) -> None:
+    """Every variant one after another in this process (world size 1): debugging, GPU hosts without Ray."""
+    for name, v in variants:
+        if v.num_workers > 1:
+            log.warning("%s: num_workers=%d needs Ray or torchrun; running 1 worker in-process", name, v.num_workers)
+        write_status(job.run_dir, name, "running")
+        try:
+            train_variant(name, v.model_copy(update={"num_workers": 1}), job, WorkerContext())
+            write_status(job.run_dir, name, "done")
+        except NonFiniteLossError as exc:
+            write_status(job.run_dir, name, "failed", str(exc))
+            log.error("%s", exc)
+        except Exception as exc:  # one broken variant must not stop the others; the reason is kept
+            write_status(job.run_dir, name, "failed", f"{exc.__class__.__name__}: {exc}".splitlines()[0])
+            log.error("variant %s failed:\n%s", name, traceback.format_exc())
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    t0 = time.perf_counter()
+    variants = cfg.expand()
+    job = plan_job(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.resolved.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    for name, v in variants:
+        (run_dir / name).mkdir(parents=True, exist_ok=True)
+        (run_dir / name / "variant.yaml").write_text(yaml.safe_dump(v.model_dump(mode="json"), sort_keys=False))
+    log.info("training %d variant(s) on %d train shards (%d samples), %d val shards; cache %s", len(variants),
+             len(job.train), sum(p.rows for p in job.train), len(job.val), job.cache_dir or "none (supervised)")
+    pending = [(n, v) for n, v in variants if not _finished(run_dir, n)]
+    if len(pending) < len(variants):
+        log.info("%d variant(s) already done in %s; skipping them", len(variants) - len(pending), run_dir)
+    if pending:
+        if cfg.ray.enabled:
+            from student_train.ray_runner import run_with_ray
+
+            run_with_ray(cfg, job, pending)
+        else:
+            run_in_process(job, pending)
+    rows = []
+    for name, v in variants:
+        prep = student_prep(v, job.teacher_prep)
+        rows.append(variant_row(run_dir, name, v, job.num_classes, prep.channels, prep.input_size))
+    path = write_leaderboard(run_dir, rows)
+    (run_dir / "leaderboard.txt").write_text(format_leaderboard(rows) + "\n")
+    return TrainResult(run_dir=run_dir, leaderboard=rows, leaderboard_path=path, seconds=time.perf_counter() - t0)
+
+
+def read_status(run_dir: Path, name: str) -> dict:
+    path = Path(run_dir) / name / "status.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _finished(run_dir: Path, name: str) -> bool:
+    return read_status(run_dir, name).get("status") in ("done", "stopped")
