@@ -10,13 +10,13 @@ import os
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before any `import ray`: loopback listeners
 
-import logging  # noqa: E402
-import sys  # noqa: E402
-from typing import Any  # noqa: E402
+import logging
+import sys
+from typing import Any
 
-import click  # noqa: E402
+import click
 
-from cluster.cli_common import EXIT_BAD_INPUT, user_errors  # noqa: E402
+from cluster.cli_common import EXIT_BAD_INPUT, user_errors
 
 
 class _Main(click.Group):
@@ -45,11 +45,13 @@ def cli(log_level: str) -> None:
 def _register() -> None:
     from cluster.cmd_cache import cache
     from cluster.cmd_shards import shards
+    from cluster.cmd_pipeline import pipeline
     from cluster.cmd_train import train
 
     cli.add_command(shards)
     cli.add_command(cache)
     cli.add_command(train)
+    cli.add_command(pipeline)
 
 
 _register()

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from teacher_cache.config import PreprocessingConfig, TeacherConfig, ViewsConfig
+from teacher_cache.config import PreprocessingConfig, TeacherConfig
 
 Mode = Literal["soft", "hard", "none", "online"]
 
@@ -58,8 +58,10 @@ class DataConfig(_Strict):
     num_classes: int | None = Field(None, ge=2, description="only without a cache (default: classes.json)")
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig,
                                                description="only without a cache: input size, mean/std, channels")
-    fingerprint: str | None = Field(None, description="expected cache fingerprint; default: computed from "
-                                    "`teacher` when given, else the newest cache under cache_root")
+    train_crop_scale: tuple[float, float] = Field((0.35, 1.0), description="only without a cache: area range of "
+                                                  "the live random-resized crops")
+    fingerprint: str | None = Field(None, description="cache fingerprint to read; default: the newest cache "
+                                    "written by `teacher` (or the newest under cache_root)")
     shuffle_buffer: int = Field(256, ge=1)
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank (decode in parallel)")
 
@@ -83,11 +85,8 @@ class TrainConfig(_Strict):
 
     run_dir: Path
     data: DataConfig
-    teacher: TeacherConfig | None = Field(None, description="the cache's teacher block: checks the cache "
-                                          "fingerprint and is the live teacher for mode: online")
-    teacher_views: ViewsConfig = Field(default_factory=ViewsConfig, description="views block of the cache "
-                                       "config (only used to compute the expected fingerprint)")
-    teacher_topk: int = Field(10, ge=1, description="top-k of the cache config (for the fingerprint)")
+    teacher: TeacherConfig | None = Field(None, description="the cache's teacher block: picks the cache it "
+                                          "wrote (and checks it) and is the live teacher for mode: online")
     base: VariantConfig = Field(default_factory=VariantConfig, description="defaults for every variant")
     variants: list[dict[str, Any]] = Field(default_factory=list, description="explicit variants (fields of base)")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="cartesian product over base fields")

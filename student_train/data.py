@@ -119,6 +119,7 @@ class StreamSpec:
     rank: int
     world: int
     loader_workers: int
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # live random crops when there is no cache
 
 
 def view_for(key: str, epoch: int, views: int, train: bool) -> int:
@@ -149,7 +150,7 @@ class JoinedStream(IterableDataset):
 
         s = self.spec
         policy = ViewPolicy(num_views=2, seed=s.seed * 1000 + s.epoch, crop_pct=s.student.crop_pct,
-                            scale=(0.35, 1.0))
+                            scale=s.crop_scale)
         for raw in ShardReader(pair.tar):
             ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
             if ext is None:

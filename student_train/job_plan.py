@@ -11,22 +11,40 @@ import pyarrow.parquet as pq
 from student_train.config import TrainConfig
 from student_train.data import DataJoinError, ShardPair, count_samples, resolve_split
 from student_train.train_loop import JobSpec
-from teacher_cache.config import CacheConfig
-from teacher_cache.reader import CacheReader, find_cache_dir
+from teacher_cache.config import TeacherConfig
+from teacher_cache.reader import CacheError, CacheReader, find_cache_dir
 from teacher_cache.shards import expand_shard_patterns, shard_stem
-from teacher_cache.teacher import Preprocessing, fingerprint, load_teacher
+from teacher_cache.teacher import Preprocessing, weights_sha256
 
 log = logging.getLogger(__name__)
 
 
-def expected_fingerprint(cfg: TrainConfig) -> str | None:
-    if cfg.data.fingerprint:
-        return cfg.data.fingerprint
-    if cfg.teacher is None or cfg.data.cache_root is None:
-        return None
-    cache_cfg = CacheConfig(shards=["-"], cache_root=cfg.data.cache_root, teacher=cfg.teacher,
-                            topk=cfg.teacher_topk, views=cfg.teacher_views)
-    return fingerprint(load_teacher(cfg.teacher), cache_cfg)
+def teacher_identity(teacher: TeacherConfig) -> dict[str, str]:
+    """What a cache manifest must say about its teacher for this config's teacher (no model load needed)."""
+    path = teacher.checkpoint or teacher.scripted
+    if path is None:
+        return {"arch": str(teacher.arch)}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"teacher file not found: {path}; fix `teacher.checkpoint` / `teacher.scripted`")
+    return {"arch": str(teacher.arch or Path(path).name), "weights_sha256": weights_sha256(Path(path))}
+
+
+def find_teacher_cache(cfg: TrainConfig) -> Path:
+    """The cache directory to train from: the named fingerprint, else the newest one written by our teacher."""
+    root = Path(cfg.data.cache_root)
+    if cfg.data.fingerprint or cfg.teacher is None:
+        return find_cache_dir(root, cfg.data.fingerprint)
+    want = teacher_identity(cfg.teacher)
+    found = []
+    for manifest in sorted(root.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        teacher = json.loads(manifest.read_text()).get("teacher", {})
+        if all(teacher.get(k) == val for k, val in want.items()):
+            return manifest.parent
+        weights = str(teacher.get("weights_sha256"))[:12]
+        found.append(f"{manifest.parent.name} ({teacher.get('arch')}, weights {weights})")
+    raise CacheError(f"{root}: no cache written by the configured teacher ({want['arch']}, weights "
+                     f"{want.get('weights_sha256', '?')[:12]}); found: {', '.join(found) or 'none'}. "
+                     "Run `distill cache` with this teacher, or set data.fingerprint")
 
 
 def _uncached_split(patterns: list[str]) -> tuple[list[ShardPair], int]:
@@ -69,9 +87,8 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
                              interpolation=p.interpolation or "bilinear", channels=p.channels or 3)
         cache_dir, num_classes, num_views = None, _num_classes(cfg), 1
     else:
-        fp = expected_fingerprint(cfg)
-        cache_dir = find_cache_dir(cfg.data.cache_root, fp)
-        reader = CacheReader(cache_dir, expect_fingerprint=fp)
+        cache_dir = find_teacher_cache(cfg)
+        reader = CacheReader(cache_dir, expect_fingerprint=cfg.data.fingerprint)
         train = resolve_split(cfg.data.train_shards, reader, "train")
         val = resolve_split(cfg.data.val_shards, reader, "val") if cfg.data.val_shards else []
         meta = reader.meta(train[0].stem)
@@ -89,8 +106,10 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
                              "each rank needs at least one shard (write smaller shards or use fewer workers)")
     if labelled < sum(p.rows for p in train):
         log.info("%d of %d train samples are labelled", labelled, sum(p.rows for p in train))
-    return JobSpec(run_dir=Path(cfg.run_dir), cache_dir=cache_dir, train=train, val=val, num_classes=num_classes,
+    return JobSpec(run_dir=Path(cfg.run_dir).resolve(), cache_dir=cache_dir.resolve() if cache_dir else None,
+                   train=train, val=val, num_classes=num_classes,
                    num_views=num_views, teacher_prep=prep, teacher=cfg.teacher,
                    shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
-                   log_every=cfg.log_every, metrics_port=cfg.metrics_port)
+                   log_every=cfg.log_every, metrics_port=cfg.metrics_port,
+                   train_crop_scale=tuple(cfg.data.train_crop_scale))
 

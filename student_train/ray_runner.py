@@ -22,6 +22,8 @@ def _worker_fn(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint report is noise here
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     ctx_ray = ray.train.get_context()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 

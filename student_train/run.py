@@ -63,7 +63,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     t0 = time.perf_counter()
     variants = cfg.expand()
     job = plan_job(cfg)
-    run_dir = Path(cfg.run_dir)
+    run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.resolved.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     for name, v in variants:

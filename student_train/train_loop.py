@@ -53,6 +53,7 @@ class JobSpec:
     loader_workers: int = 1
     log_every: int = 20
     metrics_port: int | None = None
+    train_crop_scale: tuple[float, float] = (0.35, 1.0)
 
 
 @dataclass
@@ -127,7 +128,7 @@ def _spec(job: JobSpec, v: VariantConfig, pairs: list[ShardPair], epoch: int, tr
     return StreamSpec(cache_dir=job.cache_dir, pairs=pairs, student=student_prep(v, job.teacher_prep), teacher=online,
                       num_classes=job.num_classes, temperature=v.temperature, views=views, train=train,
                       batch_size=v.batch_size, shuffle_buffer=job.shuffle_buffer, seed=v.seed, epoch=epoch,
-                      rank=ctx.rank, world=ctx.world, loader_workers=workers)
+                      rank=ctx.rank, world=ctx.world, loader_workers=workers, crop_scale=job.train_crop_scale)
 
 
 def _loader(spec: StreamSpec) -> DataLoader:

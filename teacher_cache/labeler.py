@@ -153,7 +153,8 @@ class Labeler:
             errors: list[dict] = []
             rows = self._run_teacher(task, reader, errors, progress, result)
             meta = CacheMeta(SCHEMA_VERSION, self.fingerprint, self.cfg.topk, self.policy.num_views,
-                             self.teacher.num_classes, self.prep.as_dict(), self.teacher.info, task.stem, self.policy.as_dict())
+                             self.teacher.num_classes, self.prep.as_dict(), self.teacher.info, task.stem,
+                             self.policy.as_dict())
             final = task.out_dir / f"{task.stem}.parquet"
             nbytes, digest = write_cache_file(final, rows, meta)
         except (ShardError, OSError) as exc:

@@ -1,0 +1,89 @@
+"""`distill pipeline`: every stage in order from one YAML; each stage skips what is already current.
+
+shards (skipped when the same config already wrote them) -> teacher (supervised pre-training, finished
+variants skipped) -> cache (incremental) -> train (finished variants skipped, interrupted ones resume).
+Every section is validated before the first stage starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from student_train.config import TrainConfig
+from teacher_cache.config import CacheConfig
+from teacher_cache.shard_writer import ShardsConfig
+
+log = logging.getLogger(__name__)
+
+
+class PipelineConfig(BaseModel):
+    """Sections are the stage configs; a missing section skips that stage."""
+
+    model_config = ConfigDict(extra="forbid")
+    shards: ShardsConfig | None = None
+    teacher: TrainConfig | None = Field(None, description="supervised teacher pre-training (variants mode: none)")
+    cache: CacheConfig | None = None
+    train: TrainConfig | None = None
+    ray_address: str | None = Field(None, description="Ray cluster for every stage (default: RAY_ADDRESS or local)")
+
+
+def _shards_current(cfg: ShardsConfig) -> bool:
+    done = Path(cfg.out_dir) / "shards_config.resolved.yaml"
+    return done.exists() and yaml.safe_load(done.read_text()) == cfg.model_dump(mode="json")
+
+
+def run_shards(cfg: ShardsConfig) -> dict:
+    from teacher_cache.shard_writer import run
+
+    if _shards_current(cfg):
+        log.info("shards: %s is current, skipping", cfg.out_dir)
+        return {"stage": "shards", "skipped": True, "out_dir": str(cfg.out_dir)}
+    res = run(cfg)
+    (Path(cfg.out_dir) / "shards_config.resolved.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return {"stage": "shards", "train": res.train_pattern, "val": res.val_pattern, "samples": res.samples}
+
+
+def run_pipeline(cfg: PipelineConfig) -> list[dict]:
+    """Run the configured stages in order; raise on the first stage that fails outright."""
+    from teacher_cache.ray_pool import connect_ray
+
+    if any(s is not None and s.ray.enabled for s in (cfg.teacher, cfg.cache, cfg.train)):
+        connect_ray(cfg.ray_address)
+    results: list[dict] = []
+    stages = [("shards", cfg.shards), ("teacher", cfg.teacher), ("cache", cfg.cache), ("train", cfg.train)]
+    for name, stage_cfg in stages:
+        if stage_cfg is None:
+            continue
+        t0 = time.perf_counter()
+        log.info("=== stage %s ===", name)
+        if name == "shards":
+            summary = run_shards(stage_cfg)
+        elif name == "cache":
+            from teacher_cache.run import run as run_cache
+
+            res = run_cache(stage_cfg)
+            summary = {"stage": name, "status": res.status, "cache_dir": str(res.cache_dir),
+                       "labelled": len(res.labelled), "unchanged": len(res.unchanged), "failed": res.failed}
+            if res.status == "failure":
+                raise RuntimeError(f"cache stage failed for every shard: {res.failed}")
+        else:
+            from student_train.run import run as run_train
+
+            res = run_train(stage_cfg)
+            best = res.best()
+            summary = {"stage": name, "status": res.status, "run_dir": str(res.run_dir),
+                       "best": best["variant"] if best else None,
+                       "best_val_top1": best["val_top1"] if best else None}
+            if res.status == "failure":
+                raise RuntimeError(f"{name} stage: every variant failed; see {res.run_dir}/leaderboard.txt")
+        summary["seconds"] = round(time.perf_counter() - t0, 1)
+        results.append(summary)
+        log.info("stage %s done: %s", name, json.dumps(summary))
+    return results
