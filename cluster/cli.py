@@ -44,8 +44,8 @@ def cli(log_level: str) -> None:
 
 def _register() -> None:
     from cluster.cmd_cache import cache
-    from cluster.cmd_shards import shards
     from cluster.cmd_pipeline import pipeline
+    from cluster.cmd_shards import shards
     from cluster.cmd_train import train
 
     cli.add_command(shards)

@@ -16,7 +16,9 @@ from cluster.metrics_server import start_metrics_server
 @config_options
 @click.option("--no-ray", is_flag=True, help="Run the variants one after another in this process (1 worker each).")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster).")
-def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, address: str | None) -> None:
+@click.option("--variant", "only", default=None, help="Train only this variant (required under torchrun).")
+def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, address: str | None,
+          only: str | None) -> None:
     """Train student variants with DeepSpeed (Ray Tune runs them in parallel) and print a leaderboard.
 
     \b
@@ -25,6 +27,7 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     Variants: `variants:` (explicit list) and/or `grid:` (cartesian product over variant fields) over `base:`.
     Output: <run_dir>/<variant>/{metrics.csv, best.pt, arch.json, ds_ckpt/, status.json}, leaderboard.parquet.
     Re-running skips finished variants and resumes interrupted ones from their last epoch checkpoint.
+    Without Ray, one variant on N processes: torchrun --nproc_per_node N $(which distill) train -c X --variant NAME
     Exit: 0 all variants done, 3 some failed, 4 all failed, 2 bad config/input.
     Example: distill train --config examples/demo.yaml --set base.epochs=2
     """
@@ -36,7 +39,9 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     cfg = load_config(TrainConfig, config_path, sets, "train")
     if not cfg.ray.enabled and cfg.metrics_port is not None:
         start_metrics_server("127.0.0.1", cfg.metrics_port)
-    result = run(cfg)
+    result = run(cfg, only)
+    if not result.leaderboard:  # a non-zero rank under torchrun: rank 0 reports
+        return
     click.echo(format_leaderboard(result.leaderboard))
     click.echo(f"\nleaderboard: {result.leaderboard_path}\nrun dir:     {result.run_dir}")
     sys.exit(STATUS_EXIT[result.status])

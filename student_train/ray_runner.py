@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from student_train.config import TrainConfig, VariantConfig
-from student_train.train_loop import JobSpec, NonFiniteLossError, WorkerContext, train_variant
+from student_train.train_loop import JobSpec, WorkerContext, train_variant
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,16 @@ def _trial_fn(config: dict[str, Any]) -> None:
 
 
 def _root_reason(exc: BaseException) -> str:
-    text = str(exc)
-    for marker in (NonFiniteLossError.__name__, "Error:"):
-        for line in text.splitlines():
-            if marker in line:
-                return line.strip()[:400]
-    return f"{exc.__class__.__name__}: {text.splitlines()[0] if text else ''}"[:400]
+    """The worker's own exception line (`SomeError: message`) out of Ray's wrapped traceback text."""
+    import re
+
+    matches = re.findall(r"^\s*([\w.]*(?:Error|Exception)): (.+)$", str(exc), flags=re.MULTILINE)
+    worker = [m for m in matches if not m[0].endswith(("WorkerGroupError", "TrainingFailedError"))]
+    if worker:
+        name, msg = worker[-1]
+        return f"{name.rsplit('.', 1)[-1]}: {msg.strip()}"[:400]
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{exc.__class__.__name__}: {first}"[:400]
 
 
 def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, VariantConfig]]) -> None:

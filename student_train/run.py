@@ -59,9 +59,50 @@ def run_in_process(job: JobSpec, variants: list[tuple[str, VariantConfig]]) -> N
             log.error("variant %s failed:\n%s", name, traceback.format_exc())
 
 
-def run(cfg: TrainConfig) -> TrainResult:
+def launched_context() -> WorkerContext | None:
+    """The worker context when started by torchrun / the deepspeed launcher (WORLD_SIZE in the environment)."""
+    import os
+
+    import torch
+
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return WorkerContext(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]), device=device)
+
+
+def run_launched(job: JobSpec, name: str, v: VariantConfig, ctx: WorkerContext) -> None:
+    """One variant, this process being one rank of a torchrun/deepspeed launch."""
+    if ctx.rank == 0:
+        write_status(job.run_dir, name, "running")
+    import torch.distributed as dist
+
+    try:
+        train_variant(name, v.model_copy(update={"num_workers": ctx.world}), job, ctx)
+    except NonFiniteLossError as exc:
+        if ctx.rank == 0:
+            write_status(job.run_dir, name, "failed", str(exc))
+        raise
+    finally:
+        if dist.is_initialized():  # every rank leaves together; a rank exiting first aborts gloo's threads
+            dist.barrier()
+            dist.destroy_process_group()
+    if ctx.rank == 0:
+        write_status(job.run_dir, name, "done")
+
+
+def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
+    """Train every variant (or only the named one); under torchrun, this process is one rank of it."""
     t0 = time.perf_counter()
     variants = cfg.expand()
+    if only is not None:
+        names = [n for n, _ in variants]
+        if only not in names:
+            raise ValueError(f"no variant named '{only}'; variants: {', '.join(names)}")
+        variants = [(n, v) for n, v in variants if n == only]
     job = plan_job(cfg)
     run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +115,15 @@ def run(cfg: TrainConfig) -> TrainResult:
     pending = [(n, v) for n, v in variants if not _finished(run_dir, n)]
     if len(pending) < len(variants):
         log.info("%d variant(s) already done in %s; skipping them", len(variants) - len(pending), run_dir)
-    if pending:
+    launched = launched_context()
+    if launched is not None:
+        if len(variants) != 1:
+            raise ValueError("under torchrun/deepspeed, train one variant: pass --variant NAME")
+        run_launched(job, *variants[0], launched)
+        if launched.rank != 0:
+            return TrainResult(run_dir=run_dir, leaderboard=[], leaderboard_path=run_dir / "leaderboard.parquet",
+                               seconds=time.perf_counter() - t0)
+    elif pending:
         if cfg.ray.enabled:
             from student_train.ray_runner import run_with_ray
 

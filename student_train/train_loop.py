@@ -106,20 +106,19 @@ def _optimizer(model: torch.nn.Module, v: VariantConfig) -> torch.optim.Optimize
 
 
 def _init_distributed(ctx: WorkerContext) -> None:
+    """Ray Train and torchrun set up the process group; a plain process gets a 1-rank group on loopback."""
     import deepspeed
 
-    if not dist.is_initialized():
-        os.environ.setdefault("RANK", str(ctx.rank))
-        os.environ.setdefault("WORLD_SIZE", str(ctx.world))
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            import socket
+    backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+    if not dist.is_initialized() and ctx.world == 1 and "WORLD_SIZE" not in os.environ:
+        import socket
 
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    deepspeed.init_distributed(dist_backend="nccl" if ctx.device.type == "cuda" else "gloo")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists; RANK/WORLD_SIZE stay unset (no launcher)
+    deepspeed.init_distributed(dist_backend=backend)
 
 
 def _spec(job: JobSpec, v: VariantConfig, pairs: list[ShardPair], epoch: int, train: bool, ctx: WorkerContext,
@@ -177,6 +176,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext)
     out.mkdir(parents=True, exist_ok=True)
     if ctx.in_ray and job.metrics_port is not None:
         m.serve_worker_metrics(job.run_dir, name, ctx.rank, job.metrics_port)
+    (out / f"worker-rank{ctx.rank}.pid").write_text(str(os.getpid()))  # for operators (and the resume test)
     prep = student_prep(v, job.teacher_prep)
     model = create_model(v.arch, num_classes=job.num_classes, in_chans=prep.channels, **v.arch_kwargs)
     views = min(v.views or job.num_views, job.num_views)
@@ -188,11 +188,15 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext)
         optimizer, lr_lambda(opt_steps, int(v.warmup_epochs * train_steps / v.grad_accum), v.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched, config=ds_config(v))
     dtype = torch.bfloat16 if v.precision == "bf16" else torch.float32
+    if v.precision == "bf16":  # DeepSpeed casts parameters, not buffers; CPU batch_norm wants them to match
+        for buf in engine.module.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.to(torch.bfloat16)
     ckpt_dir = out / "ds_ckpt"
     state = {"epoch": -1, "best": -1.0, "wall": 0.0}
     if (ckpt_dir / "latest").exists():
         _, client = engine.load_checkpoint(str(ckpt_dir))
-        state.update(client or {})
+        state.update({k: client[k] for k in state if client and k in client})  # ours only, not DeepSpeed's keys
         log.info("%s: resumed after epoch %d", name, state["epoch"])
     teacher = load_teacher(job.teacher).model.to(ctx.device) if v.mode == "online" and job.teacher else None
     loss_fn = create_loss(v.mode, v.alpha, v.temperature)
@@ -273,6 +277,6 @@ def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None
     if ctx.world > 1:
         dist.all_reduce(totals)
     n = max(1.0, float(totals[0]))
-    return {"epoch": epoch + 1, "train_loss": float(totals[1]) / n, "kd_loss": float(totals[2]) / n,
+    return {"epoch": epoch + 1, "train_samples": float(totals[0]), "train_loss": float(totals[1]) / n, "kd_loss": float(totals[2]) / n,
             "task_loss": float(totals[3]) / n, "samples_per_s": float(totals[0]) / seconds,
             "epoch_seconds": seconds, "lr": float(engine.get_lr()[0])}

@@ -127,7 +127,10 @@ class CacheReader:
         stem = stem or self.shards[0]
         if stem not in self._meta:
             path = self.path(stem)
-            self._meta[stem] = CacheMeta.from_kv(pq.read_schema(path).metadata, str(path))
+            try:
+                self._meta[stem] = CacheMeta.from_kv(pq.read_schema(path).metadata, str(path))
+            except SchemaError as exc:
+                raise CacheError(str(exc)) from exc
         return self._meta[stem]
 
     def arrays(self, stem: str) -> ShardArrays:

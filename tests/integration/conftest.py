@@ -12,3 +12,35 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def kd_data(tmp_path_factory):
+    """Real MNIST shards (4 train x 60, 1 val x 40) and their cache from a small real teacher (in-process)."""
+    from helpers import cache_cfg_dict, mnist_shard, save_teacher
+
+    from teacher_cache.config import CacheConfig
+    from teacher_cache.run import run
+
+    root = tmp_path_factory.mktemp("kd")
+    for i in range(4):
+        mnist_shard(root / "shards" / f"train-{i:06d}.tar", 60, offset=60 * i)
+    mnist_shard(root / "shards" / "val-000000.tar", 40, offset=1000)
+    ckpt = save_teacher(root / "teacher.pt")
+    cfg = cache_cfg_dict([str(root / "shards" / "*.tar")], str(root / "cache"), str(ckpt))
+    res = run(CacheConfig.model_validate(cfg))
+    assert res.status == "success"
+    teacher = cfg["teacher"]
+    return {"root": root, "cache_root": root / "cache", "cache_dir": res.cache_dir, "teacher": teacher,
+            "train": [str(root / "shards" / "train-*.tar")], "val": [str(root / "shards" / "val-*.tar")]}
+
+
+def train_cfg(kd_data, run_dir, **over):
+    d = {"run_dir": str(run_dir),
+         "data": {"train_shards": kd_data["train"], "val_shards": kd_data["val"],
+                  "cache_root": str(kd_data["cache_root"]), "loader_workers": 0, "shuffle_buffer": 16},
+         "teacher": kd_data["teacher"],
+         "base": {"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": 1, "batch_size": 32},
+         "ray": {"enabled": False}, "log_every": 50, "metrics_port": None}
+    d.update(over)
+    return d
