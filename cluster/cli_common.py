@@ -17,13 +17,15 @@ STATUS_EXIT = {"success": 0, "partial": EXIT_PARTIAL, "failure": EXIT_FAILURE}
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'your input is wrong': printed as one line, exit 2, no traceback."""
+    from compress.onnx_export import ParityError
+    from compress.prune import PruningError
     from teacher_cache.manifest import CacheLockedError
     from teacher_cache.models import UnknownModelError
     from teacher_cache.reader import CacheError
     from teacher_cache.schema import SchemaError
     from teacher_cache.teacher import TeacherLoadError
 
-    return (ConfigError, TeacherLoadError, UnknownModelError, CacheError, SchemaError, CacheLockedError,
+    return (ConfigError, ParityError, PruningError, TeacherLoadError, UnknownModelError, CacheError, SchemaError, CacheLockedError,
             FileNotFoundError, ValueError)
 
 

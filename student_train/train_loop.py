@@ -166,8 +166,12 @@ def _save_best(engine: Any, v: VariantConfig, job: JobSpec, out: Path, ctx: Work
     (out / "arch.json").write_text(json.dumps(info, indent=1))
 
 
-def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext) -> dict[str, Any]:
-    """Train (or resume) one variant; returns its final summary. Raises NonFiniteLossError on NaN/inf."""
+def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
+                  model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Train (or resume) one variant; returns its final summary. Raises NonFiniteLossError on NaN/inf.
+
+    `model` replaces the architecture built from `v.arch` (compress fine-tunes a pruned model this way).
+    """
     import deepspeed
 
     _init_distributed(ctx)
@@ -178,7 +182,8 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext)
         m.serve_worker_metrics(job.run_dir, name, ctx.rank, job.metrics_port)
     (out / f"worker-rank{ctx.rank}.pid").write_text(str(os.getpid()))  # for operators (and the resume test)
     prep = student_prep(v, job.teacher_prep)
-    model = create_model(v.arch, num_classes=job.num_classes, in_chans=prep.channels, **v.arch_kwargs)
+    if model is None:
+        model = create_model(v.arch, num_classes=job.num_classes, in_chans=prep.channels, **v.arch_kwargs)
     views = min(v.views or job.num_views, job.num_views)
     workers = min(job.loader_workers, max(1, len(job.train) // ctx.world))
     train_steps = steps_per_epoch(job.train, 0, v.seed, ctx.world, workers, v.batch_size, True)
@@ -277,6 +282,7 @@ def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None
     if ctx.world > 1:
         dist.all_reduce(totals)
     n = max(1.0, float(totals[0]))
-    return {"epoch": epoch + 1, "train_samples": float(totals[0]), "train_loss": float(totals[1]) / n, "kd_loss": float(totals[2]) / n,
+    return {"epoch": epoch + 1, "train_samples": float(totals[0]), "train_loss": float(totals[1]) / n,
+            "kd_loss": float(totals[2]) / n,
             "task_loss": float(totals[3]) / n, "samples_per_s": float(totals[0]) / seconds,
             "epoch_seconds": seconds, "lr": float(engine.get_lr()[0])}

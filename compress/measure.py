@@ -1,0 +1,48 @@
+"""Measure a model the way it will be served: ONNX Runtime accuracy on the val split, file size, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compress.onnx_export import session
+
+
+def onnx_accuracy(path: Path, batches: list[dict[str, np.ndarray]], threads: int | None = None) -> dict[str, float]:
+    """batches: dicts with `pixels` (N,C,H,W float32), `label` (-1 = none), `teacher_top1` (view 0)."""
+    sess = session(path, threads)
+    n = labelled = top1 = top5 = agree = 0
+    for b in batches:
+        logits = sess.run(None, {"input": b["pixels"].astype(np.float32)})[0]
+        order = np.argsort(-logits, axis=1)[:, :5]
+        has = b["label"] >= 0
+        labelled += int(has.sum())
+        top1 += int((order[has, 0] == b["label"][has]).sum())
+        top5 += int((order[has] == b["label"][has, None]).any(1).sum())
+        agree += int((order[:, 0] == b["teacher_top1"]).sum())
+        n += len(logits)
+    return {"val_top1": top1 / labelled if labelled else float("nan"),
+            "val_top5": top5 / labelled if labelled else float("nan"),
+            "teacher_agreement": agree / n if n else float("nan"), "val_samples": n}
+
+
+def onnx_latency(path: Path, channels: int, size: int, batch: int, repeats: int, warmup: int,
+                 threads: int | None = None) -> float:
+    """Median seconds per call at this batch size (warm-up excluded)."""
+    sess = session(path, threads)
+    x = np.random.default_rng(0).standard_normal((batch, channels, size, size)).astype(np.float32)
+    for _ in range(warmup):
+        sess.run(None, {"input": x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, {"input": x})
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def file_mb(path: Path) -> float:
+    return Path(path).stat().st_size / 1e6

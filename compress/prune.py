@@ -1,0 +1,58 @@
+"""Structured channel pruning with Torch-Pruning's dependency graph (residual and depthwise models stay valid)."""
+
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+
+class PruningError(ValueError):
+    """The model cannot be pruned as asked; names the layer when one is to blame."""
+
+
+def _classifier(model: nn.Module) -> list[nn.Module]:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]  # the head keeps its class count
+
+
+def count_cost(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(MACs, parameters) per image."""
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    return int(macs), int(params)
+
+
+def prune_to_target(model: nn.Module, example: torch.Tensor, keep: float, target: str = "macs",
+                    round_to: int = 8, steps: int = 40) -> dict[str, int]:
+    """Prune in place, step by step, until MACs (or params) <= keep x the original; returns before/after costs."""
+    model.eval()
+    macs0, params0 = count_cost(model, example)
+    try:
+        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      pruning_ratio=0.95, iterative_steps=steps, ignored_layers=_classifier(model),
+                                      round_to=round_to, global_pruning=False)
+    except Exception as exc:  # Torch-Pruning raises many types while tracing; name the culprit if it does
+        raise PruningError(f"cannot build a dependency graph for this model: {exc}".splitlines()[0]) from exc
+    macs, params = macs0, params0
+    goal = keep * (macs0 if target == "macs" else params0)
+    for _ in range(steps):
+        if (macs if target == "macs" else params) <= goal:
+            break
+        try:
+            pruner.step()
+        except Exception as exc:  # an op Torch-Pruning cannot follow; report which layer
+            raise PruningError(_culprit(model, exc)) from exc
+        macs, params = count_cost(model, example)
+    with torch.no_grad():
+        out = model(example)
+    if out.shape[-1] != _classifier(model)[0].out_features:
+        raise PruningError("pruning changed the output shape; the classifier head must be the last Linear layer")
+    return {"macs_before": macs0, "params_before": params0, "macs_after": macs, "params_after": params}
+
+
+def _culprit(model: nn.Module, exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    for name, mod in model.named_modules():
+        if name and (name in text or mod.__class__.__name__ in text):
+            return f"cannot prune layer '{name}' ({mod.__class__.__name__}): {text}"
+    return f"cannot prune this model: {text}"

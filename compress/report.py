@@ -1,0 +1,52 @@
+"""The compression report: a table (baseline -> pruned -> int8) and a Pareto plot of every model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'student':28s} {'stage':12s} {'top1':>7s} {'d top1':>7s} {'agree':>6s} {'size MB':>8s} "
+            f"{'x smaller':>9s} {'ms @1':>7s} {'ms @32':>7s} {'speed-up':>8s} {'MMACs':>7s}")
+    lines = [head, "-" * len(head)]
+    base: dict[str, dict] = {}
+    for r in rows:
+        b = base.setdefault(r["student"], r)
+        lines.append(f"{r['student'][:28]:28s} {r['stage']:12s} {r['val_top1']:7.4f} "
+                     f"{100 * (r['val_top1'] - b['val_top1']):+6.2f}pt {r['teacher_agreement']:6.3f} "
+                     f"{r['size_mb']:8.3f} {b['size_mb'] / r['size_mb']:8.2f}x {r['latency_b1_ms']:7.3f} "
+                     f"{r['latency_b32_ms']:7.2f} {b['latency_b32_ms'] / r['latency_b32_ms']:7.2f}x "
+                     f"{r['macs'] / 1e6:7.2f}")
+    return "\n".join(lines)
+
+
+def pareto_plot(trained: list[dict], compressed: list[dict], path: Path) -> Path:
+    """Val top-1 against MACs: every trained student, and each compression stage (latency in the labels)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    done = [r for r in trained if r.get("val_top1") is not None]
+    ax.scatter([r["macs"] / 1e6 for r in done], [r["val_top1"] for r in done], label="trained students", c="tab:blue")
+    for r in done:
+        ax.annotate(r["variant"], (r["macs"] / 1e6, r["val_top1"]), fontsize=6, alpha=0.7)
+    markers = {"baseline": "o", "int8": "s", "pruned": "^", "pruned+int8": "*"}
+    for stage, marker in markers.items():
+        pts = [r for r in compressed if r["stage"] == stage]
+        if pts:
+            ax.scatter([r["macs"] / 1e6 for r in pts], [r["val_top1"] for r in pts], marker=marker, s=80,
+                       label=f"{stage} (ONNX Runtime)", edgecolors="k")
+            for r in pts:
+                ax.annotate(f"{r['latency_b1_ms']:.2f} ms", (r["macs"] / 1e6, r["val_top1"]), fontsize=6,
+                            xytext=(4, -8), textcoords="offset points")
+    ax.set_xlabel("MMACs per image")
+    ax.set_ylabel("val top-1")
+    ax.set_title("accuracy vs cost (labels: batch-1 latency)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

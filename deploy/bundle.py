@@ -1,0 +1,159 @@
+"""`distill deploy`: a self-describing bundle (fp32 + int8 ONNX, preprocessing, classes, model card)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from compress.onnx_export import ParityError, check_parity, session
+from deploy.config import DeployConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeployResult:
+    bundle: Path
+    student: str
+    parity: dict
+    card: Path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pick(cfg: DeployConfig, rows: list[dict]) -> str:
+    students = sorted({r["student"] for r in rows})
+    if cfg.student:
+        if cfg.student not in students:
+            raise ValueError(f"student '{cfg.student}' was not compressed in {cfg.compress_dir}; "
+                             f"choose one of {students}")
+        return cfg.student
+    base = [r for r in rows if r["stage"] == "baseline"]
+    return max(base, key=lambda r: r["val_top1"])["student"]
+
+
+def _classes(cfg: DeployConfig, train_cfg: dict, num_classes: int) -> list[str]:
+    if isinstance(cfg.classes, list):
+        names = cfg.classes
+    else:
+        candidates = [Path(cfg.classes)] if cfg.classes else [
+            Path(p).parent / "classes.json" for p in train_cfg["data"]["train_shards"]]
+        found = next((p for p in candidates if p.exists()), None)
+        names = json.loads(found.read_text()) if found else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a {num_classes}-class model; fix `classes`")
+    return list(names)
+
+
+def _val_images(src: Path, n: int) -> np.ndarray:
+    data = np.load(src / "val_images.npy")
+    return data[:n]
+
+
+def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep: dict) -> str:
+    """Markdown: what the model is, where it came from, what was measured and how."""
+    table = ["| stage | val top-1 | teacher agreement | size MB | latency b1 ms | latency b32 ms | MMACs |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        table.append(f"| {r['stage']} | {r['val_top1']:.4f} | {r['teacher_agreement']:.4f} | {r['size_mb']:.3f} | "
+                     f"{r['latency_b1_ms']:.3f} | {r['latency_b32_ms']:.2f} | {r['macs'] / 1e6:.2f} |")
+    t = lineage["teacher"]
+    return "\n".join([
+        f"# Model card: {student}",
+        "",
+        f"Built {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `distill deploy`.",
+        "",
+        "## Files",
+        "- `model.onnx`: fp32, dynamic batch, input `input` (N, C, H, W float32, normalised), output `logits`.",
+        "- `model.int8.onnx`: int8 static quantization (ONNX Runtime QDQ, per-channel weights), calibrated on "
+        "cached training views.",
+        "- `preprocessing.json`: decode -> channels -> centre crop (crop_pct of the shorter side) -> resize -> "
+        "normalise; `classes.json`: class names by index.",
+        "",
+        "## Preprocessing",
+        f"```json\n{json.dumps(prep, indent=1)}\n```",
+        "",
+        "## Lineage",
+        f"- Teacher: `{t.get('arch')}` ({t.get('source')}), weights sha256 `{t.get('weights_sha256')}`, "
+        f"checkpoint `{t.get('checkpoint')}`",
+        f"- Teacher cache: `{lineage['cache_dir']}` (fingerprint `{lineage['fingerprint']}`)",
+        f"- Training run: `{lineage['train_run']}`, variant `{student}`:",
+        f"```yaml\n{lineage['variant_yaml']}```",
+        f"- Compression: {lineage['compression']}",
+        "",
+        "## Measured (ONNX Runtime, CPU, val split)",
+        *table,
+        "",
+        f"Parity (fp32 ONNX vs PyTorch, {parity['samples']} real val images): max |dlogit| "
+        f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4f}; "
+        f"int8 vs fp32 top-1 agreement {parity['int8_agreement']:.4f}.",
+        "Latency: median of repeated runs after warm-up, on the machine that ran `distill compress`.",
+        "",
+    ])
+
+
+def run(cfg: DeployConfig) -> DeployResult:
+    src_root = Path(cfg.compress_dir)
+    report = src_root / "report.json"
+    if not report.exists():
+        raise FileNotFoundError(f"{report} not found: `compress_dir` must be the out_dir of `distill compress`")
+    all_rows = json.loads(report.read_text())
+    student = _pick(cfg, all_rows)
+    rows = [r for r in all_rows if r["student"] == student]
+    src = src_root / student
+    stage = cfg.stage if (src / f"{cfg.stage}.onnx").exists() else "baseline"
+    int8 = src / ("pruned_int8.onnx" if stage == "pruned" else "int8.onnx")
+    ccfg = yaml.safe_load((src_root / "compress_config.resolved.yaml").read_text())
+    train_run = Path(ccfg["train_run"])
+    train_cfg = yaml.safe_load((train_run / "train_config.resolved.yaml").read_text())
+    prep = json.loads((src / "preprocessing.json").read_text())
+    images = torch.from_numpy(_val_images(src, cfg.val_images))
+    model = torch.jit.load(str(src / f"{stage}.ts"), map_location="cpu")
+    p = check_parity(model, src / f"{stage}.onnx", images, atol=cfg.parity_atol)
+    parity = {"max_abs_logit_diff": p.max_abs_logit_diff, "top1_agreement": p.top1_agreement, "samples": p.samples}
+    if int8.exists():
+        a = session(src / f"{stage}.onnx").run(None, {"input": images.numpy()})[0].argmax(1)
+        b = session(int8).run(None, {"input": images.numpy()})[0].argmax(1)
+        parity["int8_agreement"] = float((a == b).mean())
+        if parity["int8_agreement"] < cfg.int8_min_agreement:
+            raise ParityError(f"{int8}: int8 agrees with fp32 on only {parity['int8_agreement']:.3f} of "
+                              f"{len(a)} val images (need {cfg.int8_min_agreement}); recalibrate or deploy fp32")
+    else:
+        parity["int8_agreement"] = float("nan")
+    log.info("parity: %s", parity)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / f"{stage}.onnx", out / "model.onnx")
+    if int8.exists():
+        shutil.copy(int8, out / "model.int8.onnx")
+    num_classes = int(session(out / "model.onnx").get_outputs()[0].shape[1])
+    (out / "classes.json").write_text(json.dumps(_classes(cfg, train_cfg, num_classes)))
+    (out / "preprocessing.json").write_text(json.dumps(prep, indent=1))
+    arch = json.loads((train_run / student / "arch.json").read_text())
+    cache_dir = Path(arch["cache_dir"])
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    lineage = {"teacher": manifest.get("teacher", {}), "cache_dir": str(cache_dir),
+               "fingerprint": manifest.get("fingerprint"), "train_run": str(train_run),
+               "variant_yaml": (train_run / student / "variant.yaml").read_text(),
+               "compression": json.dumps({k: ccfg[k] for k in ("prune", "quantize")})}
+    card = out / "model_card.md"
+    card.write_text(model_card(student, rows, lineage, parity, prep))
+    files = {f.name: _sha256(f) for f in sorted(out.iterdir()) if f.suffix in (".onnx", ".json")}
+    (out / "bundle.json").write_text(json.dumps({"student": student, "stage": stage, "files": files,
+                                                 "parity": parity}, indent=1))
+    return DeployResult(bundle=out, student=student, parity=parity, card=card)

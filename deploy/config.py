@@ -1,0 +1,39 @@
+"""Configuration of `distill deploy` (bundle) and `distill serve` (Ray Serve endpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DeployConfig(BaseModel):
+    """`distill deploy`: turn one compressed student into a self-describing bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+    compress_dir: Path = Field(..., description="out_dir of `distill compress`")
+    out_dir: Path = Field(..., description="the bundle directory")
+    student: str | None = Field(None, description="default: the compressed student with the best baseline top-1")
+    stage: Literal["baseline", "pruned"] = Field("pruned", description="fp32 model of the bundle (int8 beside it)")
+    classes: list[str] | Path | None = Field(None, description="class names, or a classes.json (default: found "
+                                             "beside the training shards)")
+    parity_atol: float = Field(1e-3, gt=0.0, description="max |dlogit| ONNX fp32 vs PyTorch on real val images")
+    int8_min_agreement: float = Field(0.97, ge=0.0, le=1.0, description="int8 vs fp32 top-1 agreement floor")
+    val_images: int = Field(256, ge=8)
+
+
+class ServeConfig(BaseModel):
+    """`distill serve`: a Ray Serve HTTP endpoint for a bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+    bundle: Path
+    host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
+    port: int = Field(8000, ge=1, le=65535)
+    model: Literal["int8", "fp32"] = "int8"
+    top_k: int = Field(5, ge=1)
+    max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="larger uploads get 413")
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_ms: float = Field(5.0, ge=0.0)
+    replicas: int = Field(1, ge=1)
+    cpus_per_replica: float = Field(1.0, gt=0.0)

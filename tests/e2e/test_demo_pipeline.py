@@ -1,0 +1,47 @@
+"""The demo config end to end through the CLI on real MNIST digits and an embedded Ray (scaled down)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+SMALL = [
+    "shards.limit=1200", "shards.samples_per_shard=250",
+    "teacher.base.epochs=1", "teacher.base.arch_kwargs.width=8",
+    "cache.teacher.arch_kwargs.width=8", "train.teacher.arch_kwargs.width=8",
+    "train.base.epochs=1",
+    "train.variants=[{name: cnn-soft, arch: cnn_small, arch_kwargs: {width: 4}, alpha: 0.9},"
+    " {name: cnn-noKD, arch: cnn_small, arch_kwargs: {width: 4}, mode: none}]",
+]
+
+
+def _distill(args, cwd, timeout=900):
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    return subprocess.run(DISTILL + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    sets = [a for s in SMALL for a in ("--set", s)]
+    r = _distill(["pipeline", "-c", str(ROOT / "examples" / "demo.yaml"), *sets], tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    demo = tmp_path / "runs" / "demo"
+    assert len(list((demo / "shards").glob("train-*.tar"))) == 5  # 1080 train samples, 250 per shard
+    assert (demo / "teacher" / "teacher" / "best.pt").exists()
+    board = {row["variant"]: row for row in pq.read_table(demo / "students" / "leaderboard.parquet").to_pylist()}
+    assert set(board) == {"cnn-soft", "cnn-noKD"} and all(b["status"] == "done" for b in board.values())
+    assert "artifacts:" in r.stdout and "runs/demo/students" in r.stdout
+    info = json.loads(_distill(["cache", "inspect", "runs/demo/cache", "--json"], tmp_path).stdout)
+    assert info["rows"] == 1200 and info["views"] == 4 and info["k"] == 5
+    assert info["teacher_top1_vs_labels"] is not None
+    # a second run continues: nothing is redone
+    again = _distill(["pipeline", "-c", str(ROOT / "examples" / "demo.yaml"), *sets], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stages = {s["stage"]: s for s in json.loads(again.stdout[: again.stdout.index("\nartifacts:")])}
+    assert stages["shards"]["skipped"] and stages["cache"]["labelled"] == 0 and stages["cache"]["unchanged"] == 6
