@@ -45,6 +45,7 @@ def cli(log_level: str) -> None:
 def _register() -> None:
     from cluster.cmd_cache import cache
     from cluster.cmd_compress import compress
+    from cluster.cmd_deploy import deploy, serve
     from cluster.cmd_pipeline import pipeline
     from cluster.cmd_shards import shards
     from cluster.cmd_train import train
@@ -53,6 +54,8 @@ def _register() -> None:
     cli.add_command(cache)
     cli.add_command(train)
     cli.add_command(compress)
+    cli.add_command(deploy)
+    cli.add_command(serve)
     cli.add_command(pipeline)
 
 

@@ -11,7 +11,7 @@ import click
 
 from cluster.config_loading import ConfigError
 
-EXIT_BAD_INPUT, EXIT_PARTIAL, EXIT_FAILURE = 2, 3, 4
+EXIT_BAD_INPUT, EXIT_PARTIAL, EXIT_FAILURE, EXIT_LOCKED = 2, 3, 4, 5
 STATUS_EXIT = {"success": 0, "partial": EXIT_PARTIAL, "failure": EXIT_FAILURE}
 
 
@@ -21,12 +21,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from compress.prune import PruningError
     from teacher_cache.manifest import CacheLockedError
     from teacher_cache.models import UnknownModelError
+    from teacher_cache.ray_pool import ClusterConnectionError
     from teacher_cache.reader import CacheError
     from teacher_cache.schema import SchemaError
     from teacher_cache.teacher import TeacherLoadError
 
-    return (ConfigError, ParityError, PruningError, TeacherLoadError, UnknownModelError, CacheError, SchemaError, CacheLockedError,
-            FileNotFoundError, ValueError)
+    return (ConfigError, ParityError, PruningError, TeacherLoadError, UnknownModelError, CacheError, SchemaError,
+            CacheLockedError, ClusterConnectionError, FileNotFoundError, ValueError)
 
 
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cluster.cli_common import STATUS_EXIT, config_options
+from cluster.cli_common import EXIT_LOCKED, STATUS_EXIT, config_options
 from cluster.config_loading import load_config
 from cluster.metrics_server import start_metrics_server
 
@@ -38,8 +38,9 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
 
     sets = list(overrides) + (["ray.enabled=false"] if no_ray else []) + ([f"ray.address={address}"] if address else [])
     cfg = load_config(CacheConfig, config_path, sets, "cache")
+    _check_address(cfg)
     if cfg.metrics.enabled:
-        start_metrics_server(cfg.metrics.host, cfg.metrics.port)
+        start_metrics_server(cfg.metrics.host, cfg.metrics.port, cfg.metrics.targets_file)
     result = run(cfg)
     summary = result.summary()
     click.echo(json.dumps({k: summary[k] for k in ("status", "cache_dir", "fingerprint", "images", "decode_errors",
@@ -52,6 +53,17 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
         for stem, msg in result.failed.items():
             click.echo(f"  {stem}: {msg}", err=True)
     sys.exit(STATUS_EXIT[result.status])
+
+
+def _check_address(cfg: object) -> None:
+    """A named cluster must be reachable before any work, even on a run that turns out to be a no-op."""
+    import os
+
+    from teacher_cache.ray_pool import check_address
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if cfg.ray.enabled and address:
+        check_address(address)
 
 
 @cache.command()
@@ -67,3 +79,42 @@ def inspect(directory: Path, as_json: bool, no_verify: bool) -> None:
 
     info = inspect_cache(directory, verify=not no_verify)
     click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info))
+
+
+@cache.command()
+@config_options
+@click.option("--wait", is_flag=True, help="Wait for a running writer of this cache instead of exiting (code 5).")
+def refresh(config_path: Path | None, overrides: tuple[str, ...], wait: bool) -> None:
+    """Nightly incremental refresh: label new/changed shards only; safe to schedule.
+
+    \b
+    A lock guarantees one writer per cache: an overlapping run exits with code 5 and says who holds it
+    (or waits with --wait). Prints a summary (shards new/changed/unchanged/vanished/failed, duration) and
+    pushes it to metrics.pushgateway when set. Exit: 0 success, 3 partial, 4 failure, 5 locked, 2 bad input.
+    Example: distill cache refresh --config examples/demo.yaml --set metrics.pushgateway=http://127.0.0.1:9091
+    """
+    from teacher_cache.config import CacheConfig
+    from teacher_cache.manifest import CacheLockedError
+    from teacher_cache.metrics import push_refresh_summary
+    from teacher_cache.run import run
+
+    cfg = load_config(CacheConfig, config_path, list(overrides), "cache")
+    _check_address(cfg)
+    if cfg.metrics.enabled:
+        start_metrics_server(cfg.metrics.host, cfg.metrics.port, cfg.metrics.targets_file)
+    try:
+        result = run(cfg, wait_for_lock=wait)
+    except CacheLockedError as exc:
+        click.echo(f"refused: {exc}", err=True)
+        sys.exit(EXIT_LOCKED)
+    s = result.summary()
+    click.echo(json.dumps({"status": s["status"], "cache_dir": s["cache_dir"], "new": len(s["new"]),
+                           "changed": len(s["changed"]), "unchanged": len(s["unchanged"]),
+                           "vanished": s["vanished"], "failed": s["failed"], "images": s["images"],
+                           "seconds": round(s["seconds"], 2)}, indent=1))
+    if cfg.metrics.pushgateway:
+        try:
+            push_refresh_summary(cfg.metrics.pushgateway, s)
+        except OSError as exc:
+            click.echo(f"warning: could not push the summary to {cfg.metrics.pushgateway}: {exc}", err=True)
+    sys.exit(STATUS_EXIT[result.status])

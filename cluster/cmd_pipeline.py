@@ -14,7 +14,7 @@ from cluster.config_loading import load_config
 @click.command()
 @config_options
 def pipeline(config_path: Path | None, overrides: tuple[str, ...]) -> None:
-    """Run shards -> teacher pre-training -> cache -> student training from one YAML (sections per stage).
+    """Run shards -> teacher -> cache -> train -> compress -> deploy from one YAML (a section per stage).
 
     \b
     Re-running after a failure or a kill continues: shards are kept when current, finished variants are
@@ -41,4 +41,11 @@ def _print_where(cfg: object) -> None:
     if cfg.train:
         lines.append(f"  students      {cfg.train.run_dir}/  (leaderboard.txt, leaderboard.parquet, "
                      "<variant>/metrics.csv, best.pt)")
+    if cfg.compress:
+        lines.append(f"  compressed    {cfg.compress.out_dir}/  (report.txt, pareto.png, <student>/*.onnx)")
+    if cfg.deploy:
+        lines.append(f"  bundle        {cfg.deploy.out_dir}/  (model.onnx, model.int8.onnx, model_card.md)")
+        lines += ["", "query the served model:",
+                  f"  distill serve --bundle {cfg.deploy.out_dir} --port 8000 &",
+                  "  curl -s -H 'Content-Type: image/png' --data-binary @digit.png http://127.0.0.1:8000/predict"]
     click.echo("\n".join(lines))

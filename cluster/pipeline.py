@@ -15,8 +15,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from compress.config import CompressConfig
+from deploy.config import DeployConfig
 from student_train.config import TrainConfig
-from teacher_cache.config import CacheConfig
+from teacher_cache.config import CacheConfig, MetricsConfig
 from teacher_cache.shard_writer import ShardsConfig
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,11 @@ class PipelineConfig(BaseModel):
     teacher: TrainConfig | None = Field(None, description="supervised teacher pre-training (variants mode: none)")
     cache: CacheConfig | None = None
     train: TrainConfig | None = None
+    compress: CompressConfig | None = None
+    deploy: DeployConfig | None = None
     ray_address: str | None = Field(None, description="Ray cluster for every stage (default: RAY_ADDRESS or local)")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="this process's exporter (cache, "
+                                   "compress and deploy metrics); set targets_file for Prometheus file_sd")
 
 
 def _shards_current(cfg: ShardsConfig) -> bool:
@@ -50,14 +56,34 @@ def run_shards(cfg: ShardsConfig) -> dict:
     return {"stage": "shards", "train": res.train_pattern, "val": res.val_pattern, "samples": res.samples}
 
 
+def run_compress(cfg: CompressConfig) -> dict:
+    from compress.run import run
+
+    done = Path(cfg.out_dir) / "compress_config.resolved.yaml"
+    leaderboard = Path(cfg.train_run) / "leaderboard.parquet"
+    if (done.exists() and yaml.safe_load(done.read_text()) == cfg.model_dump(mode="json")
+            and done.stat().st_mtime > leaderboard.stat().st_mtime):
+        log.info("compress: %s is current, skipping", cfg.out_dir)
+        return {"stage": "compress", "skipped": True, "out_dir": str(cfg.out_dir)}
+    res = run(cfg)
+    print(res.table)
+    return {"stage": "compress", "out_dir": str(res.out_dir), "plot": str(res.plot),
+            "rows": [{k: r[k] for k in ("student", "stage", "val_top1", "size_mb", "latency_b1_ms")} for r in res.rows]}
+
+
 def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     """Run the configured stages in order; raise on the first stage that fails outright."""
     from teacher_cache.ray_pool import connect_ray
 
+    if cfg.metrics.enabled:
+        from cluster.metrics_server import start_metrics_server
+
+        start_metrics_server(cfg.metrics.host, cfg.metrics.port, cfg.metrics.targets_file, job="distill_pipeline")
     if any(s is not None and s.ray.enabled for s in (cfg.teacher, cfg.cache, cfg.train)):
         connect_ray(cfg.ray_address)
     results: list[dict] = []
-    stages = [("shards", cfg.shards), ("teacher", cfg.teacher), ("cache", cfg.cache), ("train", cfg.train)]
+    stages = [("shards", cfg.shards), ("teacher", cfg.teacher), ("cache", cfg.cache), ("train", cfg.train),
+              ("compress", cfg.compress), ("deploy", cfg.deploy)]
     for name, stage_cfg in stages:
         if stage_cfg is None:
             continue
@@ -65,6 +91,13 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
         log.info("=== stage %s ===", name)
         if name == "shards":
             summary = run_shards(stage_cfg)
+        elif name == "compress":
+            summary = run_compress(stage_cfg)
+        elif name == "deploy":
+            from deploy.bundle import run as run_deploy
+
+            res = run_deploy(stage_cfg)
+            summary = {"stage": name, "bundle": str(res.bundle), "student": res.student, "parity": res.parity}
         elif name == "cache":
             from teacher_cache.run import run as run_cache
 

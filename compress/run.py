@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import yaml
 
+from compress import metrics
 from compress.config import CompressConfig
 from compress.measure import file_mb, onnx_accuracy, onnx_latency
 from compress.onnx_export import check_parity, export_onnx, save_torchscript
@@ -84,6 +85,10 @@ def _measure(stage: str, name: str, path: Path, vb: list, prep: object, cfg: Com
                                               lat.threads)
     row["latency_b32_ms"] = 1e3 * onnx_latency(path, prep.channels, prep.input_size, 32, lat.repeats_b32,
                                                lat.warmup, lat.threads)
+    metrics.VAL_TOP1.labels(name, stage).set(row["val_top1"])
+    metrics.SIZE.labels(name, stage).set(row["size_mb"] * 1e6)
+    metrics.LATENCY.labels(name, stage, "1").set(row["latency_b1_ms"] / 1e3)
+    metrics.LATENCY.labels(name, stage, "32").set(row["latency_b32_ms"] / 1e3)
     log.info("%s %s: top1 %.4f, %.2f MB, %.2f ms @1, %.2f ms @32", name, stage, row["val_top1"], row["size_mb"],
              row["latency_b1_ms"], row["latency_b32_ms"])
     return row
@@ -167,5 +172,6 @@ def run(cfg: CompressConfig) -> CompressResult:
 
     trained = pq.read_table(run_dir / "leaderboard.parquet").to_pylist()
     plot = pareto_plot(trained, rows, out / "pareto.png")
+    metrics.DURATION.set(time.perf_counter() - t0)
     log.info("compress done in %.1f s", time.perf_counter() - t0)
     return CompressResult(out_dir=out, rows=rows, table=table, plot=plot)

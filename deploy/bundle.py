@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from compress.onnx_export import ParityError, check_parity, session
+from deploy import metrics
 from deploy.config import DeployConfig
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
 
 
 def run(cfg: DeployConfig) -> DeployResult:
+    t0 = time.perf_counter()
     src_root = Path(cfg.compress_dir)
     report = src_root / "report.json"
     if not report.exists():
@@ -156,4 +158,6 @@ def run(cfg: DeployConfig) -> DeployResult:
     files = {f.name: _sha256(f) for f in sorted(out.iterdir()) if f.suffix in (".onnx", ".json")}
     (out / "bundle.json").write_text(json.dumps({"student": student, "stage": stage, "files": files,
                                                  "parity": parity}, indent=1))
+    metrics.DURATION.set(time.perf_counter() - t0)
+    metrics.PARITY.set(parity["max_abs_logit_diff"])
     return DeployResult(bundle=out, student=student, parity=parity, card=card)

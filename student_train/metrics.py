@@ -1,7 +1,8 @@
 """Prometheus metrics of student training, one scrape target per worker process.
 
 Each training worker (a Ray Train worker, a torchrun rank, or the CLI process) serves its own /metrics and
-writes a Prometheus file_sd target file under <run_dir>/metrics_targets/, so Prometheus discovers workers
+writes a Prometheus file_sd target file into the targets directory
+(default <run_dir>/metrics_targets/), so Prometheus discovers workers
 wherever Ray places them. Labels: variant and rank only (bounded).
 """
 
@@ -29,13 +30,13 @@ EPOCH = Gauge("distill_train_epoch", "Epochs completed", ["variant"])
 _served: dict[str, int] = {}
 
 
-def serve_worker_metrics(run_dir: Path, variant: str, rank: int, port: int, host: str = "127.0.0.1") -> int:
+def serve_worker_metrics(targets: Path, variant: str, rank: int, port: int, host: str = "127.0.0.1") -> int:
     """Start this process's exporter once and publish it as a file_sd target (atomic write)."""
     if "port" not in _served:
         server, _ = start_http_server(port, addr=host)
         _served["port"] = int(server.server_port)
     bound = _served["port"]
-    targets = Path(run_dir) / "metrics_targets"
+    targets = Path(targets)
     targets.mkdir(parents=True, exist_ok=True)
     entry = [{"targets": [f"{host}:{bound}"], "labels": {"job": "distill_train", "variant": variant,
                                                          "rank": str(rank), "host": socket.gethostname()}}]

@@ -13,6 +13,32 @@ from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 log = logging.getLogger(__name__)
 
 
+class ClusterConnectionError(ConnectionError):
+    """The Ray cluster named by --address / RAY_ADDRESS cannot be reached or refuses us."""
+
+
+_HINT = ("check --address / RAY_ADDRESS (host:port of the GCS, or ray://host:10001); with Ray's token auth set "
+         "RAY_AUTH_MODE=token and put the cluster's token in ~/.ray/auth_token")
+
+
+def check_address(address: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not minutes: ray.init retries an unreachable GCS for a long time."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterConnectionError(f"Ray address '{address}' is not host:port or ray://host:port; {_HINT}")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ClusterConnectionError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); "
+                                     f"{_HINT}") from None
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Connect to `address` / RAY_ADDRESS, or start a local cluster bound to 127.0.0.1. True if we started it."""
     import ray
@@ -21,7 +47,12 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        check_address(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError, PermissionError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise ClusterConnectionError(f"cannot join the Ray cluster at {address}: {first}; {_HINT}") from None
         return True
     keep_ray_on_loopback()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",

@@ -35,6 +35,8 @@ class CacheResult:
     cache_dir: Path
     fingerprint: str
     labelled: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     touched: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
@@ -80,7 +82,7 @@ def prepare(cfg: CacheConfig) -> tuple[LoadedTeacher, str]:
     return teacher, fp
 
 
-def run(cfg: CacheConfig) -> CacheResult:
+def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     """Label new/changed shards, skip unchanged ones, record everything in the manifest.
 
     A no-op refresh (same teacher files, same shards) neither loads the teacher nor reads shard data: the
@@ -94,7 +96,7 @@ def run(cfg: CacheConfig) -> CacheResult:
         teacher, fp = prepare(cfg)
     out_dir = Path(cfg.cache_root) / fp
     result = CacheResult(cache_dir=out_dir, fingerprint=fp)
-    with DirectoryLock(out_dir):
+    with DirectoryLock(out_dir, wait=wait_for_lock):
         if (n := remove_stale_tmp(out_dir)):
             log.info("removed %d temp files left by an interrupted run", n)
         manifest = Manifest.load(out_dir, fp)
@@ -113,6 +115,8 @@ def run(cfg: CacheConfig) -> CacheResult:
         atomic_write_bytes(out_dir / "cache_config.resolved.yaml",
                            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
         result.unchanged, result.touched, result.vanished = plan.unchanged, sorted(plan.touched), plan.vanished
+        result.new = [stem for stem, _, why in plan.todo if why == "new"]
+        result.changed = [stem for stem, _, why in plan.todo if why != "new"]
         for decision, n in (("label", len(plan.todo)), ("unchanged", len(plan.unchanged)),
                             ("vanished", len(plan.vanished))):
             metrics.SHARDS_PLANNED.labels(decision).set(n)

@@ -1,0 +1,111 @@
+"""Ray Serve endpoint for a bundle: POST /predict (an image) -> top-k classes as JSON; GET /healthz.
+
+Requests are batched with @serve.batch. Bad input (empty body, not an image, too large, wrong content type)
+gets a 4xx JSON error and the server keeps serving. Preprocessing is the bundle's eval view, made by the
+same replay function that produced the cached training views.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from PIL import Image
+from ray import serve
+
+from deploy.config import ServeConfig
+
+log = logging.getLogger(__name__)
+ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
+
+api = FastAPI(title="distill classifier")
+
+
+def preprocess(data: bytes, prep: dict) -> np.ndarray:
+    """Encoded image -> (C, S, S) float32, exactly like the cache's view 0 for a student."""
+    from teacher_cache.views import eval_view, image_to_tensor, normalize, replay_view
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        pixels = image_to_tensor(im, int(prep["channels"]))
+    view = eval_view(pixels.shape[1], pixels.shape[2], float(prep["crop_pct"]))
+    crop = replay_view(pixels, view, int(prep["input_size"]), prep["interpolation"])
+    return normalize(crop, tuple(prep["mean"]), tuple(prep["std"])).numpy().astype(np.float32)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "status": status})
+
+
+@serve.deployment
+@serve.ingress(api)
+class Classifier:
+    def __init__(self, bundle: str, model: str, top_k: int, max_bytes: int, max_batch_size: int,
+                 batch_wait_ms: float) -> None:
+        import onnxruntime as ort
+
+        root = Path(bundle)
+        name = "model.int8.onnx" if model == "int8" and (root / "model.int8.onnx").exists() else "model.onnx"
+        self.session = ort.InferenceSession(str(root / name), providers=["CPUExecutionProvider"])
+        self.prep = json.loads((root / "preprocessing.json").read_text())
+        self.classes = json.loads((root / "classes.json").read_text())
+        self.model_file, self.top_k, self.max_bytes = name, top_k, max_bytes
+        self._batch.set_max_batch_size(max_batch_size)
+        self._batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batch(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        logits = self.session.run(None, {"input": np.stack(inputs)})[0]
+        return list(logits)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_file, "classes": len(self.classes)}
+
+    @api.post("/predict")
+    async def predict(self, request: Request) -> Any:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in ACCEPTED_TYPES:
+            return _error(415, f"content type '{ctype or 'none'}' not accepted; send the image bytes with one of "
+                               f"{', '.join(ACCEPTED_TYPES)}")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return _error(413, f"upload of {declared} bytes is over the limit of {self.max_bytes} bytes")
+        body = await request.body()
+        if not body:
+            return _error(400, "empty body: POST the image file bytes")
+        if len(body) > self.max_bytes:
+            return _error(413, f"upload of {len(body)} bytes is over the limit of {self.max_bytes} bytes")
+        try:
+            x = preprocess(body, self.prep)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return _error(400, f"not a decodable image ({exc.__class__.__name__}); send a JPEG, PNG or WebP file")
+        logits = (await self._batch(x)).astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        top = np.argsort(-probs)[: self.top_k]
+        return {"model": self.model_file,
+                "predictions": [{"class_id": int(i), "class": self.classes[int(i)], "probability": float(probs[i])}
+                                for i in top]}
+
+
+def build_app(cfg: ServeConfig) -> Any:
+    bundle = Path(cfg.bundle).resolve()
+    for needed in ("model.onnx", "preprocessing.json", "classes.json"):
+        if not (bundle / needed).exists():
+            raise FileNotFoundError(f"{bundle / needed} missing: `bundle` must be the out_dir of `distill deploy`")
+    return Classifier.options(num_replicas=cfg.replicas, ray_actor_options={"num_cpus": cfg.cpus_per_replica}).bind(
+        str(bundle), cfg.model, cfg.top_k, cfg.max_bytes, cfg.max_batch_size, cfg.batch_wait_ms)
+
+
+def start(cfg: ServeConfig, blocking: bool = False) -> str:
+    """Start Serve on cfg.host:cfg.port (loopback by default) and deploy the app; returns the base URL."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name="distill", route_prefix="/", blocking=blocking)
+    return f"http://{cfg.host}:{cfg.port}"

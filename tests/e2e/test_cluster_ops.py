@@ -1,0 +1,241 @@
+"""Operations end to end, all real and all on 127.0.0.1: a Ray head started with `ray start`, the pipeline
+submitted with `ray job submit` (token auth), killed during the cache pass and during training and
+re-submitted, a real Prometheus scraping the job's file_sd targets, a real Pushgateway, the refresh lock,
+and a no-op refresh. Needs the Debian packages `prometheus` and `prometheus-pushgateway` (.ci/run installs them).
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+PUSHGATEWAY = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
+if not (Path(PROMETHEUS).exists() and Path(PUSHGATEWAY).exists()):
+    pytest.skip("the Prometheus server and Pushgateway are not installed (.ci/run installs them)",
+                allow_module_level=True)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+                PATH=f"{BIN}:{os.environ['PATH']}", DS_ACCELERATOR="cpu")
+
+
+def _pids_under(marker: str) -> list[int]:
+    """PIDs of the processes started for this test (their command line names our private temp dir)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker in (p / "cmdline").read_bytes().decode(errors="ignore"):
+                    pids.append(int(p.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=3).read()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def ops(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ops")
+    ray_tmp = tempfile.mkdtemp(prefix="/tmp/rop")  # short: Ray's unix sockets live under it
+    dash, gcs = _port(), _port()
+    started: list[subprocess.Popen] = []
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                    f"--temp-dir={ray_tmp}", "--include-dashboard=true", "--disable-usage-stats"],
+                   check=True, env=_env(), capture_output=True, timeout=120)
+    targets = work / "metrics_targets"
+    targets.mkdir()
+    prom_port, push_port = _port(), _port()
+    prom_cfg = yaml.safe_load((ROOT / "cluster" / "prometheus" / "prometheus.yml").read_text())
+    prom_cfg["global"]["scrape_interval"] = "1s"
+    jobs = {j["job_name"]: j for j in prom_cfg["scrape_configs"]}
+    jobs["distill"]["file_sd_configs"][0] = {"files": [str(targets / "*.json")], "refresh_interval": "1s"}
+    jobs["pushgateway"]["static_configs"] = [{"targets": [f"127.0.0.1:{push_port}"]}]
+    prom_cfg["scrape_configs"] = [jobs["distill"], jobs["pushgateway"]]
+    (work / "prometheus.yml").write_text(yaml.safe_dump(prom_cfg))
+    started.append(subprocess.Popen([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}",
+                                     f"--web.listen-address=127.0.0.1:{prom_port}",
+                                     f"--storage.tsdb.path={work / 'tsdb'}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    started.append(subprocess.Popen([PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{push_port}"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    _wait_http(f"http://127.0.0.1:{prom_port}/-/ready")
+    _wait_http(f"http://127.0.0.1:{push_port}/metrics")
+    demo = (ROOT / "examples" / "demo.yaml").read_text().replace("runs/demo", str(work / "runs"))
+    cfg = yaml.safe_load(demo)
+    cfg["shards"].update(limit=1200, samples_per_shard=200)
+    for section in ("teacher", "train"):
+        cfg[section]["base"]["epochs"] = 2 if section == "train" else 1
+        cfg[section]["metrics_targets_dir"] = str(targets)
+    cfg["teacher"]["base"]["arch_kwargs"] = {"width": 8}
+    for block in (cfg["cache"]["teacher"],):
+        block["arch_kwargs"] = {"width": 8}
+    cfg["train"]["teacher"] = cfg["cache"]["teacher"]
+    cfg["train"]["variants"] = [{"name": "cnn-soft", "arch": "cnn_small", "arch_kwargs": {"width": 4}},
+                                {"name": "cnn-noKD", "arch": "cnn_small", "arch_kwargs": {"width": 4}, "mode": "none"}]
+    cfg["compress"]["prune"]["finetune_epochs"] = 1
+    cfg["compress"]["latency"] = {"repeats_b1": 5, "repeats_b32": 3, "warmup": 1}
+    cfg["deploy"]["int8_min_agreement"] = 0.5
+    cfg["metrics"] = {"targets_file": str(targets / "pipeline.json"), "pushgateway": f"http://127.0.0.1:{push_port}"}
+    (work / "pipeline.yaml").write_text(yaml.safe_dump(cfg))
+    yield {"work": work, "dash": dash, "gcs": gcs, "prom": prom_port, "push": push_port, "cfg": cfg,
+           "config": work / "pipeline.yaml"}
+    for proc in started:
+        proc.terminate()
+        proc.wait(timeout=20)
+    for pid in _pids_under(ray_tmp):  # only the Ray processes this test started
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _job(ops, *args, timeout=600):
+    return subprocess.run([str(BIN / "ray"), "job", *args], env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _submit(ops) -> str:
+    r = _job(ops, "submit", "--address", f"http://127.0.0.1:{ops['dash']}", "--working-dir", str(ROOT),
+             "--no-wait", "--", f"{BIN / 'distill'} pipeline --config {ops['config']}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return next(w for w in r.stdout.split() if w.startswith("raysubmit_"))
+
+
+def _status(ops, job_id: str) -> str:
+    r = _job(ops, "status", "--address", f"http://127.0.0.1:{ops['dash']}", job_id)
+    for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+        if s in r.stdout:
+            return s
+    return r.stdout
+
+
+def _wait_for(pred, timeout=600, what=""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _prom(ops, query: str) -> list:
+    url = f"http://127.0.0.1:{ops['prom']}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    return json.loads(urllib.request.urlopen(url, timeout=10).read())["data"]["result"]
+
+
+def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
+    runs = ops["work"] / "runs"
+    # 1: kill during the cache pass
+    job = _submit(ops)
+    _wait_for(lambda: any((runs / "cache").glob("*/*.parquet")), what="the first cache file")
+    assert _job(ops, "stop", "--address", f"http://127.0.0.1:{ops['dash']}", job).returncode == 0
+    _wait_for(lambda: _status(ops, job) in ("STOPPED", "FAILED"), 120, "the job to stop")
+    # 2: re-submit, kill during training
+    job = _submit(ops)
+    _wait_for(lambda: any((runs / "students").glob("*/metrics.csv")), what="a student's first epoch")
+    _job(ops, "stop", "--address", f"http://127.0.0.1:{ops['dash']}", job)
+    _wait_for(lambda: _status(ops, job) in ("STOPPED", "FAILED"), 120, "the job to stop")
+    # 3: re-submit and let it finish
+    job = _submit(ops)
+    _wait_for(lambda: _status(ops, job) in ("SUCCEEDED", "FAILED", "STOPPED"), 900, "the job to finish")
+    logs = _job(ops, "logs", "--address", f"http://127.0.0.1:{ops['dash']}", job).stdout
+    assert _status(ops, job) == "SUCCEEDED", logs[-3000:]
+    # nothing lost or duplicated
+    from teacher_cache.reader import CacheReader, find_cache_dir
+
+    reader = CacheReader(find_cache_dir(runs / "cache"))
+    keys = [k for s in reader.shards for k in reader.arrays(s).keys]
+    assert len(keys) == len(set(keys)) == 1200
+    board = {r["variant"]: r for r in pq.read_table(runs / "students" / "leaderboard.parquet").to_pylist()}
+    assert all(r["status"] == "done" and r["epochs"] == 2 for r in board.values()), board
+    for name in board:
+        import pandas as pd
+
+        m = pd.read_csv(runs / "students" / name / "metrics.csv")
+        assert sorted(m["epoch"]) == [1, 2] and (m["train_samples"] == 1080).all()
+    assert (runs / "bundle" / "model.int8.onnx").exists()
+    # Prometheus ingested the cache and training series, with sensible values
+    time.sleep(3)
+    images = _prom(ops, "max(max_over_time(distill_cache_images_total[30m]))")
+    assert images and 0 < float(images[0]["value"][1]) <= 1200
+    rates = _prom(ops, "max by (variant) (max_over_time(distill_train_samples_per_second[30m]))")
+    by_variant = {r["metric"]["variant"]: float(r["value"][1]) for r in rates}
+    assert set(by_variant) >= {"cnn-soft", "cnn-noKD"}
+    assert all(1 < v < 1e6 for v in by_variant.values()), by_variant
+    assert _prom(ops, "max(max_over_time(distill_compress_duration_seconds[30m]))")
+
+
+def test_refresh_lock_refusal_and_noop(ops):
+    cfg = dict(ops["cfg"]["cache"])
+    cfg["cache_root"] = str(ops["work"] / "cache_refresh")
+    cfg["views"] = {**cfg["views"], "num_views": 32}  # slow enough that the second run meets the lock
+    cfg["metrics"] = {"pushgateway": f"http://127.0.0.1:{ops['push']}"}
+    f = ops["work"] / "refresh.yaml"
+    f.write_text(yaml.safe_dump({"cache": cfg}))
+    distill = [str(BIN / "distill"), "cache", "refresh", "--config", str(f), "--set", "ray.enabled=false"]
+    first = subprocess.Popen(distill, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    root = Path(cfg["cache_root"])
+    _wait_for(lambda: any(root.glob("*/.lock")) and any(p.read_text() for p in root.glob("*/.lock")), 120,
+              "the first refresh to take the lock")
+    second = subprocess.run(distill, env=_env(), capture_output=True, text=True, timeout=120)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 5, second.stderr[-2000:]
+    assert "refused:" in second.stderr and "being written by another job" in second.stderr
+    summary = json.loads(out)
+    assert summary["new"] == 7 and summary["status"] == "success"
+    noop = subprocess.run(distill, env=_env(), capture_output=True, text=True, timeout=120)
+    assert noop.returncode == 0
+    s = json.loads(noop.stdout)
+    assert (s["new"], s["changed"], s["unchanged"], s["images"]) == (0, 0, 7, 0)
+    pushed = urllib.request.urlopen(f"http://127.0.0.1:{ops['push']}/metrics", timeout=10).read().decode()
+    assert 'distill_cache_refresh_shards{instance="",job="distill_cache_refresh",outcome="unchanged"} 7' in pushed
+
+
+def test_bad_address_is_one_clear_line(ops):
+    r = subprocess.run([str(BIN / "distill"), "cache", "--config", str(ops["config"]), "--address",
+                        "127.0.0.1:1"], env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: cannot reach the Ray cluster at 127.0.0.1:1")
+    assert "RAY_AUTH_MODE=token" in lines[-1]
+    no_token = subprocess.run([str(BIN / "ray"), "job", "list", "--address", f"http://127.0.0.1:{ops['dash']}"],
+                              env={**_env(), "RAY_AUTH_MODE": "disabled", "HOME": str(ops["work"])},
+                              capture_output=True, text=True, timeout=120)
+    assert no_token.returncode != 0  # the cluster refuses a client without the token

@@ -1,0 +1,115 @@
+"""Compress a real demo-style student from the cache, bundle it, serve it with Ray Serve over real HTTP."""
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import train_cfg
+from helpers import encode, mnist
+
+from compress.config import CompressConfig
+from compress.run import run as run_compress
+from deploy.bundle import run as run_deploy
+from deploy.config import DeployConfig, ServeConfig
+from student_train.config import TrainConfig
+from student_train.run import run as run_train
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def bundle(kd_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cd")
+    run_train(TrainConfig.model_validate(train_cfg(
+        kd_data, root / "students", base={"arch": "resnet_mini", "arch_kwargs": {"width": 8}, "epochs": 2,
+                                          "batch_size": 32, "mode": "soft", "alpha": 0.5},
+        variants=[{"name": "res"}])))
+    comp = run_compress(CompressConfig.model_validate({
+        "train_run": str(root / "students"), "out_dir": str(root / "compressed"),
+        "prune": {"ratio": 0.5, "finetune_epochs": 1}, "quantize": {"calib_samples": 64},
+        "latency": {"repeats_b1": 5, "repeats_b32": 3, "warmup": 1}}))
+    dep = run_deploy(DeployConfig.model_validate({"compress_dir": str(root / "compressed"),
+                                                  "out_dir": str(root / "bundle"), "int8_min_agreement": 0.5}))
+    return {"root": root, "compress": comp, "deploy": dep}
+
+
+def test_compress_report(bundle):
+    rows = {r["stage"]: r for r in bundle["compress"].rows}
+    assert set(rows) == {"baseline", "int8", "pruned", "pruned+int8"}
+    assert rows["pruned"]["macs"] <= 0.5 * rows["baseline"]["macs"]
+    assert rows["int8"]["size_mb"] < rows["baseline"]["size_mb"] / 2
+    for r in rows.values():
+        assert 0 <= r["val_top1"] <= 1 and r["latency_b1_ms"] > 0 and r["val_samples"] == 40
+    assert bundle["compress"].plot.stat().st_size > 10_000
+    assert "pruned+int8" in bundle["compress"].table
+    # the fine-tune reused the training loop and the same cache
+    ft = bundle["root"] / "compressed" / "res" / "finetune"
+    assert (ft / "metrics.csv").exists() and json.loads((ft / "arch.json").read_text())["cache_dir"]
+
+
+def test_bundle_contents_and_int8_loads(bundle):
+    b = bundle["deploy"].bundle
+    assert {p.name for p in b.iterdir()} >= {"model.onnx", "model.int8.onnx", "classes.json", "preprocessing.json",
+                                            "model_card.md", "bundle.json"}
+    sess = ort.InferenceSession(str(b / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": np.zeros((3, 1, 32, 32), np.float32)})[0].shape == (3, 10)
+    card = (b / "model_card.md").read_text()
+    assert "weights sha256" in card and "fingerprint" in card and "pruned+int8" in card
+    assert bundle["deploy"].parity["max_abs_logit_diff"] < 1e-3
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, data, ctype):
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": ctype} if ctype else {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_ray_serve_real_http(bundle, ray_local):
+    from ray import serve
+
+    from deploy.serve import start
+
+    port = _free_port()
+    url = start(ServeConfig(bundle=bundle["deploy"].bundle, port=port, max_bytes=20_000))
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+                    assert json.loads(r.read())["status"] == "ok"
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+        x, y = mnist(8, 3000)
+        status, body = _post(f"{url}/predict", encode(x[0]), "image/png")
+        assert status == 200 and len(body["predictions"]) == 5
+        assert abs(sum(p["probability"] for p in body["predictions"]) - 1) < 0.5
+        status, body = _post(f"{url}/predict", b"definitely not an image", "image/jpeg")
+        assert status == 400 and "not a decodable image" in body["error"]
+        assert _post(f"{url}/predict", b"", "image/png")[0] == 400
+        assert _post(f"{url}/predict", b"x" * 30_000, "image/png")[0] == 413
+        assert _post(f"{url}/predict", encode(x[1]), "text/plain")[0] == 415
+        # still serving after the bad requests, and concurrent requests are batched correctly
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda i: _post(f"{url}/predict", encode(x[i], "jpg"), "image/jpeg"), range(8)))
+        assert all(s == 200 for s, _ in results)
+    finally:
+        serve.shutdown()

@@ -1,0 +1,106 @@
+"""Cluster manifests, Prometheus config and Grafana dashboard: load them and check what matters."""
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
+
+
+def _yaml(name):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _containers(pod_template):
+    return pod_template["spec"]["containers"]
+
+
+def test_raycluster_cpu_head_gpu_workers():
+    rc = _yaml("k8s/raycluster.yaml")
+    assert rc["apiVersion"] == "ray.io/v1" and rc["kind"] == "RayCluster"
+    head = _containers(rc["spec"]["headGroupSpec"]["template"])[0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    assert rc["spec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    gpu = rc["spec"]["workerGroupSpecs"][0]
+    worker = _containers(gpu["template"])[0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert head["image"] == worker["image"] and ":" in head["image"]
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"]
+
+
+def test_rayjob_runs_the_pipeline_on_the_cluster():
+    job = _yaml("k8s/rayjob-pipeline.yaml")
+    assert job["kind"] == "RayJob"
+    assert job["spec"]["entrypoint"].startswith("distill pipeline --config ")
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == _yaml("k8s/raycluster.yaml")["metadata"]["name"]
+
+
+def test_nightly_refresh_schedule_and_entrypoint():
+    cron = _yaml("k8s/raycronjob-refresh.yaml")
+    assert cron["kind"] == "RayCronJob" and cron["apiVersion"] == "ray.io/v1"
+    fields = cron["spec"]["schedule"].split()
+    assert len(fields) == 5 and fields[0] == "0"  # once a day at a fixed minute
+    entry = cron["spec"]["jobTemplate"]["entrypoint"]
+    assert entry.startswith("distill cache refresh --config ") and "metrics.pushgateway=" in entry
+    from cluster.cli import cli
+
+    assert "refresh" in cli.commands["cache"].commands  # the entrypoint names a command that exists
+
+
+def test_ray_up_config():
+    up = _yaml("ray-up.yaml")
+    types = up["available_node_types"]
+    assert up["head_node_type"] in types
+    assert any(t["resources"].get("GPU", 0) >= 1 for t in types.values())
+    assert any("pip install" in c for c in up["setup_commands"])
+
+
+def test_prometheus_scrapes_file_sd_targets_and_pushgateway():
+    prom = _yaml("prometheus/prometheus.yml")
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    assert jobs["distill"]["file_sd_configs"][0]["files"][0].endswith("/*.json")
+    assert jobs["pushgateway"]["honor_labels"] is True
+
+
+def _exported_names():
+    """Every sample name the code can export (stage metrics modules + the refresh summary registry)."""
+    from prometheus_client import REGISTRY
+
+    import compress.metrics  # noqa: F401
+    import deploy.metrics  # noqa: F401
+    import student_train.metrics  # noqa: F401
+    import teacher_cache.metrics as tcm
+
+    names = set()
+    registries = [REGISTRY, tcm.refresh_registry({"new": [], "changed": [], "unchanged": [], "vanished": [],
+                                                  "failed": {}, "seconds": 1.0, "images": 0, "status": "success"})]
+    for reg in registries:
+        for fam in reg.collect():
+            names.add(fam.name)
+            names.update(s.name for s in fam.samples)
+            if fam.type == "histogram":
+                names.update(f"{fam.name}_{suffix}" for suffix in ("bucket", "count", "sum"))
+            if fam.type == "counter":  # the family is named without the _total its samples carry
+                names.add(f"{fam.name}_total")
+    return names
+
+
+def test_every_dashboard_metric_is_exported_by_the_code():
+    dash = json.loads((CLUSTER / "grafana" / "dashboards" / "distill.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"\b(distill_[a-z0-9_]+)", e)}
+    assert len(used) >= 10
+    missing = used - _exported_names()
+    assert not missing, f"dashboard queries metrics nothing exports: {sorted(missing)}"
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for needed in ("cache throughput", "shard progress", "decode errors", "last successful refresh",
+                   "samples/s per variant", "loss", "validation top-1", "duration"):
+        assert needed in titles, needed
+
+
+def test_metric_names_follow_the_convention():
+    for name in _exported_names():
+        if name.startswith("distill_"):
+            assert re.fullmatch(r"distill_(cache|train|compress|deploy|serve)_[a-z0-9_]+", name), name
