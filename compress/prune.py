@@ -43,11 +43,21 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, keep: float, target
         except Exception as exc:  # an op Torch-Pruning cannot follow; report which layer
             raise PruningError(_culprit(model, exc)) from exc
         macs, params = count_cost(model, example)
+    reached = (macs if target == "macs" else params) <= goal
+    if not reached:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "pruning stopped at %.0f%% of the original %s, above the %.0f%% target: layers are at their minimum "
+            "width for round_to=%d; lower round_to or the target", 100 * (macs / macs0 if target == "macs" else
+                                                                        params / params0), target, 100 * keep,
+            round_to)
     with torch.no_grad():
         out = model(example)
     if out.shape[-1] != _classifier(model)[0].out_features:
         raise PruningError("pruning changed the output shape; the classifier head must be the last Linear layer")
-    return {"macs_before": macs0, "params_before": params0, "macs_after": macs, "params_after": params}
+    return {"macs_before": macs0, "params_before": params0, "macs_after": macs, "params_after": params,
+            "target_reached": reached}
 
 
 def _culprit(model: nn.Module, exc: Exception) -> str:

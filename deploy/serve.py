@@ -3,9 +3,11 @@
 Requests are batched with @serve.batch. Bad input (empty body, not an image, too large, wrong content type)
 gets a 4xx JSON error and the server keeps serving. Preprocessing is the bundle's eval view, made by the
 same replay function that produced the cached training views.
+
+No `from __future__ import annotations` here: with postponed annotations Serve's class-based FastAPI ingress
+cannot strip `self` from the route signatures and every request gets a 422.
 """
 
-from __future__ import annotations
 
 import io
 import json

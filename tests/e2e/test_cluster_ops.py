@@ -4,6 +4,7 @@ re-submitted, a real Prometheus scraping the job's file_sd targets, a real Pushg
 and a no-op refresh. Needs the Debian packages `prometheus` and `prometheus-pushgateway` (.ci/run installs them).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,16 +43,19 @@ def _env() -> dict:
                 PATH=f"{BIN}:{os.environ['PATH']}", DS_ACCELERATOR="cpu")
 
 
-def _pids_under(marker: str) -> list[int]:
-    """PIDs of the processes started for this test (their command line names our private temp dir)."""
-    pids = []
+def _ray_pids() -> set[int]:
+    """PIDs of Ray's processes on this machine (Ray renames many of them, e.g. `ray::DashboardAgent`)."""
+    pids = set()
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
-                if marker in (p / "cmdline").read_bytes().decode(errors="ignore"):
-                    pids.append(int(p.name))
+                cmd = (p / "cmdline").read_bytes().decode(errors="ignore")
             except OSError:
                 continue
+            markers = ("ray::", "raylet", "gcs_server", "ray/dashboard", "ray-dashboard", "ray/_private",
+                       "ray.util.client", "ray/autoscaler", "runtime_env", "default_worker")
+            if "ray" in cmd and any(m in cmd for m in markers):
+                pids.add(int(p.name))
     return pids
 
 
@@ -73,8 +77,13 @@ def ops(tmp_path_factory):
     ray_tmp = tempfile.mkdtemp(prefix="/tmp/rop")  # short: Ray's unix sockets live under it
     dash, gcs = _port(), _port()
     started: list[subprocess.Popen] = []
+    before = _ray_pids()  # teardown ends only the Ray processes that appear from here on
+    ports = [f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
+             f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}",
+             f"--ray-client-server-port={_port()}", f"--node-manager-port={_port()}",
+             f"--object-manager-port={_port()}"]
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", *ports,
                     f"--temp-dir={ray_tmp}", "--include-dashboard=true", "--disable-usage-stats"],
                    check=True, env=_env(), capture_output=True, timeout=120)
     targets = work / "metrics_targets"
@@ -117,11 +126,9 @@ def ops(tmp_path_factory):
     for proc in started:
         proc.terminate()
         proc.wait(timeout=20)
-    for pid in _pids_under(ray_tmp):  # only the Ray processes this test started
-        try:
+    for pid in _ray_pids() - before:  # only the Ray processes this test started
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
@@ -132,17 +139,28 @@ def _job(ops, *args, timeout=600):
 
 def _submit(ops) -> str:
     r = _job(ops, "submit", "--address", f"http://127.0.0.1:{ops['dash']}", "--working-dir", str(ROOT),
-             "--no-wait", "--", f"{BIN / 'distill'} pipeline --config {ops['config']}")
+             "--no-wait", "--", str(BIN / "distill"), "pipeline", "--config", str(ops["config"]))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return next(w for w in r.stdout.split() if w.startswith("raysubmit_"))
+    import re
+
+    return re.search(r"raysubmit_[A-Za-z0-9]+", r.stdout + r.stderr).group(0)
 
 
 def _status(ops, job_id: str) -> str:
     r = _job(ops, "status", "--address", f"http://127.0.0.1:{ops['dash']}", job_id)
+    text = (r.stdout + r.stderr).lower()  # the ray CLI logs to stderr: "succeeded", "was stopped", ...
     for s in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if s in r.stdout:
+        if s.lower() in text:
             return s
-    return r.stdout
+    return text
+
+
+def _ended(ops, job_id: str) -> bool:
+    return _status(ops, job_id) in ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def _logs(ops, job_id: str) -> str:
+    return _job(ops, "logs", "--address", f"http://127.0.0.1:{ops['dash']}", job_id).stdout[-4000:]
 
 
 def _wait_for(pred, timeout=600, what=""):
@@ -163,12 +181,15 @@ def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
     runs = ops["work"] / "runs"
     # 1: kill during the cache pass
     job = _submit(ops)
-    _wait_for(lambda: any((runs / "cache").glob("*/*.parquet")), what="the first cache file")
+    _wait_for(lambda: any((runs / "cache").glob("*/*.parquet")) or _ended(ops, job), what="the first cache file")
+    assert not _ended(ops, job), _logs(ops, job)
     assert _job(ops, "stop", "--address", f"http://127.0.0.1:{ops['dash']}", job).returncode == 0
     _wait_for(lambda: _status(ops, job) in ("STOPPED", "FAILED"), 120, "the job to stop")
     # 2: re-submit, kill during training
     job = _submit(ops)
-    _wait_for(lambda: any((runs / "students").glob("*/metrics.csv")), what="a student's first epoch")
+    _wait_for(lambda: any((runs / "students").glob("*/metrics.csv")) or _ended(ops, job),
+              what="a student's first epoch")
+    assert not _ended(ops, job), _logs(ops, job)
     _job(ops, "stop", "--address", f"http://127.0.0.1:{ops['dash']}", job)
     _wait_for(lambda: _status(ops, job) in ("STOPPED", "FAILED"), 120, "the job to stop")
     # 3: re-submit and let it finish

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 def bundle(kd_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("cd")
     run_train(TrainConfig.model_validate(train_cfg(
-        kd_data, root / "students", base={"arch": "resnet_mini", "arch_kwargs": {"width": 8}, "epochs": 2,
+        kd_data, root / "students", base={"arch": "resnet_mini", "arch_kwargs": {"width": 16}, "epochs": 2,
                                           "batch_size": 32, "mode": "soft", "alpha": 0.5},
         variants=[{"name": "res"}])))
     comp = run_compress(CompressConfig.model_validate({

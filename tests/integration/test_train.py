@@ -119,7 +119,8 @@ def test_ray_tune_two_variants_one_nan(kd_data, tmp_path, ray_local):
                     base={"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": 2, "batch_size": 32,
                           "num_workers": 2, "cpus_per_worker": 0.45},
                     variants=[{"name": "good"}, {"name": "nan", "optimizer": "sgd", "lr": 1e12, "clip_grad": None}],
-                    tune={"max_concurrent": 2, "cpus_per_trial": 0.05, "max_failures": 0}, metrics_port=0)
+                    tune={"max_concurrent": 2, "cpus_per_trial": 0.05, "max_failures": 0, "asha": True,
+                          "asha_grace_epochs": 1}, metrics_port=0)
     res = run(TrainConfig.model_validate(cfg))
     board = {r["variant"]: r for r in res.leaderboard}
     assert board["good"]["status"] == "done" and board["good"]["epochs"] == 2
