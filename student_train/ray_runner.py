@@ -47,7 +47,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from student_train.run import write_status
+    from student_train.status import write_status
 
     name, job, v = config["name"], config["job"], VariantConfig.model_validate(config["variant"])
     use_gpu = v.gpus_per_worker > 0
@@ -108,7 +108,7 @@ def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, Varia
         run_config=tune.RunConfig(name="tune", storage_path=str(Path(job.run_dir).resolve() / "ray_results"),
                                   verbose=1))
     tuner.fit()
-    from student_train.run import read_status, write_status
+    from student_train.status import read_status, write_status
 
     for name, _ in variants:  # a trial ASHA terminated never wrote its end status
         if read_status(job.run_dir, name).get("status") == "running":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -14,6 +13,7 @@ import yaml
 from student_train.config import TrainConfig, VariantConfig
 from student_train.job_plan import plan_job
 from student_train.leaderboard import format_leaderboard, variant_row, write_leaderboard
+from student_train.status import finished, write_status
 from student_train.train_loop import JobSpec, NonFiniteLossError, WorkerContext, student_prep, train_variant
 
 log = logging.getLogger(__name__)
@@ -34,12 +34,6 @@ class TrainResult:
     def best(self) -> dict | None:
         done = [r for r in self.leaderboard if r["status"] == "done"]
         return max(done, key=lambda r: r["val_top1"] or -1) if done else None
-
-
-def write_status(run_dir: Path, name: str, status: str, reason: str = "", **extra: object) -> None:
-    out = Path(run_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "status.json").write_text(json.dumps({"status": status, "reason": reason, "time": time.time(), **extra}))
 
 
 def run_in_process(job: JobSpec, variants: list[tuple[str, VariantConfig]]) -> None:
@@ -112,7 +106,7 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
         (run_dir / name / "variant.yaml").write_text(yaml.safe_dump(v.model_dump(mode="json"), sort_keys=False))
     log.info("training %d variant(s) on %d train shards (%d samples), %d val shards; cache %s", len(variants),
              len(job.train), sum(p.rows for p in job.train), len(job.val), job.cache_dir or "none (supervised)")
-    pending = [(n, v) for n, v in variants if not _finished(run_dir, n)]
+    pending = [(n, v) for n, v in variants if not finished(run_dir, n)]
     if len(pending) < len(variants):
         log.info("%d variant(s) already done in %s; skipping them", len(variants) - len(pending), run_dir)
     launched = launched_context()
@@ -137,12 +131,3 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
     path = write_leaderboard(run_dir, rows)
     (run_dir / "leaderboard.txt").write_text(format_leaderboard(rows) + "\n")
     return TrainResult(run_dir=run_dir, leaderboard=rows, leaderboard_path=path, seconds=time.perf_counter() - t0)
-
-
-def read_status(run_dir: Path, name: str) -> dict:
-    path = Path(run_dir) / name / "status.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _finished(run_dir: Path, name: str) -> bool:
-    return read_status(run_dir, name).get("status") in ("done", "stopped")
