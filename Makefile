@@ -33,8 +33,12 @@ test-unit: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check cluster teacher_cache student_train compress deploy tests bench
 
+# benchmarks (minutes each; results go to BENCHMARKS.md by hand, with the command and the machine)
 bench: $(STAMP)
 	$(BIN)/python bench/teacher_cache.py
+	test -d runs/demo/cache || $(MAKE) demo
+	$(BIN)/python bench/student_train.py
+	$(BIN)/distill pipeline --config bench/compress.yaml
 
 clean:
 	rm -rf runs/demo

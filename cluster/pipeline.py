@@ -60,13 +60,13 @@ def run_compress(cfg: CompressConfig) -> dict:
     from compress.run import run
 
     done = Path(cfg.out_dir) / "compress_config.resolved.yaml"
-    leaderboard = Path(cfg.train_run) / "leaderboard.parquet"
+    students = [p.stat().st_mtime for p in Path(cfg.train_run).glob("*/best.pt")]
     if (done.exists() and yaml.safe_load(done.read_text()) == cfg.model_dump(mode="json")
-            and done.stat().st_mtime > leaderboard.stat().st_mtime):
+            and done.stat().st_mtime > max(students, default=float("inf"))):
         log.info("compress: %s is current, skipping", cfg.out_dir)
         return {"stage": "compress", "skipped": True, "out_dir": str(cfg.out_dir)}
     res = run(cfg)
-    print(res.table)
+    log.info("compression report:\n%s", res.table)
     return {"stage": "compress", "out_dir": str(res.out_dir), "plot": str(res.plot),
             "rows": [{k: r[k] for k in ("student", "stage", "val_top1", "size_mb", "latency_b1_ms")} for r in res.rows]}
 

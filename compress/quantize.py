@@ -3,6 +3,10 @@
 Why ONNX Runtime and not PyTorch's PT2E flow: the model is served by ONNX Runtime, so calibrating and
 evaluating in the runtime that serves it measures exactly what users get; PT2E's int8 -> ONNX export path is
 still fragile, and ORT's QDQ graphs are fused into QLinear kernels on x86 and ARM alike.
+
+Tolerance: on the demo models int8 stays within 5 top-1 points of the fp32 model it was made from (tested in
+tests/integration/test_compress_deploy.py); `distill deploy` refuses an int8 model whose top-1 agreement
+with fp32 on real val images is below `int8_min_agreement` (0.97 by default).
 """
 
 from __future__ import annotations

@@ -98,6 +98,10 @@ def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, Varia
 
     scheduler = None
     if cfg.tune.asha:
+        # a variant that fails before its first epoch reports nothing; ASHA must not abort the sweep for it
+        import os
+
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         scheduler = ASHAScheduler(time_attr="epoch", metric="val_top1", mode="max",
                                   max_t=max(v.epochs for _, v in variants), grace_period=cfg.tune.asha_grace_epochs,
                                   reduction_factor=cfg.tune.asha_reduction_factor)
@@ -110,6 +114,11 @@ def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, Varia
     tuner.fit()
     from student_train.status import read_status, write_status
 
-    for name, _ in variants:  # a trial ASHA terminated never wrote its end status
+    for name, v in variants:  # a trial ASHA terminated never wrote its end status
         if read_status(job.run_dir, name).get("status") == "running":
-            write_status(job.run_dir, name, "stopped", "stopped early by ASHA (weaker val top-1)")
+            csv = Path(job.run_dir) / name / "metrics.csv"
+            epochs = max(0, len(csv.read_text().splitlines()) - 1) if csv.exists() else 0
+            if epochs >= v.epochs:  # ASHA also ends a trial that reached max_t: that one is complete
+                write_status(job.run_dir, name, "done")
+            else:
+                write_status(job.run_dir, name, "stopped", f"stopped early by ASHA after {epochs} epoch(s)")

@@ -17,6 +17,8 @@ SMALL = [
     "teacher.base.epochs=1", "teacher.base.arch_kwargs.width=8",
     "cache.teacher.arch_kwargs.width=8", "train.teacher.arch_kwargs.width=8",
     "train.base.epochs=1",
+    "compress.prune.finetune_epochs=1", "compress.latency={repeats_b1: 5, repeats_b32: 3, warmup: 1}",
+    "deploy.int8_min_agreement=0.5",  # a 1-epoch toy student; the real demo keeps the strict floor
     "train.variants=[{name: cnn-soft, arch: cnn_small, arch_kwargs: {width: 4}, alpha: 0.9},"
     " {name: cnn-noKD, arch: cnn_small, arch_kwargs: {width: 4}, mode: none}]",
 ]
@@ -37,6 +39,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     board = {row["variant"]: row for row in pq.read_table(demo / "students" / "leaderboard.parquet").to_pylist()}
     assert set(board) == {"cnn-soft", "cnn-noKD"} and all(b["status"] == "done" for b in board.values())
     assert "artifacts:" in r.stdout and "runs/demo/students" in r.stdout
+    assert (demo / "bundle" / "model.int8.onnx").exists() and (demo / "compressed" / "pareto.png").exists()
     info = json.loads(_distill(["cache", "inspect", "runs/demo/cache", "--json"], tmp_path).stdout)
     assert info["rows"] == 1200 and info["views"] == 4 and info["k"] == 5
     assert info["teacher_top1_vs_labels"] is not None
