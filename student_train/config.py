@@ -94,6 +94,8 @@ class TrainConfig(_Strict):
     ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
     log_every: int = Field(20, ge=1, description="steps between progress lines")
     metrics_port: int | None = Field(0, description="per-worker Prometheus port (0 = any free, null = off)")
+    metrics_host: str = Field("127.0.0.1", description="workers' exporter bind address; 0.0.0.0 on multi-node "
+                              "clusters (the target file then names the node's address)")
     metrics_targets_dir: Path | None = Field(None, description="where workers publish file_sd scrape targets "
                                              "(default: <run_dir>/metrics_targets)")
 

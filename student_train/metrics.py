@@ -36,9 +36,10 @@ def serve_worker_metrics(targets: Path, variant: str, rank: int, port: int, host
         server, _ = start_http_server(port, addr=host)
         _served["port"] = int(server.server_port)
     bound = _served["port"]
+    target_host = host if host not in ("0.0.0.0", "::") else socket.gethostbyname(socket.gethostname())
     targets = Path(targets)
     targets.mkdir(parents=True, exist_ok=True)
-    entry = [{"targets": [f"{host}:{bound}"], "labels": {"job": "distill_train", "variant": variant,
+    entry = [{"targets": [f"{target_host}:{bound}"], "labels": {"job": "distill_train", "variant": variant,
                                                          "rank": str(rank), "host": socket.gethostname()}}]
     final = targets / f"{variant}-rank{rank}.json"
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")

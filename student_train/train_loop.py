@@ -53,6 +53,7 @@ class JobSpec:
     loader_workers: int = 1
     log_every: int = 20
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     metrics_targets_dir: Path | None = None
     train_crop_scale: tuple[float, float] = (0.35, 1.0)
 
@@ -181,7 +182,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
     out.mkdir(parents=True, exist_ok=True)
     if ctx.in_ray and job.metrics_port is not None:
         m.serve_worker_metrics(job.metrics_targets_dir or job.run_dir / "metrics_targets", name, ctx.rank,
-                               job.metrics_port)
+                               job.metrics_port, job.metrics_host)
     (out / f"worker-rank{ctx.rank}.pid").write_text(str(os.getpid()))  # for operators (and the resume test)
     prep = student_prep(v, job.teacher_prep)
     if model is None:
