@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit lint bench clean
+.PHONY: venv demo test test-deps test-unit lint bench clean
 
 venv: $(STAMP)
 
@@ -24,7 +24,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/distill pipeline --config examples/demo.yaml
 
-test: $(STAMP)
+# The ops e2e test runs a real Prometheus server and Pushgateway (Debian packages; the test starts and stops
+# them itself). Installed here when missing and apt-get is usable; otherwise that one test file is skipped.
+test-deps:
+	@if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway >/dev/null; \
+	  else echo "note: install prometheus + prometheus-pushgateway to run tests/e2e/test_cluster_ops.py"; fi; \
+	fi
+
+test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-unit: $(STAMP)

@@ -30,6 +30,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
             CacheLockedError, ClusterConnectionError, FileNotFoundError, ValueError)
 
 
+def ray_overrides(no_ray: bool, address: str | None) -> list[str]:
+    """--no-ray / --address as the --set overrides they stand for."""
+    return (["ray.enabled=false"] if no_ray else []) + ([f"ray.address={address}"] if address else [])
+
+
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--config FILE.yaml and repeatable --set a.b=value on every stage command."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from cluster.cli_common import EXIT_LOCKED, STATUS_EXIT, config_options
+from cluster.cli_common import EXIT_LOCKED, STATUS_EXIT, config_options, ray_overrides
 from cluster.config_loading import load_config
 from cluster.metrics_server import start_metrics_server
 
@@ -36,7 +36,7 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
     from teacher_cache.config import CacheConfig
     from teacher_cache.run import run
 
-    sets = list(overrides) + (["ray.enabled=false"] if no_ray else []) + ([f"ray.address={address}"] if address else [])
+    sets = list(overrides) + ray_overrides(no_ray, address)
     cfg = load_config(CacheConfig, config_path, sets, "cache")
     _check_address(cfg)
     if cfg.metrics.enabled:

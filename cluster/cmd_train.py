@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cluster.cli_common import STATUS_EXIT, config_options
+from cluster.cli_common import STATUS_EXIT, config_options, ray_overrides
 from cluster.config_loading import load_config
 from cluster.metrics_server import start_metrics_server
 
@@ -35,7 +35,7 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     from student_train.leaderboard import format_leaderboard
     from student_train.run import run
 
-    sets = list(overrides) + (["ray.enabled=false"] if no_ray else []) + ([f"ray.address={address}"] if address else [])
+    sets = list(overrides) + ray_overrides(no_ray, address)
     cfg = load_config(TrainConfig, config_path, sets, "train")
     if not cfg.ray.enabled and cfg.metrics_port is not None:
         start_metrics_server("127.0.0.1", cfg.metrics_port)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import socket
 from pathlib import Path
 
 from prometheus_client import start_http_server
+
+from teacher_cache.scrape_target import publish_target
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,5 @@ def start_metrics_server(host: str = "127.0.0.1", port: int = 0, targets_file: P
     bound = int(server.server_port)
     log.info("metrics at http://%s:%d/metrics", host, bound)
     if targets_file is not None:
-        target_host = host if host not in ("0.0.0.0", "::") else socket.gethostbyname(socket.gethostname())
-        entry = [{"targets": [f"{target_host}:{bound}"], "labels": {"job": job, "pid": str(os.getpid())}}]
-        path = Path(targets_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(entry))
-        os.replace(tmp, path)
+        publish_target(Path(targets_file), host, bound, {"job": job, "pid": str(os.getpid())})
     return bound

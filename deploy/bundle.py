@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -17,6 +16,7 @@ import yaml
 from compress.onnx_export import ParityError, check_parity, session
 from deploy import metrics
 from deploy.config import DeployConfig
+from teacher_cache.shards import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,6 @@ class DeployResult:
     student: str
     parity: dict
     card: Path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _pick(cfg: DeployConfig, rows: list[dict]) -> str:
@@ -155,7 +147,7 @@ def run(cfg: DeployConfig) -> DeployResult:
                "compression": json.dumps({k: ccfg[k] for k in ("prune", "quantize")})}
     card = out / "model_card.md"
     card.write_text(model_card(student, rows, lineage, parity, prep))
-    files = {f.name: _sha256(f) for f in sorted(out.iterdir()) if f.suffix in (".onnx", ".json")}
+    files = {f.name: file_sha256(f) for f in sorted(out.iterdir()) if f.suffix in (".onnx", ".json")}
     (out / "bundle.json").write_text(json.dumps({"student": student, "stage": stage, "files": files,
                                                  "parity": parity}, indent=1))
     metrics.DURATION.set(time.perf_counter() - t0)

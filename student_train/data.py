@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from teacher_cache.reader import CacheError, CacheReader, ShardArrays
-from teacher_cache.run import read_errors
+from teacher_cache.run import read_shard_errors
 from teacher_cache.shards import IMAGE_EXTS, ShardIdentity, ShardReader, expand_shard_patterns, file_sha256, shard_stem
 from teacher_cache.teacher import Preprocessing
 from teacher_cache.topk import rebuild_log_probs
@@ -176,7 +176,7 @@ class JoinedStream(IterableDataset):
         reader = CacheReader(s.cache_dir, verify=False)
         arrays = reader.arrays(pair.stem)
         index = {k: i for i, k in enumerate(arrays.keys)}
-        skipped = {e["key"] for e in read_errors(s.cache_dir) if e.get("shard") == pair.stem}
+        skipped = {e["key"] for e in read_shard_errors(s.cache_dir, pair.stem)}
         seen = 0
         for raw in ShardReader(pair.tar):
             i = index.get(raw.key)

@@ -8,13 +8,13 @@ wherever Ray places them. Labels: variant and rank only (bounded).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import socket
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from teacher_cache.scrape_target import publish_target
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,7 @@ def serve_worker_metrics(targets: Path, variant: str, rank: int, port: int, host
         server, _ = start_http_server(port, addr=host)
         _served["port"] = int(server.server_port)
     bound = _served["port"]
-    target_host = host if host not in ("0.0.0.0", "::") else socket.gethostbyname(socket.gethostname())
-    targets = Path(targets)
-    targets.mkdir(parents=True, exist_ok=True)
-    entry = [{"targets": [f"{target_host}:{bound}"], "labels": {"job": "distill_train", "variant": variant,
-                                                         "rank": str(rank), "host": socket.gethostname()}}]
-    final = targets / f"{variant}-rank{rank}.json"
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(entry))
-    os.replace(tmp, final)
+    publish_target(Path(targets) / f"{variant}-rank{rank}.json", host, bound,
+                   {"job": "distill_train", "variant": variant, "rank": str(rank), "host": socket.gethostname()})
     log.info("training metrics of %s rank %d at http://%s:%d/metrics", variant, rank, host, bound)
     return bound

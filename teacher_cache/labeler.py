@@ -57,7 +57,6 @@ class ShardResult:
     file: str | None = None
     file_bytes: int = 0
     file_sha256: str | None = None
-    content_sha256: str | None = None
     identity: ShardIdentity | None = None
     seconds: float = 0.0
     teacher_seconds: float = 0.0
@@ -163,7 +162,6 @@ class Labeler:
             return result
         result.ok, result.rows, result.error_records = True, len(rows["key"]), errors
         result.file, result.file_bytes, result.file_sha256 = final.name, nbytes, digest
-        result.content_sha256 = reader.sha256
         result.identity = ShardIdentity(identity.size, identity.mtime_ns, reader.sha256)
         result.seconds = time.perf_counter() - t0
         return result

@@ -195,6 +195,12 @@ def _save_errors(out_dir: Path, r: ShardResult) -> None:
         path.unlink(missing_ok=True)
 
 
+def read_shard_errors(cache_dir: Path, stem: str) -> list[dict]:
+    """The per-sample errors recorded for one shard (what its cache file deliberately lacks)."""
+    path = cache_dir / "errors" / f"{stem}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def read_errors(cache_dir: Path) -> list[dict]:
     """Every recorded per-sample error (shard, key, reason) of a cache directory."""
     out: list[dict] = []

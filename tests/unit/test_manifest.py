@@ -45,24 +45,24 @@ def test_plan_new_unchanged_touched_changed_vanished(tmp_path):
     assert plan.vanished == ["gone"]
 
 
-def test_missing_cache_file_is_relabelled(tmp_path):
+def _one_cached_shard(tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
     p = tmp_path / "a.tar"
     p.write_bytes(b"abc")
     m = Manifest(fingerprint="fp", teacher={})
     m.shards["a"] = _entry(p, cache, "a")
+    return cache, p, m
+
+
+def test_missing_cache_file_is_relabelled(tmp_path):
+    cache, p, m = _one_cached_shard(tmp_path)
     (cache / "a.parquet").unlink()
     assert [r for _, _, r in plan_refresh(m, {"a": p}, cache).todo] == ["cache file missing or damaged"]
 
 
 def test_unchanged_plan_reads_no_shard_bytes(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    p = tmp_path / "a.tar"
-    p.write_bytes(b"abc")
-    m = Manifest(fingerprint="fp", teacher={})
-    m.shards["a"] = _entry(p, cache, "a")
+    cache, p, m = _one_cached_shard(tmp_path)
     import teacher_cache.manifest as mod
 
     monkeypatch.setattr(mod, "file_sha256", lambda *_: pytest.fail("hashed a shard on a no-op refresh"))
