@@ -68,6 +68,10 @@ class RayConfig(_Strict):
     num_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(1.0, ge=0.0)
     gpus_per_actor: float = Field(0.0, ge=0.0)
+    max_shard_retries: int = Field(2, ge=0, description="times a shard whose actor died (node lost, OOM) is "
+                                   "labelled again on a live actor before it counts as failed")
+    actor_start_timeout_s: float = Field(120.0, gt=0.0, description="an actor not placed and loaded within this "
+                                         "is dropped; the run goes on with the actors it has")
 
 
 class MetricsConfig(_Strict):

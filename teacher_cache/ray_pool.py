@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Callable
 
+from teacher_cache.actor_pool import PoolReport, ShardScheduler
 from teacher_cache.config import CacheConfig
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 
@@ -73,13 +75,24 @@ def keep_ray_on_loopback() -> None:
 
 
 class TeacherActor:
-    """Ray actor body: one Labeler (one teacher load) per actor; progress goes to a Ray queue."""
+    """Ray actor body: one Labeler (one teacher load) per actor; progress goes to a Ray queue.
+
+    Progress is best effort: events are tagged (shard, attempt) so the driver can take back what a shard that
+    died had counted, and a dead progress channel only stops the progress bar, never the labelling.
+    """
 
     def __init__(self, cfg_dict: dict, fingerprint: str, progress_queue: object) -> None:
         self.labeler = Labeler(CacheConfig.model_validate(cfg_dict), fingerprint)
-        self.queue = progress_queue
+        self.queue: object | None = progress_queue
+        self._tag: tuple[str, int] = ("", 0)
         self._pending = ProgressEvent()
         self._last = 0.0
+
+    def node(self) -> str:
+        """The node this actor runs on (also tells the driver the actor is placed and its teacher loaded)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def _progress(self, ev: ProgressEvent) -> None:
         p = self._pending
@@ -90,64 +103,222 @@ class TeacherActor:
             self.flush()
 
     def flush(self) -> None:
-        if self._pending.images or self._pending.errors or self._pending.batch_seconds:
-            self.queue.put_nowait(self._pending)  # type: ignore[attr-defined]
-            self._pending = ProgressEvent()
+        if self.queue is not None and (self._pending.images or self._pending.errors or self._pending.batch_seconds):
+            try:
+                self.queue.put_nowait((self._tag, self._pending))  # type: ignore[attr-defined]
+            except Exception as exc:  # the channel's node died: keep labelling, stop reporting  # noqa: BLE001
+                log.warning("progress channel lost (%s); labelling continues", exc.__class__.__name__)
+                self.queue = None
+        self._pending = ProgressEvent()
         self._last = time.monotonic()
 
-    def label(self, task: ShardTask) -> ShardResult:
+    def label(self, task: ShardTask, attempt: int = 0) -> ShardResult:
+        self._tag = (task.stem, attempt)
         try:
             return self.labeler.label_shard(task, self._progress)
         finally:
             self.flush()
 
 
-def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
-                   on_result: Callable[[ShardResult], None], on_progress: Callable[[ProgressEvent], None]) -> None:
-    """Schedule whole shards onto free actors; an actor that dies fails only its shard and is replaced."""
+def _progress_queue() -> object:
+    """The progress channel lives on the driver's node: if it died, the driver would have died with it."""
     import ray
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    progress_q = Queue(actor_options={"num_cpus": 0})
-    actor_cls = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor,
-                           max_restarts=0)(TeacherActor)
-    cfg_dict = cfg.model_dump(mode="json")
+    here = ray.get_runtime_context().get_node_id()
+    return Queue(actor_options={"num_cpus": 0,
+                                "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=here, soft=False)})
 
-    def spawn() -> object:
-        return actor_cls.remote(cfg_dict, fingerprint, progress_q)
 
-    idle = [spawn() for _ in range(min(cfg.ray.num_actors, len(tasks)))]
-    todo = list(tasks)
-    pending: dict = {}
+class _Progress:
+    """Driver side of the progress channel: per-attempt counts, so a shard that dies gives its images back."""
+
+    def __init__(self, queue: object, on_progress: Callable[[ProgressEvent], None], report: PoolReport) -> None:
+        self.queue: object | None = queue
+        self.on_progress = on_progress
+        self.report = report
+        self.active: dict[tuple[str, int], int] = {}
+
+    def begin(self, stem: str, attempt: int) -> None:
+        self.active[(stem, attempt)] = 0
+
+    def end(self, stem: str, attempt: int, keep: bool) -> None:
+        """A shard attempt is over: keep its counts (it was written) or take them back (it was not)."""
+        shown = self.active.pop((stem, attempt), 0)
+        if not keep and shown:
+            self.on_progress(ProgressEvent(images=-shown))
+
+    def drain(self) -> None:
+        if self.queue is None:
+            return
+        try:
+            n = self.queue.qsize()  # type: ignore[attr-defined]
+            items = self.queue.get_nowait_batch(n) if n else []  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001 - progress never decides the run's fate
+            log.warning("progress channel lost (%s: %s); the run goes on, counts come from finished shards",
+                        exc.__class__.__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self.queue, self.report.progress_lost = None, True
+            return
+        for tag, ev in items:
+            if tuple(tag) in self.active:  # events of a dead attempt that arrive late are ignored
+                self.active[tuple(tag)] += ev.images
+                self.on_progress(ev)
+
+
+def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
+                   on_result: Callable[[ShardResult], None], on_progress: Callable[[ProgressEvent], None]
+                   ) -> PoolReport:
+    """Schedule whole shards onto live actors; a dead actor's shard is retried elsewhere (see actor_pool)."""
+    pool = _PoolRun(cfg, fingerprint, tasks, on_result, on_progress)
     try:
-        while todo or pending:
-            while idle and todo:
-                actor, task = idle.pop(), todo.pop(0)
-                pending[actor.label.remote(task)] = (actor, task)
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
-            _drain(progress_q, on_progress)
-            for ref in done:
-                actor, task = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                    idle.append(actor)
-                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
-                    msg = " ".join(str(exc).split())[:300]
-                    result = ShardResult(stem=task.stem, source=str(task.path), ok=False,
-                                         message=f"{task.path}: labeller failed: {msg}")
-                    ray.kill(actor)
-                    if todo:
-                        idle.append(spawn())
-                on_result(result)
-        _drain(progress_q, on_progress)
+        pool.run()
     finally:
-        for actor, _ in pending.values():
-            ray.kill(actor)
-        for actor in idle:
-            ray.kill(actor)
-        ray.kill(progress_q.actor)
+        pool.close()
+    report = pool.sched.report
+    report.lost_nodes = sorted(n for n in set(report.lost_nodes) if _node_lost(n))
+    return report
 
 
-def _drain(q: object, on_progress: Callable[[ProgressEvent], None]) -> None:
-    while not q.empty():  # type: ignore[attr-defined]
-        on_progress(q.get_nowait())  # type: ignore[attr-defined]
+class _PoolRun:
+    """One run of the actor pool: Ray calls in, ShardScheduler decisions out."""
+
+    def __init__(self, cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
+                 on_result: Callable[[ShardResult], None], on_progress: Callable[[ProgressEvent], None]) -> None:
+        import ray
+
+        self.cfg, self.on_result = cfg, on_result
+        self.sched: ShardScheduler = ShardScheduler(tasks, cfg.ray.max_shard_retries, cfg.ray.actor_start_timeout_s)
+        self.queue = _progress_queue()
+        self.progress = _Progress(self.queue, on_progress, self.sched.report)
+        self.actor_cls = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor,
+                                    max_restarts=0)(TeacherActor)
+        self.args = (cfg.model_dump(mode="json"), fingerprint, self.queue)
+        self.target = min(cfg.ray.num_actors, len(tasks))
+        self.ready_refs: dict = {}  # node() ref -> actor
+        self.label_refs: dict = {}  # label() ref -> (actor, task, attempt)
+        self.node_of: dict[int, str] = {}
+        self.last_start_error = ""
+        self.failed_starts_in_a_row = 0
+
+    def spawn(self) -> None:
+        actor = self.actor_cls.remote(*self.args)
+        self.sched.started(actor, time.monotonic())
+        self.ready_refs[actor.node.remote()] = actor
+
+    def fail(self, task: ShardTask, message: str) -> None:
+        self.on_result(ShardResult(stem=task.stem, source=str(task.path), ok=False, message=message))
+
+    def run(self) -> None:
+        import ray
+
+        for _ in range(self.target):
+            self.spawn()
+        while not self.sched.done:
+            for actor, task in self.sched.assignments():
+                attempt = self.sched.busy[id(actor)][2]
+                self.progress.begin(task.stem, attempt)
+                self.label_refs[actor.label.remote(task, attempt)] = (actor, task, attempt)
+            done, _ = ray.wait([*self.label_refs, *self.ready_refs], num_returns=1, timeout=0.25)
+            self.progress.drain()
+            for ref in done:
+                if ref in self.ready_refs:
+                    self.on_ready(ref)
+                else:
+                    self.on_label(ref)
+            self.housekeeping()
+        self.progress.drain()
+
+    def on_ready(self, ref: object) -> None:
+        import ray
+
+        actor = self.ready_refs.pop(ref)
+        try:
+            self.node_of[id(actor)] = ray.get(ref)
+            self.sched.ready(actor)
+            self.failed_starts_in_a_row = 0
+        except ray.exceptions.RayError as exc:  # its node died, or the teacher did not load
+            self.sched.start_failed(actor)
+            self.failed_starts_in_a_row += 1
+            self.last_start_error = _one_line(exc)
+            log.warning("a teacher actor failed to start: %s", self.last_start_error)
+
+    def on_label(self, ref: object) -> None:
+        import ray
+
+        actor, task, attempt = self.label_refs.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:  # the actor (or its node) died mid-shard
+            self.progress.end(task.stem, attempt, keep=False)
+            _, requeued = self.sched.actor_died(actor)
+            _note_death(self.sched.report, self.node_of.get(id(actor)), task.stem, exc)
+            if not requeued:
+                self.fail(task, f"{task.path}: the teacher actor died {attempt + 1} time(s) while labelling this "
+                                f"shard (last: {_one_line(exc)}); raise ray.max_shard_retries or check the nodes")
+            return
+        except ray.exceptions.RayTaskError as exc:  # the labeller raised: same input, same failure
+            self.sched.finished(actor)
+            self.progress.end(task.stem, attempt, keep=False)
+            self.fail(task, f"{task.path}: labeller failed: {_one_line(exc)}")
+            return
+        self.sched.finished(actor)
+        self.progress.end(task.stem, attempt, keep=result.ok)
+        self.on_result(result)
+
+    def housekeeping(self) -> None:
+        """Drop actors that were never placed, start replacements, fail shards no actor will take."""
+        import ray
+
+        for actor in self.sched.overdue(time.monotonic()):
+            log.warning("a teacher actor was not placed within %.0f s; going on without it (the cluster has %s)",
+                        self.cfg.ray.actor_start_timeout_s, _resources_text())
+            self.ready_refs = {r: a for r, a in self.ready_refs.items() if a is not actor}
+            ray.kill(actor)
+        if self.failed_starts_in_a_row < 3 and self.sched.wants_replacement(self.target):
+            self.spawn()
+        why = self.last_start_error or f"none could be placed within {self.cfg.ray.actor_start_timeout_s:g} s"
+        for task in self.sched.stranded():
+            self.fail(task, f"{task.path}: no teacher actor is left to label it ({why}; the cluster has "
+                            f"{_resources_text()})")
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.sched.live_actors():
+            ray.kill(actor)
+        with contextlib.suppress(Exception):  # gone already if its node died
+            ray.kill(self.queue.actor)  # type: ignore[attr-defined]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or exc.__class__.__name__
+
+
+def _note_death(report: PoolReport, node: str | None, stem: str, exc: BaseException) -> None:
+    log.warning("teacher actor on node %s died while labelling %s: %s", (node or "?")[:12], stem, _one_line(exc))
+    if node and node not in report.lost_nodes:
+        report.lost_nodes.append(node)  # a suspect until _node_lost() confirms it at the end
+
+
+def _node_lost(node_id: str) -> bool:
+    """Dead to the GCS, or its raylet no longer answers (the GCS notices a SIGKILLed node only after ~30 s)."""
+    import socket
+
+    import ray
+
+    info = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+    if info is None or not info["Alive"]:
+        return True
+    try:
+        with socket.create_connection((info["NodeManagerAddress"], info["NodeManagerPort"]), timeout=2):
+            return False
+    except OSError:
+        return True
+
+
+def _resources_text() -> str:
+    import ray
+
+    total = ray.cluster_resources()
+    return f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU in total"

@@ -41,6 +41,9 @@ class CacheResult:
     touched: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     vanished: list[str] = field(default_factory=list)
+    retried: dict[str, int] = field(default_factory=dict)  # shards labelled again after their actor died
+    lost_nodes: list[str] = field(default_factory=list)  # Ray nodes that died with a labelling actor
+    progress_lost: bool = False
     images: int = 0
     decode_errors: int = 0
     seconds: float = 0.0
@@ -142,10 +145,8 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
     shard_bar = tqdm(total=len(tasks), desc="shards", unit="shard", position=0, disable=disable)
     image_bar = tqdm(desc="images", unit="img", position=1, disable=disable)
 
-    def on_progress(ev: ProgressEvent) -> None:
+    def on_progress(ev: ProgressEvent) -> None:  # live, best effort; counters come from finished shards
         image_bar.update(ev.images)
-        metrics.IMAGES.inc(ev.images)
-        metrics.DECODE_ERRORS.inc(ev.errors)
         for s in ev.batch_seconds:
             metrics.BATCH_LATENCY.observe(s)
 
@@ -166,6 +167,8 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
         result.labelled.append(r.stem)
         result.images += r.rows
         result.decode_errors += len(r.error_records)
+        metrics.IMAGES.inc(r.rows)
+        metrics.DECODE_ERRORS.inc(len(r.error_records))
         result.teacher_seconds += r.teacher_seconds
         metrics.SHARDS.labels("done").inc()
         metrics.BYTES_WRITTEN.inc(r.file_bytes)
@@ -175,11 +178,26 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
             from teacher_cache.ray_pool import connect_ray, label_with_ray
 
             connect_ray(cfg.ray.address)
-            label_with_ray(cfg, fp, tasks, on_result, on_progress)
+            report = label_with_ray(cfg, fp, tasks, on_result, on_progress)
+            result.retried, result.lost_nodes, result.progress_lost = report.retried, report.lost_nodes, \
+                report.progress_lost
+            if report.lost_nodes:
+                log.warning("lost Ray node(s) %s; shards labelled again elsewhere: %s", ", ".join(report.lost_nodes),
+                            ", ".join(sorted(report.retried)) or "none")
         else:
             labeler = Labeler(cfg, fp, teacher)
             for task in tasks:
-                on_result(labeler.label_shard(task, on_progress))
+                shown = 0
+
+                def counted(ev: ProgressEvent) -> None:
+                    nonlocal shown
+                    shown += ev.images
+                    on_progress(ev)
+
+                r = labeler.label_shard(task, counted)
+                if not r.ok and shown:  # a shard that broke half-way gives its images back
+                    on_progress(ProgressEvent(images=-shown))
+                on_result(r)
     finally:
         image_bar.close()
         shard_bar.close()
