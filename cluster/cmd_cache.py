@@ -46,7 +46,9 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
     click.echo(json.dumps({k: summary[k] for k in ("status", "cache_dir", "fingerprint", "images", "decode_errors",
                                                    "seconds")}
                           | {"labelled": len(result.labelled), "unchanged": len(result.unchanged),
-                             "failed": result.failed, "vanished": result.vanished}, indent=1))
+                             "failed": result.failed, "vanished": result.vanished}
+                          | ({"retried": result.retried, "lost_nodes": result.lost_nodes} if result.retried else {}),
+                          indent=1))
     if result.failed:
         click.echo(f"{len(result.failed)} shard(s) failed; the others are cached. Fix or remove them and re-run:",
                    err=True)

@@ -219,7 +219,10 @@ class _PoolRun:
                 attempt = self.sched.busy[id(actor)][2]
                 self.progress.begin(task.stem, attempt)
                 self.label_refs[actor.label.remote(task, attempt)] = (actor, task, attempt)
-            done, _ = ray.wait([*self.label_refs, *self.ready_refs], num_returns=1, timeout=0.25)
+            refs = [*self.label_refs, *self.ready_refs]
+            done = ray.wait(refs, num_returns=1, timeout=0.25)[0] if refs else []
+            if not refs:
+                time.sleep(0.25)
             self.progress.drain()
             for ref in done:
                 if ref in self.ready_refs:
@@ -252,6 +255,8 @@ class _PoolRun:
         except ray.exceptions.RayActorError as exc:  # the actor (or its node) died mid-shard
             self.progress.end(task.stem, attempt, keep=False)
             _, requeued = self.sched.actor_died(actor)
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
             _note_death(self.sched.report, self.node_of.get(id(actor)), task.stem, exc)
             if not requeued:
                 self.fail(task, f"{task.path}: the teacher actor died {attempt + 1} time(s) while labelling this "

@@ -214,3 +214,26 @@ def test_torchscript_and_export_teachers(setup):
         got = CacheReader(res.cache_dir).arrays("train-000000")
         assert np.array_equal(got.topk_ids[..., 0], ref.topk_ids[..., 0])
         assert CacheReader(res.cache_dir).manifest.teacher["source"] in ("torchscript", "torch.export")
+
+
+def test_lost_progress_channel_is_lost_progress_not_a_failure(ray_local):
+    """The driver's progress queue dies: draining it and flushing into it both go on quietly."""
+    from teacher_cache.actor_pool import PoolReport
+    from teacher_cache.labeler import ProgressEvent
+    from teacher_cache.ray_pool import _Progress, _progress_queue
+
+    q = _progress_queue()
+    seen: list[int] = []
+    report = PoolReport()
+    progress = _Progress(q, lambda ev: seen.append(ev.images), report)
+    progress.begin("s0", 0)
+    q.put_nowait((("s0", 0), ProgressEvent(images=5)))
+    q.put_nowait((("s0", 1), ProgressEvent(images=7)))  # an attempt that is not running: ignored
+    progress.drain()
+    assert seen == [5]
+    progress.end("s0", 0, keep=False)  # the shard died: its images are taken back
+    assert seen == [5, -5]
+    ray_local.kill(q.actor)
+    time.sleep(0.5)
+    progress.drain()  # must not raise
+    assert report.progress_lost and progress.queue is None

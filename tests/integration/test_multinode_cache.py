@@ -1,0 +1,102 @@
+"""A real multi-node Ray cluster on one machine (head + 2 worker nodes, each its own raylet, all on 127.0.0.1):
+`distill cache --address` spreads its actors over the worker nodes; one node is SIGKILLed mid-run.
+
+The cluster is Ray's own `ray.cluster_utils.Cluster` (what Ray's test suite uses for multi-node tests). The
+driver is the real CLI in a subprocess, connected by GCS address, as a user would run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import cache_cfg_dict, mnist_shard, save_teacher
+
+from teacher_cache.reader import CacheReader, find_cache_dir
+from teacher_cache.shards import ShardReader
+
+pytestmark = [pytest.mark.integration, pytest.mark.multinode]
+DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+N_SHARDS = 12
+
+
+@pytest.fixture()
+def cluster():
+    """Head with 0 CPUs (only the driver's progress channel may land there) + 2 one-CPU worker nodes."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every listener on 127.0.0.1
+    from ray.cluster_utils import Cluster
+
+    small = {"object_store_memory": 80 * 1024 * 1024}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **small})
+    nodes = [c.add_node(num_cpus=1, **small) for _ in range(2)]
+    yield c, nodes
+    c.shutdown()
+
+
+def _raylet_pid(node) -> int:
+    from ray._private import ray_constants
+
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+
+
+def _kill_node(node) -> None:
+    """SIGKILL the node's raylet and every process under it (its workers: the teacher actor on that node)."""
+    import psutil
+
+    raylet = psutil.Process(_raylet_pid(node))
+    for p in [*raylet.children(recursive=True), raylet]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _shards_in_manifest(cache_root: Path) -> int:
+    for m in cache_root.glob("*/manifest.json"):
+        try:
+            return len(json.loads(m.read_text())["shards"])
+        except (ValueError, KeyError):
+            return 0
+    return 0
+
+
+def test_node_lost_mid_cache_retries_its_shard_and_finishes(tmp_path, cluster):
+    c, nodes = cluster
+    for i in range(N_SHARDS):
+        mnist_shard(tmp_path / "in" / f"train-{i:06d}.tar", 60, offset=60 * i)
+    ckpt = str(save_teacher(tmp_path / "t.pt"))
+    cfg = cache_cfg_dict([str(tmp_path / "in" / "*.tar")], str(tmp_path / "cache"), ckpt, batch_size=16,
+                         views={"num_views": 4},
+                         ray={"enabled": True, "num_actors": 2, "cpus_per_actor": 1.0, "max_shard_retries": 2,
+                              "actor_start_timeout_s": 20})
+    (tmp_path / "cache.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([*DISTILL, "cache", "-c", str(tmp_path / "cache.yaml"), "--address", c.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while _shards_in_manifest(tmp_path / "cache") < 2:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no shard finished in time"
+        time.sleep(0.2)
+    victim = nodes[1]
+    victim_id = victim.node_id
+    _kill_node(victim)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+
+    cache_dir = find_cache_dir(tmp_path / "cache")
+    reader = CacheReader(cache_dir)
+    keys = [k for i in range(N_SHARDS) for k in reader.arrays(f"train-{i:06d}").keys]
+    expected = [s.key for i in range(N_SHARDS) for s in ShardReader(tmp_path / "in" / f"train-{i:06d}.tar")]
+    assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys)  # every key exactly once
+    summary = json.loads((cache_dir / "last_run.json").read_text())
+    assert summary["status"] == "success" and summary["images"] == len(expected)  # no overcount
+    assert summary["lost_nodes"] == [victim_id], (summary["lost_nodes"], victim_id, out[-2000:])
+    assert summary["retried"] and set(summary["retried"]) <= {f"train-{i:06d}" for i in range(N_SHARDS)}

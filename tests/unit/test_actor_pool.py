@@ -1,0 +1,83 @@
+"""The shard scheduling rules of the cache's actor pool (no Ray: actors are plain objects here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from teacher_cache.actor_pool import ShardScheduler
+
+
+@dataclass(frozen=True)
+class Task:
+    stem: str
+
+
+def _pool(n_tasks: int, retries: int = 2, timeout: float = 10.0) -> tuple[ShardScheduler, list[Task]]:
+    tasks = [Task(f"s{i}") for i in range(n_tasks)]
+    return ShardScheduler(tasks, retries, timeout), tasks
+
+
+def test_dead_actor_requeues_its_shard_first_and_a_live_actor_takes_it():
+    sched, tasks = _pool(4)
+    a, b = object(), object()
+    for actor in (a, b):
+        sched.started(actor, 0.0)
+        sched.ready(actor)
+    given = dict((id(x), t) for x, t in sched.assignments())
+    lost = given[id(b)]
+    task, requeued = sched.actor_died(b)
+    assert task == lost and requeued and sched.report.retried == {lost.stem: 1}
+    sched.finished(a)
+    (actor, nxt), = sched.assignments()
+    assert actor is a and nxt == lost  # the retried shard goes first, to the surviving actor
+
+
+def test_retry_limit_then_the_shard_fails():
+    sched, tasks = _pool(1, retries=1)
+    for _ in range(2):
+        actor = object()
+        sched.started(actor, 0.0)
+        sched.ready(actor)
+        (_, task), = sched.assignments()
+        _, requeued = sched.actor_died(actor)
+    assert not requeued and sched.done and sched.report.retried == {"s0": 1}
+
+
+def test_unplaced_replacement_is_dropped_after_the_deadline_and_the_survivor_finishes():
+    sched, tasks = _pool(3, timeout=5.0)
+    survivor, dead = object(), object()
+    for actor in (survivor, dead):
+        sched.started(actor, 0.0)
+        sched.ready(actor)
+    sched.assignments()
+    sched.actor_died(dead)
+    assert sched.wants_replacement(2)
+    replacement = object()
+    sched.started(replacement, 1.0)
+    assert not sched.wants_replacement(2)  # one replacement per death, not one per loop
+    assert sched.overdue(5.5) == [] and sched.overdue(6.5) == [replacement]
+    assert sched.report.actors_dropped == 1 and sched.stranded() == []  # the survivor is still there
+    finished = 0
+    sched.finished(survivor)
+    while not sched.done:
+        for actor, _ in sched.assignments():
+            sched.finished(actor)
+            finished += 1
+    assert finished == 2  # the retried shard and the one never started
+
+
+def test_no_actor_left_strands_the_queue_with_all_shards_named():
+    sched, tasks = _pool(3, timeout=1.0)
+    actor = object()
+    sched.started(actor, 0.0)
+    assert sched.stranded() == []  # still starting: wait
+    sched.overdue(2.0)
+    assert [t.stem for t in sched.stranded()] == ["s0", "s1", "s2"] and sched.done
+
+
+def test_start_failure_is_counted_and_not_retried_as_work():
+    sched, _ = _pool(2)
+    actor = object()
+    sched.started(actor, 0.0)
+    sched.start_failed(actor)
+    assert sched.report.actors_died == 1 and sched.live_actors() == []
