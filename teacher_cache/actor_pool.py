@@ -6,8 +6,8 @@ real actors. The rules:
 - a shard whose actor died (node lost, OOM, killed) goes back to the FRONT of the queue and is retried on a
   live actor, up to `max_retries` times; then it fails with the reason;
 - a shard whose labeller raised (the actor is alive) fails at once: the same input would fail again;
-- one replacement is started per dead actor while work remains; a replacement that cannot be placed within
-  the deadline is dropped, and the run finishes with the actors it has;
+- one replacement is started per dead actor while work remains; an actor that is not placed (and loaded)
+  within the deadline while other actors work is dropped, and the run finishes with the actors it has;
 - when no actor is left and none is starting, the remaining shards fail with one clear reason.
 """
 
@@ -64,7 +64,13 @@ class ShardScheduler(Generic[A, T]):
             self.report.actors_died += 1
 
     def overdue(self, now: float) -> list[A]:
-        """Starting actors past the deadline: dropped (the caller kills them)."""
+        """Starting actors past the deadline while others work: dropped (the caller kills them).
+
+        With no live actor, there is nothing to go on with: keep waiting (a busy cluster places them later;
+        an infeasible request is refused before the run by the resource check).
+        """
+        if not self.idle and not self.busy:
+            return []
         late = [s.actor for s in self.starting.values() if now - s.since > self.start_timeout_s]
         for actor in late:
             del self.starting[id(actor)]

@@ -279,6 +279,7 @@ class _PoolRun:
             log.warning("a teacher actor was not placed within %.0f s; going on without it (the cluster has %s)",
                         self.cfg.ray.actor_start_timeout_s, _resources_text())
             self.ready_refs = {r: a for r, a in self.ready_refs.items() if a is not actor}
+            self.failed_starts_in_a_row += 1  # no endless replacements on a full cluster
             ray.kill(actor)
         if self.failed_starts_in_a_row < 3 and self.sched.wants_replacement(self.target):
             self.spawn()

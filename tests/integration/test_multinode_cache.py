@@ -7,6 +7,7 @@ driver is the real CLI in a subprocess, connected by GCS address, as a user woul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -52,10 +53,8 @@ def _kill_node(node) -> None:
 
     raylet = psutil.Process(_raylet_pid(node))
     for p in [*raylet.children(recursive=True), raylet]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
 
 
 def _shards_in_manifest(cache_root: Path) -> int:
@@ -75,20 +74,22 @@ def test_node_lost_mid_cache_retries_its_shard_and_finishes(tmp_path, cluster):
     cfg = cache_cfg_dict([str(tmp_path / "in" / "*.tar")], str(tmp_path / "cache"), ckpt, batch_size=16,
                          views={"num_views": 4},
                          ray={"enabled": True, "num_actors": 2, "cpus_per_actor": 1.0, "max_shard_retries": 2,
-                              "actor_start_timeout_s": 20})
+                              "actor_start_timeout_s": 30})
     (tmp_path / "cache.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
     proc = subprocess.Popen([*DISTILL, "cache", "-c", str(tmp_path / "cache.yaml"), "--address", c.address],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 420  # a loaded 2-core machine: actor start-up alone can take a minute
     while _shards_in_manifest(tmp_path / "cache") < 2:
         assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "no shard finished in time"
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no shard finished in time:\n{proc.communicate()[0][-3000:]}")
         time.sleep(0.2)
     victim = nodes[1]
     victim_id = victim.node_id
     _kill_node(victim)
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=420)
     assert proc.returncode == 0, out[-4000:]
 
     cache_dir = find_cache_dir(tmp_path / "cache")

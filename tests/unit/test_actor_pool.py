@@ -66,12 +66,20 @@ def test_unplaced_replacement_is_dropped_after_the_deadline_and_the_survivor_fin
     assert finished == 2  # the retried shard and the one never started
 
 
+def test_with_no_live_actor_a_slow_start_is_waited_for_not_dropped():
+    sched, tasks = _pool(3, timeout=1.0)
+    actor = object()
+    sched.started(actor, 0.0)
+    assert sched.overdue(100.0) == [] and sched.stranded() == []  # nothing else could do the work: wait
+
+
 def test_no_actor_left_strands_the_queue_with_all_shards_named():
     sched, tasks = _pool(3, timeout=1.0)
     actor = object()
     sched.started(actor, 0.0)
-    assert sched.stranded() == []  # still starting: wait
-    sched.overdue(2.0)
+    sched.ready(actor)
+    sched.assignments()
+    sched.actor_died(actor)
     assert [t.stem for t in sched.stranded()] == ["s0", "s1", "s2"] and sched.done
 
 
