@@ -178,8 +178,11 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
             label_with_ray(cfg, fp, tasks, on_result, on_progress)
         else:
             labeler = Labeler(cfg, fp, teacher)
-            for task in tasks:
-                on_result(labeler.label_shard(task, on_progress))
+            try:
+                for task in tasks:
+                    on_result(labeler.label_shard(task, on_progress))
+            finally:
+                labeler.close()
     finally:
         image_bar.close()
         shard_bar.close()
