@@ -47,6 +47,11 @@ def labellers_per_node(node_cpus: float, node_gpus: float, cpus_per_actor: float
     return max(1, min(fits))
 
 
+def _init_worker() -> None:
+    """One intra-op thread per decode process: the processes are the parallelism (and forked OpenMP pools hang)."""
+    torch.set_num_threads(1)
+
+
 def _decode_chunk(raws: list[RawSample], spec: DecodeSpec) -> list[_Packed]:
     """Runs in a worker process; numpy arrays travel back through the pipe (no shared-memory fds to leak)."""
     out: list[_Packed] = []
@@ -74,7 +79,7 @@ class DecodePool:
         if processes > 0:
             # fork is cheap (no re-import) but unsafe once CUDA is initialised in this process; then spawn
             method = "spawn" if torch.cuda.is_initialized() else "fork"
-            self._pool = ProcessPoolExecutor(processes, mp_context=mp.get_context(method))
+            self._pool = ProcessPoolExecutor(processes, mp_context=mp.get_context(method), initializer=_init_worker)
 
     def map(self, raws: Iterable[RawSample]) -> Iterator[tuple[str, DecodedSample | str]]:
         """(key, result) in input order; at most 2 chunks per process in flight (bounded memory)."""
@@ -106,7 +111,8 @@ class DecodePool:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             method = "spawn" if torch.cuda.is_initialized() else "fork"
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=mp.get_context(method))
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=mp.get_context(method),
+                                             initializer=_init_worker)
 
     def close(self) -> None:
         if self._pool is not None:
