@@ -132,9 +132,11 @@ def _spec(job: JobSpec, v: VariantConfig, pairs: list[ShardPair], epoch: int, tr
                       rank=ctx.rank, world=ctx.world, loader_workers=workers, crop_scale=job.train_crop_scale)
 
 
-def _loader(spec: StreamSpec) -> DataLoader:
+def _loader(spec: StreamSpec, device: torch.device) -> DataLoader:
+    """Decode + replay in loader worker processes; batches land in pinned memory when they go to a GPU."""
     return DataLoader(JoinedStream(spec), batch_size=None, num_workers=spec.loader_workers,
-                      persistent_workers=False, prefetch_factor=4 if spec.loader_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if spec.loader_workers else None,
+                      pin_memory=device.type == "cuda")
 
 
 def _any_rank_bad(bad: torch.Tensor, ctx: WorkerContext) -> bool:
@@ -240,7 +242,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
         if val_steps:
             engine.eval()
             spec = _spec(job, v, job.val, epoch, False, ctx, 0, 1)
-            batches = padded(iter(_loader(spec)), val_steps, placeholder_batch(spec))
+            batches = padded(iter(_loader(spec, ctx.device)), val_steps, placeholder_batch(spec))
             row.update(evaluate(engine, batches, ctx.device, dtype))
             engine.train()
         state["wall"] += row["epoch_seconds"]
@@ -273,7 +275,7 @@ def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None
     """
     steps = steps_per_epoch(job.train, epoch, v.seed, ctx.world, workers, v.batch_size, True)
     spec = _spec(job, v, job.train, epoch, True, ctx, workers, views)
-    batches = padded(iter(_loader(spec)), steps, placeholder_batch(spec))
+    batches = padded(iter(_loader(spec, ctx.device)), steps, placeholder_batch(spec))
     t0 = t_log = time.perf_counter()
     parts = ("loss", "kd_loss", "task_loss")
     sums = torch.zeros(len(parts) + 1, dtype=torch.float64, device=ctx.device)  # n_seen, loss, kd, task
