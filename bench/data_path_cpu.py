@@ -5,7 +5,7 @@ P9(loader) = training loader samples/s alone (no model)                    / the
 The ceiling is Pillow decode + resize to the input size in worker processes, one per available core; every
 number comes from one run of this script on the same cores and the same JPEG shards.
 
-    PYTHONPATH=. python bench/data_path_cpu.py            # IMAGES=512 SHARDS=4 PX=224 by default
+    PYTHONPATH=. python -m bench.data_path_cpu            # IMAGES=512 SHARDS=4 PX=224 by default
 """
 
 from __future__ import annotations

@@ -24,4 +24,4 @@ fi
 export PYTHONPATH="$PWD/$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/bench/out/torch_extensions}
 "$PY" -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)" || export DS_ACCELERATOR=cpu
-exec "$PY" bench/gpu_check.py
+exec "$PY" -m bench.gpu_check  # -m: bench/teacher_cache.py must not shadow the package

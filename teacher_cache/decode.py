@@ -9,8 +9,8 @@
 Both backends use the same crop boxes and flips (``sample_views``); pixels agree up to decoder and resize
 rounding. ``replay_views_tensor`` resizes in float and rounds, ``replay_view`` uses torchvision's uint8 path:
 on the same decoded image they differ by at most ``REPLAY_TOLERANCE`` = 2 grey levels (bilinear: at most 1;
-on average 0.01 (224 px) to 0.1 (96 px) levels per pixel; pinned by tests/unit/test_decode.py). nvjpeg and libjpeg may differ by a
-few levels per pixel on top of that (IDCT / chroma upsampling rounding).
+on average 0.01 (224 px) to 0.1 (96 px) levels per pixel; pinned by tests/unit/test_decode.py). nvjpeg and
+libjpeg may differ by a few levels per pixel on top of that (IDCT / chroma upsampling rounding).
 
 Every per-sample problem (undecodable bytes, a format we do not accept, a decompression bomb, a bad .cls)
 raises ``SampleError``; callers record it and skip the sample. Nothing here may kill a shard.
@@ -67,23 +67,25 @@ def image_file(raw: RawSample) -> tuple[str, bytes]:
     return ext, raw.files[ext]
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int, ext: str = "image") -> Image.Image:
     """Read the header only; refuse other formats and images above max_pixels BEFORE any pixel is decoded."""
     try:
         im = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, TypeError, ...) on bad headers
-        raise SampleError(f"cannot read the image header: {exc.__class__.__name__}: {exc}") from None
+        raise SampleError(f"cannot decode .{ext}: cannot read the image header (JPEG, PNG and WebP are accepted): "
+                          f"{exc.__class__.__name__}: {exc}") from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
-        raise SampleError(f"image is {w}x{h} = {w * h:,} pixels, above max_image_pixels={max_pixels:,} "
-                          "(decompression-bomb guard; raise max_image_pixels if such images are real)")
+        raise SampleError(f"cannot decode .{ext}: image is {w}x{h} = {w * h:,} pixels, above "
+                          f"max_image_pixels={max_pixels:,} (decompression-bomb guard; raise max_image_pixels "
+                          "if such images are real)")
     return im
 
 
-def decode_cpu(data: bytes, channels: int, max_pixels: int) -> torch.Tensor:
+def decode_cpu(data: bytes, channels: int, max_pixels: int, ext: str = "image") -> torch.Tensor:
     """Bytes -> uint8 CHW tensor with the teacher's channel count (Pillow)."""
-    im = open_image(data, max_pixels)
+    im = open_image(data, max_pixels, ext)
     try:
         with im:
             im.load()
@@ -91,7 +93,7 @@ def decode_cpu(data: bytes, channels: int, max_pixels: int) -> torch.Tensor:
     except SampleError:
         raise
     except Exception as exc:  # truncated data, bad tables, Pillow TypeErrors on malformed files: skip and record
-        raise SampleError(f"cannot decode: {exc.__class__.__name__}: {exc}") from None
+        raise SampleError(f"cannot decode .{ext}: {exc.__class__.__name__}: {exc}") from None
 
 
 def parse_label(raw: RawSample, num_classes: int | None) -> int | None:
@@ -112,7 +114,7 @@ def decode_sample_cpu(raw: RawSample, spec: DecodeSpec) -> DecodedSample:
     """CPU backend, one sample: decode, draw views, replay them (the reference path)."""
     label = parse_label(raw, spec.num_classes)
     ext, data = image_file(raw)
-    pixels = decode_cpu(data, spec.channels, spec.max_pixels)
+    pixels = decode_cpu(data, spec.channels, spec.max_pixels, ext)
     _, h, w = pixels.shape
     views = sample_views(raw.key, h, w, spec.policy)
     out = torch.stack([replay_view(pixels, v, spec.input_size, spec.interpolation) for v in views])
@@ -179,8 +181,8 @@ def decode_batch_gpu(raws: Sequence[RawSample], spec: DecodeSpec, device: torch.
     for i, raw in enumerate(raws):
         try:
             labels[i] = parse_label(raw, spec.num_classes)
-            _, data = image_file(raw)
-            with open_image(data, spec.max_pixels) as im:
+            ext, data = image_file(raw)
+            with open_image(data, spec.max_pixels, ext) as im:
                 use_gpu = nvjpeg_candidate(im)
         except SampleError as exc:
             results[i] = str(exc)
@@ -221,8 +223,8 @@ def _cpu_then_device(raw: RawSample, spec: DecodeSpec, device: torch.device) -> 
     """Per-sample fallback: Pillow decode on the host, then the same device replay as the nvjpeg path."""
     try:
         label = parse_label(raw, spec.num_classes)
-        _, data = image_file(raw)
-        img = decode_cpu(data, spec.channels, spec.max_pixels).to(device, non_blocking=True)
+        ext, data = image_file(raw)
+        img = decode_cpu(data, spec.channels, spec.max_pixels, ext).to(device, non_blocking=True)
     except SampleError as exc:
         return str(exc)
     except Exception as exc:  # never let one sample kill the batch
