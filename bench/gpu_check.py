@@ -25,7 +25,7 @@ import yaml
 from PIL import Image
 
 SIZES = {  # images, shards, teacher, student, input px, batch, train epochs
-    "tiny": dict(images=96, shards=2, teacher="timm:resnet18", student="cnn_small", px=64, batch=16, epochs=2),
+    "tiny": dict(images=96, shards=2, teacher="resnet_mini", student="cnn_small", px=64, batch=16, epochs=2),
     "full": dict(images=4096, shards=16, teacher="timm:resnet50", student="timm:resnet18", px=224, batch=256,
                  epochs=2),
 }
