@@ -80,12 +80,12 @@ def forward_only(cfg: CacheConfig, n_images: int) -> float:
 def kl_against_full(cfg: CacheConfig, shards: list[Path], temps: tuple[float, ...]) -> dict[str, float]:
     teacher = load_teacher(cfg.teacher)
     lab = Labeler(cfg, "bench", teacher)
-    from teacher_cache.labeler import decode_sample
+    from teacher_cache.decode import try_decode_cpu
     from teacher_cache.shards import ShardReader
     from teacher_cache.views import normalize
 
     prep = teacher.preprocessing
-    pix = [d.pixels[0] for d in (decode_sample(r, prep, lab.policy) for r in ShardReader(shards[0]))
+    pix = [d.pixels[0] for d in (try_decode_cpu(r, lab.spec) for r in ShardReader(shards[0]))
            if not isinstance(d, str)]
     with torch.inference_mode():
         z = teacher.model(normalize(torch.stack(pix), prep.mean, prep.std)).float()

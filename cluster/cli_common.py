@@ -15,19 +15,35 @@ EXIT_BAD_INPUT, EXIT_PARTIAL, EXIT_FAILURE, EXIT_LOCKED = 2, 3, 4, 5
 STATUS_EXIT = {"success": 0, "partial": EXIT_PARTIAL, "failure": EXIT_FAILURE}
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'your input is wrong': printed as one line, exit 2, no traceback."""
-    from compress.onnx_export import ParityError
-    from compress.prune import PruningError
-    from teacher_cache.manifest import CacheLockedError
-    from teacher_cache.models import UnknownModelError
-    from teacher_cache.ray_pool import ClusterConnectionError
-    from teacher_cache.reader import CacheError
-    from teacher_cache.schema import SchemaError
-    from teacher_cache.teacher import TeacherLoadError
+# (module, class) of every "your input is wrong" exception. Imported lazily and one by one: a stage whose
+# dependencies are missing on this host (onnxruntime, torch_pruning for compress) must not turn every exit of
+# the other stages into a ModuleNotFoundError.
+_USER_ERRORS = (
+    ("compress.onnx_export", "ParityError"),
+    ("compress.prune", "PruningError"),
+    ("teacher_cache.manifest", "CacheLockedError"),
+    ("teacher_cache.models", "UnknownModelError"),
+    ("teacher_cache.ray_pool", "ClusterConnectionError"),
+    ("teacher_cache.reader", "CacheError"),
+    ("teacher_cache.schema", "SchemaError"),
+    ("teacher_cache.teacher", "TeacherLoadError"),
+)
 
-    return (ConfigError, ParityError, PruningError, TeacherLoadError, UnknownModelError, CacheError, SchemaError,
-            CacheLockedError, ClusterConnectionError, FileNotFoundError, ValueError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'your input is wrong': printed as one line, exit 2, no traceback.
+
+    A module that cannot be imported here cannot have raised its error either, so it is left out.
+    """
+    import importlib
+
+    found: list[type[BaseException]] = [ConfigError]
+    for module, name in _USER_ERRORS:
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except ImportError:
+            continue
+    return (*found, FileNotFoundError, ValueError)
 
 
 def ray_overrides(no_ray: bool, address: str | None) -> list[str]:

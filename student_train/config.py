@@ -92,7 +92,9 @@ class TrainConfig(_Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="cartesian product over base fields")
     tune: TuneConfig = Field(default_factory=TuneConfig)
     ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
-    log_every: int = Field(20, ge=1, description="steps between progress lines")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="without Ray (in-process / torchrun): "
+                                                   "auto = this rank's GPU when there is one, else the CPU")
+    log_every: int = Field(20, ge=1, description="steps between progress lines (and host syncs of the loss)")
     metrics_port: int | None = Field(0, description="per-worker Prometheus port (0 = any free, null = off)")
     metrics_host: str = Field("127.0.0.1", description="workers' exporter bind address; 0.0.0.0 on multi-node "
                               "clusters (the target file then names the node's address)")

@@ -8,7 +8,6 @@ collectives in step and contribute nothing). No sample is dropped or repeated wi
 
 from __future__ import annotations
 
-import io
 import math
 import random
 from collections.abc import Iterator
@@ -17,15 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from teacher_cache.decode import DEFAULT_MAX_PIXELS, SampleError, decode_cpu, image_file, parse_label
 from teacher_cache.reader import CacheError, CacheReader, ShardArrays
 from teacher_cache.run import read_shard_errors
-from teacher_cache.shards import IMAGE_EXTS, ShardIdentity, ShardReader, expand_shard_patterns, file_sha256, shard_stem
+from teacher_cache.shards import (
+    IMAGE_EXTS,
+    RawSample,
+    ShardIdentity,
+    ShardReader,
+    expand_shard_patterns,
+    file_sha256,
+    shard_stem,
+)
 from teacher_cache.teacher import Preprocessing
 from teacher_cache.topk import rebuild_log_probs
-from teacher_cache.views import image_to_tensor, normalize, replay_view
+from teacher_cache.views import normalize, replay_view
 
 
 class DataJoinError(CacheError):
@@ -120,6 +127,7 @@ class StreamSpec:
     world: int
     loader_workers: int
     crop_scale: tuple[float, float] = (0.35, 1.0)  # live random crops when there is no cache
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
 
 def view_for(key: str, epoch: int, views: int, train: bool) -> int:
@@ -152,16 +160,13 @@ class JoinedStream(IterableDataset):
         policy = ViewPolicy(num_views=2, seed=s.seed * 1000 + s.epoch, crop_pct=s.student.crop_pct,
                             scale=s.crop_scale)
         for raw in ShardReader(pair.tar):
-            ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
-            if ext is None:
-                continue
             try:
-                with Image.open(io.BytesIO(raw.files[ext])) as im:
-                    im.load()
-                    pixels = image_to_tensor(im, s.student.channels)
-                label = int(raw.files["cls"].decode().strip()) if "cls" in raw.files else -1
-            except (OSError, ValueError, SyntaxError):
+                _, data = image_file(raw)
+                pixels = decode_cpu(data, s.student.channels, s.max_image_pixels)
+                label = parse_label(raw, s.num_classes)
+            except SampleError:
                 continue  # the same samples `distill cache` would skip and record
+            label = -1 if label is None else label
             view = sample_views(raw.key, pixels.shape[1], pixels.shape[2], policy)[1 if s.train else 0]
             zeros = np.zeros(1, dtype=np.float32)
             yield {"pixels": replay_view(pixels, view, s.student.input_size, s.student.interpolation), "label": label,
@@ -195,10 +200,12 @@ class JoinedStream(IterableDataset):
 
     def _sample(self, pair: ShardPair, files: dict[str, bytes], a: ShardArrays, i: int) -> dict:
         s = self.spec
-        ext = next(e for e in IMAGE_EXTS if e in files)
-        with Image.open(io.BytesIO(files[ext])) as im:
-            im.load()
-            pixels = image_to_tensor(im, s.student.channels)
+        try:  # the decoder the cache pass used (same formats, same pixel limit)
+            _, data = image_file(RawSample(a.keys[i], files))
+            pixels = decode_cpu(data, s.student.channels, s.max_image_pixels)
+        except SampleError as exc:
+            raise DataJoinError(f"{pair.tar}: image '{a.keys[i]}' was cached but cannot be decoded now ({exc}); "
+                                "re-run `distill cache`") from None
         if (pixels.shape[1], pixels.shape[2]) != tuple(int(x) for x in a.image_hw[i]):
             raise DataJoinError(f"{pair.tar}: image '{a.keys[i]}' is {tuple(pixels.shape[1:])}, cached as "
                                 f"{tuple(a.image_hw[i])}; re-run `distill cache`")

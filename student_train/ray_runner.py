@@ -20,12 +20,16 @@ log = logging.getLogger(__name__)
 def _worker_fn(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: DeepSpeed inside, reports every epoch."""
     import ray.train
+    import ray.train.torch
     import torch
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint report is noise here
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ctx_ray = ray.train.get_context()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    # Ray Train's own choice: the GPU it assigned to this worker (gpus_per_worker > 0), else the CPU
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
     def report(metrics: dict[str, Any], out: Path | None) -> None:
         if out is not None and (out / "arch.json").exists():

@@ -8,6 +8,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from student_train.config import TrainConfig, VariantConfig
@@ -15,6 +16,7 @@ from student_train.job_plan import plan_job
 from student_train.leaderboard import format_leaderboard, variant_row, write_leaderboard
 from student_train.status import finished, write_status
 from student_train.train_loop import JobSpec, NonFiniteLossError, WorkerContext, student_prep, train_variant
+from teacher_cache.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +38,15 @@ class TrainResult:
         return max(done, key=lambda r: r["val_top1"] or -1) if done else None
 
 
-def run_in_process(job: JobSpec, variants: list[tuple[str, VariantConfig]]) -> None:
+def run_in_process(job: JobSpec, variants: list[tuple[str, VariantConfig]], device: str = "auto") -> None:
     """Every variant one after another in this process (world size 1): debugging, GPU hosts without Ray."""
+    ctx = WorkerContext(device=_set_device(resolve_device(device)))  # type: ignore[arg-type]
     for name, v in variants:
         if v.num_workers > 1:
             log.warning("%s: num_workers=%d needs Ray or torchrun; running 1 worker in-process", name, v.num_workers)
         write_status(job.run_dir, name, "running")
         try:
-            train_variant(name, v.model_copy(update={"num_workers": 1}), job, WorkerContext())
+            train_variant(name, v.model_copy(update={"num_workers": 1}), job, ctx)
             write_status(job.run_dir, name, "done")
         except NonFiniteLossError as exc:
             write_status(job.run_dir, name, "failed", str(exc))
@@ -53,18 +56,20 @@ def run_in_process(job: JobSpec, variants: list[tuple[str, VariantConfig]]) -> N
             log.error("variant %s failed:\n%s", name, traceback.format_exc())
 
 
-def launched_context() -> WorkerContext | None:
+def _set_device(device: torch.device) -> torch.device:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
+    return device
+
+
+def launched_context(device: str = "auto") -> WorkerContext | None:
     """The worker context when started by torchrun / the deepspeed launcher (WORLD_SIZE in the environment)."""
     import os
-
-    import torch
 
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return None
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = _set_device(resolve_device(device, local))  # type: ignore[arg-type]
     return WorkerContext(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]), device=device)
 
 
@@ -109,7 +114,7 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
     pending = [(n, v) for n, v in variants if not finished(run_dir, n)]
     if len(pending) < len(variants):
         log.info("%d variant(s) already done in %s; skipping them", len(variants) - len(pending), run_dir)
-    launched = launched_context()
+    launched = launched_context(cfg.device)
     if launched is not None:
         if len(variants) != 1:
             raise ValueError("under torchrun/deepspeed, train one variant: pass --variant NAME")
@@ -123,7 +128,7 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
 
             run_with_ray(cfg, job, pending)
         else:
-            run_in_process(job, pending)
+            run_in_process(job, pending, cfg.device)
     rows = []
     for name, v in variants:
         prep = student_prep(v, job.teacher_prep)

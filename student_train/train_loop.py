@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from student_train import metrics as m
 from student_train.config import VariantConfig
 from student_train.data import JoinedStream, ShardPair, StreamSpec, padded, placeholder_batch, steps_per_epoch
-from student_train.evaluate import evaluate
+from student_train.evaluate import evaluate, to_model_input
 from student_train.losses import create_loss
 from teacher_cache.config import TeacherConfig
 from teacher_cache.models import create_model
@@ -132,17 +132,19 @@ def _spec(job: JobSpec, v: VariantConfig, pairs: list[ShardPair], epoch: int, tr
                       rank=ctx.rank, world=ctx.world, loader_workers=workers, crop_scale=job.train_crop_scale)
 
 
-def _loader(spec: StreamSpec) -> DataLoader:
+def _loader(spec: StreamSpec, device: torch.device) -> DataLoader:
+    """Decode + replay in loader worker processes; batches land in pinned memory when they go to a GPU."""
     return DataLoader(JoinedStream(spec), batch_size=None, num_workers=spec.loader_workers,
-                      persistent_workers=False, prefetch_factor=4 if spec.loader_workers else None)
+                      persistent_workers=False, prefetch_factor=4 if spec.loader_workers else None,
+                      pin_memory=device.type == "cuda")
 
 
-def _all_ranks_finite(loss: torch.Tensor, ctx: WorkerContext) -> bool:
-    """One collective so every rank stops on the same step (a lone stop would deadlock the others)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0])
+def _any_rank_bad(bad: torch.Tensor, ctx: WorkerContext) -> bool:
+    """One collective on the device flag, so every rank stops on the same step (a lone stop would deadlock)."""
+    flag = bad.detach().clone().float().reshape(1)
     if ctx.world > 1:
-        dist.all_reduce(bad)
-    return bad.item() == 0.0
+        dist.all_reduce(flag)
+    return bool(flag.item() > 0)  # host sync: only at log points and at epoch end
 
 
 def _write_row(path: Path, row: dict[str, Any]) -> None:
@@ -154,6 +156,26 @@ def _write_row(path: Path, row: dict[str, Any]) -> None:
         w.writerow(row)
 
 
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    """tmp + os.replace: a crash or a full disk never leaves a half-written file that later runs trip over."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def epoch_score(row: dict[str, Any]) -> tuple[str, float]:
+    """(what, score) of an epoch for best.pt; higher is better. Val top-1, else teacher agreement, else -train loss."""
+    for k in ("val_top1", "val_teacher_agreement"):
+        if row.get(k) is not None:
+            return k, float(row[k])
+    return "neg_train_loss", -float(row["train_loss"])
+
+
+def is_better(score: float, best: float | None) -> bool:
+    """The first epoch always wins (best is None): a variant that trained always has a best.pt."""
+    return best is None or score > best
+
+
 def _save_best(engine: Any, v: VariantConfig, job: JobSpec, out: Path, ctx: WorkerContext, row: dict) -> None:
     state = engine._zero3_consolidated_16bit_state_dict() if v.zero_stage == 3 else engine.module.state_dict()
     if ctx.rank != 0:
@@ -162,10 +184,11 @@ def _save_best(engine: Any, v: VariantConfig, job: JobSpec, out: Path, ctx: Work
     torch.save(state, out / "best.pt.tmp")
     os.replace(out / "best.pt.tmp", out / "best.pt")
     sp = student_prep(v, job.teacher_prep)
+    what, score = epoch_score(row)
     info = {"arch": v.arch, "arch_kwargs": v.arch_kwargs, "num_classes": job.num_classes, "in_chans": sp.channels,
-            "preprocessing": sp.as_dict(), "epoch": row["epoch"], "val_top1": row["val_top1"],
-            "cache_dir": str(job.cache_dir), "mode": v.mode}
-    (out / "arch.json").write_text(json.dumps(info, indent=1))
+            "preprocessing": sp.as_dict(), "epoch": row["epoch"], "val_top1": row.get("val_top1"),
+            "best_by": what, "best_score": score, "cache_dir": str(job.cache_dir), "mode": v.mode}
+    _write_json_atomic(out / "arch.json", info)
 
 
 def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
@@ -201,12 +224,16 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
             if buf.is_floating_point():
                 buf.data = buf.data.to(torch.bfloat16)
     ckpt_dir = out / "ds_ckpt"
-    state = {"epoch": -1, "best": -1.0, "wall": 0.0}
+    state: dict[str, Any] = {"epoch": -1, "best": None, "wall": 0.0}
     if (ckpt_dir / "latest").exists():
         _, client = engine.load_checkpoint(str(ckpt_dir))
         state.update({k: client[k] for k in state if client and k in client})  # ours only, not DeepSpeed's keys
         log.info("%s: resumed after epoch %d", name, state["epoch"])
-    teacher = load_teacher(job.teacher).model.to(ctx.device) if v.mode == "online" and job.teacher else None
+    teacher = None
+    if v.mode == "online" and job.teacher:
+        teacher = load_teacher(job.teacher).model.to(ctx.device)
+        if ctx.device.type == "cuda":
+            teacher = teacher.to(memory_format=torch.channels_last)
     loss_fn = create_loss(v.mode, v.alpha, v.temperature)
     summary: dict[str, Any] = {}
     for epoch in range(state["epoch"] + 1, v.epochs):
@@ -215,13 +242,12 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
         if val_steps:
             engine.eval()
             spec = _spec(job, v, job.val, epoch, False, ctx, 0, 1)
-            batches = padded(iter(_loader(spec)), val_steps, placeholder_batch(spec))
+            batches = padded(iter(_loader(spec, ctx.device)), val_steps, placeholder_batch(spec))
             row.update(evaluate(engine, batches, ctx.device, dtype))
             engine.train()
         state["wall"] += row["epoch_seconds"]
-        score = next((row[k] for k in ("val_top1", "val_teacher_agreement") if row.get(k) is not None),
-                     -row["train_loss"])
-        if score > state["best"]:
+        _, score = epoch_score(row)
+        if is_better(score, state["best"]):
             state["best"] = score
             _save_best(engine, v, job, out, ctx, row)
         state["epoch"] = epoch
@@ -242,50 +268,78 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
 
 def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None, job: JobSpec, v: VariantConfig,
                  name: str, epoch: int, ctx: WorkerContext, workers: int, views: int, dtype: torch.dtype) -> dict:
+    """One epoch. Loss sums and the NaN flag stay on the device; the host syncs every log_every steps and at the end.
+
+    A non-finite loss is therefore noticed up to log_every steps late (the variant fails either way, and no
+    checkpoint is written after it); in exchange the GPU never waits for Python inside the step loop.
+    """
     steps = steps_per_epoch(job.train, epoch, v.seed, ctx.world, workers, v.batch_size, True)
     spec = _spec(job, v, job.train, epoch, True, ctx, workers, views)
-    batches = padded(iter(_loader(spec)), steps, placeholder_batch(spec))
+    batches = padded(iter(_loader(spec, ctx.device)), steps, placeholder_batch(spec))
     t0 = t_log = time.perf_counter()
-    sums = {"loss": 0.0, "kd_loss": 0.0, "task_loss": 0.0}
-    n_seen = n_log = 0.0
+    parts = ("loss", "kd_loss", "task_loss")
+    sums = torch.zeros(len(parts) + 1, dtype=torch.float64, device=ctx.device)  # n_seen, loss, kd, task
+    bad = torch.zeros((), device=ctx.device)
+    n_log = 0.0
     rank = str(ctx.rank)
     for step, batch in enumerate(batches):
         ts = time.perf_counter()
-        x = batch["pixels"].to(device=ctx.device, dtype=dtype)
-        if teacher is not None:
-            with torch.no_grad():
-                z = teacher(batch["teacher_pixels"].to(ctx.device)).float()
-            batch["teacher_logp"] = torch.log_softmax(z / v.temperature, dim=1).cpu()
-        logits = engine(x)
-        losses = loss_fn(logits, {k: t.to(ctx.device) for k, t in batch.items() if k != "pixels"})
-        if not _all_ranks_finite(losses["loss"].detach(), ctx):
-            raise NonFiniteLossError(f"variant {name}: non-finite loss at epoch {epoch + 1} step {step + 1} "
-                                     f"(lr={v.lr}); lower the learning rate or enable clip_grad")
-        engine.backward(losses["loss"])
-        engine.step()
-        w = float(batch["weight"].sum())
-        for k in sums:
-            sums[k] += float(losses[k].detach()) * w
-        n_seen += w
-        n_log += w
+        losses = _step(engine, loss_fn, teacher, batch, v, ctx, dtype)
+        w_host = float(batch["weight"].sum())  # a host tensor from the loader: no device sync
+        w = batch["weight"].to(ctx.device, non_blocking=True).sum().double()
+        detached = torch.stack([losses[k].detach().double() for k in parts])
+        bad += (~torch.isfinite(detached)).any().float()
+        sums += torch.cat([w.reshape(1), torch.nan_to_num(detached) * w])
+        n_log += w_host
         m.STEP_SECONDS.labels(name).observe(time.perf_counter() - ts)
-        m.SAMPLES.labels(name, rank).inc(w)
+        m.SAMPLES.labels(name, rank).inc(w_host)
         if (step + 1) % job.log_every == 0 or step + 1 == steps:
+            if _any_rank_bad(bad, ctx):
+                raise NonFiniteLossError(f"variant {name}: non-finite loss by epoch {epoch + 1} step {step + 1} "
+                                         f"(lr={v.lr}); lower the learning rate or warm up longer (warmup_epochs)")
             now = time.perf_counter()
             rate = n_log / max(1e-9, now - t_log)
             m.SAMPLES_PER_S.labels(name, rank).set(rate)
-            for part in sums:
-                m.LOSS.labels(name, rank, part).set(float(losses[part].detach()))
+            last = torch.stack([losses[k].detach().float() for k in parts]).tolist()
+            for part, val in zip(parts, last, strict=True):
+                m.LOSS.labels(name, rank, part).set(val)
             if ctx.rank == 0:
                 log.info("[%s] epoch %d step %d/%d loss %.4f %.1f samples/s", name, epoch + 1, step + 1, steps,
-                         float(losses["loss"].detach()), rate * ctx.world)
+                         last[0], rate * ctx.world)
             t_log, n_log = now, 0.0
-    seconds = time.perf_counter() - t0
-    totals = torch.tensor([n_seen, *sums.values()], dtype=torch.float64)
+    if _any_rank_bad(bad, ctx):  # steps == 0 never reaches the in-loop check
+        raise NonFiniteLossError(f"variant {name}: non-finite loss in epoch {epoch + 1} (lr={v.lr})")
     if ctx.world > 1:
-        dist.all_reduce(totals)
-    n = max(1.0, float(totals[0]))
-    return {"epoch": epoch + 1, "train_samples": float(totals[0]), "train_loss": float(totals[1]) / n,
-            "kd_loss": float(totals[2]) / n,
-            "task_loss": float(totals[3]) / n, "samples_per_s": float(totals[0]) / seconds,
-            "epoch_seconds": seconds, "lr": float(engine.get_lr()[0])}
+        dist.all_reduce(sums)
+    seconds = time.perf_counter() - t0
+    n_seen, *totals = sums.tolist()
+    n = max(1.0, n_seen)
+    return {"epoch": epoch + 1, "train_samples": n_seen, "train_loss": totals[0] / n, "kd_loss": totals[1] / n,
+            "task_loss": totals[2] / n, "samples_per_s": n_seen / seconds, "epoch_seconds": seconds,
+            "lr": float(engine.get_lr()[0])}
+
+
+def _step(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None, batch: dict[str, torch.Tensor],
+          v: VariantConfig, ctx: WorkerContext, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Forward, loss, backward, optimizer step; everything on the device, nothing read back to the host."""
+    x = to_model_input(batch["pixels"], ctx.device, dtype)
+    targets = {k: t.to(ctx.device, non_blocking=True) for k, t in batch.items()
+               if k not in ("pixels", "teacher_pixels")}
+    if teacher is not None:  # online KD: the teacher's log-softmax stays on the device
+        with torch.no_grad(), _autocast(ctx.device):
+            z = teacher(to_model_input(batch["teacher_pixels"], ctx.device, torch.float32)).float()
+        targets["teacher_logp"] = torch.log_softmax(z / v.temperature, dim=1)
+    logits = engine(x)
+    losses = loss_fn(logits, targets)
+    engine.backward(losses["loss"])
+    engine.step()
+    return losses
+
+
+def _autocast(device: torch.device) -> Any:
+    """bf16 autocast for the online teacher on CUDA (2x its fp32 rate on recent GPUs); a no-op on the CPU."""
+    import contextlib
+
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

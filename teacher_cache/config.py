@@ -67,7 +67,8 @@ class RayConfig(_Strict):
     address: str | None = Field(None, description="Ray cluster address; empty = RAY_ADDRESS or a local cluster")
     num_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(1.0, ge=0.0)
-    gpus_per_actor: float = Field(0.0, ge=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per labeller actor (e.g. 1, or 0.5 for two "
+                                  "actors per GPU); the actors on a node share its CPUs for decoding")
     max_shard_retries: int = Field(2, ge=0, description="times a shard whose actor died (node lost, OOM) is "
                                    "labelled again on a live actor before it counts as failed")
     actor_start_timeout_s: float = Field(120.0, gt=0.0, description="an actor not placed and loaded within this "
@@ -92,7 +93,15 @@ class CacheConfig(_Strict):
     views: ViewsConfig = Field(default_factory=ViewsConfig)
     batch_size: int = Field(64, ge=1, description="view-images per teacher forward")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    decode_threads: int = Field(2, ge=1, description="threads decoding images while the model runs")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="teacher forward precision; auto = bf16 on CUDA, fp32 on the CPU (in the fingerprint)")
+    decode_backend: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto = nvjpeg + on-device view replay when the teacher runs on CUDA, else Pillow")
+    decode_processes: int | None = Field(None, ge=0, description="CPU decode worker processes per labeller; "
+                                         "empty = the node's CPUs / labellers on the node - 1; 0 = in-thread")
+    decode_threads: int = Field(2, ge=1, description="kept for old configs; decoding uses decode_processes")
+    max_image_pixels: int = Field(40_000_000, ge=1, le=178_000_000, description="bigger images are recorded as "
+                                  "bad samples, checked from the header before decoding (decompression bombs)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per labeller (default: torch's)")
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)

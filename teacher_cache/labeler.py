@@ -1,33 +1,38 @@
-"""Label one shard: decode + views in background threads while the teacher runs, then write one Parquet file.
+"""Label one shard: decode + views in worker processes (or nvjpeg on the GPU) while the teacher runs, then write
+one Parquet file.
 
 This is the whole per-shard computation; the Ray actor and the in-process path both call ``label_shard``.
+The teacher step keeps the GPU fed: uint8 batches in pinned host memory, non_blocking copies, normalisation,
+channels_last and autocast on the device, top-k + tail log-sum-exp packed there; only the small packed tensors
+and a per-sample finiteness flag come back.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from teacher_cache.cache_file import write_cache_file
 from teacher_cache.config import CacheConfig
+from teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
+from teacher_cache.decode_pool import DecodePool, default_processes
+from teacher_cache.devices import resolve_device
 from teacher_cache.schema import SCHEMA_VERSION, CacheMeta
-from teacher_cache.shards import IMAGE_EXTS, RawSample, ShardError, ShardIdentity, ShardReader
-from teacher_cache.teacher import LoadedTeacher, Preprocessing, load_teacher, view_policy
+from teacher_cache.shards import ShardError, ShardIdentity, ShardReader
+from teacher_cache.teacher import LoadedTeacher, load_teacher, resolve_precision, view_policy
 from teacher_cache.topk import pack_topk
-from teacher_cache.views import ViewParams, ViewPolicy, image_to_tensor, normalize, replay_view, sample_views
+from teacher_cache.views import normalize
 
 log = logging.getLogger(__name__)
-Image.MAX_IMAGE_PIXELS = 200_000_000  # keep PIL's bomb check, but allow large real photos
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -62,77 +67,64 @@ class ShardResult:
     teacher_seconds: float = 0.0
 
 
-@dataclass
-class _Decoded:
-    key: str
-    label: int | None
-    hw: tuple[int, int]
-    views: list[ViewParams]
-    pixels: torch.Tensor  # (V, C, S, S) uint8
-
-
-def decode_sample(raw: RawSample, prep: Preprocessing, policy: ViewPolicy) -> _Decoded | str:
-    """Raw sample -> decoded views, or a string saying why the sample is skipped."""
-    ext = next((e for e in IMAGE_EXTS if e in raw.files), None)
-    if ext is None:
-        return f"no image file (expected one of .{', .'.join(IMAGE_EXTS)}; found {sorted(raw.files) or 'none'})"
-    try:
-        with Image.open(io.BytesIO(raw.files[ext])) as im:
-            im.load()
-            pixels = image_to_tensor(im, prep.channels)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return f"cannot decode .{ext}: {exc.__class__.__name__}: {exc}"
-    label = None
-    if "cls" in raw.files:
-        try:
-            label = int(raw.files["cls"].decode().strip())
-        except ValueError:
-            return f"bad .cls (not an integer): {raw.files['cls'][:20]!r}"
-    _, h, w = pixels.shape
-    views = sample_views(raw.key, h, w, policy)
-    out = torch.stack([replay_view(pixels, v, prep.input_size, prep.interpolation) for v in views])
-    return _Decoded(raw.key, label, (h, w), views, out)
-
-
 class Labeler:
     """Holds one loaded teacher; labels shard after shard. Built once per Ray actor or per in-process run."""
 
-    def __init__(self, cfg: CacheConfig, fingerprint: str, teacher: LoadedTeacher | None = None) -> None:
+    def __init__(self, cfg: CacheConfig, fingerprint: str, teacher: LoadedTeacher | None = None,
+                 labellers_on_node: int = 1) -> None:
         self.cfg = cfg
         self.fingerprint = fingerprint
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.teacher = teacher or load_teacher(cfg.teacher)
-        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if want_cuda else "cpu")
+        self.device = resolve_device(cfg.device)
+        self.dtype = _DTYPES[resolve_precision(cfg)]
         self.model = self.teacher.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.prep = self.teacher.preprocessing
         self.policy = view_policy(cfg, self.prep)
+        self.spec = DecodeSpec(self.prep.channels, self.prep.input_size, self.prep.interpolation, self.policy,
+                               self.teacher.num_classes, cfg.max_image_pixels)
+        self.gpu_decode = cfg.decode_backend == "gpu" or (cfg.decode_backend == "auto" and self.device.type == "cuda")
+        if self.gpu_decode and self.device.type != "cuda":
+            raise ValueError("decode_backend: gpu needs the teacher on CUDA (device: cuda or auto on a GPU host)")
+        processes = 0 if self.gpu_decode else default_processes(cfg.decode_processes, labellers_on_node)
+        self.pool = DecodePool(self.spec, processes)
+        log.info("labeller: %s %s, decode %s", self.device, self.dtype,
+                 "nvjpeg on the device" if self.gpu_decode else f"Pillow in {processes} process(es)")
 
-    def _batches(self, reader: ShardReader, errors: list[dict], stem: str) -> Iterator[list[_Decoded]]:
-        """Decode in a thread pool, in order, `batch_size // V` samples per batch, bounded read-ahead."""
+    def close(self) -> None:
+        self.pool.close()
+
+    def _decoded(self, reader: ShardReader) -> Iterator[tuple[str, DecodedSample | str]]:
+        """(key, decoded sample or reason), in shard order, from the chosen backend."""
+        if not self.gpu_decode:
+            yield from self.pool.map(reader)
+            return
+        chunk: list = []
+        for raw in reader:
+            chunk.append(raw)
+            if len(chunk) == 64:
+                yield from zip([r.key for r in chunk], decode_batch_gpu(chunk, self.spec, self.device), strict=True)
+                chunk = []
+        if chunk:
+            yield from zip([r.key for r in chunk], decode_batch_gpu(chunk, self.spec, self.device), strict=True)
+
+    def _batches(self, reader: ShardReader, errors: list[dict], stem: str) -> Iterator[list[DecodedSample]]:
+        """`batch_size // V` decoded samples per batch, in shard order; bad samples recorded, not yielded."""
         per_batch = max(1, self.cfg.batch_size // self.policy.num_views)
-        with ThreadPoolExecutor(self.cfg.decode_threads, thread_name_prefix="decode") as pool:
-            window: list = []
-            batch: list[_Decoded] = []
-            limit = per_batch * 2 + self.cfg.decode_threads
-            samples = iter(reader)
-            while True:
-                while len(window) < limit and (raw := next(samples, None)) is not None:
-                    window.append((raw.key, pool.submit(decode_sample, raw, self.prep, self.policy)))
-                if not window:
-                    break
-                key, fut = window.pop(0)
-                item = fut.result()
-                if isinstance(item, str):
-                    errors.append({"shard": stem, "key": key, "reason": item})
-                    continue
-                batch.append(item)
-                if len(batch) == per_batch:
-                    yield batch
-                    batch = []
-            if batch:
+        batch: list[DecodedSample] = []
+        for key, item in self._decoded(reader):
+            if isinstance(item, str):
+                errors.append({"shard": stem, "key": key, "reason": item})
+                continue
+            batch.append(item)
+            if len(batch) == per_batch:
                 yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def _producer(self, task: ShardTask, reader: ShardReader, out: queue.Queue, errors: list[dict]) -> None:
         try:
@@ -177,14 +169,15 @@ class Labeler:
             if isinstance(item, BaseException):
                 raise item
             tb = time.perf_counter()
-            x = normalize(torch.cat([d.pixels for d in item]), self.prep.mean, self.prep.std)
-            with torch.inference_mode():
-                logits = self.model(x.to(self.device, non_blocking=True)).float().cpu()
-            ids, vals, tail = pack_topk(logits, self.cfg.topk)
+            ids, vals, tail, finite = self._teacher_step(item)
             dt = time.perf_counter() - tb
             result.teacher_seconds += dt
             v = self.policy.num_views
             for i, d in enumerate(item):
+                if not finite[i]:  # a NaN/inf teacher output would poison every soft variant: record, skip
+                    errors.append({"shard": task.stem, "key": d.key,
+                                   "reason": "teacher logits are not finite (NaN/inf) for this image"})
+                    continue
                 cols["key"].append(d.key)
                 cols["label"].append(d.label)
                 cols["hw"].append(d.hw)
@@ -200,3 +193,23 @@ class Labeler:
             progress(ProgressEvent(errors=len(errors) - n_err))
         return cols
 
+    def _teacher_step(self, item: list[DecodedSample]) -> tuple[torch.Tensor, ...]:
+        """One forward over all views of a batch; returns host (ids, vals, tail, finite-per-sample)."""
+        u8 = [d.pixels for d in item]
+        if u8[0].device.type == "cpu" and self.device.type == "cuda":
+            host = torch.empty((sum(p.shape[0] for p in u8), *u8[0].shape[1:]), dtype=torch.uint8, pin_memory=True)
+            torch.cat(u8, out=host)  # pinned: the copy below runs asynchronously
+            x = host.to(self.device, non_blocking=True)
+        else:
+            x = torch.cat(u8).to(self.device)
+        x = normalize(x, self.prep.mean, self.prep.std)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            logits = self.model(x).float()
+        finite = torch.isfinite(logits).all(dim=1).view(len(item), -1).all(dim=1)
+        ids, vals, tail = pack_topk(torch.nan_to_num(logits), self.cfg.topk)
+        packed = (ids.to(torch.int32), vals, tail, finite)
+        return tuple(t.cpu() for t in packed)  # the one device->host transfer per batch: (N*V, k) small tensors

@@ -74,6 +74,22 @@ def keep_ray_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def _labellers_on_this_node(cfg: CacheConfig) -> int:
+    """How many labeller actors share this actor's node, from the node's Ray resources (GPUs bind first).
+
+    The node's CPUs are then divided between them for decode processes (see decode_pool.decode_processes_for).
+    """
+    import ray
+
+    from teacher_cache.decode_pool import labellers_per_node
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
+    res = (node or {}).get("Resources", {})
+    return labellers_per_node(res.get("CPU", 1.0), res.get("GPU", 0.0), cfg.ray.cpus_per_actor,
+                              cfg.ray.gpus_per_actor, cfg.ray.num_actors)
+
+
 class TeacherActor:
     """Ray actor body: one Labeler (one teacher load) per actor; progress goes to a Ray queue.
 
@@ -82,7 +98,8 @@ class TeacherActor:
     """
 
     def __init__(self, cfg_dict: dict, fingerprint: str, progress_queue: object) -> None:
-        self.labeler = Labeler(CacheConfig.model_validate(cfg_dict), fingerprint)
+        cfg = CacheConfig.model_validate(cfg_dict)
+        self.labeler = Labeler(cfg, fingerprint, labellers_on_node=_labellers_on_this_node(cfg))
         self.queue: object | None = progress_queue
         self._tag: tuple[str, int] = ("", 0)
         self._pending = ProgressEvent()

@@ -186,18 +186,21 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
                             ", ".join(sorted(report.retried)) or "none")
         else:
             labeler = Labeler(cfg, fp, teacher)
-            for task in tasks:
-                shown = 0
+            try:
+                for task in tasks:
+                    shown = 0
 
-                def counted(ev: ProgressEvent) -> None:
-                    nonlocal shown
-                    shown += ev.images
-                    on_progress(ev)
+                    def counted(ev: ProgressEvent) -> None:
+                        nonlocal shown
+                        shown += ev.images
+                        on_progress(ev)
 
-                r = labeler.label_shard(task, counted)
-                if not r.ok and shown:  # a shard that broke half-way gives its images back
-                    on_progress(ProgressEvent(images=-shown))
-                on_result(r)
+                    r = labeler.label_shard(task, counted)
+                    if not r.ok and shown:  # a shard that broke half-way gives its images back
+                        on_progress(ProgressEvent(images=-shown))
+                    on_result(r)
+            finally:
+                labeler.close()
     finally:
         image_bar.close()
         shard_bar.close()

@@ -201,7 +201,19 @@ def fingerprint(teacher: LoadedTeacher, cfg: CacheConfig) -> str:
         "topk": cfg.topk,
         "views": view_policy(cfg, teacher.preprocessing).as_dict(),
     }
+    precision = resolve_precision(cfg)
+    if precision != "fp32":  # fp32 caches keep the fingerprint they had before precision existed
+        payload["precision"] = precision
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_precision(cfg: CacheConfig) -> str:
+    """auto = bf16 where the teacher runs on CUDA (2x its fp32 rate), fp32 on the CPU (same numbers as before)."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    from teacher_cache.devices import resolve_device
+
+    return "bf16" if resolve_device(cfg.device).type == "cuda" else "fp32"
 
 
 def view_policy(cfg: CacheConfig, prep: Preprocessing) -> ViewPolicy:

@@ -20,7 +20,10 @@ import torch
 
 
 def pack_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Full logits (N, C) -> (ids (N,k) int64, shifted top-k logits (N,k) fp32, tail lse (N,) fp32)."""
+    """Full logits (N, C) -> (ids (N,k) int64, shifted top-k logits (N,k) fp32, tail lse (N,) fp32).
+
+    Runs on the logits' device: on a GPU only the packed (N, k) tensors need to come back to the host.
+    """
     if logits.ndim != 2:
         raise ValueError(f"expected logits of shape (N, C), got {tuple(logits.shape)}")
     n, c = logits.shape
@@ -30,7 +33,7 @@ def pack_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
     z = z - torch.logsumexp(z, dim=1, keepdim=True)
     vals, ids = torch.topk(z, k, dim=1)
     if k == c:
-        tail = torch.full((n,), float("-inf"))
+        tail = torch.full((n,), float("-inf"), device=z.device)
     else:
         masked = z.scatter(1, ids, float("-inf"))
         tail = torch.logsumexp(masked, dim=1)

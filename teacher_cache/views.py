@@ -122,6 +122,6 @@ def normalize(batch_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float,
     """uint8 (N)CHW -> float normalised with mean/std given in [0, 1] units."""
     x = batch_u8.float().div_(255.0)
     shape = (-1, 1, 1)
-    m = torch.tensor(mean, dtype=x.dtype).view(shape)
-    s = torch.tensor(std, dtype=x.dtype).view(shape)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
     return (x - m) / s

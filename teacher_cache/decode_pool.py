@@ -1,0 +1,128 @@
+"""Run the CPU decode backend in worker processes (out of the GIL's reach), in order, with bounded read-ahead.
+
+How many processes: ``decode_processes_for`` divides a node's CPUs between the labellers (Ray actors) on it;
+each labeller keeps one core for its own thread (reading the tar, feeding the model) and gives the rest to
+decode processes. 0 processes = decode in the calling thread (tiny jobs, tests, debugging).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+
+import numpy as np
+import torch
+
+from teacher_cache.decode import DecodedSample, DecodeSpec, try_decode_cpu
+from teacher_cache.shards import RawSample
+
+_Packed = tuple[str, object, tuple[int, int], list, np.ndarray] | str
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (cgroup/affinity aware where the OS says so)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def decode_processes_for(node_cpus: int, labellers_on_node: int) -> int:
+    """Decode processes per labeller = node CPUs / labellers on the node, minus the labeller's own core."""
+    share = node_cpus // max(1, labellers_on_node)
+    return max(0, share - 1)
+
+
+def labellers_per_node(node_cpus: float, node_gpus: float, cpus_per_actor: float, gpus_per_actor: float,
+                       num_actors: int) -> int:
+    """How many actors Ray can place on one node: GPUs bind first (GPU actors), then CPUs; at most num_actors."""
+    fits = [num_actors]
+    if gpus_per_actor > 0:
+        fits.append(int(node_gpus // gpus_per_actor))
+    if cpus_per_actor > 0:
+        fits.append(int(node_cpus // cpus_per_actor))
+    return max(1, min(fits))
+
+
+def _init_worker() -> None:
+    """One intra-op thread per decode process: the processes are the parallelism (and forked OpenMP pools hang)."""
+    torch.set_num_threads(1)
+
+
+def _decode_chunk(raws: list[RawSample], spec: DecodeSpec) -> list[_Packed]:
+    """Runs in a worker process; numpy arrays travel back through the pipe (no shared-memory fds to leak)."""
+    out: list[_Packed] = []
+    for raw in raws:
+        r = try_decode_cpu(raw, spec)
+        out.append(r if isinstance(r, str) else (r.key, r.label, r.hw, r.views, r.pixels.numpy()))
+    return out
+
+
+def _unpack(p: _Packed) -> DecodedSample | str:
+    if isinstance(p, str):
+        return p
+    key, label, hw, views, arr = p
+    return DecodedSample(key, label, hw, views, torch.from_numpy(arr))  # type: ignore[arg-type]
+
+
+class DecodePool:
+    """Ordered map of RawSample -> DecodedSample | reason, over `processes` worker processes (0 = inline)."""
+
+    def __init__(self, spec: DecodeSpec, processes: int, chunk: int = 8) -> None:
+        self.spec = spec
+        self.processes = processes
+        self.chunk = chunk
+        self._pool: ProcessPoolExecutor | None = None
+        if processes > 0:
+            # fork is cheap (no re-import) but unsafe once CUDA is initialised in this process; then spawn
+            method = "spawn" if torch.cuda.is_initialized() else "fork"
+            self._pool = ProcessPoolExecutor(processes, mp_context=mp.get_context(method), initializer=_init_worker)
+
+    def map(self, raws: Iterable[RawSample]) -> Iterator[tuple[str, DecodedSample | str]]:
+        """(key, result) in input order; at most 2 chunks per process in flight (bounded memory)."""
+        if self._pool is None:
+            for raw in raws:
+                yield raw.key, try_decode_cpu(raw, self.spec)
+            return
+        window: deque[tuple[list[str], Future]] = deque()
+        limit = 2 * self.processes
+        it = iter(raws)
+        while True:
+            while len(window) < limit:
+                chunk = [r for _, r in zip(range(self.chunk), it, strict=False)]
+                if not chunk:
+                    break
+                window.append(([r.key for r in chunk], self._pool.submit(_decode_chunk, chunk, self.spec)))
+            if not window:
+                return
+            keys, fut = window.popleft()
+            try:
+                packed = fut.result()
+            except Exception as exc:  # a worker died (OOM-killed, segfault in a codec): its chunk is recorded
+                packed = [f"decode process failed: {exc.__class__.__name__}: {exc}"] * len(keys)
+                self._restart()
+            for key, p in zip(keys, packed, strict=True):
+                yield key, _unpack(p)
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            method = "spawn" if torch.cuda.is_initialized() else "fork"
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=mp.get_context(method),
+                                             initializer=_init_worker)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def default_processes(requested: int | None, labellers_on_node: int = 1) -> int:
+    """`decode_processes` from the config, or the node's share when it is left empty."""
+    if requested is not None:
+        return requested
+    return decode_processes_for(available_cpus(), labellers_on_node)
+
