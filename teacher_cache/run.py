@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -23,11 +23,12 @@ from teacher_cache.manifest import (
     plan_refresh,
     remove_stale_tmp,
 )
-from teacher_cache.shards import expand_shard_patterns, shard_stem
+from teacher_cache.shards import ShardIdentity, expand_shard_patterns, shard_stem
 from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "last_run.json"
+CTIME_MARGIN_NS = 1_000_000_000
 
 
 @dataclass
@@ -86,7 +87,8 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     """Label new/changed shards, skip unchanged ones, record everything in the manifest.
 
     A no-op refresh (same teacher files, same shards) neither loads the teacher nor reads shard data: the
-    fingerprint comes from a memo keyed by the teacher files' size+mtime and the fingerprint-relevant config.
+    fingerprint comes from a memo keyed by the teacher files' size+mtime+ctime+inode and the fingerprint-relevant
+    config. ``last_run.json`` is written while the lock is held, so it always describes the last writer.
     """
     t0 = time.perf_counter()
     shards = map_shards(cfg.shards)
@@ -108,9 +110,8 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
         if manifest is None:
             assert teacher is not None  # every shard is new, so the teacher was loaded above
             manifest = Manifest(fingerprint=fp, teacher=teacher.info)
-        for stem, ident in plan.touched.items():  # same content, new mtime: remember the new identity
-            e = manifest.shards[stem]
-            e.size, e.mtime_ns, e.source = ident.size, ident.mtime_ns, str(shards[stem])
+        for stem, ident in plan.touched.items():  # same content, moved cheap identity: remember the new one
+            manifest.shards[stem].update_identity(ident, str(shards[stem]))
         manifest.save(out_dir)
         atomic_write_bytes(out_dir / "cache_config.resolved.yaml",
                            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
@@ -128,16 +129,17 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
         if tasks:
             assert teacher is not None
             _execute(cfg, fp, teacher, tasks, manifest, out_dir, result)
-    result.seconds = time.perf_counter() - t0
+        result.seconds = time.perf_counter() - t0
+        atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
     metrics.RUN_SECONDS.set(result.seconds)
     if result.status == "success":
         metrics.LAST_SUCCESS.set_to_current_time()
-    atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
     return result
 
 
 def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[ShardTask], manifest: Manifest,
              out_dir: Path, result: CacheResult) -> None:
+    started_ns = time.time_ns()
     disable = not cfg.progress
     shard_bar = tqdm(total=len(tasks), desc="shards", unit="shard", position=0, disable=disable)
     image_bar = tqdm(desc="images", unit="img", position=1, disable=disable)
@@ -157,10 +159,12 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
             log.error("shard failed: %s", r.message)
             return
         assert r.identity is not None and r.file is not None and r.file_sha256 is not None
+        ident = complete_identity(r.identity, Path(r.source), started_ns)
         manifest.shards[r.stem] = ShardEntry(
-            source=r.source, size=r.identity.size, mtime_ns=r.identity.mtime_ns,
-            content_sha256=r.identity.sha256 or "", file=r.file, file_bytes=r.file_bytes,
-            file_sha256=r.file_sha256, rows=r.rows, errors=len(r.error_records))
+            source=r.source, size=ident.size, mtime_ns=ident.mtime_ns,
+            content_sha256=ident.sha256 or "", file=r.file, file_bytes=r.file_bytes,
+            file_sha256=r.file_sha256, rows=r.rows, errors=len(r.error_records),
+            ctime_ns=ident.ctime_ns, inode=ident.inode)
         _save_errors(out_dir, r)
         manifest.save(out_dir)
         result.labelled.append(r.stem)
@@ -183,6 +187,24 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
     finally:
         image_bar.close()
         shard_bar.close()
+
+
+def complete_identity(ident: ShardIdentity, path: Path, started_ns: int) -> ShardIdentity:
+    """Fill ctime/inode when the labeller reported only size+mtime+hash (they were taken before reading).
+
+    Taking them from a stat now is safe only if the file's metadata has not moved since before labelling began
+    (ctime older than the run's start, with a margin for coarse filesystem clocks); otherwise leave them unknown,
+    which makes the next refresh hash the shard once instead of trusting a stale identity.
+    """
+    if ident.ctime_ns is not None and ident.inode is not None:
+        return ident
+    try:
+        st = path.stat()
+    except OSError:
+        return ident
+    if (st.st_size, st.st_mtime_ns) == (ident.size, ident.mtime_ns) and st.st_ctime_ns < started_ns - CTIME_MARGIN_NS:
+        return replace(ident, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+    return ident
 
 
 def _save_errors(out_dir: Path, r: ShardResult) -> None:

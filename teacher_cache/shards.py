@@ -63,16 +63,30 @@ def shard_stem(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ShardIdentity:
-    """Cheap identity (size, mtime) plus an optional content hash computed only when needed."""
+    """Cheap identity (size, mtime, ctime, inode) plus an optional content hash computed only when needed.
+
+    Size + mtime alone is fooled by copies that keep the mtime (`cp -p`, `rsync -t`, unpacked archives); ctime
+    cannot be set by user space and a replaced file gets a new inode, so together they catch those rewrites.
+    ``ctime_ns``/``inode`` are None when unknown (old manifests): unknown counts as moved, so we hash once.
+    """
 
     size: int
     mtime_ns: int
     sha256: str | None = None
+    ctime_ns: int | None = None
+    inode: int | None = None
 
     @classmethod
     def stat(cls, path: Path) -> ShardIdentity:
         st = path.stat()
-        return cls(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        return cls(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+
+    def cheap(self) -> tuple[int, int, int | None, int | None]:
+        return (self.size, self.mtime_ns, self.ctime_ns, self.inode)
+
+    def same_cheap(self, other: ShardIdentity) -> bool:
+        """True only if every cheap field is known on both sides and equal (unknown = moved)."""
+        return None not in self.cheap() and self.cheap() == other.cheap()
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

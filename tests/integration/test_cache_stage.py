@@ -214,3 +214,59 @@ def test_torchscript_and_export_teachers(setup):
         got = CacheReader(res.cache_dir).arrays("train-000000")
         assert np.array_equal(got.topk_ids[..., 0], ref.topk_ids[..., 0])
         assert CacheReader(res.cache_dir).manifest.teacher["source"] in ("torchscript", "torch.export")
+
+
+def _rewrite_keeping_size_and_mtime(path, edit):
+    """What `cp -p` / `rsync -t` / an unpacked archive do: new bytes, same size, the old mtime restored."""
+    st = path.stat()
+    data = edit(path.read_bytes())
+    assert len(data) == st.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _flip_first_label(data: bytes) -> tuple[bytes, str, int]:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = next(m for m in tar if m.name.endswith(".cls") and m.size == 1)
+        old = data[member.offset_data:member.offset_data + 1]
+    new = b"7" if old != b"7" else b"3"
+    return data[:member.offset_data] + new + data[member.offset_data + 1:], member.name[:-4], int(new)
+
+
+def test_rewrite_with_mtime_restored_relabels_and_join_check_refuses(setup):
+    from student_train.data import DataJoinError, resolve_split
+
+    tmp, shards, ckpt = setup
+    cfg = _cfg(tmp, ckpt)
+    first = run(cfg)
+    edited = {}
+
+    def edit(data):
+        out, edited["key"], edited["label"] = _flip_first_label(data)
+        return out
+
+    _rewrite_keeping_size_and_mtime(shards[0], edit)
+    with pytest.raises(DataJoinError, match="train-000000.tar: changed since it was cached"):
+        resolve_split([str(shards[0])], CacheReader(first.cache_dir), "train")
+    again = run(cfg)
+    assert again.changed == ["train-000000"] and again.labelled == ["train-000000"]
+    a = CacheReader(first.cache_dir).arrays("train-000000")
+    assert a.labels[a.keys.index(edited["key"])] == edited["label"]
+    assert resolve_split([str(shards[0])], CacheReader(first.cache_dir), "train")[0].rows == 40
+
+
+def test_retrained_teacher_with_same_size_and_mtime_gets_a_new_fingerprint(setup):
+    tmp, shards, ckpt = setup
+    cfg = _cfg(tmp, ckpt)
+    first = run(cfg)
+    st = ckpt.stat()
+    retrained = save_teacher(tmp / "retrained" / ckpt.name, seed=7)  # same name: same zip layout and size
+    assert retrained.stat().st_size == st.st_size
+    os.utime(retrained, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(retrained, ckpt)  # like `cp -p` / `rsync -t` onto the old path
+    assert (ckpt.stat().st_size, ckpt.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    again = run(cfg)
+    assert again.fingerprint != first.fingerprint and len(again.labelled) == 3
