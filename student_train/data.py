@@ -54,6 +54,11 @@ def resolve_split(patterns: list[str], reader: CacheReader, split: str) -> list[
                 ident.size != entry.size or file_sha256(path) != entry.content_sha256):
             problems.append(f"{path}: changed since it was cached (keys may not match); re-run `distill cache`")
             continue
+        try:
+            reader.check(stem)  # the cache file's checksum, once per file per run, before anything reads it
+        except CacheError as exc:
+            problems.append(str(exc))
+            continue
         pairs.append(ShardPair(stem, path, entry.rows))
     if problems:
         raise DataJoinError(f"{split} shards do not match the cache:\n  " + "\n  ".join(problems))

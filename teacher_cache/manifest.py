@@ -141,6 +141,31 @@ class DirectoryLock:
             self._fd = None
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
+def cache_file_problem(path: Path, expected_bytes: int) -> str | None:
+    """Cheap check on every open (no checksum): the size the manifest recorded and an intact Parquet footer.
+
+    Catches truncation and most partial copies at the cost of one stat and a 12-byte read; the checksum is
+    taken once per file per run on top of this (see teacher_cache.reader).
+    """
+    try:
+        size = path.stat().st_size
+        if size != expected_bytes:
+            return f"{size} bytes but the manifest says {expected_bytes} (truncated or replaced)"
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(0, size - 8))
+            tail = f.read(8)
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    footer_len = int.from_bytes(tail[:4], "little") if len(tail) == 8 else -1
+    if head != PARQUET_MAGIC or tail[4:] != PARQUET_MAGIC or not 0 <= footer_len <= size - 12:
+        return "no valid Parquet footer (partial or altered file)"
+    return None
+
+
 @dataclass
 class RefreshPlan:
     """What a run must do: label these shards; skip those; report vanished ones; touched = same content."""
@@ -162,7 +187,8 @@ def plan_refresh(manifest: Manifest | None, shards: dict[str, Path], directory: 
             plan.todo.append((stem, path, "new"))
             continue
         cache_file = directory / entry.file
-        if not cache_file.exists() or (verify_cache_files and file_sha256(cache_file) != entry.file_sha256):
+        if cache_file_problem(cache_file, entry.file_bytes) is not None or (
+                verify_cache_files and file_sha256(cache_file) != entry.file_sha256):
             plan.todo.append((stem, path, "cache file missing or damaged"))
             continue
         ident = ShardIdentity.stat(path)

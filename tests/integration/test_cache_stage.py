@@ -157,7 +157,7 @@ def test_reader_rejects_altered_file(setup):
     res = run(_cfg(tmp, ckpt))
     f = res.cache_dir / "train-000000.parquet"
     f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(CacheError, match="checksum does not match"):
+    with pytest.raises(CacheError, match="partial or altered file"):
         CacheReader(res.cache_dir).arrays("train-000000")
 
 
@@ -270,3 +270,35 @@ def test_retrained_teacher_with_same_size_and_mtime_gets_a_new_fingerprint(setup
     assert (ckpt.stat().st_size, ckpt.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     again = run(cfg)
     assert again.fingerprint != first.fingerprint and len(again.labelled) == 3
+
+
+def test_damaged_listed_cache_file_is_refused_on_the_training_path(setup):
+    """Same size, altered bytes: the join check (once per run) refuses it, naming the file and the fix."""
+    import teacher_cache.reader as reader_mod
+    from student_train.data import resolve_split
+
+    tmp, shards, ckpt = setup
+    res = run(_cfg(tmp, ckpt))
+    f = res.cache_dir / "train-000001.parquet"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"train-000001\.parquet: checksum does not match.*delete it and re-run "
+                                         r"`distill cache`"):
+        resolve_split([str(tmp / "in" / "*.tar")], CacheReader(res.cache_dir), "train")
+    # a truncated file is refused even by a reader that skips checksums (size + footer on every open) ...
+    f.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CacheError, match=r"train-000001\.parquet: .*bytes but the manifest says"):
+        CacheReader(res.cache_dir, verify=False).arrays("train-000001")
+    # ... and `distill cache` relabels it
+    assert run(_cfg(tmp, ckpt)).changed == ["train-000001"]
+    # a good (here: just rewritten) file is checksummed once per process, later opens check size + footer only
+    calls = []
+    real = reader_mod.file_sha256
+    reader_mod.file_sha256 = lambda p: calls.append(p) or real(p)
+    try:
+        resolve_split([str(shards[1])], CacheReader(res.cache_dir), "train")
+        CacheReader(res.cache_dir).arrays("train-000001")
+    finally:
+        reader_mod.file_sha256 = real
+    assert [p.name for p in calls] == ["train-000001.parquet"]

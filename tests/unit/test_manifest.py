@@ -20,9 +20,9 @@ from teacher_cache.shards import file_sha256
 
 def _entry(path, cache_dir, stem):
     st = path.stat()
-    (cache_dir / f"{stem}.parquet").write_bytes(b"x")
+    (cache_dir / f"{stem}.parquet").write_bytes(b"PAR1\0\0\0\0PAR1")  # the smallest thing with a Parquet footer
     return ShardEntry(source=str(path), size=st.st_size, mtime_ns=st.st_mtime_ns,
-                      content_sha256=file_sha256(path), file=f"{stem}.parquet", file_bytes=1,
+                      content_sha256=file_sha256(path), file=f"{stem}.parquet", file_bytes=12,
                       file_sha256=file_sha256(cache_dir / f"{stem}.parquet"), rows=1, errors=0,
                       ctime_ns=st.st_ctime_ns, inode=st.st_ino)
 
@@ -127,3 +127,9 @@ def test_old_manifest_without_ctime_inode_hashes_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mod, "file_sha256", lambda *_: pytest.fail("hashed again after the identity was stored"))
     assert plan_refresh(old, {"a": p}, cache).touched == {}
+
+
+def test_truncated_cache_file_is_relabelled_without_a_checksum(tmp_path):
+    cache, p, m = _one_cached_shard(tmp_path)
+    (cache / "a.parquet").write_bytes(b"PAR1" + b"\0" * 10 + b"PAR1")  # right magic, wrong size for the entry
+    assert [r for _, _, r in plan_refresh(m, {"a": p}, cache).todo] == ["cache file missing or damaged"]
