@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -28,7 +29,13 @@ from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "last_run.json"
-CTIME_MARGIN_NS = 1_000_000_000
+
+
+class RunFailedError(RuntimeError):
+    """The run got past validation (lock held, work begun) and then failed: not "bad input, nothing done".
+
+    Shards finished before the failure are in the manifest; re-running continues with the rest.
+    """
 
 
 @dataclass
@@ -128,7 +135,11 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
         tasks = [ShardTask(stem, path, out_dir) for stem, path, _ in plan.todo]
         if tasks:
             assert teacher is not None
-            _execute(cfg, fp, teacher, tasks, manifest, out_dir, result)
+            try:
+                _execute(cfg, fp, teacher, tasks, manifest, out_dir, result)
+            except Exception as exc:  # re-raised with what it means for the user; nothing is swallowed
+                raise RunFailedError(f"{exc.__class__.__name__}: {exc} (after {len(result.labelled)} of "
+                                     f"{len(tasks)} shards were cached; they are kept, re-run to continue)") from exc
         result.seconds = time.perf_counter() - t0
         atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
     metrics.RUN_SECONDS.set(result.seconds)
@@ -139,7 +150,10 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
 
 def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[ShardTask], manifest: Manifest,
              out_dir: Path, result: CacheResult) -> None:
-    started_ns = time.time_ns()
+    before = {}  # full stat of each shard before it is handed out (see complete_identity)
+    for task in tasks:
+        with contextlib.suppress(OSError):  # a vanished file is reported by the labeller as a failed shard
+            before[task.stem] = ShardIdentity.stat(task.path)
     disable = not cfg.progress
     shard_bar = tqdm(total=len(tasks), desc="shards", unit="shard", position=0, disable=disable)
     image_bar = tqdm(desc="images", unit="img", position=1, disable=disable)
@@ -159,7 +173,7 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
             log.error("shard failed: %s", r.message)
             return
         assert r.identity is not None and r.file is not None and r.file_sha256 is not None
-        ident = complete_identity(r.identity, Path(r.source), started_ns)
+        ident = complete_identity(r.identity, Path(r.source), before.get(r.stem))
         manifest.shards[r.stem] = ShardEntry(
             source=r.source, size=ident.size, mtime_ns=ident.mtime_ns,
             content_sha256=ident.sha256 or "", file=r.file, file_bytes=r.file_bytes,
@@ -189,21 +203,21 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
         shard_bar.close()
 
 
-def complete_identity(ident: ShardIdentity, path: Path, started_ns: int) -> ShardIdentity:
-    """Fill ctime/inode when the labeller reported only size+mtime+hash (they were taken before reading).
+def complete_identity(ident: ShardIdentity, path: Path, before: ShardIdentity | None) -> ShardIdentity:
+    """Fill ctime/inode when the labeller reported only size+mtime+hash.
 
-    Taking them from a stat now is safe only if the file's metadata has not moved since before labelling began
-    (ctime older than the run's start, with a margin for coarse filesystem clocks); otherwise leave them unknown,
-    which makes the next refresh hash the shard once instead of trusting a stale identity.
+    ``before`` is the full stat taken just before the shard was handed out. If a stat now is identical to it
+    (ctime included, which every write moves), the file did not change while it was read, so its ctime and
+    inode belong to the hashed content. Otherwise leave them unknown: the next refresh hashes the shard once.
     """
     if ident.ctime_ns is not None and ident.inode is not None:
         return ident
     try:
-        st = path.stat()
+        now = ShardIdentity.stat(path)
     except OSError:
         return ident
-    if (st.st_size, st.st_mtime_ns) == (ident.size, ident.mtime_ns) and st.st_ctime_ns < started_ns - CTIME_MARGIN_NS:
-        return replace(ident, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+    if before is not None and now.same_cheap(before) and (now.size, now.mtime_ns) == (ident.size, ident.mtime_ns):
+        return replace(ident, ctime_ns=now.ctime_ns, inode=now.inode)
     return ident
 
 
