@@ -47,10 +47,21 @@ def test_failure_during_the_run_is_not_reported_as_bad_input(tmp_path):
     assert res.exit_code == EXIT_BAD_INPUT
 
 
-def test_refresh_takes_no_ray_and_address_and_shows_touched(tmp_path):
+def test_refresh_takes_no_ray_and_address_and_shows_touched(tmp_path, monkeypatch):
     import os
     import time
 
+    from teacher_cache.manifest import DirectoryLock
+
+    at_release = []
+    real_exit = DirectoryLock.__exit__
+
+    def exit_and_record(self, *exc):  # what last_run.json says at the moment the lock is released
+        summary = self.path.parent / "last_run.json"
+        at_release.append(json.loads(summary.read_text()) if summary.exists() else None)
+        return real_exit(self, *exc)
+
+    monkeypatch.setattr(DirectoryLock, "__exit__", exit_and_record)
     f = _cfg_file(tmp_path, ray={"enabled": True})
     runner = CliRunner()
     first = runner.invoke(cli, ["cache", "refresh", "--config", str(f), "--no-ray"])
@@ -60,6 +71,7 @@ def test_refresh_takes_no_ray_and_address_and_shows_touched(tmp_path):
     res = runner.invoke(cli, ["cache", "refresh", "--config", str(f), "--no-ray"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["touched"] == ["train-000000"]
+    assert at_release[-1] is not None and at_release[-1]["touched"] == ["train-000000"]  # written under the lock
     bad = runner.invoke(cli, ["cache", "refresh", "--config", str(f), "--address", "127.0.0.1:1"])
     assert bad.exit_code == EXIT_BAD_INPUT and "127.0.0.1:1" in bad.output
 
