@@ -105,3 +105,32 @@ def test_folder_images_are_read_one_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(sw, "_write_one", lambda *a: events.append("write") or real_write(*a))
     res = run(ShardsConfig(source=str(tmp_path / "imgs"), out_dir=tmp_path / "out", val_fraction=0.0))
     assert res.samples == 5 and events == ["read", "write"] * 5
+
+
+def test_each_shard_tar_is_fsynced_before_its_rename(tmp_path, monkeypatch):
+    import os
+
+    d = tmp_path / "imgs" / "cat"
+    d.mkdir(parents=True)
+    for i in range(3):
+        (d / f"{i}.png").write_bytes(_png(i))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    res = run(ShardsConfig(source=str(tmp_path / "imgs"), out_dir=tmp_path / "out", val_fraction=0.0,
+                           samples_per_shard=2))
+    assert len(res.train) == 2
+    renames = [i for i, (what, _) in enumerate(events) if what == "replace" and ".tar.tmp-" in events[i][1]]
+    assert len(renames) == 2
+    for i in renames:
+        assert ("fsync", events[i][1]) in events[:i]
