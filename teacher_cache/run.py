@@ -113,7 +113,7 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
         if plan.todo and teacher is None:
             teacher, fp2 = prepare(cfg)
             if fp2 != fp:  # the memo was stale (files rewritten with the same mtime): start over, correctly
-                raise RuntimeError(f"teacher fingerprint changed during the run ({fp} -> {fp2}); re-run")
+                raise RunFailedError(f"teacher fingerprint changed during the run ({fp} -> {fp2}); re-run")
         if manifest is None:
             assert teacher is not None  # every shard is new, so the teacher was loaded above
             manifest = Manifest(fingerprint=fp, teacher=teacher.info)
