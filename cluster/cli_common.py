@@ -12,6 +12,7 @@ import click
 from cluster.config_loading import ConfigError
 
 EXIT_BAD_INPUT, EXIT_PARTIAL, EXIT_FAILURE, EXIT_LOCKED = 2, 3, 4, 5
+EXIT_RUN_FAILED = 6  # the run started (work may be saved) and then failed; re-running resumes
 STATUS_EXIT = {"success": 0, "partial": EXIT_PARTIAL, "failure": EXIT_FAILURE}
 
 

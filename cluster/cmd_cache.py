@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from cluster.cli_common import EXIT_LOCKED, STATUS_EXIT, config_options, ray_overrides
+from cluster.cli_common import (
+    EXIT_BAD_INPUT,
+    EXIT_LOCKED,
+    EXIT_RUN_FAILED,
+    STATUS_EXIT,
+    config_options,
+    ray_overrides,
+)
 from cluster.config_loading import load_config
 from cluster.metrics_server import start_metrics_server
 
@@ -27,8 +36,9 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
 
     \b
     Output: <cache_root>/<fingerprint>/<shard>.parquet + manifest.json + errors/ + last_run.json.
-    Unchanged shards (same size+mtime, or same content hash) with the same teacher are skipped.
-    Exit: 0 all shards cached, 3 some shards failed, 4 all failed, 2 bad config/input.
+    Unchanged shards (same size+mtime+ctime+inode, or same content hash) with the same teacher are skipped.
+    Exit: 0 all shards cached, 3 some shards failed, 4 all failed, 2 bad config/input (nothing done),
+    5 locked by another writer, 6 failed during the run (finished shards kept; re-run continues).
     Example: distill cache --config examples/demo.yaml --set ray.num_actors=2
     """
     if ctx.invoked_subcommand is not None:
@@ -39,9 +49,8 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
     sets = list(overrides) + ray_overrides(no_ray, address)
     cfg = load_config(CacheConfig, config_path, sets, "cache")
     _check_address(cfg)
-    if cfg.metrics.enabled:
-        start_metrics_server(cfg.metrics.host, cfg.metrics.port, cfg.metrics.targets_file)
-    result = run(cfg)
+    _start_metrics(cfg)
+    result = _run_or_exit(run, cfg)
     summary = result.summary()
     click.echo(json.dumps({k: summary[k] for k in ("status", "cache_dir", "fingerprint", "images", "decode_errors",
                                                    "seconds")}
@@ -55,6 +64,30 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
         for stem, msg in result.failed.items():
             click.echo(f"  {stem}: {msg}", err=True)
     sys.exit(STATUS_EXIT[result.status])
+
+
+def _start_metrics(cfg: object) -> None:
+    """Before the lock and before any work: a taken fixed port is a config error, said in one line."""
+    if not cfg.metrics.enabled:
+        return
+    try:
+        start_metrics_server(cfg.metrics.host, cfg.metrics.port, cfg.metrics.targets_file)
+    except OSError as exc:
+        click.echo(f"error: cannot serve metrics on {cfg.metrics.host}:{cfg.metrics.port}: port {cfg.metrics.port} "
+                   f"is already in use or not allowed ({exc.strerror or exc}); set metrics.port=0 (any free "
+                   "port) or another port, or metrics.enabled=false", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _run_or_exit(run: Callable[..., Any], cfg: object, **kw: Any) -> Any:
+    """A failure after the run began exits 6 with one line (exit 2 is only for 'bad input, nothing done')."""
+    from teacher_cache.run import RunFailedError
+
+    try:
+        return run(cfg, **kw)
+    except RunFailedError as exc:
+        click.echo(f"error: the cache run failed during the run: {exc}", err=True)
+        sys.exit(EXIT_RUN_FAILED)
 
 
 def _check_address(cfg: object) -> None:
@@ -86,13 +119,17 @@ def inspect(directory: Path, as_json: bool, no_verify: bool) -> None:
 @cache.command()
 @config_options
 @click.option("--wait", is_flag=True, help="Wait for a running writer of this cache instead of exiting (code 5).")
-def refresh(config_path: Path | None, overrides: tuple[str, ...], wait: bool) -> None:
+@click.option("--no-ray", is_flag=True, help="Label every shard in this process (same code path, no Ray).")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster).")
+def refresh(config_path: Path | None, overrides: tuple[str, ...], wait: bool, no_ray: bool,
+            address: str | None) -> None:
     """Nightly incremental refresh: label new/changed shards only; safe to schedule.
 
     \b
     A lock guarantees one writer per cache: an overlapping run exits with code 5 and says who holds it
     (or waits with --wait). Prints a summary (shards new/changed/unchanged/vanished/failed, duration) and
-    pushes it to metrics.pushgateway when set. Exit: 0 success, 3 partial, 4 failure, 5 locked, 2 bad input.
+    pushes it to metrics.pushgateway when set. Exit: 0 success, 3 partial, 4 failure, 5 locked,
+    2 bad config/input (nothing done), 6 failed during the run (finished shards kept; re-run continues).
     Example: distill cache refresh --config examples/demo.yaml --set metrics.pushgateway=http://127.0.0.1:9091
     """
     from teacher_cache.config import CacheConfig
@@ -100,18 +137,17 @@ def refresh(config_path: Path | None, overrides: tuple[str, ...], wait: bool) ->
     from teacher_cache.metrics import push_refresh_summary
     from teacher_cache.run import run
 
-    cfg = load_config(CacheConfig, config_path, list(overrides), "cache")
+    cfg = load_config(CacheConfig, config_path, list(overrides) + ray_overrides(no_ray, address), "cache")
     _check_address(cfg)
-    if cfg.metrics.enabled:
-        start_metrics_server(cfg.metrics.host, cfg.metrics.port, cfg.metrics.targets_file)
+    _start_metrics(cfg)
     try:
-        result = run(cfg, wait_for_lock=wait)
+        result = _run_or_exit(run, cfg, wait_for_lock=wait)
     except CacheLockedError as exc:
         click.echo(f"refused: {exc}", err=True)
         sys.exit(EXIT_LOCKED)
     s = result.summary()
     click.echo(json.dumps({"status": s["status"], "cache_dir": s["cache_dir"], "new": len(s["new"]),
-                           "changed": len(s["changed"]), "unchanged": len(s["unchanged"]),
+                           "changed": len(s["changed"]), "unchanged": len(s["unchanged"]), "touched": s["touched"],
                            "vanished": s["vanished"], "failed": s["failed"], "images": s["images"],
                            "seconds": round(s["seconds"], 2)}, indent=1))
     if cfg.metrics.pushgateway:

@@ -10,6 +10,8 @@ import yaml
 
 from cluster.config_loading import load_config
 
+SHOWN = 20  # skipped files printed in the summary; the rest are in <out_dir>/skipped.jsonl
+
 
 @click.command()
 @click.option("--config", "-c", "config_path", type=click.Path(path_type=Path), default=None,
@@ -19,6 +21,10 @@ from cluster.config_loading import load_config
 @click.option("--out-dir", default=None, help="Where to write train-*.tar, val-*.tar and classes.json.")
 def shards(config_path: Path | None, overrides: tuple[str, ...], source: str | None, out_dir: str | None) -> None:
     """Write ImageNet-WDS shards (<key>.png|jpg|webp + .cls + .json) with a train/val split.
+
+    \b
+    Every image is decoded once while it is written: empty, undecodable and oversized files are skipped,
+    listed in the summary and in <out_dir>/skipped.jsonl, and not counted in `samples`.
 
     \b
     Fields: source, out_dir, samples_per_shard (500), val_fraction (0.1), image_format (png|jpg|webp),
@@ -35,4 +41,9 @@ def shards(config_path: Path | None, overrides: tuple[str, ...], source: str | N
         yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     click.echo(json.dumps({"train": result.train_pattern, "val": result.val_pattern, "classes": len(result.classes),
                            "samples": result.samples, "train_shards": len(result.train),
-                           "val_shards": len(result.val)}, indent=1))
+                           "val_shards": len(result.val), "skipped": len(result.skipped),
+                           "skipped_files": [{"file": f, "reason": r} for f, r in result.skipped[:SHOWN]]},
+                          indent=1))
+    if len(result.skipped) > SHOWN:
+        click.echo(f"{len(result.skipped)} files skipped; all listed in {Path(cfg.out_dir) / 'skipped.jsonl'}",
+                   err=True)

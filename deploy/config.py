@@ -33,6 +33,7 @@ class ServeConfig(BaseModel):
     model: Literal["int8", "fp32"] = "int8"
     top_k: int = Field(5, ge=1)
     max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="larger uploads get 413")
+    max_pixels: int = Field(40_000_000, ge=1, description="larger images (by their header) get 413, undecoded")
     max_batch_size: int = Field(32, ge=1)
     batch_wait_ms: float = Field(5.0, ge=0.0)
     replicas: int = Field(1, ge=1)

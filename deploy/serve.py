@@ -4,14 +4,21 @@ Requests are batched with @serve.batch. Bad input (empty body, not an image, too
 gets a 4xx JSON error and the server keeps serving. Preprocessing is the bundle's eval view, made by the
 same replay function that produced the cached training views.
 
+Hardening: the body limit is enforced while the (possibly chunked) upload is read, never after buffering it;
+only JPEG/PNG/WebP decoders are tried; the pixel count is checked from the image header before decoding
+(a 400 KB PNG can decode to gigabytes), answered with 413; decoding runs in a worker thread so the event loop
+(and /healthz) stays responsive during a slow decode.
+
 No `from __future__ import annotations` here: with postponed annotations Serve's class-based FastAPI ingress
 cannot strip `self` from the route signatures and every request gets a 422.
 """
 
 
+import asyncio
 import io
 import json
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +32,41 @@ from deploy.config import ServeConfig
 
 log = logging.getLogger(__name__)
 ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
+PIL_FORMATS = ["JPEG", "PNG", "WEBP"]
+
+
+class ImageTooLarge(ValueError):
+    """More pixels than the configured limit (checked from the header, before decoding)."""
+
+
+class BodyTooLarge(ValueError):
+    """The upload grew past max_bytes while it was being read."""
+
+
+async def read_limited(chunks: AsyncIterator[bytes], max_bytes: int) -> bytes:
+    """Collect a request body, stopping as soon as it exceeds max_bytes (chunked uploads have no length)."""
+    parts, total = [], 0
+    async for chunk in chunks:
+        total += len(chunk)
+        if total > max_bytes:
+            raise BodyTooLarge(f"upload is over the limit of {max_bytes} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 api = FastAPI(title="distill classifier")
 
 
-def preprocess(data: bytes, prep: dict) -> np.ndarray:
-    """Encoded image -> (C, S, S) float32, exactly like the cache's view 0 for a student."""
+def preprocess(data: bytes, prep: dict, max_pixels: int) -> np.ndarray:
+    """Encoded image -> (C, S, S) float32, exactly like the cache's view 0 for a student.
+
+    Raises ImageTooLarge before any pixel is decoded when the header announces more than max_pixels.
+    """
     from teacher_cache.views import eval_view, image_to_tensor, normalize, replay_view
 
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
+        if im.width * im.height > max_pixels:
+            raise ImageTooLarge(f"image is {im.width}x{im.height} = {im.width * im.height:,} pixels, over the "
+                                f"limit of {max_pixels:,}; send a smaller image")
         im.load()
         pixels = image_to_tensor(im, int(prep["channels"]))
     view = eval_view(pixels.shape[1], pixels.shape[2], float(prep["crop_pct"]))
@@ -49,7 +82,7 @@ def _error(status: int, message: str) -> JSONResponse:
 @serve.ingress(api)
 class Classifier:
     def __init__(self, bundle: str, model: str, top_k: int, max_bytes: int, max_batch_size: int,
-                 batch_wait_ms: float) -> None:
+                 batch_wait_ms: float, max_pixels: int = 40_000_000) -> None:
         import onnxruntime as ort
 
         root = Path(bundle)
@@ -57,7 +90,7 @@ class Classifier:
         self.session = ort.InferenceSession(str(root / name), providers=["CPUExecutionProvider"])
         self.prep = json.loads((root / "preprocessing.json").read_text())
         self.classes = json.loads((root / "classes.json").read_text())
-        self.model_file, self.top_k, self.max_bytes = name, top_k, max_bytes
+        self.model_file, self.top_k, self.max_bytes, self.max_pixels = name, top_k, max_bytes, max_pixels
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
 
@@ -79,14 +112,17 @@ class Classifier:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return _error(413, f"upload of {declared} bytes is over the limit of {self.max_bytes} bytes")
-        body = await request.body()
+        try:
+            body = await read_limited(request.stream(), self.max_bytes)
+        except BodyTooLarge as exc:
+            return _error(413, str(exc))
         if not body:
             return _error(400, "empty body: POST the image file bytes")
-        if len(body) > self.max_bytes:
-            return _error(413, f"upload of {len(body)} bytes is over the limit of {self.max_bytes} bytes")
         try:
-            x = preprocess(body, self.prep)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            x = await asyncio.to_thread(preprocess, body, self.prep, self.max_pixels)
+        except (ImageTooLarge, Image.DecompressionBombError) as exc:
+            return _error(413, str(exc))
+        except (OSError, ValueError, SyntaxError, TypeError, EOFError) as exc:
             return _error(400, f"not a decodable image ({exc.__class__.__name__}); send a JPEG, PNG or WebP file")
         logits = (await self._batch(x)).astype(np.float64)
         probs = np.exp(logits - logits.max())
@@ -103,7 +139,7 @@ def build_app(cfg: ServeConfig) -> Any:
         if not (bundle / needed).exists():
             raise FileNotFoundError(f"{bundle / needed} missing: `bundle` must be the out_dir of `distill deploy`")
     return Classifier.options(num_replicas=cfg.replicas, ray_actor_options={"num_cpus": cfg.cpus_per_replica}).bind(
-        str(bundle), cfg.model, cfg.top_k, cfg.max_bytes, cfg.max_batch_size, cfg.batch_wait_ms)
+        str(bundle), cfg.model, cfg.top_k, cfg.max_bytes, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_pixels)
 
 
 def start(cfg: ServeConfig, blocking: bool = False) -> str:

@@ -56,10 +56,15 @@ def resolve_split(patterns: list[str], reader: CacheReader, split: str) -> list[
         if entry is None:
             problems.append(f"{path}: no cache file in {reader.directory} (run `distill cache` over this shard)")
             continue
-        ident = ShardIdentity.stat(path)
-        if (ident.size, ident.mtime_ns) != (entry.size, entry.mtime_ns) and (
+        ident = ShardIdentity.stat(path)  # size+mtime+ctime+inode; any moved (or unknown): compare content
+        if not ident.same_cheap(entry.identity()) and (
                 ident.size != entry.size or file_sha256(path) != entry.content_sha256):
             problems.append(f"{path}: changed since it was cached (keys may not match); re-run `distill cache`")
+            continue
+        try:
+            reader.check(stem)  # the cache file's checksum, once per file per run, before anything reads it
+        except CacheError as exc:
+            problems.append(str(exc))
             continue
         pairs.append(ShardPair(stem, path, entry.rows))
     if problems:

@@ -6,13 +6,12 @@ import json
 import logging
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from student_train.config import TrainConfig
 from student_train.data import DataJoinError, ShardPair, count_samples, resolve_split
 from student_train.train_loop import JobSpec
 from teacher_cache.config import TeacherConfig
 from teacher_cache.reader import CacheError, CacheReader, find_cache_dir
+from teacher_cache.schema import COL_LABEL
 from teacher_cache.shards import expand_shard_patterns, shard_stem
 from teacher_cache.teacher import Preprocessing, weights_sha256
 
@@ -57,7 +56,7 @@ def _uncached_split(patterns: list[str]) -> tuple[list[ShardPair], int]:
 
 
 def _labelled_rows(reader: CacheReader, pairs: list[ShardPair]) -> int:
-    return sum(p.rows - pq.read_table(reader.path(p.stem), columns=["label"]).column(0).null_count for p in pairs)
+    return sum(p.rows - reader.table(p.stem, columns=[COL_LABEL]).column(0).null_count for p in pairs)
 
 
 def _num_classes(cfg: TrainConfig) -> int:

@@ -1,7 +1,9 @@
 """Remember a teacher's fingerprint by cheap identity, so a no-op nightly refresh never loads the teacher.
 
-Key = hash of the fingerprint-relevant config (teacher block, top-k, views, schema version) plus the size and
-mtime of the teacher's files. A teacher without a local file (hub `pretrained`) is never memoised.
+Key = hash of the fingerprint-relevant config (teacher block, top-k, views, schema version) plus the size,
+mtime, ctime and inode of the teacher's files (size+mtime alone is fooled by a retrained teacher copied with
+`cp -p` / `rsync -t`: ctime cannot be set from user space, and a replaced file gets a new inode).
+A teacher without a local file (hub `pretrained`) is never memoised.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def _memo_key(cfg: CacheConfig) -> str | None:
             st = Path(p).stat()
         except OSError:
             return None
-        idents.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+        idents.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
     payload = {"schema": SCHEMA_VERSION, "teacher": cfg.teacher.model_dump(mode="json"), "topk": cfg.topk,
                "views": cfg.views.model_dump(mode="json"), "files": idents}
     from teacher_cache.teacher import resolve_precision

@@ -11,7 +11,7 @@ import fcntl
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,16 @@ class ShardEntry:
     rows: int
     errors: int
     written_at: float = field(default_factory=time.time)
+    ctime_ns: int | None = None  # absent in manifests written before ctime/inode joined the identity
+    inode: int | None = None
+
+    def identity(self) -> ShardIdentity:
+        return ShardIdentity(self.size, self.mtime_ns, self.content_sha256, self.ctime_ns, self.inode)
+
+    def update_identity(self, ident: ShardIdentity, source: str) -> None:
+        """Same content, moved cheap identity (touched, copied): remember the new one so we never hash it again."""
+        self.size, self.mtime_ns, self.ctime_ns, self.inode = ident.cheap()
+        self.source = source
 
 
 @dataclass
@@ -131,19 +141,44 @@ class DirectoryLock:
             self._fd = None
 
 
+PARQUET_MAGIC = b"PAR1"
+
+
+def cache_file_problem(path: Path, expected_bytes: int) -> str | None:
+    """Cheap check on every open (no checksum): the size the manifest recorded and an intact Parquet footer.
+
+    Catches truncation and most partial copies at the cost of one stat and a 12-byte read; the checksum is
+    taken once per file per run on top of this (see teacher_cache.reader).
+    """
+    try:
+        size = path.stat().st_size
+        if size != expected_bytes:
+            return f"{size} bytes but the manifest says {expected_bytes} (truncated or replaced)"
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(max(0, size - 8))
+            tail = f.read(8)
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    footer_len = int.from_bytes(tail[:4], "little") if len(tail) == 8 else -1
+    if head != PARQUET_MAGIC or tail[4:] != PARQUET_MAGIC or not 0 <= footer_len <= size - 12:
+        return "no valid Parquet footer (partial or altered file)"
+    return None
+
+
 @dataclass
 class RefreshPlan:
     """What a run must do: label these shards; skip those; report vanished ones; touched = same content."""
 
     todo: list[tuple[str, Path, str]] = field(default_factory=list)  # (stem, path, reason: new|changed|unlisted)
     unchanged: list[str] = field(default_factory=list)
-    touched: dict[str, ShardIdentity] = field(default_factory=dict)  # mtime/size moved, content hash equal
+    touched: dict[str, ShardIdentity] = field(default_factory=dict)  # cheap identity moved, content hash equal
     vanished: list[str] = field(default_factory=list)
 
 
 def plan_refresh(manifest: Manifest | None, shards: dict[str, Path], directory: Path,
                  verify_cache_files: bool = False) -> RefreshPlan:
-    """Decide per shard with the cheapest evidence first: size+mtime, then content hash only if those moved."""
+    """Decide per shard with the cheapest evidence first: size+mtime+ctime+inode, then the content hash if any moved."""
     plan = RefreshPlan()
     listed = manifest.shards if manifest is not None else {}
     for stem, path in shards.items():
@@ -152,17 +187,18 @@ def plan_refresh(manifest: Manifest | None, shards: dict[str, Path], directory: 
             plan.todo.append((stem, path, "new"))
             continue
         cache_file = directory / entry.file
-        if not cache_file.exists() or (verify_cache_files and file_sha256(cache_file) != entry.file_sha256):
+        if cache_file_problem(cache_file, entry.file_bytes) is not None or (
+                verify_cache_files and file_sha256(cache_file) != entry.file_sha256):
             plan.todo.append((stem, path, "cache file missing or damaged"))
             continue
         ident = ShardIdentity.stat(path)
-        if entry.source == str(path) and (ident.size, ident.mtime_ns) == (entry.size, entry.mtime_ns):
+        if entry.source == str(path) and ident.same_cheap(entry.identity()):
             plan.unchanged.append(stem)
             continue
         content = file_sha256(path) if ident.size == entry.size else None
         if content is not None and content == entry.content_sha256:
             plan.unchanged.append(stem)
-            plan.touched[stem] = ShardIdentity(ident.size, ident.mtime_ns, content)
+            plan.touched[stem] = replace(ident, sha256=content)
         else:
             plan.todo.append((stem, path, "changed"))
     plan.vanished = sorted(set(listed) - set(shards))

@@ -1,5 +1,8 @@
 """Read the cache: only manifest-listed files with a matching checksum, rows in shard order.
 
+Verification costs one checksum per file per process (remembered by the file's size, mtime, ctime and inode);
+every open also checks the recorded size and the Parquet footer, which is what `verify=False` keeps.
+
     reader = CacheReader(cache_root / fingerprint)
     for stem in reader.shards:
         arrays = reader.arrays(stem)           # numpy columns, for batching
@@ -16,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from teacher_cache.manifest import Manifest
+from teacher_cache.manifest import Manifest, cache_file_problem
 from teacher_cache.schema import (
     COL_CROP,
     COL_FLIP,
@@ -35,6 +38,16 @@ from teacher_cache.views import ViewParams
 
 class CacheError(RuntimeError):
     """The cache is missing, incomplete, or does not match what the caller expects; names the file."""
+
+
+FIX_DAMAGED = "delete it and re-run `distill cache` (it relabels that shard)"
+# (resolved path, manifest checksum) -> (size, mtime, ctime, inode) when its checksum last matched in this process
+_VERIFIED: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+
+
+def _stat_identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 @dataclass
@@ -103,15 +116,29 @@ class CacheReader:
                              "run `distill cache` over it")
         return self.directory / entry.file
 
-    def table(self, stem: str) -> pa.Table:
-        """The shard's table after checking checksum, row count, schema version and fingerprint."""
+    def check(self, stem: str) -> Path:
+        """Refuse a listed file that is missing, truncated or altered; the checksum only once per process."""
         path, entry = self.path(stem), self.manifest.shards[stem]
         if not path.exists():
             raise CacheError(f"{path}: listed in the manifest but missing; re-run `distill cache`")
-        if self.verify and file_sha256(path) != entry.file_sha256:
-            raise CacheError(f"{path}: checksum does not match the manifest (partial or altered file); "
-                             "re-run `distill cache` to rewrite it")
-        table = pq.read_table(path)
+        if (problem := cache_file_problem(path, entry.file_bytes)) is not None:
+            raise CacheError(f"{path}: {problem}; {FIX_DAMAGED}")
+        if self.verify:
+            key, ident = (str(path.resolve()), entry.file_sha256), _stat_identity(path)
+            if _VERIFIED.get(key) != ident:
+                if file_sha256(path) != entry.file_sha256:
+                    raise CacheError(f"{path}: checksum does not match the manifest (partial or altered file); "
+                                     f"{FIX_DAMAGED}")
+                _VERIFIED[key] = ident
+        return path
+
+    def table(self, stem: str, columns: list[str] | None = None) -> pa.Table:
+        """The shard's table after checking checksum, row count, schema version and fingerprint."""
+        path, entry = self.check(stem), self.manifest.shards[stem]
+        try:
+            table = pq.read_table(path, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            raise CacheError(f"{path}: unreadable Parquet ({exc}); {FIX_DAMAGED}") from exc
         try:
             meta = CacheMeta.from_kv(table.schema.metadata, str(path))
         except SchemaError as exc:
@@ -126,11 +153,13 @@ class CacheReader:
     def meta(self, stem: str | None = None) -> CacheMeta:
         stem = stem or self.shards[0]
         if stem not in self._meta:
-            path = self.path(stem)
+            path = self.check(stem)
             try:
                 self._meta[stem] = CacheMeta.from_kv(pq.read_schema(path).metadata, str(path))
             except SchemaError as exc:
                 raise CacheError(str(exc)) from exc
+            except (pa.ArrowException, OSError) as exc:
+                raise CacheError(f"{path}: unreadable Parquet ({exc}); {FIX_DAMAGED}") from exc
         return self._meta[stem]
 
     def arrays(self, stem: str) -> ShardArrays:

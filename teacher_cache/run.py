@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -23,11 +24,18 @@ from teacher_cache.manifest import (
     plan_refresh,
     remove_stale_tmp,
 )
-from teacher_cache.shards import expand_shard_patterns, shard_stem
+from teacher_cache.shards import ShardIdentity, expand_shard_patterns, shard_stem
 from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "last_run.json"
+
+
+class RunFailedError(RuntimeError):
+    """The run got past validation (lock held, work begun) and then failed: not "bad input, nothing done".
+
+    Shards finished before the failure are in the manifest; re-running continues with the rest.
+    """
 
 
 @dataclass
@@ -89,7 +97,8 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     """Label new/changed shards, skip unchanged ones, record everything in the manifest.
 
     A no-op refresh (same teacher files, same shards) neither loads the teacher nor reads shard data: the
-    fingerprint comes from a memo keyed by the teacher files' size+mtime and the fingerprint-relevant config.
+    fingerprint comes from a memo keyed by the teacher files' size+mtime+ctime+inode and the fingerprint-relevant
+    config. ``last_run.json`` is written while the lock is held, so it always describes the last writer.
     """
     t0 = time.perf_counter()
     shards = map_shards(cfg.shards)
@@ -107,13 +116,12 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
         if plan.todo and teacher is None:
             teacher, fp2 = prepare(cfg)
             if fp2 != fp:  # the memo was stale (files rewritten with the same mtime): start over, correctly
-                raise RuntimeError(f"teacher fingerprint changed during the run ({fp} -> {fp2}); re-run")
+                raise RunFailedError(f"teacher fingerprint changed during the run ({fp} -> {fp2}); re-run")
         if manifest is None:
             assert teacher is not None  # every shard is new, so the teacher was loaded above
             manifest = Manifest(fingerprint=fp, teacher=teacher.info)
-        for stem, ident in plan.touched.items():  # same content, new mtime: remember the new identity
-            e = manifest.shards[stem]
-            e.size, e.mtime_ns, e.source = ident.size, ident.mtime_ns, str(shards[stem])
+        for stem, ident in plan.touched.items():  # same content, moved cheap identity: remember the new one
+            manifest.shards[stem].update_identity(ident, str(shards[stem]))
         manifest.save(out_dir)
         atomic_write_bytes(out_dir / "cache_config.resolved.yaml",
                            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
@@ -130,17 +138,25 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
         tasks = [ShardTask(stem, path, out_dir) for stem, path, _ in plan.todo]
         if tasks:
             assert teacher is not None
-            _execute(cfg, fp, teacher, tasks, manifest, out_dir, result)
-    result.seconds = time.perf_counter() - t0
+            try:
+                _execute(cfg, fp, teacher, tasks, manifest, out_dir, result)
+            except Exception as exc:  # re-raised with what it means for the user; nothing is swallowed
+                raise RunFailedError(f"{exc.__class__.__name__}: {exc} (after {len(result.labelled)} of "
+                                     f"{len(tasks)} shards were cached; they are kept, re-run to continue)") from exc
+        result.seconds = time.perf_counter() - t0
+        atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
     metrics.RUN_SECONDS.set(result.seconds)
     if result.status == "success":
         metrics.LAST_SUCCESS.set_to_current_time()
-    atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
     return result
 
 
 def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[ShardTask], manifest: Manifest,
              out_dir: Path, result: CacheResult) -> None:
+    before = {}  # full stat of each shard before it is handed out (see complete_identity)
+    for task in tasks:
+        with contextlib.suppress(OSError):  # a vanished file is reported by the labeller as a failed shard
+            before[task.stem] = ShardIdentity.stat(task.path)
     disable = not cfg.progress
     shard_bar = tqdm(total=len(tasks), desc="shards", unit="shard", position=0, disable=disable)
     image_bar = tqdm(desc="images", unit="img", position=1, disable=disable)
@@ -158,10 +174,12 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
             log.error("shard failed: %s", r.message)
             return
         assert r.identity is not None and r.file is not None and r.file_sha256 is not None
+        ident = complete_identity(r.identity, Path(r.source), before.get(r.stem))
         manifest.shards[r.stem] = ShardEntry(
-            source=r.source, size=r.identity.size, mtime_ns=r.identity.mtime_ns,
-            content_sha256=r.identity.sha256 or "", file=r.file, file_bytes=r.file_bytes,
-            file_sha256=r.file_sha256, rows=r.rows, errors=len(r.error_records))
+            source=r.source, size=ident.size, mtime_ns=ident.mtime_ns,
+            content_sha256=ident.sha256 or "", file=r.file, file_bytes=r.file_bytes,
+            file_sha256=r.file_sha256, rows=r.rows, errors=len(r.error_records),
+            ctime_ns=ident.ctime_ns, inode=ident.inode)
         _save_errors(out_dir, r)
         manifest.save(out_dir)
         result.labelled.append(r.stem)
@@ -204,6 +222,24 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
     finally:
         image_bar.close()
         shard_bar.close()
+
+
+def complete_identity(ident: ShardIdentity, path: Path, before: ShardIdentity | None) -> ShardIdentity:
+    """Fill ctime/inode when the labeller reported only size+mtime+hash.
+
+    ``before`` is the full stat taken just before the shard was handed out. If a stat now is identical to it
+    (ctime included, which every write moves), the file did not change while it was read, so its ctime and
+    inode belong to the hashed content. Otherwise leave them unknown: the next refresh hashes the shard once.
+    """
+    if ident.ctime_ns is not None and ident.inode is not None:
+        return ident
+    try:
+        now = ShardIdentity.stat(path)
+    except OSError:
+        return ident
+    if before is not None and now.same_cheap(before) and (now.size, now.mtime_ns) == (ident.size, ident.mtime_ns):
+        return replace(ident, ctime_ns=now.ctime_ns, inode=now.inode)
+    return ident
 
 
 def _save_errors(out_dir: Path, r: ShardResult) -> None:

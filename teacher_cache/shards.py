@@ -8,8 +8,11 @@ hashed while they stream so an incremental refresh never reads a shard twice.
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import hashlib
+import lzma
 import os
 import tarfile
 import zlib
@@ -52,10 +55,13 @@ def expand_shard_patterns(patterns: list[str]) -> list[Path]:
     return [found[k] for k in sorted(found)]
 
 
+SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
+
+
 def shard_stem(path: Path) -> str:
-    """Cache file name for a shard: its file name without the .tar/.tar.gz suffix."""
+    """Cache file name for a shard: its file name without the .tar/.tar.gz/.tgz/.tar.bz2/.tar.xz suffix."""
     name = path.name
-    for suffix in (".tar.gz", ".tgz", ".tar"):
+    for suffix in SHARD_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -63,16 +69,30 @@ def shard_stem(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ShardIdentity:
-    """Cheap identity (size, mtime) plus an optional content hash computed only when needed."""
+    """Cheap identity (size, mtime, ctime, inode) plus an optional content hash computed only when needed.
+
+    Size + mtime alone is fooled by copies that keep the mtime (`cp -p`, `rsync -t`, unpacked archives); ctime
+    cannot be set by user space and a replaced file gets a new inode, so together they catch those rewrites.
+    ``ctime_ns``/``inode`` are None when unknown (old manifests): unknown counts as moved, so we hash once.
+    """
 
     size: int
     mtime_ns: int
     sha256: str | None = None
+    ctime_ns: int | None = None
+    inode: int | None = None
 
     @classmethod
     def stat(cls, path: Path) -> ShardIdentity:
         st = path.stat()
-        return cls(size=st.st_size, mtime_ns=st.st_mtime_ns)
+        return cls(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+
+    def cheap(self) -> tuple[int, int, int | None, int | None]:
+        return (self.size, self.mtime_ns, self.ctime_ns, self.inode)
+
+    def same_cheap(self, other: ShardIdentity) -> bool:
+        """True only if every cheap field is known on both sides and equal (unknown = moved)."""
+        return None not in self.cheap() and self.cheap() == other.cheap()
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -96,6 +116,47 @@ class _HashingReader:
         self.hash.update(data)
         self.bytes_read += len(data)
         return data
+
+
+class _CountingReader:
+    """Counts the bytes read from a (decompressed) stream: the truncation check needs tar offsets, which are
+    positions in the uncompressed tar, not in the compressed file."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.bytes_read += len(data)
+        return data
+
+
+def _decompressed(hasher: _HashingReader, head: bytes) -> BinaryIO:
+    """The tar byte stream: gzip/bz2/xz detected by magic bytes (not by name), else the file itself."""
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=hasher, mode="rb")  # type: ignore[arg-type]
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(hasher, mode="rb")  # type: ignore[arg-type]
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(hasher, mode="rb")  # type: ignore[arg-type]
+    return hasher  # type: ignore[return-value]
+
+
+class _Prefixed:
+    """Give back the magic bytes we peeked at before the rest of the file (the hash must see every byte once)."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head, self._rest = head, rest
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            if size < 0 or size >= len(self._head):
+                out, self._head = self._head, b""
+                return out + self._rest.read(-1 if size < 0 else size - len(out))
+            out, self._head = self._head[:size], self._head[size:]
+            return out
+        return self._rest.read(size)
 
 
 @dataclass
@@ -132,9 +193,11 @@ class ShardReader:
         seen: set[str] = set()
         current: RawSample | None = None
         with open(self.path, "rb") as raw:
-            self._hasher = _HashingReader(raw)
+            head = raw.read(6)
+            self._hasher = _HashingReader(_Prefixed(head, raw))  # type: ignore[arg-type]
             try:
-                with tarfile.open(fileobj=self._hasher, mode="r|*") as tar:  # type: ignore[call-overload]
+                stream = _CountingReader(_decompressed(self._hasher, head))
+                with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
                     for member in tar:
                         if not member.isfile():
                             continue
@@ -159,13 +222,15 @@ class ShardReader:
                                              f"{len(payload)} of {member.size} bytes); re-create this shard")
                         current.files[ext] = payload
                     end_of_members = tar.offset
-                    # drain the end-of-archive padding so the hash covers the whole file
+                    # drain the end-of-archive padding (uncompressed), then the raw file, so the hash covers it all
+                    while stream.read(1 << 20):
+                        pass
                     while self._hasher.read(1 << 20):
                         pass
-                    if self._hasher.bytes_read < end_of_members + 1024:
+                    if stream.bytes_read < end_of_members + 1024:
                         raise ShardError(f"{self.path}: corrupt or truncated tar (no end-of-archive marker after "
                                          f"{end_of_members} bytes); re-create this shard")
-            except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
                 raise ShardError(f"{self.path}: corrupt or truncated tar ({exc}); re-create this shard") from exc
         if current is not None:
             yield current

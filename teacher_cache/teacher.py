@@ -107,10 +107,11 @@ def _build_from_arch(cfg: TeacherConfig) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def weights_sha256(path: Path) -> str:
-    """Content hash of a weights file, remembered per (path, size, mtime) so a nightly no-op stays cheap."""
+    """Content hash of a weights file, remembered per (path, size, mtime, ctime, inode): a nightly no-op stays
+    cheap, and a retrained file copied with its mtime kept still moves ctime or inode, so it is hashed again."""
     st = path.stat()
     index_path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distill" / "weights_sha256.json"
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):

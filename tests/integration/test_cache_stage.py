@@ -157,7 +157,7 @@ def test_reader_rejects_altered_file(setup):
     res = run(_cfg(tmp, ckpt))
     f = res.cache_dir / "train-000000.parquet"
     f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
-    with pytest.raises(CacheError, match="checksum does not match"):
+    with pytest.raises(CacheError, match="partial or altered file"):
         CacheReader(res.cache_dir).arrays("train-000000")
 
 
@@ -237,3 +237,91 @@ def test_lost_progress_channel_is_lost_progress_not_a_failure(ray_local):
     time.sleep(0.5)
     progress.drain()  # must not raise
     assert report.progress_lost and progress.queue is None
+
+
+def _rewrite_keeping_size_and_mtime(path, edit):
+    """What `cp -p` / `rsync -t` / an unpacked archive do: new bytes, same size, the old mtime restored."""
+    st = path.stat()
+    data = edit(path.read_bytes())
+    assert len(data) == st.st_size
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _flip_first_label(data: bytes) -> tuple[bytes, str, int]:
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = next(m for m in tar if m.name.endswith(".cls") and m.size == 1)
+        old = data[member.offset_data:member.offset_data + 1]
+    new = b"7" if old != b"7" else b"3"
+    return data[:member.offset_data] + new + data[member.offset_data + 1:], member.name[:-4], int(new)
+
+
+def test_rewrite_with_mtime_restored_relabels_and_join_check_refuses(setup):
+    from student_train.data import DataJoinError, resolve_split
+
+    tmp, shards, ckpt = setup
+    cfg = _cfg(tmp, ckpt)
+    first = run(cfg)
+    edited = {}
+
+    def edit(data):
+        out, edited["key"], edited["label"] = _flip_first_label(data)
+        return out
+
+    _rewrite_keeping_size_and_mtime(shards[0], edit)
+    with pytest.raises(DataJoinError, match="train-000000.tar: changed since it was cached"):
+        resolve_split([str(shards[0])], CacheReader(first.cache_dir), "train")
+    again = run(cfg)
+    assert again.changed == ["train-000000"] and again.labelled == ["train-000000"]
+    a = CacheReader(first.cache_dir).arrays("train-000000")
+    assert a.labels[a.keys.index(edited["key"])] == edited["label"]
+    assert resolve_split([str(shards[0])], CacheReader(first.cache_dir), "train")[0].rows == 40
+
+
+def test_retrained_teacher_with_same_size_and_mtime_gets_a_new_fingerprint(setup):
+    tmp, shards, ckpt = setup
+    cfg = _cfg(tmp, ckpt)
+    first = run(cfg)
+    st = ckpt.stat()
+    retrained = save_teacher(tmp / "retrained" / ckpt.name, seed=7)  # same name: same zip layout and size
+    assert retrained.stat().st_size == st.st_size
+    os.utime(retrained, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(retrained, ckpt)  # like `cp -p` / `rsync -t` onto the old path
+    assert (ckpt.stat().st_size, ckpt.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    again = run(cfg)
+    assert again.fingerprint != first.fingerprint and len(again.labelled) == 3
+
+
+def test_damaged_listed_cache_file_is_refused_on_the_training_path(setup):
+    """Same size, altered bytes: the join check (once per run) refuses it, naming the file and the fix."""
+    import teacher_cache.reader as reader_mod
+    from student_train.data import resolve_split
+
+    tmp, shards, ckpt = setup
+    res = run(_cfg(tmp, ckpt))
+    f = res.cache_dir / "train-000001.parquet"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=r"train-000001\.parquet: checksum does not match.*delete it and re-run "
+                                         r"`distill cache`"):
+        resolve_split([str(tmp / "in" / "*.tar")], CacheReader(res.cache_dir), "train")
+    # a truncated file is refused even by a reader that skips checksums (size + footer on every open) ...
+    f.write_bytes(bytes(data[:-100]))
+    with pytest.raises(CacheError, match=r"train-000001\.parquet: .*bytes but the manifest says"):
+        CacheReader(res.cache_dir, verify=False).arrays("train-000001")
+    # ... and `distill cache` relabels it
+    assert run(_cfg(tmp, ckpt)).changed == ["train-000001"]
+    # a good (here: just rewritten) file is checksummed once per process, later opens check size + footer only
+    calls = []
+    real = reader_mod.file_sha256
+    reader_mod.file_sha256 = lambda p: calls.append(p) or real(p)
+    try:
+        resolve_split([str(shards[1])], CacheReader(res.cache_dir), "train")
+        CacheReader(res.cache_dir).arrays("train-000001")
+    finally:
+        reader_mod.file_sha256 = real
+    assert [p.name for p in calls] == ["train-000001.parquet"]

@@ -104,3 +104,33 @@ def test_metric_names_follow_the_convention():
     for name in _exported_names():
         if name.startswith("distill_"):
             assert re.fullmatch(r"distill_(cache|train|compress|deploy|serve)_[a-z0-9_]+", name), name
+
+
+def test_jobs_api_needs_a_token_on_kuberay():
+    """The dashboard (Jobs API = remote code execution) listens on 0.0.0.0: token auth must be on (issue 10.9)."""
+    rc = _yaml("k8s/raycluster.yaml")
+    assert rc["spec"]["authOptions"] == {"mode": "token"}
+    major, minor = (int(x) for x in rc["spec"]["rayVersion"].split(".")[:2])
+    assert (major, minor) >= (2, 52), "token auth needs Ray >= 2.52"
+    assert "KubeRay >= 1.5.1" in (CLUSTER / "k8s/raycluster.yaml").read_text()
+    for name in ("k8s/rayjob-pipeline.yaml", "k8s/raycronjob-refresh.yaml"):
+        spec = _yaml(name)["spec"]
+        spec = spec.get("jobTemplate", spec)
+        # a job that defines its own cluster must secure it too; ours select the long-lived one above
+        assert "rayClusterSpec" not in spec or spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}, name
+        assert spec["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"], name
+
+
+def test_jobs_api_needs_a_token_on_ray_up_nodes():
+    up = _yaml("ray-up.yaml")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in up[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
+    assert any("RAY_AUTH_MODE=token" in c for c in up["setup_commands"])  # shells on the nodes (ray job submit)
+    assert any(dst.endswith(".ray/auth_token") for dst in up["file_mounts"])  # the same token on every node
+
+
+def test_readme_shows_how_to_get_the_token():
+    readme = (CLUSTER.parent / "README.md").read_text()
+    assert "authOptions" in readme and "RAY_AUTH_MODE=token" in readme
+    assert "auth_token" in readme and "ray get-auth-token" in readme

@@ -1,5 +1,6 @@
 """`distill shards` from an image-folder tree: classes from folder names, original bytes kept, split and sizes."""
 
+import functools
 import json
 
 import pytest
@@ -41,3 +42,95 @@ def test_bad_sources_are_clear(tmp_path):
     (tmp_path / "flat" / "a.png").write_bytes(b"x")
     with pytest.raises(ValueError, match="no class sub-folders"):
         run(ShardsConfig(source=str(tmp_path / "flat"), out_dir=tmp_path / "o"))
+
+
+@functools.cache
+def _digits():
+    return mnist(6)[0]
+
+
+def _png(i=0, mode=None):
+    return encode(_digits()[i], "png", mode=mode)
+
+
+def test_bad_images_are_skipped_and_listed_and_keys_stay_unique(tmp_path):
+    d = tmp_path / "imgs" / "cat"
+    d.mkdir(parents=True)
+    (d / "x.png").write_bytes(_png(0))
+    (d / "x.jpg").write_bytes(encode(_digits()[1], "jpg"))  # same stem as x.png: both kept, distinct keys
+    (d / "empty.png").write_bytes(b"")
+    (d / "text.jpg").write_bytes(b"this is not a jpeg")
+    (d / "cut.png").write_bytes(_png(0)[:60])  # a truncated PNG
+    (d / "renamed.webp").write_bytes(_png(0))  # a PNG named .webp is kept, stored under its real format
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train-000000.tar.tmp-123-456").write_bytes(b"left by a killed run")
+    res = run(ShardsConfig(source=str(tmp_path / "imgs"), out_dir=tmp_path / "out", val_fraction=0.0))
+    assert res.samples == 3
+    skipped = dict(res.skipped)
+    assert set(skipped) == {"cat/empty.png", "cat/text.jpg", "cat/cut.png"}
+    assert "empty" in skipped["cat/empty.png"] and "cannot decode" in skipped["cat/text.jpg"]
+    samples = [s for shard in res.train for s in ShardReader(shard)]
+    assert len({s.key for s in samples}) == 3
+    by_origin = {json.loads(s.files["json"])["origin"]: s for s in samples}
+    assert set(by_origin) == {"cat/x.png", "cat/x.jpg", "cat/renamed.webp"}
+    assert "png" in by_origin["cat/renamed.webp"].files
+    assert not list((tmp_path / "out").glob("*.tmp-*"))
+    assert [json.loads(ln)["file"] for ln in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()] == [
+        "cat/cut.png", "cat/empty.png", "cat/text.jpg"]
+
+
+def test_keys_that_sanitise_to_the_same_name_are_refused_naming_both(tmp_path):
+    d = tmp_path / "imgs" / "cat"
+    d.mkdir(parents=True)
+    (d / "a b.png").write_bytes(_png(0))
+    (d / "a_b.png").write_bytes(_png(0))
+    with pytest.raises(ValueError, match=r"cat/a b\.png.*cat/a_b\.png|cat/a_b\.png.*cat/a b\.png"):
+        run(ShardsConfig(source=str(tmp_path / "imgs"), out_dir=tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_folder_images_are_read_one_at_a_time(tmp_path, monkeypatch):
+    """Stream: a file's bytes are read only when it is written, never the whole tree up front."""
+    from pathlib import Path
+
+    import teacher_cache.shard_writer as sw
+
+    d = tmp_path / "imgs" / "cat"
+    d.mkdir(parents=True)
+    for i in range(5):
+        (d / f"{i}.png").write_bytes(_png(i))
+    events = []
+    real_read, real_write = Path.read_bytes, sw._write_one
+    monkeypatch.setattr(Path, "read_bytes", lambda self: events.append("read") or real_read(self))
+    monkeypatch.setattr(sw, "_write_one", lambda *a: events.append("write") or real_write(*a))
+    res = run(ShardsConfig(source=str(tmp_path / "imgs"), out_dir=tmp_path / "out", val_fraction=0.0))
+    assert res.samples == 5 and events == ["read", "write"] * 5
+
+
+def test_each_shard_tar_is_fsynced_before_its_rename(tmp_path, monkeypatch):
+    import os
+
+    d = tmp_path / "imgs" / "cat"
+    d.mkdir(parents=True)
+    for i in range(3):
+        (d / f"{i}.png").write_bytes(_png(i))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    res = run(ShardsConfig(source=str(tmp_path / "imgs"), out_dir=tmp_path / "out", val_fraction=0.0,
+                           samples_per_shard=2))
+    assert len(res.train) == 2
+    renames = [i for i, (what, _) in enumerate(events) if what == "replace" and ".tar.tmp-" in events[i][1]]
+    assert len(renames) == 2
+    for i in renames:
+        assert ("fsync", events[i][1]) in events[:i]

@@ -46,3 +46,31 @@ def test_truncated_tar_names_the_shard(tmp_path):
     p.write_bytes(p.read_bytes()[:7000])
     with pytest.raises(ShardError, match="t.tar: corrupt or truncated"):
         list(ShardReader(p))
+
+
+@pytest.mark.parametrize("name,compress", [("g.tar.gz", "gzip"), ("g.tgz", "gzip"), ("b.tar.bz2", "bz2"),
+                                           ("x.tar.xz", "lzma")])
+def test_compressed_shards_read_and_truncation_checked_on_the_uncompressed_stream(tmp_path, name, compress):
+    import importlib
+
+    from teacher_cache.shards import file_sha256
+
+    plain = write_tar(tmp_path / "plain.tar", [(f"k{i}", {"png": bytes(range(256)) * 20, "cls": b"3"})
+                                               for i in range(4)])
+    p = tmp_path / name
+    p.write_bytes(importlib.import_module(compress).compress(plain.read_bytes()))
+    r = ShardReader(p)
+    assert [s.key for s in r] == ["k0", "k1", "k2", "k3"] and r.sha256 == file_sha256(p)
+    assert shard_stem(p) == name.split(".")[0]
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(ShardError, match=f"{name}: corrupt or truncated"):
+        list(ShardReader(p))
+    # a complete compressed stream around a tar cut short (no end-of-archive marker) is truncated too
+    import tarfile
+
+    with tarfile.open(plain) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512  # right after the last member: no end-of-archive blocks
+    p.write_bytes(importlib.import_module(compress).compress(plain.read_bytes()[:end]))
+    with pytest.raises(ShardError, match=f"{name}: corrupt or truncated"):
+        list(ShardReader(p))
