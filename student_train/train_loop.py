@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from student_train import checkpoints
 from student_train import metrics as m
+from student_train.atomic_io import atomic_write_text
 from student_train.config import VariantConfig
 from student_train.data import JoinedStream, ShardPair, StreamSpec, padded, placeholder_batch, steps_per_epoch
 from student_train.evaluate import evaluate
@@ -56,6 +58,7 @@ class JobSpec:
     metrics_host: str = "127.0.0.1"
     metrics_targets_dir: Path | None = None
     train_crop_scale: tuple[float, float] = (0.35, 1.0)
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -165,7 +168,7 @@ def _save_best(engine: Any, v: VariantConfig, job: JobSpec, out: Path, ctx: Work
     info = {"arch": v.arch, "arch_kwargs": v.arch_kwargs, "num_classes": job.num_classes, "in_chans": sp.channels,
             "preprocessing": sp.as_dict(), "epoch": row["epoch"], "val_top1": row["val_top1"],
             "cache_dir": str(job.cache_dir), "mode": v.mode}
-    (out / "arch.json").write_text(json.dumps(info, indent=1))
+    atomic_write_text(out / "arch.json", json.dumps(info, indent=1))
 
 
 def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
@@ -202,9 +205,9 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
                 buf.data = buf.data.to(torch.bfloat16)
     ckpt_dir = out / "ds_ckpt"
     state = {"epoch": -1, "best": -1.0, "wall": 0.0}
-    if (ckpt_dir / "latest").exists():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        state.update({k: client[k] for k in state if client and k in client})  # ours only, not DeepSpeed's keys
+    client = checkpoints.resume(engine, ckpt_dir, ctx.rank, ctx.world)
+    if client is not None:
+        state.update({k: client[k] for k in state if k in client})  # ours only, not DeepSpeed's keys
         log.info("%s: resumed after epoch %d", name, state["epoch"])
     teacher = load_teacher(job.teacher).model.to(ctx.device) if v.mode == "online" and job.teacher else None
     loss_fn = create_loss(v.mode, v.alpha, v.temperature)
@@ -225,7 +228,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
             state["best"] = score
             _save_best(engine, v, job, out, ctx, row)
         state["epoch"] = epoch
-        engine.save_checkpoint(str(ckpt_dir), tag=f"epoch{epoch}", client_state=dict(state))
+        checkpoints.save(engine, ckpt_dir, epoch, dict(state), job.keep_checkpoints, ctx.rank)
         row["wall_seconds"] = state["wall"]
         if ctx.rank == 0:
             _write_row(out / "metrics.csv", row)
@@ -260,7 +263,8 @@ def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None
         losses = loss_fn(logits, {k: t.to(ctx.device) for k, t in batch.items() if k != "pixels"})
         if not _all_ranks_finite(losses["loss"].detach(), ctx):
             raise NonFiniteLossError(f"variant {name}: non-finite loss at epoch {epoch + 1} step {step + 1} "
-                                     f"(lr={v.lr}); lower the learning rate or enable clip_grad")
+                                     f"(lr={v.lr}); lower lr, use precision fp32 instead of bf16, or check the "
+                                     "inputs/labels for NaN or out-of-range values")
         engine.backward(losses["loss"])
         engine.step()
         w = float(batch["weight"].sum())
