@@ -94,6 +94,7 @@ def _root_reason(exc: BaseException) -> str:
 def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, VariantConfig]]) -> None:
     from ray import tune
 
+    from student_train.status import settle_trials
     from teacher_cache.ray_pool import connect_ray
     from teacher_cache.ray_resources import check_fits
 
@@ -127,7 +128,7 @@ def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, Varia
         name = (result.config or {}).get("trial", {}).get("name")
         if name and result.error is not None:
             errors[name] = _root_reason(result.error)
-    settle_trials(job.run_dir, variants, errors)
+    settle_trials(job.run_dir, [(n, v.epochs) for n, v in variants], errors)
 
 
 class _RecordingASHA(ASHAScheduler):
@@ -146,22 +147,3 @@ class _RecordingASHA(ASHAScheduler):
         if decision == TrialScheduler.STOP and name in self.epochs and epoch < self.epochs[name]:
             write_status(self.run_dir, name, "stopped", f"stopped early by ASHA after {epoch} epoch(s)")
         return decision
-
-
-def settle_trials(run_dir: Path, variants: list[tuple[str, VariantConfig]], errors: dict[str, str]) -> None:
-    """After Tune: a trial still "running" never wrote its end. It completed if it logged every epoch (ASHA also
-    ends a trial at max_t); otherwise it was cut short (its driver died, the run was interrupted) and stays
-    resumable as "interrupted". Only the scheduler marks a trial "stopped" (see _recording_asha)."""
-    from student_train.leaderboard import read_metrics
-    from student_train.status import read_status, write_status
-
-    for name, v in variants:
-        if read_status(run_dir, name).get("status") not in ("running", "unknown"):
-            continue
-        epochs = {int(r["epoch"]) for r in read_metrics(Path(run_dir) / name / "metrics.csv") if r.get("epoch")}
-        if epochs and max(epochs) >= v.epochs:
-            write_status(run_dir, name, "done")
-        else:
-            reason = errors.get(name, "its trial ended before the variant finished")
-            write_status(run_dir, name, "interrupted", f"{reason}; after {max(epochs, default=0)} epoch(s), "
-                         "the next run resumes it")

@@ -6,6 +6,7 @@ trial ended without finishing, e.g. a worker died: resumed by the next run).
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import time
@@ -44,3 +45,27 @@ def read_status(run_dir: Path, name: str) -> dict:
 
 def finished(run_dir: Path, name: str) -> bool:
     return read_status(run_dir, name).get("status") in FINAL
+
+
+def _epochs_logged(run_dir: Path, name: str) -> int:
+    """The highest epoch in the variant's metrics.csv (0 when none): what a trial really completed."""
+    path = Path(run_dir) / name / "metrics.csv"
+    if not path.exists():
+        return 0
+    with open(path, newline="") as f:
+        return max((int(float(r["epoch"])) for r in csv.DictReader(f) if r.get("epoch")), default=0)
+
+
+def settle_trials(run_dir: Path, variants: list[tuple[str, int]], errors: dict[str, str]) -> None:
+    """After a sweep, for each (variant, epochs) whose status still says "running" (its trial never wrote an end):
+    done if it logged every epoch (ASHA also ends a trial at max_t), else "interrupted" (its driver died, the
+    sweep was cut short): not finished, the next run resumes it. Only the scheduler itself writes "stopped"."""
+    for name, epochs in variants:
+        if read_status(run_dir, name).get("status") not in ("running", "unknown"):
+            continue
+        done = _epochs_logged(run_dir, name)
+        if done >= epochs:
+            write_status(run_dir, name, "done")
+        else:
+            reason = errors.get(name, "its trial ended before the variant finished")
+            write_status(run_dir, name, "interrupted", f"{reason}; after {done} epoch(s), the next run resumes it")

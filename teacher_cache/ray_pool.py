@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from teacher_cache.config import CacheConfig
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
+from teacher_cache.ray_resources import check_fits
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
     import ray
     from ray.util.queue import Queue
 
+    check_fits([{"CPU": cfg.ray.cpus_per_actor, "GPU": cfg.ray.gpus_per_actor}], "a teacher actor (ray.*_per_actor)")
     progress_q = Queue(actor_options={"num_cpus": 0})
     actor_cls = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor,
                            max_restarts=0)(TeacherActor)
