@@ -49,7 +49,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from student_train.status import read_status, write_status
+    from student_train.status import epochs_logged, read_status, write_status
 
     name, job, v = config["name"], config["job"], VariantConfig.model_validate(config["variant"])
     use_gpu = v.gpus_per_worker > 0
@@ -67,9 +67,13 @@ def _trial_fn(config: dict[str, Any]) -> None:
         trainer.fit()
     except Exception as exc:  # TrainingFailedError wraps the worker's exception; keep its first line as reason
         reason = _root_reason(exc)
-        if read_status(job.run_dir, name).get("status") != "stopped":  # ASHA's stop is not a failure
-            write_status(job.run_dir, name, "failed", reason)
-            log.error("variant %s failed: %s", name, reason)
+        if read_status(job.run_dir, name).get("status") == "stopped":  # ASHA's early stop is not a failure
+            return
+        if epochs_logged(job.run_dir, name) >= v.epochs:  # ASHA ends a trial at max_t too, killing its workers
+            write_status(job.run_dir, name, "done")
+            return
+        write_status(job.run_dir, name, "failed", reason)
+        log.error("variant %s failed: %s", name, reason)
         return
     write_status(job.run_dir, name, "done")
 

@@ -47,7 +47,7 @@ def finished(run_dir: Path, name: str) -> bool:
     return read_status(run_dir, name).get("status") in FINAL
 
 
-def _epochs_logged(run_dir: Path, name: str) -> int:
+def epochs_logged(run_dir: Path, name: str) -> int:
     """The highest epoch in the variant's metrics.csv (0 when none): what a trial really completed."""
     path = Path(run_dir) / name / "metrics.csv"
     if not path.exists():
@@ -63,7 +63,7 @@ def settle_trials(run_dir: Path, variants: list[tuple[str, int]], errors: dict[s
     for name, epochs in variants:
         if read_status(run_dir, name).get("status") not in ("running", "unknown"):
             continue
-        done = _epochs_logged(run_dir, name)
+        done = epochs_logged(run_dir, name)
         if done >= epochs:
             write_status(run_dir, name, "done")
         else:
