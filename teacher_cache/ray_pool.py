@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from teacher_cache.config import CacheConfig
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
-from teacher_cache.ray_resources import check_fits
+from teacher_cache.ray_resources import StartDeadline, check_fits
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
         return actor_cls.remote(cfg_dict, fingerprint, progress_q)
 
     idle = [spawn() for _ in range(min(cfg.ray.num_actors, len(tasks)))]
+    started = StartDeadline(idle, "teacher actor")
     todo = list(tasks)
     pending: dict = {}
     try:
@@ -127,6 +128,7 @@ def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
                 actor, task = idle.pop(), todo.pop(0)
                 pending[actor.label.remote(task)] = (actor, task)
             done, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
+            started.check()
             _drain(progress_q, on_progress)
             for ref in done:
                 actor, task = pending.pop(ref)

@@ -52,3 +52,37 @@ def check_fits(bundles: Sequence[Mapping[str, float]], what: str,
     short = {k: v for k, v in need.items() if v > 0 and total.get(k, 0.0) < v - 1e-9}
     if short:
         raise InfeasibleResourcesError(f"{what} needs {_fmt(need)} at once, but {cluster}; {hint}")
+
+
+START_TIMEOUT_ENV = "DISTILL_ACTOR_START_TIMEOUT_S"
+
+
+class StartDeadline:
+    """Fails a pool none of whose actors started within the deadline: feasible on paper, yet never placed
+    (other jobs hold the resources), which would otherwise wait without end while holding the cache lock.
+
+    Start = placed and constructed (teacher loaded), so the default is generous; one started actor is enough.
+    """
+
+    def __init__(self, actors: Sequence[object], what: str, seconds: float | None = None) -> None:
+        import time
+
+        self.refs = [a.__ray_ready__.remote() for a in actors]  # type: ignore[attr-defined]
+        self.what, self.t0, self.started = what, time.monotonic(), not self.refs
+        self.seconds = seconds if seconds is not None else float(os.environ.get(START_TIMEOUT_ENV, "1800"))
+
+    def check(self) -> None:
+        import time
+
+        import ray
+
+        if self.started:
+            return
+        ready, _ = ray.wait(self.refs, num_returns=1, timeout=0)
+        if ready:
+            self.started = True
+        elif time.monotonic() - self.t0 > self.seconds:
+            free = _fmt({k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")})
+            raise InfeasibleResourcesError(
+                f"none of {len(self.refs)} {self.what}(s) started within {self.seconds:g} s; the cluster has "
+                f"{free} free now (other jobs may hold the rest); free them or raise {START_TIMEOUT_ENV}")

@@ -33,6 +33,11 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+class _Hog:
+    def ping(self):
+        return True
+
+
 def _cfg(kd_data, run_dir, epochs):
     return TrainConfig.model_validate(train_cfg(kd_data, run_dir, keep_checkpoints=2, base={
         "name": "ck", "arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": epochs, "batch_size": 32}))
@@ -146,6 +151,20 @@ def test_infeasible_resources_fail_fast(kd_data, tmp_path, ray_local):
     assert not t.is_alive(), "an infeasible actor request is still waiting after 60 s"
     assert isinstance(out.get("exc"), InfeasibleResourcesError), out
     assert "needs CPU=1, GPU=1" in str(out["exc"]) and "GPU=0 in total" in str(out["exc"])
+
+    # feasible on paper but never placed (another job holds the CPUs): a deadline, not an endless wait
+    hog = ray_local.remote(num_cpus=2)(_Hog).remote()
+    ray_local.get(hog.ping.remote())
+    cfg["ray"] = {**cfg["ray"], "gpus_per_actor": 0, "cpus_per_actor": 1}
+    os.environ["DISTILL_ACTOR_START_TIMEOUT_S"] = "5"
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(InfeasibleResourcesError, match=r"none of \d+ teacher actor.*started within 5 s"):
+            cache_run(CacheConfig.model_validate(cfg))
+        assert time.monotonic() - t0 < 60
+    finally:
+        del os.environ["DISTILL_ACTOR_START_TIMEOUT_S"]
+        ray_local.kill(hog)
 
     tcfg = train_cfg(kd_data, tmp_path / "run", ray={"enabled": True},
                      base={"arch": "cnn_small", "epochs": 1, "num_workers": 1, "cpus_per_worker": 0.5,
