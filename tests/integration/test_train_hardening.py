@@ -18,7 +18,6 @@ from conftest import train_cfg
 from student_train.config import TrainConfig
 from student_train.run import run
 from student_train.status import finished, read_status, write_status
-from teacher_cache.ray_resources import InfeasibleResourcesError
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +30,6 @@ class _Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-class _Hog:
-    def ping(self):
-        return True
 
 
 def _cfg(kd_data, run_dir, epochs):
@@ -133,7 +127,12 @@ def test_infeasible_resources_fail_fast(kd_data, tmp_path, ray_local):
     from helpers import cache_cfg_dict
 
     from teacher_cache.config import CacheConfig
+    from teacher_cache.ray_resources import InfeasibleResourcesError
     from teacher_cache.run import run as cache_run
+
+    class Hog:  # holds the cluster's CPUs, as another job would (defined here: Ray ships it by value)
+        def ping(self):
+            return True
 
     cfg = cache_cfg_dict(kd_data["train"], str(tmp_path / "cache"), kd_data["teacher"]["checkpoint"])
     cfg["ray"] = {**cfg.get("ray", {}), "enabled": True, "gpus_per_actor": 1}
@@ -153,7 +152,7 @@ def test_infeasible_resources_fail_fast(kd_data, tmp_path, ray_local):
     assert "needs CPU=1, GPU=1" in str(out["exc"]) and "GPU=0 in total" in str(out["exc"])
 
     # feasible on paper but never placed (another job holds the CPUs): a deadline, not an endless wait
-    hog = ray_local.remote(num_cpus=2)(_Hog).remote()
+    hog = ray_local.remote(num_cpus=2)(Hog).remote()
     ray_local.get(hog.ping.remote())
     cfg["ray"] = {**cfg["ray"], "gpus_per_actor": 0, "cpus_per_actor": 1}
     os.environ["DISTILL_ACTOR_START_TIMEOUT_S"] = "5"
