@@ -33,7 +33,7 @@ class _Evil:
 
 
 def _cfg(kd_data, run_dir, epochs):
-    return TrainConfig.model_validate(train_cfg(kd_data, run_dir, keep_checkpoints=2, base={
+    return TrainConfig.model_validate(train_cfg(kd_data, run_dir, base={
         "name": "ck", "arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": epochs, "batch_size": 32}))
 
 
@@ -97,13 +97,19 @@ def test_torchrun_rank_local_failure_ends_with_status(kd_data, tmp_path):
     f.write_text(yaml.safe_dump(cfg))
     distill = shutil.which("distill", path=os.path.dirname(sys.executable))
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", "29583", distill, "train", "-c", str(f), "--variant", "ddp"],
-                       capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", "29583", distill, "train", "-c", str(f), "--variant", "ddp"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert r.returncode != 0
     st = read_status(tmp_path / "run", "ddp")
     assert st["status"] == "failed" and st["reason"].startswith("rank 0: IsADirectoryError"), (st, r.stderr[-2000:])
     assert time.monotonic() - t0 < 240
+    # the next launch resumes both ranks from the epoch-1 checkpoint (one tag agreed by all ranks)
+    (tmp_path / "run" / "ddp" / "metrics.csv").rmdir()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_status(tmp_path / "run", "ddp")["status"] == "done"
+    assert pd.read_csv(tmp_path / "run" / "ddp" / "metrics.csv")["epoch"].tolist() == [2, 3]
 
 
 def test_asha_stops_a_weak_variant(kd_data, tmp_path, ray_local):

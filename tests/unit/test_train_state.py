@@ -71,6 +71,13 @@ def test_every_variant_problem_listed_with_its_path(tmp_path):
     assert "train.lr" not in msg and "train.batch_size" not in msg
 
 
+def test_keep_checkpoints_is_validated():
+    cfg = {"run_dir": "r", "data": {"train_shards": ["x.tar"], "cache_root": "c"}}
+    assert TrainConfig.model_validate(cfg).keep_checkpoints == 2
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        TrainConfig.model_validate({**cfg, "keep_checkpoints": 0})
+
+
 def test_resource_check_names_what_the_cluster_has():
     nodes = [{"CPU": 2.0, "memory": 1e9}, {"CPU": 4.0, "GPU": 1.0}]
     check_fits([{"CPU": 1.0, "GPU": 1.0}], "a teacher actor", nodes)  # fits on the second node
