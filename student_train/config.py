@@ -6,7 +6,7 @@ import itertools
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from teacher_cache.config import PreprocessingConfig, TeacherConfig
 
@@ -95,6 +95,8 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="without Ray (in-process / torchrun): "
                                                    "auto = this rank's GPU when there is one, else the CPU")
     log_every: int = Field(20, ge=1, description="steps between progress lines (and host syncs of the loss)")
+    keep_checkpoints: int = Field(2, ge=1, description="DeepSpeed epoch checkpoints kept per variant (resume "
+                                  "falls back to an older one when the newest is damaged)")
     metrics_port: int | None = Field(0, description="per-worker Prometheus port (0 = any free, null = off)")
     metrics_host: str = Field("127.0.0.1", description="workers' exporter bind address; 0.0.0.0 on multi-node "
                               "clusters (the target file then names the node's address)")
@@ -116,14 +118,22 @@ class TrainConfig(_Strict):
         keys = list(self.grid)
         combos = list(itertools.product(*(self.grid[k] for k in keys))) or [()]
         out: list[tuple[str, VariantConfig]] = []
-        for ev in explicit:
+        problems: list[Any] = []
+        for i, ev in enumerate(explicit):
             for combo in combos:
                 fields = {**base, **ev, **dict(zip(keys, combo, strict=True))}
-                v = VariantConfig.model_validate(fields)
+                try:
+                    v = VariantConfig.model_validate(fields)
+                except ValidationError as exc:  # collect every variant's problems, report them all at once
+                    problems += _variant_problems(exc, i, ev, dict(zip(keys, combo, strict=True)))
+                    continue
                 if v.name is None and (combo or len(explicit) > 1):
                     parts = [f"{k}={val}" for k, val in zip(keys, combo, strict=True)]
                     v.name = "-".join([v.arch, v.mode, *parts]) if parts else None
                 out.append((v.display_name(len(out)), v))
+        if problems:  # pydantic nests these under the config's own path: train.variants.<i>.<field>
+            unique = {(tuple(p["loc"]), p["type"]): p for p in problems}
+            raise ValidationError.from_exception_data("variants", list(unique.values()))
         names = [n for n, _ in out]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -132,3 +142,19 @@ class TrainConfig(_Strict):
             if v.mode == "online" and self.teacher is None:
                 raise ValueError(f"variant {name}: mode online needs the `teacher` block (the cache's teacher)")
         return out
+
+
+def _variant_problems(exc: ValidationError, index: int, explicit: dict, combo: dict[str, Any]) -> list[Any]:
+    """Each field error re-rooted where the user wrote the value: variants.<i>.<field>, grid.<field> or
+    base.<field>, so every problem of every variant is listed at once under its real path."""
+    out = []
+    for e in exc.errors():
+        field = e["loc"][0] if e["loc"] else ""
+        if field in combo:
+            loc: tuple = ("grid", field)
+        elif field in explicit:
+            loc = ("variants", index, *e["loc"])
+        else:
+            loc = ("base", *e["loc"])
+        out.append({"type": e["type"], "loc": loc, "input": e["input"], **({"ctx": e["ctx"]} if "ctx" in e else {})})
+    return out

@@ -110,6 +110,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
                    num_views=num_views, teacher_prep=prep, teacher=cfg.teacher,
                    shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
                    log_every=cfg.log_every, metrics_port=cfg.metrics_port, metrics_host=cfg.metrics_host,
+                   keep_checkpoints=cfg.keep_checkpoints,
                    metrics_targets_dir=Path(cfg.metrics_targets_dir or Path(cfg.run_dir) / "metrics_targets").resolve(),
                    train_crop_scale=tuple(cfg.data.train_crop_scale))
 

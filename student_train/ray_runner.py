@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
 from student_train.config import TrainConfig, VariantConfig
 from student_train.train_loop import JobSpec, WorkerContext, train_variant
 
@@ -51,11 +53,11 @@ def _trial_fn(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from student_train.status import write_status
+    from student_train.status import epochs_logged, read_status, write_status
 
     name, job, v = config["name"], config["job"], VariantConfig.model_validate(config["variant"])
     use_gpu = v.gpus_per_worker > 0
-    resources = {"CPU": v.cpus_per_worker} | ({"GPU": v.gpus_per_worker} if use_gpu else {})
+    resources = _worker_bundle(v)
     trainer = TorchTrainer(
         _worker_fn,
         train_loop_config={"name": name, "variant": v.model_dump(mode="json"), "job": job},
@@ -69,10 +71,19 @@ def _trial_fn(config: dict[str, Any]) -> None:
         trainer.fit()
     except Exception as exc:  # TrainingFailedError wraps the worker's exception; keep its first line as reason
         reason = _root_reason(exc)
+        if read_status(job.run_dir, name).get("status") == "stopped":  # ASHA's early stop is not a failure
+            return
+        if epochs_logged(job.run_dir, name) >= v.epochs:  # ASHA ends a trial at max_t too, killing its workers
+            write_status(job.run_dir, name, "done")
+            return
         write_status(job.run_dir, name, "failed", reason)
         log.error("variant %s failed: %s", name, reason)
         return
     write_status(job.run_dir, name, "done")
+
+
+def _worker_bundle(v: VariantConfig) -> dict[str, float]:
+    return {"CPU": v.cpus_per_worker} | ({"GPU": v.gpus_per_worker} if v.gpus_per_worker > 0 else {})
 
 
 def _root_reason(exc: BaseException) -> str:
@@ -90,9 +101,10 @@ def _root_reason(exc: BaseException) -> str:
 
 def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, VariantConfig]]) -> None:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
+    from student_train.status import settle_trials
     from teacher_cache.ray_pool import connect_ray
+    from teacher_cache.ray_resources import check_fits
 
     connect_ray(cfg.ray.address)
     space = {"trial": tune.grid_search([{"name": n, "variant": v.model_dump(mode="json")} for n, v in variants])}
@@ -106,23 +118,40 @@ def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, Varia
         import os
 
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        scheduler = ASHAScheduler(time_attr="epoch", metric="val_top1", mode="max",
-                                  max_t=max(v.epochs for _, v in variants), grace_period=cfg.tune.asha_grace_epochs,
-                                  reduction_factor=cfg.tune.asha_reduction_factor)
+        epochs = {n: v.epochs for n, v in variants}
+        scheduler = _RecordingASHA(job.run_dir, epochs, max_t=max(epochs.values()),
+                                   grace_period=cfg.tune.asha_grace_epochs,
+                                   reduction_factor=cfg.tune.asha_reduction_factor)
+    for name, v in variants:  # a trial that can never be placed would wait forever
+        check_fits([{"CPU": cfg.tune.cpus_per_trial}] + [_worker_bundle(v)] * v.num_workers, f"variant {name}")
     tuner = tune.Tuner(
         tune.with_resources(trial, {"CPU": cfg.tune.cpus_per_trial}),
         param_space=space,
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent, scheduler=scheduler),
         run_config=tune.RunConfig(name="tune", storage_path=str(Path(job.run_dir).resolve() / "ray_results"),
                                   verbose=1))
-    tuner.fit()
-    from student_train.status import read_status, write_status
+    grid = tuner.fit()
+    errors = {}
+    for result in grid:
+        name = (result.config or {}).get("trial", {}).get("name")
+        if name and result.error is not None:
+            errors[name] = _root_reason(result.error)
+    settle_trials(job.run_dir, [(n, v.epochs) for n, v in variants], errors)
 
-    for name, v in variants:  # a trial ASHA terminated never wrote its end status
-        if read_status(job.run_dir, name).get("status") == "running":
-            csv = Path(job.run_dir) / name / "metrics.csv"
-            epochs = max(0, len(csv.read_text().splitlines()) - 1) if csv.exists() else 0
-            if epochs >= v.epochs:  # ASHA also ends a trial that reached max_t: that one is complete
-                write_status(job.run_dir, name, "done")
-            else:
-                write_status(job.run_dir, name, "stopped", f"stopped early by ASHA after {epochs} epoch(s)")
+
+class _RecordingASHA(ASHAScheduler):
+    """ASHA that writes "stopped" into the status of each trial it stops early: only the scheduler knows."""
+
+    def __init__(self, run_dir: Path, epochs: dict[str, int], **kw: Any) -> None:
+        super().__init__(time_attr="epoch", metric="val_top1", mode="max", **kw)
+        self.run_dir, self.epochs = run_dir, epochs
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        from student_train.status import write_status
+
+        decision = super().on_trial_result(tune_controller, trial, result)
+        name = trial.config.get("trial", {}).get("name")
+        epoch = int(result.get("epoch", 0))
+        if decision == TrialScheduler.STOP and name in self.epochs and epoch < self.epochs[name]:
+            write_status(self.run_dir, name, "stopped", f"stopped early by ASHA after {epoch} epoch(s)")
+        return decision

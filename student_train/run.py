@@ -20,6 +20,8 @@ from teacher_cache.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
+EXIT_RANK_FAILED = 4  # the CLI's "all variants failed": this launch trains one variant
+
 
 @dataclass
 class TrainResult:
@@ -74,23 +76,52 @@ def launched_context(device: str = "auto") -> WorkerContext | None:
 
 
 def run_launched(job: JobSpec, name: str, v: VariantConfig, ctx: WorkerContext) -> None:
-    """One variant, this process being one rank of a torchrun/deepspeed launch."""
-    if ctx.rank == 0:
-        write_status(job.run_dir, name, "running")
+    """One variant, this process being one rank of a torchrun/deepspeed launch.
+
+    A failure every rank agrees on (non-finite loss) ends the group together. Any other exception is this
+    rank's alone (a bad shard, a full disk): its peers may be blocked in a collective it will never join, so a
+    barrier here would deadlock. That rank writes the failed status and exits at once; its peers' collectives
+    then fail or torchrun stops them.
+    """
     import torch.distributed as dist
 
+    if ctx.rank == 0:
+        write_status(job.run_dir, name, "running")
     try:
         train_variant(name, v.model_copy(update={"num_workers": ctx.world}), job, ctx)
-    except NonFiniteLossError as exc:
+    except NonFiniteLossError as exc:  # raised on every rank at the same step (an all-reduced flag)
         if ctx.rank == 0:
             write_status(job.run_dir, name, "failed", str(exc))
-        raise
+        log.error("%s", exc)
+    except Exception as exc:
+        if ctx.world == 1 or not dist.is_initialized():
+            raise
+        _abort_rank(job, name, ctx, exc)
+    else:
+        if ctx.rank == 0:
+            write_status(job.run_dir, name, "done")
+    if dist.is_initialized():  # every rank leaves together; a rank exiting first aborts gloo's threads
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _abort_rank(job: JobSpec, name: str, ctx: WorkerContext, exc: BaseException) -> None:
+    """Record a rank-local failure (the first one wins: a peer's follow-up error is not the cause) and exit."""
+    import os
+    import sys
+
+    from student_train.status import read_status
+
+    reason = f"rank {ctx.rank}: {exc.__class__.__name__}: {exc}".splitlines()[0][:400]
+    log.error("variant %s failed on rank %d:\n%s", name, ctx.rank, traceback.format_exc())
+    try:
+        if read_status(job.run_dir, name).get("status") != "failed":
+            write_status(job.run_dir, name, "failed", reason)
     finally:
-        if dist.is_initialized():  # every rank leaves together; a rank exiting first aborts gloo's threads
-            dist.barrier()
-            dist.destroy_process_group()
-    if ctx.rank == 0:
-        write_status(job.run_dir, name, "done")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_RANK_FAILED)
 
 
 def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:

@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from student_train import checkpoints
 from student_train import metrics as m
+from student_train.atomic_io import atomic_write_text
 from student_train.config import VariantConfig
 from student_train.data import JoinedStream, ShardPair, StreamSpec, padded, placeholder_batch, steps_per_epoch
 from student_train.evaluate import evaluate, to_model_input
@@ -56,6 +58,7 @@ class JobSpec:
     metrics_host: str = "127.0.0.1"
     metrics_targets_dir: Path | None = None
     train_crop_scale: tuple[float, float] = (0.35, 1.0)
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -156,13 +159,6 @@ def _write_row(path: Path, row: dict[str, Any]) -> None:
         w.writerow(row)
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    """tmp + os.replace: a crash or a full disk never leaves a half-written file that later runs trip over."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def epoch_score(row: dict[str, Any]) -> tuple[str, float]:
     """(what, score) of an epoch for best.pt; higher is better. Val top-1, else teacher agreement, else -train loss."""
     for k in ("val_top1", "val_teacher_agreement"):
@@ -188,7 +184,7 @@ def _save_best(engine: Any, v: VariantConfig, job: JobSpec, out: Path, ctx: Work
     info = {"arch": v.arch, "arch_kwargs": v.arch_kwargs, "num_classes": job.num_classes, "in_chans": sp.channels,
             "preprocessing": sp.as_dict(), "epoch": row["epoch"], "val_top1": row.get("val_top1"),
             "best_by": what, "best_score": score, "cache_dir": str(job.cache_dir), "mode": v.mode}
-    _write_json_atomic(out / "arch.json", info)
+    atomic_write_text(out / "arch.json", json.dumps(info, indent=1))
 
 
 def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
@@ -225,9 +221,9 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
                 buf.data = buf.data.to(torch.bfloat16)
     ckpt_dir = out / "ds_ckpt"
     state: dict[str, Any] = {"epoch": -1, "best": None, "wall": 0.0}
-    if (ckpt_dir / "latest").exists():
-        _, client = engine.load_checkpoint(str(ckpt_dir))
-        state.update({k: client[k] for k in state if client and k in client})  # ours only, not DeepSpeed's keys
+    client = checkpoints.resume(engine, ckpt_dir, ctx.rank, ctx.world)
+    if client is not None:
+        state.update({k: client[k] for k in state if k in client})  # ours only, not DeepSpeed's keys
         log.info("%s: resumed after epoch %d", name, state["epoch"])
     teacher = None
     if v.mode == "online" and job.teacher:
@@ -251,7 +247,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
             state["best"] = score
             _save_best(engine, v, job, out, ctx, row)
         state["epoch"] = epoch
-        engine.save_checkpoint(str(ckpt_dir), tag=f"epoch{epoch}", client_state=dict(state))
+        checkpoints.save(engine, ckpt_dir, epoch, dict(state), job.keep_checkpoints, ctx.rank)
         row["wall_seconds"] = state["wall"]
         if ctx.rank == 0:
             _write_row(out / "metrics.csv", row)
@@ -296,7 +292,8 @@ def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None
         if (step + 1) % job.log_every == 0 or step + 1 == steps:
             if _any_rank_bad(bad, ctx):
                 raise NonFiniteLossError(f"variant {name}: non-finite loss by epoch {epoch + 1} step {step + 1} "
-                                         f"(lr={v.lr}); lower the learning rate or warm up longer (warmup_epochs)")
+                                         f"(lr={v.lr}); lower lr or warm up longer (warmup_epochs), use precision fp32 "
+                                         "instead of bf16, or check the inputs/labels for NaN or out-of-range values")
             now = time.perf_counter()
             rate = n_log / max(1e-9, now - t_log)
             m.SAMPLES_PER_S.labels(name, rank).set(rate)

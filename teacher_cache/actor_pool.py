@@ -41,10 +41,12 @@ class _Starting(Generic[A]):
 class ShardScheduler(Generic[A, T]):
     """Which shard goes to which actor, and what a death or a deadline means."""
 
-    def __init__(self, tasks: list[T], max_retries: int, start_timeout_s: float) -> None:
+    def __init__(self, tasks: list[T], max_retries: int, start_timeout_s: float,
+                 alone_deadline_s: float = float("inf")) -> None:
         self.todo: deque[tuple[T, int]] = deque((t, 0) for t in tasks)
         self.max_retries = max_retries
         self.start_timeout_s = start_timeout_s
+        self.alone_deadline_s = alone_deadline_s
         self.idle: list[A] = []
         self.busy: dict[int, tuple[A, T, int]] = {}  # id(actor) -> (actor, task, attempt)
         self.starting: dict[int, _Starting[A]] = {}
@@ -66,12 +68,11 @@ class ShardScheduler(Generic[A, T]):
     def overdue(self, now: float) -> list[A]:
         """Starting actors past the deadline while others work: dropped (the caller kills them).
 
-        With no live actor, there is nothing to go on with: keep waiting (a busy cluster places them later;
-        an infeasible request is refused before the run by the resource check).
+        With no live actor there is nothing to go on with: keep waiting (a busy cluster places them later; an
+        infeasible request is refused before the run by the resource check), up to `alone_deadline_s`.
         """
-        if not self.idle and not self.busy:
-            return []
-        late = [s.actor for s in self.starting.values() if now - s.since > self.start_timeout_s]
+        limit = self.start_timeout_s if (self.idle or self.busy) else self.alone_deadline_s
+        late = [s.actor for s in self.starting.values() if now - s.since > limit]
         for actor in late:
             del self.starting[id(actor)]
             self.report.actors_dropped += 1

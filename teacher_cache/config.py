@@ -72,7 +72,9 @@ class RayConfig(_Strict):
     max_shard_retries: int = Field(2, ge=0, description="times a shard whose actor died (node lost, OOM) is "
                                    "labelled again on a live actor before it counts as failed")
     actor_start_timeout_s: float = Field(120.0, gt=0.0, description="an actor not placed and loaded within this "
-                                         "is dropped; the run goes on with the actors it has")
+                                         "while others work is dropped; the run goes on with the actors it has")
+    actor_start_deadline_s: float = Field(1800.0, gt=0.0, description="with no actor started, give up after this "
+                                          "(the request fits the cluster, but other jobs hold the resources)")
 
 
 class MetricsConfig(_Strict):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from teacher_cache.actor_pool import PoolReport, ShardScheduler
 from teacher_cache.config import CacheConfig
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
+from teacher_cache.ray_resources import check_fits
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,7 @@ def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
                    on_result: Callable[[ShardResult], None], on_progress: Callable[[ProgressEvent], None]
                    ) -> PoolReport:
     """Schedule whole shards onto live actors; a dead actor's shard is retried elsewhere (see actor_pool)."""
+    check_fits([{"CPU": cfg.ray.cpus_per_actor, "GPU": cfg.ray.gpus_per_actor}], "a teacher actor (ray.*_per_actor)")
     pool = _PoolRun(cfg, fingerprint, tasks, on_result, on_progress)
     try:
         pool.run()
@@ -205,7 +207,8 @@ class _PoolRun:
         import ray
 
         self.cfg, self.on_result = cfg, on_result
-        self.sched: ShardScheduler = ShardScheduler(tasks, cfg.ray.max_shard_retries, cfg.ray.actor_start_timeout_s)
+        self.sched: ShardScheduler = ShardScheduler(tasks, cfg.ray.max_shard_retries, cfg.ray.actor_start_timeout_s,
+                                                    cfg.ray.actor_start_deadline_s)
         self.queue = _progress_queue()
         self.progress = _Progress(self.queue, on_progress, self.sched.report)
         self.actor_cls = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor,
@@ -300,7 +303,8 @@ class _PoolRun:
             ray.kill(actor)
         if self.failed_starts_in_a_row < 3 and self.sched.wants_replacement(self.target):
             self.spawn()
-        why = self.last_start_error or f"none could be placed within {self.cfg.ray.actor_start_timeout_s:g} s"
+        why = self.last_start_error or f"none started within {self.cfg.ray.actor_start_deadline_s:g} s " \
+                                       "(ray.actor_start_deadline_s): other jobs may hold the resources"
         for task in self.sched.stranded():
             self.fail(task, f"{task.path}: no teacher actor is left to label it ({why}; the cluster has "
                             f"{_resources_text()})")

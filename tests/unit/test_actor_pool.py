@@ -73,6 +73,14 @@ def test_with_no_live_actor_a_slow_start_is_waited_for_not_dropped():
     assert sched.overdue(100.0) == [] and sched.stranded() == []  # nothing else could do the work: wait
 
 
+def test_with_no_live_actor_the_hard_deadline_strands_the_queue():
+    sched = ShardScheduler([Task("s0")], 2, 1.0, alone_deadline_s=50.0)
+    actor = object()
+    sched.started(actor, 0.0)
+    assert sched.overdue(49.0) == [] and sched.overdue(51.0) == [actor]
+    assert [t.stem for t in sched.stranded()] == ["s0"]
+
+
 def test_no_actor_left_strands_the_queue_with_all_shards_named():
     sched, tasks = _pool(3, timeout=1.0)
     actor = object()
