@@ -30,6 +30,8 @@ def _memo_key(cfg: CacheConfig) -> str | None:
         idents.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
     payload = {"schema": SCHEMA_VERSION, "teacher": cfg.teacher.model_dump(mode="json"), "topk": cfg.topk,
                "views": cfg.views.model_dump(mode="json"), "files": idents}
+    if cfg.features.enabled:  # toggling features must not recall the other cache's fingerprint
+        payload["features"] = cfg.features.model_dump(mode="json")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from teacher_cache.cache_file import write_cache_file
 from teacher_cache.config import CacheConfig
+from teacher_cache.features import FeatureExtractor, teacher_forward
 from teacher_cache.schema import SCHEMA_VERSION, CacheMeta
 from teacher_cache.shards import IMAGE_EXTS, RawSample, ShardError, ShardIdentity, ShardReader
 from teacher_cache.teacher import LoadedTeacher, Preprocessing, load_teacher, view_policy
@@ -108,6 +109,8 @@ class Labeler:
         self.model = self.teacher.model.to(self.device)
         self.prep = self.teacher.preprocessing
         self.policy = view_policy(cfg, self.prep)
+        f = cfg.features
+        self.features = FeatureExtractor(self.model, f.dim, f.seed, f.projection) if f.enabled else None
 
     def _batches(self, reader: ShardReader, errors: list[dict], stem: str) -> Iterator[list[_Decoded]]:
         """Decode in a thread pool, in order, `batch_size // V` samples per batch, bounded read-ahead."""
@@ -153,7 +156,7 @@ class Labeler:
             rows = self._run_teacher(task, reader, errors, progress, result)
             meta = CacheMeta(SCHEMA_VERSION, self.fingerprint, self.cfg.topk, self.policy.num_views,
                              self.teacher.num_classes, self.prep.as_dict(), self.teacher.info, task.stem,
-                             self.policy.as_dict())
+                             self.policy.as_dict(), self.features.spec.as_dict() if self.features else None)
             final = task.out_dir / f"{task.stem}.parquet"
             nbytes, digest = write_cache_file(final, rows, meta)
         except (ShardError, OSError) as exc:
@@ -171,7 +174,8 @@ class Labeler:
         q: queue.Queue = queue.Queue(maxsize=3)
         thread = threading.Thread(target=self._producer, args=(task, reader, q, errors), daemon=True)
         thread.start()
-        cols: dict[str, list] = {"key": [], "label": [], "hw": [], "views": [], "ids": [], "logits": [], "tail": []}
+        cols: dict[str, list] = {"key": [], "label": [], "hw": [], "views": [], "ids": [], "logits": [], "tail": [],
+                                 "feat": []}
         n_err = 0
         while (item := q.get()) is not None:
             if isinstance(item, BaseException):
@@ -179,7 +183,8 @@ class Labeler:
             tb = time.perf_counter()
             x = normalize(torch.cat([d.pixels for d in item]), self.prep.mean, self.prep.std)
             with torch.inference_mode():
-                logits = self.model(x.to(self.device, non_blocking=True)).float().cpu()
+                logits, feats = teacher_forward(self.model, self.features, x.to(self.device, non_blocking=True))
+                logits, feats = logits.float().cpu(), feats.float().cpu() if feats is not None else None
             ids, vals, tail = pack_topk(logits, self.cfg.topk)
             dt = time.perf_counter() - tb
             result.teacher_seconds += dt
@@ -192,6 +197,8 @@ class Labeler:
                 cols["ids"].append(ids[i * v:(i + 1) * v].numpy())
                 cols["logits"].append(vals[i * v:(i + 1) * v].numpy())
                 cols["tail"].append(tail[i * v:(i + 1) * v].numpy())
+                if feats is not None:
+                    cols["feat"].append(feats[i * v:(i + 1) * v].numpy())
             if progress is not None:
                 progress(ProgressEvent(images=len(item), errors=len(errors) - n_err, batch_seconds=[dt]))
                 n_err = len(errors)
