@@ -25,6 +25,7 @@ from student_train import metrics as m
 from student_train.config import VariantConfig
 from student_train.data import JoinedStream, ShardPair, StreamSpec, padded, placeholder_batch, steps_per_epoch
 from student_train.evaluate import evaluate
+from student_train.feature_kd import forward_train, plain_student_state, wrap_student
 from student_train.losses import create_loss
 from teacher_cache.config import TeacherConfig
 from teacher_cache.models import create_model
@@ -56,6 +57,7 @@ class JobSpec:
     metrics_host: str = "127.0.0.1"
     metrics_targets_dir: Path | None = None
     train_crop_scale: tuple[float, float] = (0.35, 1.0)
+    feature_dim: int | None = None  # teacher feature dim of the cache (set when a variant uses feature KD)
 
 
 @dataclass
@@ -158,6 +160,7 @@ def _save_best(engine: Any, v: VariantConfig, job: JobSpec, out: Path, ctx: Work
     state = engine._zero3_consolidated_16bit_state_dict() if v.zero_stage == 3 else engine.module.state_dict()
     if ctx.rank != 0:
         return
+    state = plain_student_state(state)  # feature KD's projector is a training aid: never exported
     state = {k: t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu() for k, t in state.items()}
     torch.save(state, out / "best.pt.tmp")
     os.replace(out / "best.pt.tmp", out / "best.pt")
@@ -187,6 +190,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
     prep = student_prep(v, job.teacher_prep)
     if model is None:
         model = create_model(v.arch, num_classes=job.num_classes, in_chans=prep.channels, **v.arch_kwargs)
+    model = wrap_student(model, v.beta, job.feature_dim, name)  # + feature-KD projector when beta > 0
     views = min(v.views or job.num_views, job.num_views)
     workers = min(job.loader_workers, max(1, len(job.train) // ctx.world))
     train_steps = steps_per_epoch(job.train, 0, v.seed, ctx.world, workers, v.batch_size, True)
@@ -207,7 +211,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
         state.update({k: client[k] for k in state if client and k in client})  # ours only, not DeepSpeed's keys
         log.info("%s: resumed after epoch %d", name, state["epoch"])
     teacher = load_teacher(job.teacher).model.to(ctx.device) if v.mode == "online" and job.teacher else None
-    loss_fn = create_loss(v.mode, v.alpha, v.temperature)
+    loss_fn = create_loss(v.mode, v.alpha, v.temperature, v.beta, v.feature_loss)
     summary: dict[str, Any] = {}
     for epoch in range(state["epoch"] + 1, v.epochs):
         row = _train_epoch(engine, loss_fn, teacher, job, v, name, epoch, ctx, workers, views, dtype)
@@ -246,7 +250,7 @@ def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None
     spec = _spec(job, v, job.train, epoch, True, ctx, workers, views)
     batches = padded(iter(_loader(spec)), steps, placeholder_batch(spec))
     t0 = t_log = time.perf_counter()
-    sums = {"loss": 0.0, "kd_loss": 0.0, "task_loss": 0.0}
+    sums = {"loss": 0.0, "kd_loss": 0.0, "task_loss": 0.0, "feat_loss": 0.0}
     n_seen = n_log = 0.0
     rank = str(ctx.rank)
     for step, batch in enumerate(batches):
@@ -256,7 +260,7 @@ def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None
             with torch.no_grad():
                 z = teacher(batch["teacher_pixels"].to(ctx.device)).float()
             batch["teacher_logp"] = torch.log_softmax(z / v.temperature, dim=1).cpu()
-        logits = engine(x)
+        logits = forward_train(engine, x, batch, v.beta > 0)
         losses = loss_fn(logits, {k: t.to(ctx.device) for k, t in batch.items() if k != "pixels"})
         if not _all_ranks_finite(losses["loss"].detach(), ctx):
             raise NonFiniteLossError(f"variant {name}: non-finite loss at epoch {epoch + 1} step {step + 1} "
@@ -287,5 +291,6 @@ def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None
     n = max(1.0, float(totals[0]))
     return {"epoch": epoch + 1, "train_samples": float(totals[0]), "train_loss": float(totals[1]) / n,
             "kd_loss": float(totals[2]) / n,
-            "task_loss": float(totals[3]) / n, "samples_per_s": float(totals[0]) / seconds,
+            "task_loss": float(totals[3]) / n, "feat_loss": float(totals[4]) / n,
+            "samples_per_s": float(totals[0]) / seconds,
             "epoch_seconds": seconds, "lr": float(engine.get_lr()[0])}
