@@ -1,6 +1,7 @@
 """Feature-alignment benchmark on the demo data: logit KD vs logit + feature KD, mean over seeds.
 
-    .venv/bin/python bench/feature_kd.py [--epochs 4] [--seeds 0 1 2] [--teacher-epochs 4]
+    .venv/bin/python bench/feature_kd.py [--epochs 3] [--seeds 0 1 2] [--teacher-epochs 4] [--train-shards 4]
+                                         [--configs logit cosine mse] [--dim D]
 
 Builds what is missing under runs/demo/ (shards, the demo teacher with --teacher-epochs, in-process, no Ray),
 then a cache WITH teacher features (schema v2) under runs/demo/cache_features, then trains the same student
@@ -35,9 +36,10 @@ from teacher_cache.run import run as run_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = {"arch": "cnn_small", "arch_kwargs": {"width": 8}, "mode": "soft", "alpha": 0.9, "temperature": 4.0}
-CONFIGS = {"logit KD (beta 0)": {"beta": 0.0},
-           "+ feature KD, cosine, beta 1": {"beta": 1.0, "feature_loss": "cosine"},
-           "+ feature KD, mse, beta 1": {"beta": 1.0, "feature_loss": "mse"}}
+ALL_CONFIGS = {"logit": ("logit KD (beta 0)", {"beta": 0.0}),
+               "cosine": ("+ feature KD, cosine, beta 1", {"beta": 1.0, "feature_loss": "cosine"}),
+               "mse": ("+ feature KD, mse, beta 1", {"beta": 1.0, "feature_loss": "mse"})}
+CONFIGS: dict[str, dict] = {}
 
 
 def demo_config(teacher_epochs: int) -> PipelineConfig:
@@ -54,9 +56,13 @@ def ensure_teacher(cfg: PipelineConfig) -> None:
         run_pipeline(PipelineConfig(shards=cfg.shards, teacher=cfg.teacher, metrics={"enabled": False}))
 
 
-def feature_cache(cfg: PipelineConfig, dim: int | None) -> Path:
+def train_shard_paths(n: int) -> list[str]:
+    return sorted(str(p) for p in Path("runs/demo/shards").glob("train-*.tar"))[:n]
+
+
+def feature_cache(cfg: PipelineConfig, dim: int | None, train_shards: int) -> Path:
     c = cfg.cache.model_dump(mode="json")
-    c.update(cache_root="runs/demo/cache_features", features={"enabled": True, "dim": dim, "seed": 0},
+    c.update(shards=[*train_shard_paths(train_shards), "runs/demo/shards/val-*.tar"], cache_root="runs/demo/cache_features", features={"enabled": True, "dim": dim, "seed": 0},
              ray={"enabled": False}, metrics={"enabled": False}, progress=False)
     res = run_cache(CacheConfig.model_validate(c))
     if res.status != "success":
@@ -64,13 +70,16 @@ def feature_cache(cfg: PipelineConfig, dim: int | None) -> Path:
     return res.cache_dir
 
 
-def train_all(cfg: PipelineConfig, cache_dir: Path, out: Path, epochs: int, seeds: list[int]) -> pd.DataFrame:
+def train_all(cfg: PipelineConfig, cache_dir: Path, out: Path, epochs: int, seeds: list[int],
+              train_shards: int) -> pd.DataFrame:
     base = cfg.train.model_dump(mode="json")
+    shards = train_shard_paths(train_shards)
     variants = [{"name": f"c{i}-s{seed}", "seed": seed, **STUDENT, **extra}
                 for seed in seeds for i, extra in enumerate(CONFIGS.values())]
     base.update(run_dir=str(out), variants=variants, grid={}, ray={"enabled": False}, metrics_port=None,
                 base={**base["base"], "epochs": epochs, "num_workers": 1},
-                data={**base["data"], "cache_root": str(cache_dir.parent), "fingerprint": cache_dir.name})
+                data={**base["data"], "cache_root": str(cache_dir.parent), "fingerprint": cache_dir.name,
+                      "train_shards": shards})
     run_train(TrainConfig.model_validate(base))
     rows = []
     labels = list(CONFIGS)
@@ -98,19 +107,22 @@ def table(df: pd.DataFrame) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--train-shards", type=int, default=4, help="first N demo train shards (500 samples each)")
+    ap.add_argument("--configs", nargs="+", default=["logit", "cosine"], choices=sorted(ALL_CONFIGS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--teacher-epochs", type=int, default=4)
     ap.add_argument("--dim", type=int, default=None, help="feature projection dim (default: the full embedding)")
     args = ap.parse_args()
+    CONFIGS.update(dict(ALL_CONFIGS[c] for c in args.configs))
     logging.basicConfig(level=logging.WARNING)
     t0 = time.perf_counter()
     cfg = demo_config(args.teacher_epochs)
     ensure_teacher(cfg)
-    cache_dir = feature_cache(cfg, args.dim)
+    cache_dir = feature_cache(cfg, args.dim, args.train_shards)
     info = inspect_cache(cache_dir)
     out = ROOT / "bench" / "out" / "feature_kd"
-    df = train_all(cfg, cache_dir, out / "runs", args.epochs, args.seeds)
+    df = train_all(cfg, cache_dir, out / "runs", args.epochs, args.seeds, args.train_shards)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "args": vars(args),
               "teacher_top1_vs_labels": info["teacher_top1_vs_labels"], "features": info["features"],
               "bytes_per_sample_view": info["bytes_per_sample_view"],
