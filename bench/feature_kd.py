@@ -62,7 +62,8 @@ def train_shard_paths(n: int) -> list[str]:
 
 def feature_cache(cfg: PipelineConfig, dim: int | None, train_shards: int) -> Path:
     c = cfg.cache.model_dump(mode="json")
-    c.update(shards=[*train_shard_paths(train_shards), "runs/demo/shards/val-*.tar"], cache_root="runs/demo/cache_features", features={"enabled": True, "dim": dim, "seed": 0},
+    c.update(shards=[*train_shard_paths(train_shards), "runs/demo/shards/val-*.tar"],
+             cache_root="runs/demo/cache_features", features={"enabled": True, "dim": dim, "seed": 0},
              ray={"enabled": False}, metrics={"enabled": False}, progress=False)
     res = run_cache(CacheConfig.model_validate(c))
     if res.status != "success":
