@@ -86,3 +86,26 @@ def test_scripted_teacher_is_refused_clearly(tmp_path):
         CacheConfig.model_validate({"shards": ["x.tar"], "cache_root": str(tmp_path),
                                     "teacher": {"scripted": "t.pt", "preprocessing": {"input_size": 8}},
                                     "features": {"enabled": True}})
+
+
+def test_fingerprint_unchanged_without_features_and_distinct_with_them(tmp_path):
+    import hashlib
+    import json
+
+    from teacher_cache.teacher import LoadedTeacher, Preprocessing, fingerprint, view_policy
+
+    prep = Preprocessing(32, 1.0, (0.1,), (0.3,), "bilinear", 1)
+    teacher = LoadedTeacher(model=nn.Identity(), num_classes=10, preprocessing=prep,
+                            info={"source": "arch", "arch": "resnet_mini", "weights_sha256": "ab", "num_classes": 10,
+                                  "arch_kwargs": {}})
+    base = {"shards": ["x.tar"], "cache_root": str(tmp_path), "teacher": {"arch": "resnet_mini", "pretrained": True}}
+    plain = CacheConfig.model_validate(base)
+    # what a schema-v1 build hashed: existing caches keep their directory after the upgrade
+    v1_payload = {"schema_version": 1, "teacher": {"source": "arch", "arch": "resnet_mini", "weights_sha256": "ab",
+                                                   "num_classes": 10, "arch_kwargs": {}},
+                  "preprocessing": prep.as_dict(), "topk": plain.topk, "views": view_policy(plain, prep).as_dict()}
+    want = hashlib.sha256(json.dumps(v1_payload, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint(teacher, plain) == want
+    with_f = fingerprint(teacher, CacheConfig.model_validate({**base, "features": {"enabled": True}}))
+    with_d = fingerprint(teacher, CacheConfig.model_validate({**base, "features": {"enabled": True, "dim": 8}}))
+    assert len({fingerprint(teacher, plain), with_f, with_d}) == 3
