@@ -37,6 +37,8 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
     \b
     Output: <cache_root>/<fingerprint>/<shard>.parquet + manifest.json + errors/ + last_run.json.
     Unchanged shards (same size+mtime+ctime+inode, or same content hash) with the same teacher are skipped.
+    --set features.enabled=true also stores the teacher's penultimate embedding per view (schema v2, feature
+    KD; features.dim=D projects it down with a seeded random matrix): a different fingerprint directory.
     Exit: 0 all shards cached, 3 some shards failed, 4 all failed, 2 bad config/input (nothing done),
     5 locked by another writer, 6 failed during the run (finished shards kept; re-run continues).
     Example: distill cache --config examples/demo.yaml --set ray.num_actors=2
@@ -106,7 +108,8 @@ def _check_address(cfg: object) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--no-verify", is_flag=True, help="Skip checksum verification of the Parquet files.")
 def inspect(directory: Path, as_json: bool, no_verify: bool) -> None:
-    """Summarise a cache: rows, shards, views, k, bytes per sample-view, top-k mass, teacher accuracy, errors.
+    """Summarise a cache: rows, shards, views, k, bytes per sample-view (with and without the teacher-feature
+    column), feature dim/projection, top-k mass, teacher accuracy, errors.
 
     DIRECTORY is a fingerprint directory or a cache root (the newest fingerprint is used).
     """

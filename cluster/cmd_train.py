@@ -24,6 +24,7 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     \b
     Modes: soft (KD from cached top-k at the variant's T), hard (teacher argmax), none (plain CE: teacher
     pre-training and the no-KD baseline), online (teacher runs live: the baseline the cache must beat).
+    Feature KD: beta > 0 (+ feature_loss cosine|mse) on a cache written with features.enabled: true.
     Variants: `variants:` (explicit list) and/or `grid:` (cartesian product over variant fields) over `base:`.
     Output: <run_dir>/<variant>/{metrics.csv, best.pt, arch.json, ds_ckpt/, status.json}, leaderboard.parquet.
     Re-running skips finished variants and resumes interrupted ones from their last epoch checkpoint.

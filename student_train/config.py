@@ -29,6 +29,10 @@ class VariantConfig(_Strict):
     mode: Mode = "soft"
     alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the distillation term")
     temperature: float = Field(4.0, gt=0.0)
+    beta: float = Field(0.0, ge=0.0, description="weight of the feature-KD loss (0 = off); needs a cache written "
+                        "with cache.features.enabled: true")
+    feature_loss: Literal["cosine", "mse"] = Field("cosine", description="feature-KD distance (through a learned "
+                                                   "projector on the student's penultimate features)")
     views: int | None = Field(None, ge=1, description="how many cached views to cycle through (default: all)")
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1, description="micro-batch per worker")
@@ -46,6 +50,13 @@ class VariantConfig(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(0.0, ge=0.0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _feature_kd_needs_teacher(self) -> VariantConfig:
+        if self.beta > 0 and self.mode == "none":
+            raise ValueError("beta > 0 (feature KD) needs the teacher cache: set mode soft/hard/online, or beta: 0 "
+                             "for a no-KD baseline")
+        return self
 
     def display_name(self, index: int) -> str:
         return self.name or f"v{index:02d}-{self.arch}-{self.mode}"

@@ -221,6 +221,8 @@ class JoinedStream(IterableDataset):
                "tail": a.tail_lse[i, v], "teacher_top1_view0": int(a.topk_ids[i, 0, 0])}
         if s.teacher is not None:
             out["teacher_pixels"] = replay_view(pixels, view, s.teacher.input_size, s.teacher.interpolation)
+        if a.features is not None:  # schema v2 cache with teacher features (feature KD)
+            out["teacher_feat"] = a.features[i, v]
         return out
 
     def _collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
@@ -242,6 +244,8 @@ class JoinedStream(IterableDataset):
         if s.teacher is not None:
             batch["teacher_pixels"] = normalize(torch.stack([it["teacher_pixels"] for it in items]),
                                                 s.teacher.mean, s.teacher.std)
+        if "teacher_feat" in items[0]:
+            batch["teacher_feat"] = torch.from_numpy(np.stack([it["teacher_feat"] for it in items]).astype(np.float32))
         return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from student_train.config import TrainConfig
 from student_train.data import DataJoinError, ShardPair, count_samples, resolve_split
+from student_train.feature_kd import cache_feature_dim
 from student_train.train_loop import JobSpec
 from teacher_cache.config import TeacherConfig
 from teacher_cache.reader import CacheError, CacheReader, find_cache_dir
@@ -84,7 +85,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
         prep = Preprocessing(input_size=p.input_size or 224, crop_pct=p.crop_pct or 0.875,
                              mean=tuple(p.mean or (0.485, 0.456, 0.406)), std=tuple(p.std or (0.229, 0.224, 0.225)),
                              interpolation=p.interpolation or "bilinear", channels=p.channels or 3)
-        cache_dir, num_classes, num_views = None, _num_classes(cfg), 1
+        cache_dir, num_classes, num_views, feature_dim = None, _num_classes(cfg), 1, None
     else:
         cache_dir = find_teacher_cache(cfg)
         reader = CacheReader(cache_dir, expect_fingerprint=cfg.data.fingerprint)
@@ -93,6 +94,8 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
         meta = reader.meta(train[0].stem)
         prep, num_classes, num_views = Preprocessing.from_dict(meta.preprocessing), meta.num_classes, meta.num_views
         labelled = _labelled_rows(reader, train)
+        feature_kd = [name for name, v in variants if v.beta > 0]
+        feature_dim = cache_feature_dim(reader, [p.stem for p in train], feature_kd) if feature_kd else None
     if not train:
         raise DataJoinError("no train shards")
     for name, v in variants:
@@ -112,5 +115,5 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
                    log_every=cfg.log_every, metrics_port=cfg.metrics_port, metrics_host=cfg.metrics_host,
                    keep_checkpoints=cfg.keep_checkpoints,
                    metrics_targets_dir=Path(cfg.metrics_targets_dir or Path(cfg.run_dir) / "metrics_targets").resolve(),
-                   train_crop_scale=tuple(cfg.data.train_crop_scale))
+                   train_crop_scale=tuple(cfg.data.train_crop_scale), feature_dim=feature_dim)
 

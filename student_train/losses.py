@@ -1,9 +1,11 @@
-"""Distillation losses, by name: ``create_loss(mode, alpha=..., temperature=...)``.
+"""Distillation losses, by name: ``create_loss(mode, alpha=..., temperature=..., beta=..., feature_loss=...)``.
 
-Every loss takes the student logits and a batch dict and returns {"loss", "kd_loss", "task_loss"}.
+Every loss takes the student logits and a batch dict and returns {"loss", "kd_loss", "task_loss", "feat_loss"}.
 Batch fields: ``label`` (N,) int64 with -1 where unlabelled; ``teacher_logp`` (N, C) teacher log-probabilities
 at the loss's temperature (soft/online); ``teacher_top1`` (N,) int64 (hard); ``weight`` (N,) float, 0 for
-padding rows that only keep ranks in step.
+padding rows that only keep ranks in step. Feature KD (beta > 0) also reads ``student_feat`` (N, d): the
+student's penultimate features through its learned projector, and ``teacher_feat`` (N, d): the cached teacher
+embedding of the same view; loss = the logit loss + beta * feature distance (cosine or mse).
 """
 
 from __future__ import annotations
@@ -69,12 +71,45 @@ def plain_ce(alpha: float, temperature: float) -> LossFn:
     return fn
 
 
+def feature_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample distance: 1 - cosine similarity (scale-free), or the mean squared difference per dim."""
+    s, t = student.float(), teacher.float()
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)
+    if kind == "mse":
+        return (s - t).pow(2).mean(dim=1)
+    raise ValueError(f"unknown feature_loss '{kind}'; valid: {list(FEATURE_LOSSES)}")
+
+
+FEATURE_LOSSES = ("cosine", "mse")
+
+
+def with_feature_kd(fn: LossFn, beta: float, kind: str) -> LossFn:
+    """Add beta * feature distance (weighted like the other terms) to a logit loss; beta 0 adds a zero term."""
+    if kind not in FEATURE_LOSSES:
+        raise ValueError(f"unknown feature_loss '{kind}'; valid: {list(FEATURE_LOSSES)}")
+
+    def wrapped(logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        out = fn(logits, batch)
+        if beta > 0:
+            feat = _weighted_mean(feature_distance(batch["student_feat"], batch["teacher_feat"], kind),
+                                  batch["weight"])
+            out["loss"] = out["loss"] + beta * feat
+        else:
+            feat = torch.zeros((), device=logits.device)
+        out["feat_loss"] = feat
+        return out
+
+    return wrapped
+
+
 _LOSSES: dict[str, Callable[[float, float], LossFn]] = {
     "soft": soft_loss, "online": soft_loss, "hard": hard_loss, "none": plain_ce,
 }
 
 
-def create_loss(mode: str, alpha: float = 0.9, temperature: float = 4.0) -> LossFn:
+def create_loss(mode: str, alpha: float = 0.9, temperature: float = 4.0, beta: float = 0.0,
+                feature_loss: str = "cosine") -> LossFn:
     if mode not in _LOSSES:
         raise ValueError(f"unknown distillation mode '{mode}'; valid: {sorted(_LOSSES)}")
-    return _LOSSES[mode](alpha, temperature)
+    return with_feature_kd(_LOSSES[mode](alpha, temperature), beta, feature_loss)

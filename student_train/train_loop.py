@@ -27,6 +27,7 @@ from student_train.atomic_io import atomic_write_text
 from student_train.config import VariantConfig
 from student_train.data import JoinedStream, ShardPair, StreamSpec, padded, placeholder_batch, steps_per_epoch
 from student_train.evaluate import evaluate, to_model_input
+from student_train.feature_kd import forward_train, plain_student_state, wrap_student
 from student_train.losses import create_loss
 from teacher_cache.config import TeacherConfig
 from teacher_cache.models import create_model
@@ -59,6 +60,7 @@ class JobSpec:
     metrics_targets_dir: Path | None = None
     train_crop_scale: tuple[float, float] = (0.35, 1.0)
     keep_checkpoints: int = 2
+    feature_dim: int | None = None  # teacher feature dim of the cache (set when a variant uses feature KD)
 
 
 @dataclass
@@ -176,6 +178,7 @@ def _save_best(engine: Any, v: VariantConfig, job: JobSpec, out: Path, ctx: Work
     state = engine._zero3_consolidated_16bit_state_dict() if v.zero_stage == 3 else engine.module.state_dict()
     if ctx.rank != 0:
         return
+    state = plain_student_state(state)  # feature KD's projector is a training aid: never exported
     state = {k: t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu() for k, t in state.items()}
     torch.save(state, out / "best.pt.tmp")
     os.replace(out / "best.pt.tmp", out / "best.pt")
@@ -206,6 +209,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
     prep = student_prep(v, job.teacher_prep)
     if model is None:
         model = create_model(v.arch, num_classes=job.num_classes, in_chans=prep.channels, **v.arch_kwargs)
+    model = wrap_student(model, v.beta, job.feature_dim, name)  # + feature-KD projector when beta > 0
     views = min(v.views or job.num_views, job.num_views)
     workers = min(job.loader_workers, max(1, len(job.train) // ctx.world))
     train_steps = steps_per_epoch(job.train, 0, v.seed, ctx.world, workers, v.batch_size, True)
@@ -230,7 +234,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
         teacher = load_teacher(job.teacher).model.to(ctx.device)
         if ctx.device.type == "cuda":
             teacher = teacher.to(memory_format=torch.channels_last)
-    loss_fn = create_loss(v.mode, v.alpha, v.temperature)
+    loss_fn = create_loss(v.mode, v.alpha, v.temperature, v.beta, v.feature_loss)
     summary: dict[str, Any] = {}
     for epoch in range(state["epoch"] + 1, v.epochs):
         row = _train_epoch(engine, loss_fn, teacher, job, v, name, epoch, ctx, workers, views, dtype)
@@ -273,8 +277,8 @@ def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None
     spec = _spec(job, v, job.train, epoch, True, ctx, workers, views)
     batches = padded(iter(_loader(spec, ctx.device)), steps, placeholder_batch(spec))
     t0 = t_log = time.perf_counter()
-    parts = ("loss", "kd_loss", "task_loss")
-    sums = torch.zeros(len(parts) + 1, dtype=torch.float64, device=ctx.device)  # n_seen, loss, kd, task
+    parts = ("loss", "kd_loss", "task_loss", "feat_loss")
+    sums = torch.zeros(len(parts) + 1, dtype=torch.float64, device=ctx.device)  # n_seen, loss, kd, task, feat
     bad = torch.zeros((), device=ctx.device)
     n_log = 0.0
     rank = str(ctx.rank)
@@ -312,8 +316,8 @@ def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None
     n_seen, *totals = sums.tolist()
     n = max(1.0, n_seen)
     return {"epoch": epoch + 1, "train_samples": n_seen, "train_loss": totals[0] / n, "kd_loss": totals[1] / n,
-            "task_loss": totals[2] / n, "samples_per_s": n_seen / seconds, "epoch_seconds": seconds,
-            "lr": float(engine.get_lr()[0])}
+            "task_loss": totals[2] / n, "feat_loss": totals[3] / n, "samples_per_s": n_seen / seconds,
+            "epoch_seconds": seconds, "lr": float(engine.get_lr()[0])}
 
 
 def _step(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None, batch: dict[str, torch.Tensor],
@@ -326,7 +330,7 @@ def _step(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None, batch
         with torch.no_grad(), _autocast(ctx.device):
             z = teacher(to_model_input(batch["teacher_pixels"], ctx.device, torch.float32)).float()
         targets["teacher_logp"] = torch.log_softmax(z / v.temperature, dim=1)
-    logits = engine(x)
+    logits = forward_train(engine, x, targets, v.beta > 0)
     losses = loss_fn(logits, targets)
     engine.backward(losses["loss"])
     engine.step()

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from teacher_cache.manifest import fsync_dir, tmp_path_for
 from teacher_cache.schema import (
     COL_CROP,
+    COL_FEATURES,
     COL_FLIP,
     COL_IMAGE_HW,
     COL_KEY,
@@ -41,7 +42,7 @@ def rows_to_table(cols: dict, meta: CacheMeta) -> pa.Table:
     flips = np.array([[vp.flip for vp in views] for views in cols["views"]], dtype=bool).reshape(n, v)
     hw = np.asarray(cols["hw"], dtype=np.int32).reshape(n, 2)
     ids_dtype = np.int16 if id_type(meta.num_classes) == pa.int16() else np.int32
-    schema = arrow_schema(v, k, meta.num_classes).with_metadata(meta.to_kv())
+    schema = arrow_schema(v, k, meta.num_classes, meta.feature_dim).with_metadata(meta.to_kv())
     arrays = [
         pa.array(cols["key"], type=pa.string()),
         pa.array(cols["label"], type=pa.int32()),
@@ -53,6 +54,11 @@ def rows_to_table(cols: dict, meta: CacheMeta) -> pa.Table:
         pa.FixedSizeListArray.from_arrays(pa.array(tail_np.reshape(-1), type=pa.float32()), v),
     ]
     names = [COL_KEY, COL_LABEL, COL_IMAGE_HW, COL_CROP, COL_FLIP, COL_TOPK_IDS, COL_TOPK_LOGITS, COL_TAIL_LSE]
+    if meta.feature_dim is not None:  # schema v2: teacher features, (N, V, d) float16
+        d = meta.feature_dim
+        feats = np.asarray(cols["feat"], dtype=np.float32).reshape(n, v, d) if n else np.zeros((0, v, d))
+        arrays.append(_nested(feats.astype(np.float16), d, v, pa.float16()))
+        names.append(COL_FEATURES)
     return pa.Table.from_arrays(arrays, names=names).cast(schema)
 
 

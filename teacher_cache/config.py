@@ -62,6 +62,15 @@ class ViewsConfig(_Strict):
         return self
 
 
+class FeaturesConfig(_Strict):
+    """Also cache the teacher's pooled penultimate embedding per view (schema v2), for feature KD."""
+
+    enabled: bool = Field(False, description="store the `features` column (needs an `arch` teacher)")
+    dim: int | None = Field(None, ge=1, description="project down to this many dims (empty = the full embedding)")
+    seed: int = Field(0, description="seed of the fixed random projection (recorded in the file metadata)")
+    projection: Literal["gaussian", "orthogonal"] = Field("gaussian", description="Gaussian/sqrt(d) or orthonormal")
+
+
 class RayConfig(_Strict):
     enabled: bool = Field(True, description="false = run every shard in this process (debugging, no Ray)")
     address: str | None = Field(None, description="Ray cluster address; empty = RAY_ADDRESS or a local cluster")
@@ -93,6 +102,7 @@ class CacheConfig(_Strict):
     teacher: TeacherConfig
     topk: int = Field(10, ge=1)
     views: ViewsConfig = Field(default_factory=ViewsConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
     batch_size: int = Field(64, ge=1, description="view-images per teacher forward")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -108,3 +118,10 @@ class CacheConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _features_need_module(self) -> CacheConfig:
+        if self.features.enabled and self.teacher.scripted is not None:
+            raise ValueError("features.enabled needs an nn.Module teacher (`arch` + `checkpoint`): feature caching "
+                             "hooks the classifier's last Linear, which a TorchScript / torch.export file hides")
+        return self

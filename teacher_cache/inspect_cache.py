@@ -6,23 +6,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from teacher_cache.reader import CacheReader, find_cache_dir
 from teacher_cache.run import read_errors
+from teacher_cache.schema import COL_FEATURES
+
+
+def column_bytes(path: Path, column: str) -> int:
+    """Compressed bytes of one top-level column in a Parquet file (from the footer; no data read)."""
+    md = pq.ParquetFile(path).metadata
+    return sum(rg.column(j).total_compressed_size for rg in (md.row_group(i) for i in range(md.num_row_groups))
+               for j in range(rg.num_columns) if rg.column(j).path_in_schema.split(".")[0] == column)
 
 
 def inspect_cache(path: Path, verify: bool = True) -> dict[str, Any]:
     """Summary of one fingerprint directory (or the newest one under a cache root)."""
     reader = CacheReader(find_cache_dir(Path(path)), verify=verify)
-    rows = bytes_total = 0
+    rows = bytes_total = feature_bytes = 0
+    versions: set[int] = set()
     mass_sum = 0.0
     labelled = correct = 0
     meta = None
     for stem in reader.shards:
         a = reader.arrays(stem)
         meta = reader.meta(stem)
+        versions.add(meta.schema_version)
         rows += len(a.keys)
         bytes_total += reader.manifest.shards[stem].file_bytes
+        if meta.feature_dim is not None:
+            feature_bytes += column_bytes(reader.path(stem), COL_FEATURES)
         mass_sum += float(np.exp(a.topk_logits.astype(np.float32)).sum(-1).sum())
         has = a.labels >= 0
         labelled += int(has.sum())
@@ -32,7 +45,8 @@ def inspect_cache(path: Path, verify: bool = True) -> dict[str, Any]:
     return {
         "cache_dir": str(reader.directory),
         "fingerprint": reader.fingerprint,
-        "schema_version": reader.manifest.schema_version,
+        "schema_version": max(versions, default=reader.manifest.schema_version),
+        "file_schema_versions": sorted(versions),
         "teacher": reader.manifest.teacher,
         "shards": len(reader.shards),
         "rows": rows,
@@ -42,12 +56,24 @@ def inspect_cache(path: Path, verify: bool = True) -> dict[str, Any]:
         "preprocessing": meta.preprocessing if meta else None,
         "bytes": bytes_total,
         "bytes_per_sample_view": bytes_total / max(1, rows * views),
+        "features": meta.features if meta else None,
+        "feature_bytes": feature_bytes,
+        "bytes_per_sample_view_without_features": (bytes_total - feature_bytes) / max(1, rows * views),
         "mean_topk_mass": mass_sum / max(1, rows * views),
         "labelled_rows": labelled,
         "teacher_top1_vs_labels": (correct / labelled) if labelled else None,
         "errors_recorded": len(errors),
         "first_errors": errors[:5],
     }
+
+
+def _features_line(info: dict[str, Any]) -> str:
+    f = info["features"]
+    if not f:
+        return "features     none (schema v1, or cache.features.enabled: false)"
+    proj = "no projection" if f["projection"] == "none" else f"{f['projection']} projection from {f['source_dim']}"
+    return (f"features     {f['dim']} x float16 per view ({proj}, seed {f['seed']}, input of `{f['layer']}`); "
+            f"{info['bytes_per_sample_view_without_features']:.1f} bytes per sample-view without them")
 
 
 def format_inspect(info: dict[str, Any]) -> str:
@@ -62,6 +88,7 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"shards       {info['shards']}",
         f"rows         {info['rows']} samples x {info['views']} views, top-{info['k']}",
         f"size         {info['bytes'] / 1e6:.2f} MB, {info['bytes_per_sample_view']:.1f} bytes per sample-view",
+        _features_line(info),
         f"top-k mass   {info['mean_topk_mass']:.4f} (mean probability held by the stored top-k, T=1)",
         f"teacher acc  {acc_text}",
         f"errors       {info['errors_recorded']} samples skipped",

@@ -25,6 +25,7 @@ from teacher_cache.config import CacheConfig
 from teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
 from teacher_cache.decode_pool import DecodePool, default_processes
 from teacher_cache.devices import resolve_device
+from teacher_cache.features import FeatureExtractor, teacher_forward
 from teacher_cache.schema import SCHEMA_VERSION, CacheMeta
 from teacher_cache.shards import ShardError, ShardIdentity, ShardReader
 from teacher_cache.teacher import LoadedTeacher, load_teacher, resolve_precision, view_policy
@@ -93,6 +94,8 @@ class Labeler:
         self.pool = DecodePool(self.spec, processes)
         log.info("labeller: %s %s, decode %s", self.device, self.dtype,
                  "nvjpeg on the device" if self.gpu_decode else f"Pillow in {processes} process(es)")
+        f = cfg.features
+        self.features = FeatureExtractor(self.model, f.dim, f.seed, f.projection) if f.enabled else None
 
     def close(self) -> None:
         self.pool.close()
@@ -145,7 +148,7 @@ class Labeler:
             rows = self._run_teacher(task, reader, errors, progress, result)
             meta = CacheMeta(SCHEMA_VERSION, self.fingerprint, self.cfg.topk, self.policy.num_views,
                              self.teacher.num_classes, self.prep.as_dict(), self.teacher.info, task.stem,
-                             self.policy.as_dict())
+                             self.policy.as_dict(), self.features.spec.as_dict() if self.features else None)
             final = task.out_dir / f"{task.stem}.parquet"
             nbytes, digest = write_cache_file(final, rows, meta)
         except (ShardError, OSError) as exc:
@@ -163,13 +166,14 @@ class Labeler:
         q: queue.Queue = queue.Queue(maxsize=3)
         thread = threading.Thread(target=self._producer, args=(task, reader, q, errors), daemon=True)
         thread.start()
-        cols: dict[str, list] = {"key": [], "label": [], "hw": [], "views": [], "ids": [], "logits": [], "tail": []}
+        cols: dict[str, list] = {"key": [], "label": [], "hw": [], "views": [], "ids": [], "logits": [], "tail": [],
+                                 "feat": []}
         n_err = 0
         while (item := q.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
             tb = time.perf_counter()
-            ids, vals, tail, finite = self._teacher_step(item)
+            ids, vals, tail, finite, feats = self._teacher_step(item)
             dt = time.perf_counter() - tb
             result.teacher_seconds += dt
             v = self.policy.num_views
@@ -185,6 +189,8 @@ class Labeler:
                 cols["ids"].append(ids[i * v:(i + 1) * v].numpy())
                 cols["logits"].append(vals[i * v:(i + 1) * v].numpy())
                 cols["tail"].append(tail[i * v:(i + 1) * v].numpy())
+                if feats is not None:
+                    cols["feat"].append(feats[i * v:(i + 1) * v].numpy())
             if progress is not None:
                 progress(ProgressEvent(images=len(item), errors=len(errors) - n_err, batch_seconds=[dt]))
                 n_err = len(errors)
@@ -208,8 +214,10 @@ class Labeler:
         autocast = (torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32
                     else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
-            logits = self.model(x).float()
+            logits, feats = teacher_forward(self.model, self.features, x)
+            logits = logits.float()
         finite = torch.isfinite(logits).all(dim=1).view(len(item), -1).all(dim=1)
         ids, vals, tail = pack_topk(torch.nan_to_num(logits), self.cfg.topk)
         packed = (ids.to(torch.int32), vals, tail, finite)
-        return tuple(t.cpu() for t in packed)  # the one device->host transfer per batch: (N*V, k) small tensors
+        host = tuple(t.cpu() for t in packed)  # the one device->host transfer per batch: (N*V, k) small tensors
+        return (*host, feats.float().cpu() if feats is not None else None)

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from teacher_cache.manifest import Manifest, cache_file_problem
 from teacher_cache.schema import (
     COL_CROP,
+    COL_FEATURES,
     COL_FLIP,
     COL_IMAGE_HW,
     COL_KEY,
@@ -73,6 +74,7 @@ class ShardArrays:
     topk_ids: np.ndarray  # (N, V, k)
     topk_logits: np.ndarray  # (N, V, k) float16
     tail_lse: np.ndarray  # (N, V) float32
+    features: np.ndarray | None = None  # (N, V, d) float16 teacher embeddings (schema v2 with features)
 
     def view(self, i: int, v: int) -> ViewParams:
         t, left, h, w = (int(x) for x in self.crops[i, v])
@@ -173,7 +175,17 @@ class CacheReader:
             flips=_fixed(t.column(COL_FLIP), m.num_views).astype(bool),
             topk_ids=_fixed(t.column(COL_TOPK_IDS), m.num_views, m.k),
             topk_logits=_fixed(t.column(COL_TOPK_LOGITS), m.num_views, m.k),
-            tail_lse=_fixed(t.column(COL_TAIL_LSE), m.num_views))
+            tail_lse=_fixed(t.column(COL_TAIL_LSE), m.num_views),
+            features=self._features(stem, t, m))
+
+    def _features(self, stem: str, t: pa.Table, m: CacheMeta) -> np.ndarray | None:
+        """(N, V, d) float16 teacher features of a v2 file that stores them, else None."""
+        if m.feature_dim is None:
+            return None
+        if COL_FEATURES not in t.column_names:
+            raise CacheError(f"{self.path(stem)}: metadata declares {m.feature_dim}-dim features but the file has "
+                             f"no '{COL_FEATURES}' column (damaged file); re-run `distill cache`")
+        return _fixed(t.column(COL_FEATURES), m.num_views, m.feature_dim)
 
     def iter_shard(self, stem: str) -> Iterator[CachedSample]:
         a = self.arrays(stem)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from teacher_cache import metrics
 from teacher_cache.config import CacheConfig
+from teacher_cache.features import check_features
 from teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from teacher_cache.manifest import (
@@ -88,6 +89,8 @@ def prepare(cfg: CacheConfig) -> tuple[LoadedTeacher, str]:
     if cfg.topk > teacher.num_classes:
         raise ValueError(f"topk={cfg.topk} is larger than the teacher's {teacher.num_classes} classes; "
                          f"set topk <= {teacher.num_classes}")
+    if cfg.features.enabled:
+        check_features(teacher.model, cfg.features.dim)  # a head to hook and a dim it has, before any work
     fp = fingerprint(teacher, cfg)
     remember_fingerprint(cfg, fp)
     return teacher, fp

@@ -16,8 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 
 # Parquet key-value metadata keys (all values are UTF-8 strings; JSON for structured ones).
 META_SCHEMA_VERSION = b"distill.schema_version"
@@ -29,6 +29,7 @@ META_PREPROCESSING = b"distill.preprocessing"
 META_TEACHER = b"distill.teacher"
 META_SHARD = b"distill.shard"
 META_VIEW_POLICY = b"distill.view_policy"
+META_FEATURES = b"distill.features"  # v2, only with the features column: {dim, source_dim, projection, seed, ...}
 
 COL_KEY = "key"
 COL_LABEL = "label"
@@ -38,6 +39,16 @@ COL_FLIP = "flip"  # [V] bool: horizontal flip after the crop
 COL_TOPK_IDS = "topk_ids"  # [V][k] int16 (int32 when num_classes > 32767)
 COL_TOPK_LOGITS = "topk_logits"  # [V][k] float16, shifted by the full log-sum-exp
 COL_TAIL_LSE = "tail_lse"  # [V] float32: log sum exp of the logits outside the top-k (same shift); -inf if k == C
+COL_FEATURES = "features"  # v2, optional: [V][d] float16 teacher penultimate embedding (projected to d dims)
+
+
+def fingerprint_schema_version(has_features: bool) -> int:
+    """The schema version the fingerprint hashes: the version whose content the cache holds.
+
+    A v2 file without features holds exactly the v1 columns and values, so hashing 1 for it keeps every
+    existing cache valid (no full re-label after an upgrade); a cache with features is a different cache.
+    """
+    return 2 if has_features else 1
 
 
 def id_type(num_classes: int) -> pa.DataType:
@@ -45,9 +56,11 @@ def id_type(num_classes: int) -> pa.DataType:
     return pa.int16() if num_classes <= 32767 else pa.int32()
 
 
-def arrow_schema(num_views: int, k: int, num_classes: int) -> pa.Schema:
-    """The Arrow schema of a cache file for V views, top-k and C classes."""
+def arrow_schema(num_views: int, k: int, num_classes: int, feature_dim: int | None = None) -> pa.Schema:
+    """The Arrow schema of a cache file for V views, top-k, C classes and (v2) d-dim teacher features."""
     v, ids = num_views, id_type(num_classes)
+    extra = [] if feature_dim is None else [
+        pa.field(COL_FEATURES, pa.list_(pa.list_(pa.float16(), feature_dim), v), nullable=False)]
     return pa.schema(
         [
             pa.field(COL_KEY, pa.string(), nullable=False),
@@ -58,6 +71,7 @@ def arrow_schema(num_views: int, k: int, num_classes: int) -> pa.Schema:
             pa.field(COL_TOPK_IDS, pa.list_(pa.list_(ids, k), v), nullable=False),
             pa.field(COL_TOPK_LOGITS, pa.list_(pa.list_(pa.float16(), k), v), nullable=False),
             pa.field(COL_TAIL_LSE, pa.list_(pa.float32(), v), nullable=False),
+            *extra,
         ]
     )
 
@@ -75,9 +89,14 @@ class CacheMeta:
     teacher: dict[str, Any]
     shard: str
     view_policy: dict[str, Any]
+    features: dict[str, Any] | None = None  # v2: {dim, source_dim, projection, seed, layer}; None = no column
+
+    @property
+    def feature_dim(self) -> int | None:
+        return int(self.features["dim"]) if self.features else None
 
     def to_kv(self) -> dict[bytes, bytes]:
-        return {
+        kv = {
             META_SCHEMA_VERSION: str(self.schema_version).encode(),
             META_FINGERPRINT: self.fingerprint.encode(),
             META_TOPK: str(self.k).encode(),
@@ -88,6 +107,9 @@ class CacheMeta:
             META_SHARD: self.shard.encode(),
             META_VIEW_POLICY: json.dumps(self.view_policy, sort_keys=True).encode(),
         }
+        if self.features is not None:
+            kv[META_FEATURES] = json.dumps(self.features, sort_keys=True).encode()
+        return kv
 
     @classmethod
     def from_kv(cls, kv: dict[bytes, bytes] | None, where: str) -> CacheMeta:
@@ -113,6 +135,7 @@ class CacheMeta:
                 teacher=json.loads(kv[META_TEACHER]),
                 shard=kv[META_SHARD].decode(),
                 view_policy=json.loads(kv[META_VIEW_POLICY]),
+                features=json.loads(kv[META_FEATURES]) if version >= 2 and META_FEATURES in kv else None,
             )
         except (KeyError, ValueError) as exc:
             raise SchemaError(f"{where}: damaged cache metadata ({exc}); delete the file and re-run") from exc

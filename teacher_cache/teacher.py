@@ -14,7 +14,7 @@ from torch import nn
 
 from teacher_cache.config import CacheConfig, TeacherConfig
 from teacher_cache.models import create_model
-from teacher_cache.schema import SCHEMA_VERSION
+from teacher_cache.schema import fingerprint_schema_version
 from teacher_cache.shards import file_sha256
 from teacher_cache.views import ViewPolicy
 
@@ -195,7 +195,7 @@ def load_teacher(cfg: TeacherConfig) -> LoadedTeacher:
 def fingerprint(teacher: LoadedTeacher, cfg: CacheConfig) -> str:
     """Hash of everything that changes the cached numbers: weights, arch, preprocessing, k, views, schema."""
     payload = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": fingerprint_schema_version(cfg.features.enabled),
         "teacher": {k: teacher.info[k] for k in ("source", "arch", "weights_sha256", "num_classes")}
         | {"arch_kwargs": teacher.info.get("arch_kwargs", {})},
         "preprocessing": teacher.preprocessing.as_dict(),
@@ -205,6 +205,8 @@ def fingerprint(teacher: LoadedTeacher, cfg: CacheConfig) -> str:
     precision = resolve_precision(cfg)
     if precision != "fp32":  # fp32 caches keep the fingerprint they had before precision existed
         payload["precision"] = precision
+    if cfg.features.enabled:  # a cache with features is a different cache; without, the hash is unchanged
+        payload["features"] = cfg.features.model_dump(mode="json")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
