@@ -68,23 +68,28 @@ def add_twin_deltas(rows: list[dict], twins: dict[str, str]) -> list[dict]:
     return out
 
 
-def format_twin_comparison(rows: list[dict]) -> str:
-    """One line per distilled variant against its undistilled twin, best distilled student first."""
-    pairs = [r for r in rows if r.get("twin")]
-    pairs.sort(key=lambda r: (r["delta_top1_vs_twin"] is None, -(r["val_top1"] or -1)))
+def twin_pairs(rows: list[dict]) -> list[dict]:
+    """Distilled variants with a twin, best distilled student first (pairs without a delta last)."""
     by_name = {r["variant"]: r for r in rows}
+    pairs = [{"variant": r["variant"], "val_top1": r["val_top1"], "twin": r["twin"],
+              "twin_val_top1": by_name[r["twin"]]["val_top1"], "delta_top1_vs_twin": r["delta_top1_vs_twin"]}
+             for r in rows if r.get("twin") in by_name]
+    return sorted(pairs, key=lambda p: (p["delta_top1_vs_twin"] is None, -(p["val_top1"] or -1)))
+
+
+def format_twin_comparison(pairs: list[dict]) -> str:
+    """One line per distilled variant against its undistilled twin (input: `twin_pairs`)."""
     if not pairs:
         return "no distilled variant with an undistilled twin (train.twins: false, or no distilled variant)"
     lines = ["distilled student vs its undistilled twin (same arch, epochs, optimizer, schedule, views, seed):"]
-    for r in pairs:
-        t = by_name[r["twin"]]
-        d = r["delta_top1_vs_twin"]
+    for p in pairs:
+        d = p["delta_top1_vs_twin"]
         verdict = "n/a (not both done)" if d is None else ("distillation wins" if d > 0 else
                                                             "tie" if d == 0 else "twin wins: KD did not pay")
-        top = "-" if r["val_top1"] is None else f"{100 * r['val_top1']:.2f}%"
-        ttop = "-" if t["val_top1"] is None else f"{100 * t['val_top1']:.2f}%"
+        top = "-" if p["val_top1"] is None else f"{100 * p['val_top1']:.2f}%"
+        ttop = "-" if p["twin_val_top1"] is None else f"{100 * p['twin_val_top1']:.2f}%"
         delta = "" if d is None else f"  {d:+.2f} pt"
-        lines.append(f"  {r['variant']:28s} {top:>7s}  vs {r['twin']:22s} {ttop:>7s}{delta}  {verdict}")
+        lines.append(f"  {p['variant']:28s} {top:>7s}  vs {p['twin']:22s} {ttop:>7s}{delta}  {verdict}")
     return "\n".join(lines)
 
 

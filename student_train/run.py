@@ -16,6 +16,7 @@ from student_train.leaderboard import (
     add_twin_deltas,
     format_leaderboard,
     format_twin_comparison,
+    twin_pairs,
     variant_row,
     write_leaderboard,
 )
@@ -139,5 +140,6 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
                                 samples_per_epoch(job.train, v.mode)))
     rows = add_twin_deltas(rows, pair_twins(variants))
     path = write_leaderboard(run_dir, rows)
-    (run_dir / "leaderboard.txt").write_text(format_twin_comparison(rows) + "\n\n" + format_leaderboard(rows) + "\n")
+    text = format_twin_comparison(twin_pairs(rows)) + "\n\n" + format_leaderboard(rows) + "\n"
+    (run_dir / "leaderboard.txt").write_text(text)
     return TrainResult(run_dir=run_dir, leaderboard=rows, leaderboard_path=path, seconds=time.perf_counter() - t0)

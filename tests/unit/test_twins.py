@@ -5,7 +5,7 @@ from pydantic import ValidationError
 
 from student_train.config import TrainConfig, VariantConfig
 from student_train.data import ShardPair
-from student_train.leaderboard import add_twin_deltas, format_twin_comparison
+from student_train.leaderboard import add_twin_deltas, format_twin_comparison, twin_pairs
 from student_train.twins import add_twins, pair_twins
 from student_train.unlabelled import samples_per_epoch, train_pairs
 
@@ -76,7 +76,7 @@ def test_delta_column_on_hand_made_rows():
     assert out["kd-c"]["twin"] == "base" and out["kd-c"]["delta_top1_vs_twin"] is None  # not both done
     assert out["base"]["twin"] is None and out["lone"]["twin"] is None
     assert rows[0]["twin"] is None  # input rows untouched
-    text = format_twin_comparison(list(out.values())).splitlines()
+    text = format_twin_comparison(twin_pairs(list(out.values()))).splitlines()
     assert "kd-a" in text[1] and "+0.60 pt" in text[1] and "distillation wins" in text[1]  # best first
     assert "kd-b" in text[2] and "-1.30 pt" in text[2] and "KD did not pay" in text[2]
     assert "kd-c" in text[3] and "n/a" in text[3]
