@@ -1,7 +1,9 @@
 """Student-training benchmark on the demo data: does distillation pay, at equal epochs, over several seeds?
 
-    .venv/bin/python bench/student_train.py [--epochs 8] [--seeds 0 1 2] [--grid 0.5:2 0.9:4] [--online 0.5:2]
-                                            [--skip-unlabelled] [--arch cnn_small --width 8]
+    .venv/bin/python bench/student_train.py [--epochs 6] [--seeds 0 1 2] [--grid 0.5:2 0.9:4] [--online 0.5:2]
+        [--skip-online] [--skip-unlabelled] [--skip-equal-epochs] [--arch cnn_small --width 16]
+        [--config examples/demo.yaml] [--work runs/bench_train] [--out bench/out/student_train.json]
+    .venv/bin/python bench/student_train.py --merge A.json B.json ... --out ALL.json   # runs split by seed
 
 Needs the demo's shards, teacher and cache (built here from examples/demo.yaml when missing). In-process
 DeepSpeed (1 rank, fp32), every run one after another in one process, so Ray scheduling is not measured.
@@ -39,9 +41,9 @@ from teacher_cache.shards import expand_shard_patterns
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ensure_demo_inputs() -> PipelineConfig:
+def ensure_demo_inputs(config: Path) -> PipelineConfig:
     os.chdir(ROOT)
-    cfg = load_config(PipelineConfig, ROOT / "examples" / "demo.yaml", [], "pipeline")
+    cfg = load_config(PipelineConfig, config, [], "pipeline")
     if not Path(cfg.cache.cache_root).exists() or not Path(cfg.cache.teacher.checkpoint).exists():
         run_pipeline(cfg.model_copy(update={"train": None, "compress": None, "deploy": None}))
     return cfg
@@ -114,6 +116,23 @@ def unlabelled(cfg: PipelineConfig, out: Path, student: dict, epochs: int, seeds
     return pd.DataFrame(rows), share
 
 
+def merge(paths: list[Path], out: Path) -> None:
+    """One summary over several result files (runs split over processes by seed or by part)."""
+    first = json.loads(paths[0].read_text())
+    rows = [r for p in paths for r in json.loads(p.read_text())["per_run"]]
+    df = pd.DataFrame(rows)
+    result = {k: first[k] for k in ("machine", "student", "teacher", "recipe") if k in first}
+    result["merged_from"] = [str(p) for p in paths]
+    for part, baseline in (("equal_epochs", "none"), ("unlabelled", "labels-only")):
+        sub = df[df["part"] == part] if "part" in df else df.iloc[0:0]
+        if len(sub):
+            result[part] = _summary(sub, "config", baseline)
+    result["per_run"] = rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(yaml.safe_dump({k: v for k, v in result.items() if k != "per_run"}, sort_keys=False))
+
+
 def _pair(s: str) -> tuple[float, float]:
     a, t = s.split(":")
     return float(a), float(t)
@@ -121,7 +140,7 @@ def _pair(s: str) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--grid", type=_pair, nargs="+", default=[(0.5, 2.0), (0.9, 4.0)], help="alpha:T pairs")
     ap.add_argument("--online", type=_pair, default=(0.5, 2.0), help="alpha:T of the online-KD runs")
@@ -129,14 +148,21 @@ def main() -> None:
     ap.add_argument("--skip-unlabelled", action="store_true")
     ap.add_argument("--skip-equal-epochs", action="store_true")
     ap.add_argument("--arch", default="cnn_small")
-    ap.add_argument("--width", type=int, default=8)
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--config", type=Path, default=ROOT / "examples" / "demo.yaml",
+                    help="a pipeline YAML whose cache/train sections name the shards, cache and recipe")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_train", help="run directories (wiped)")
+    ap.add_argument("--merge", type=Path, nargs="+", help="summarise the per-run rows of earlier result files "
+                    "(e.g. one process per seed) instead of training")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "student_train.json")
     args = ap.parse_args()
-    cfg = ensure_demo_inputs()
+    if args.merge:
+        return merge(args.merge, args.out)
+    cfg = ensure_demo_inputs(args.config)
     student = {"arch": args.arch, "arch_kwargs": {"width": args.width}}
-    work = ROOT / "runs" / "bench_train"
+    work = args.work
     shutil.rmtree(work, ignore_errors=True)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 when the machine is shared
     result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
                     "student": student, "teacher": cfg.cache.teacher.model_dump(mode="json"),
                     "recipe": {k: v for k, v in cfg.train.base.model_dump(mode="json").items()
@@ -146,11 +172,11 @@ def main() -> None:
         df = equal_epochs(cfg, work / "modes", student, args.epochs, args.seeds, args.grid,
                           None if args.skip_online else args.online)
         result["equal_epochs"] = _summary(df, "config", "none")
-        result["per_run"] += df.to_dict("records")
+        result["per_run"] += [{**r, "part": "equal_epochs"} for r in df.to_dict("records")]
     if not args.skip_unlabelled:
         df, share = unlabelled(cfg, work / "unlabelled", student, args.epochs, args.seeds, args.grid[0])
         result["unlabelled"] = {"split": share, **_summary(df, "config", "labels-only")}
-        result["per_run"] += df.to_dict("records")
+        result["per_run"] += [{**r, "part": "unlabelled"} for r in df.to_dict("records")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
     print(yaml.safe_dump({k: v for k, v in result.items() if k != "per_run"}, sort_keys=False))
