@@ -80,10 +80,11 @@ def _summary(df: pd.DataFrame, key: str, baseline: str) -> dict:
 
 
 def equal_epochs(cfg: PipelineConfig, out: Path, student: dict, epochs: int, seeds: list[int],
-                 grid: list[tuple[float, float]], online: tuple[float, float] | None) -> pd.DataFrame:
+                 grid: list[tuple[float, float]], online: tuple[float, float] | None, twin: bool = True) -> pd.DataFrame:
     variants = []
     for seed in seeds:
-        variants.append({"name": f"none-s{seed}", "mode": "none", "seed": seed, **student})
+        if twin:
+            variants.append({"name": f"none-s{seed}", "mode": "none", "seed": seed, **student})
         for a, t in grid:
             variants.append({"name": f"soft-a{a}-T{t:g}-s{seed}", "mode": "soft", "alpha": a, "temperature": t,
                              "seed": seed, **student})
@@ -142,7 +143,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--grid", type=_pair, nargs="+", default=[(0.5, 2.0), (0.9, 4.0)], help="alpha:T pairs")
+    ap.add_argument("--grid", type=_pair, nargs="*", default=[(0.5, 2.0), (0.9, 4.0)], help="alpha:T pairs")
+    ap.add_argument("--no-twin", action="store_true", help="skip the mode-none runs (when another process runs "
+                    "them; --merge pairs them up by seed)")
     ap.add_argument("--online", type=_pair, default=(0.5, 2.0), help="alpha:T of the online-KD runs")
     ap.add_argument("--skip-online", action="store_true")
     ap.add_argument("--skip-unlabelled", action="store_true")
@@ -170,7 +173,7 @@ def main() -> None:
                     "epochs": args.epochs, "seeds": args.seeds, "per_run": []}
     if not args.skip_equal_epochs:
         df = equal_epochs(cfg, work / "modes", student, args.epochs, args.seeds, args.grid,
-                          None if args.skip_online else args.online)
+                          None if args.skip_online else args.online, not args.no_twin)
         result["equal_epochs"] = _summary(df, "config", "none")
         result["per_run"] += [{**r, "part": "equal_epochs"} for r in df.to_dict("records")]
     if not args.skip_unlabelled:
