@@ -80,7 +80,8 @@ def _summary(df: pd.DataFrame, key: str, baseline: str) -> dict:
 
 
 def equal_epochs(cfg: PipelineConfig, out: Path, student: dict, epochs: int, seeds: list[int],
-                 grid: list[tuple[float, float]], online: tuple[float, float] | None, twin: bool = True) -> pd.DataFrame:
+                 grid: list[tuple[float, float]], online: tuple[float, float] | None,
+                 twin: bool = True) -> pd.DataFrame:
     variants = []
     for seed in seeds:
         if twin:
