@@ -60,9 +60,9 @@ def _train(cfg: PipelineConfig, out: Path, variants: list[dict], epochs: int, da
 def _result(out: Path, v: dict) -> dict:
     m = pd.read_csv(out / v["name"] / "metrics.csv")
     return {"name": v["name"], "mode": v["mode"], "seed": v["seed"], "alpha": v.get("alpha"),
-            "temperature": v.get("temperature"), "epochs": len(m), "val_top1": m["val_top1"].iloc[-1],
-            "best_val_top1": m["val_top1"].max(), "samples_per_s": m["samples_per_s"].mean(),
-            "epoch_seconds": m["epoch_seconds"].mean()}
+            "temperature": v.get("temperature"), "epochs": len(m), "val_top1": float(m["val_top1"].iloc[-1]),
+            "best_val_top1": float(m["val_top1"].max()), "samples_per_s": float(m["samples_per_s"].mean()),
+            "epoch_seconds": float(m["epoch_seconds"].mean())}
 
 
 def _summary(df: pd.DataFrame, key: str, baseline: str) -> dict:
@@ -70,12 +70,12 @@ def _summary(df: pd.DataFrame, key: str, baseline: str) -> dict:
     out = {}
     base = df[df[key] == baseline].set_index("seed")["val_top1"]
     for name, g in df.groupby(key, sort=False):
-        gain = [100 * (r.val_top1 - base[r.seed]) for r in g.itertuples() if r.seed in base.index]
-        out[name] = {"val_top1_mean": round(100 * g["val_top1"].mean(), 2),
-                     "val_top1_std": round(100 * g["val_top1"].std(ddof=1), 2) if len(g) > 1 else None,
+        gain = [float(100 * (r.val_top1 - base[r.seed])) for r in g.itertuples() if r.seed in base.index]
+        out[name] = {"val_top1_mean": round(float(100 * g["val_top1"].mean()), 2),
+                     "val_top1_std": round(float(100 * g["val_top1"].std(ddof=1)), 2) if len(g) > 1 else None,
                      "gain_pt_mean": round(statistics.mean(gain), 2) if gain else None,
                      "gain_pt_std": round(statistics.stdev(gain), 2) if len(gain) > 1 else None,
-                     "seeds": len(g), "samples_per_s": round(g["samples_per_s"].mean(), 1)}
+                     "seeds": int(len(g)), "samples_per_s": round(float(g["samples_per_s"].mean()), 1)}
     return out
 
 
