@@ -1,12 +1,18 @@
-"""Student-training benchmark on the demo data: accuracy and cost of no-KD vs cached KD vs online KD.
+"""Student-training benchmark on the demo data: does distillation pay, at equal epochs, over several seeds?
 
-    .venv/bin/python bench/student_train.py [--epochs 4] [--seeds 0 1 2] [--skip-concurrency]
+    .venv/bin/python bench/student_train.py [--epochs 6] [--seeds 0 1 2] [--grid 0.5:2 0.9:4] [--online 0.5:2]
+        [--skip-online] [--skip-unlabelled] [--skip-equal-epochs] [--arch cnn_small --width 16]
+        [--config examples/demo.yaml] [--work runs/bench_train] [--out bench/out/student_train.json]
+    .venv/bin/python bench/student_train.py --merge A.json B.json ... --out ALL.json   # runs split by seed
 
-Needs the demo's shards, teacher and cache (built here from examples/demo.yaml when missing).
-(1) val top-1 of the same student, epochs, views and seeds under mode none / soft (cache) / online;
-(2) cached-KD samples/s over plain-CE samples/s; (3) online vs offline wall time per epoch against the limit
-1 + t_teacher / t_student measured on the same batches; (4) two variants at once vs one at a time (Ray Tune).
-All in one run on one machine; in-process DeepSpeed (1 rank) for (1)-(3) so Ray scheduling is not measured.
+Needs the demo's shards, teacher and cache (built here from examples/demo.yaml when missing). In-process
+DeepSpeed (1 rank, fp32), every run one after another in one process, so Ray scheduling is not measured.
+(a) the same student, epochs, optimizer, schedule, views and seed under mode none (the twin), cached soft KD at
+    each (alpha, T) of the grid, and online KD (teacher live on the very crops the cache replays);
+(b) labels on one train shard only (10% of the demo's train set) against the same labels plus the teacher's
+    soft labels on the other shards (`data.unlabelled_shards`); the labels-only twin is run at equal epochs
+    and at equal optimizer steps (it has 1/10 of the data per epoch).
+Per-run rows go to bench/out/student_train.json; the summary is printed as YAML.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ import platform
 import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
@@ -31,108 +36,151 @@ from cluster.config_loading import load_config
 from cluster.pipeline import PipelineConfig, run_pipeline
 from student_train.config import TrainConfig
 from student_train.run import run as run_train
-from teacher_cache.models import create_model
-from teacher_cache.teacher import load_teacher
+from teacher_cache.shards import expand_shard_patterns
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDENT = {"arch": "cnn_small", "arch_kwargs": {"width": 8}}
 
 
-def ensure_demo_inputs() -> PipelineConfig:
+def ensure_demo_inputs(config: Path) -> PipelineConfig:
     os.chdir(ROOT)
-    cfg = load_config(PipelineConfig, ROOT / "examples" / "demo.yaml", [], "pipeline")
-    if not (Path(cfg.cache.cache_root)).exists() or not Path(cfg.cache.teacher.checkpoint).exists():
-        run_pipeline(cfg.model_copy(update={"train": None}))
+    cfg = load_config(PipelineConfig, config, [], "pipeline")
+    if not Path(cfg.cache.cache_root).exists() or not Path(cfg.cache.teacher.checkpoint).exists():
+        run_pipeline(cfg.model_copy(update={"train": None, "compress": None, "deploy": None}))
     return cfg
 
 
-def train_runs(cfg: PipelineConfig, out: Path, epochs: int, seeds: list[int]) -> pd.DataFrame:
+def _train(cfg: PipelineConfig, out: Path, variants: list[dict], epochs: int, data: dict | None = None) -> None:
     base = cfg.train.model_dump(mode="json")
-    variants = [{"name": f"{mode}-s{seed}", "mode": mode, "seed": seed, **STUDENT}
-                for seed in seeds for mode in ("none", "soft", "online")]
-    base.update(run_dir=str(out), variants=variants, grid={}, ray={"enabled": False}, metrics_port=None,
-                base={**base["base"], "epochs": epochs, "alpha": 0.9, "temperature": 4.0, "num_workers": 1})
+    base.update(run_dir=str(out), variants=variants, grid={}, twins=False, ray={"enabled": False},
+                metrics_port=None, base={**base["base"], "epochs": epochs, "num_workers": 1})
+    base["data"].update(data or {})
     run_train(TrainConfig.model_validate(base))
-    rows = []
-    for v in variants:
-        m = pd.read_csv(out / v["name"] / "metrics.csv")
-        rows.append({"mode": v["mode"], "seed": v["seed"], "val_top1": m["val_top1"].iloc[-1],
-                     "samples_per_s": m["samples_per_s"].mean(), "epoch_seconds": m["epoch_seconds"].mean()})
+
+
+def _result(out: Path, v: dict) -> dict:
+    m = pd.read_csv(out / v["name"] / "metrics.csv")
+    return {"name": v["name"], "mode": v["mode"], "seed": v["seed"], "alpha": v.get("alpha"),
+            "temperature": v.get("temperature"), "epochs": len(m), "val_top1": float(m["val_top1"].iloc[-1]),
+            "best_val_top1": float(m["val_top1"].max()), "samples_per_s": float(m["samples_per_s"].mean()),
+            "epoch_seconds": float(m["epoch_seconds"].mean())}
+
+
+def _summary(df: pd.DataFrame, key: str, baseline: str) -> dict:
+    """Mean ± std of the final val top-1 per configuration, and of the paired (same seed) gain over baseline."""
+    out = {}
+    base = df[df[key] == baseline].set_index("seed")["val_top1"]
+    for name, g in df.groupby(key, sort=False):
+        gain = [float(100 * (r.val_top1 - base[r.seed])) for r in g.itertuples() if r.seed in base.index]
+        out[name] = {"val_top1_mean": round(float(100 * g["val_top1"].mean()), 2),
+                     "val_top1_std": round(float(100 * g["val_top1"].std(ddof=1)), 2) if len(g) > 1 else None,
+                     "gain_pt_mean": round(statistics.mean(gain), 2) if gain else None,
+                     "gain_pt_std": round(statistics.stdev(gain), 2) if len(gain) > 1 else None,
+                     "seeds": int(len(g)), "samples_per_s": round(float(g["samples_per_s"].mean()), 1)}
+    return out
+
+
+def equal_epochs(cfg: PipelineConfig, out: Path, student: dict, epochs: int, seeds: list[int],
+                 grid: list[tuple[float, float]], online: tuple[float, float] | None,
+                 twin: bool = True) -> pd.DataFrame:
+    variants = []
+    for seed in seeds:
+        if twin:
+            variants.append({"name": f"none-s{seed}", "mode": "none", "seed": seed, **student})
+        for a, t in grid:
+            variants.append({"name": f"soft-a{a}-T{t:g}-s{seed}", "mode": "soft", "alpha": a, "temperature": t,
+                             "seed": seed, **student})
+        if online:
+            variants.append({"name": f"online-a{online[0]}-T{online[1]:g}-s{seed}", "mode": "online",
+                             "alpha": online[0], "temperature": online[1], "seed": seed, **student})
+    _train(cfg, out, variants, epochs)
+    rows = [_result(out, v) for v in variants]
+    for r in rows:
+        r["config"] = r["name"].rsplit("-s", 1)[0]
     return pd.DataFrame(rows)
 
 
-def forward_costs(cfg: PipelineConfig, batch: int = 64, reps: int = 30) -> dict[str, float]:
-    """t_teacher (inference) and t_student (forward + backward + step) per batch on the same input size."""
-    teacher = load_teacher(cfg.cache.teacher)
-    size, ch = teacher.preprocessing.input_size, teacher.preprocessing.channels
-    student = create_model(STUDENT["arch"], 10, ch, **STUDENT["arch_kwargs"])
-    opt = torch.optim.AdamW(student.parameters())
-    x = torch.randn(batch, ch, size, size)
-
-    def timed(fn) -> float:
-        for _ in range(3):
-            fn()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-
-    def step() -> None:
-        opt.zero_grad()
-        student(x).logsumexp(1).mean().backward()
-        opt.step()
-
-    with torch.inference_mode():
-        t_teacher = timed(lambda: teacher.model(x))
-    return {"t_teacher": t_teacher, "t_student": timed(step)}
+def unlabelled(cfg: PipelineConfig, out: Path, student: dict, epochs: int, seeds: list[int],
+               kd: tuple[float, float]) -> tuple[pd.DataFrame, dict]:
+    shards = expand_shard_patterns(cfg.train.data.train_shards)
+    labelled, pool = [str(shards[0])], [str(p) for p in shards[1:]]
+    share = {"labelled_shards": len(labelled), "pool_shards": len(pool)}
+    variants = []
+    for seed in seeds:
+        variants += [{"name": f"labels-only-s{seed}", "mode": "none", "seed": seed, **student},
+                     {"name": f"labels-only-eqsteps-s{seed}", "mode": "none", "seed": seed,
+                      "epochs": epochs * len(shards), **student},
+                     {"name": f"labels+pool-soft-s{seed}", "mode": "soft", "alpha": kd[0], "temperature": kd[1],
+                      "seed": seed, **student}]
+    _train(cfg, out, variants, epochs, {"train_shards": labelled, "unlabelled_shards": pool})
+    rows = [_result(out, v) for v in variants]
+    for r in rows:
+        r["config"] = r["name"].rsplit("-s", 1)[0]
+    return pd.DataFrame(rows), share
 
 
-def concurrency(cfg: PipelineConfig, out: Path) -> dict[str, float]:
-    base = cfg.train.model_dump(mode="json")
-    res = {}
-    for conc in (1, 2):
-        d = out / f"conc{conc}"
-        variants = [{"name": f"v{i}", **STUDENT} for i in range(2)]
-        base.update(run_dir=str(d), variants=variants, grid={}, ray={"enabled": True}, metrics_port=None,
-                    tune={"max_concurrent": conc, "cpus_per_trial": 0.05},
-                    base={**base["base"], "epochs": 2, "num_workers": 1, "cpus_per_worker": 0.45})
-        run_train(TrainConfig.model_validate(base))
-        res[f"samples_per_s_concurrency{conc}"] = statistics.mean(
-            pd.read_csv(d / v["name"] / "metrics.csv")["samples_per_s"].mean() for v in variants)
-    res["per_variant_ratio"] = res["samples_per_s_concurrency2"] / res["samples_per_s_concurrency1"]
-    res["aggregate_ratio"] = 2 * res["per_variant_ratio"]
-    return res
+def merge(paths: list[Path], out: Path) -> None:
+    """One summary over several result files (runs split over processes by seed or by part)."""
+    first = json.loads(paths[0].read_text())
+    rows = [r for p in paths for r in json.loads(p.read_text())["per_run"]]
+    df = pd.DataFrame(rows)
+    result = {k: first[k] for k in ("machine", "student", "teacher", "recipe") if k in first}
+    result["merged_from"] = [str(p) for p in paths]
+    for part, baseline in (("equal_epochs", "none"), ("unlabelled", "labels-only")):
+        sub = df[df["part"] == part] if "part" in df else df.iloc[0:0]
+        if len(sub):
+            result[part] = _summary(sub, "config", baseline)
+    result["per_run"] = rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(yaml.safe_dump({k: v for k, v in result.items() if k != "per_run"}, sort_keys=False))
+
+
+def _pair(s: str) -> tuple[float, float]:
+    a, t = s.split(":")
+    return float(a), float(t)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--skip-concurrency", action="store_true")
+    ap.add_argument("--grid", type=_pair, nargs="*", default=[(0.5, 2.0), (0.9, 4.0)], help="alpha:T pairs")
+    ap.add_argument("--no-twin", action="store_true", help="skip the mode-none runs (when another process runs "
+                    "them; --merge pairs them up by seed)")
+    ap.add_argument("--online", type=_pair, default=(0.5, 2.0), help="alpha:T of the online-KD runs")
+    ap.add_argument("--skip-online", action="store_true")
+    ap.add_argument("--skip-unlabelled", action="store_true")
+    ap.add_argument("--skip-equal-epochs", action="store_true")
+    ap.add_argument("--arch", default="cnn_small")
+    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--config", type=Path, default=ROOT / "examples" / "demo.yaml",
+                    help="a pipeline YAML whose cache/train sections name the shards, cache and recipe")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_train", help="run directories (wiped)")
+    ap.add_argument("--merge", type=Path, nargs="+", help="summarise the per-run rows of earlier result files "
+                    "(e.g. one process per seed) instead of training")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "student_train.json")
     args = ap.parse_args()
-    cfg = ensure_demo_inputs()
-    work = ROOT / "runs" / "bench_train"
+    if args.merge:
+        return merge(args.merge, args.out)
+    cfg = ensure_demo_inputs(args.config)
+    student = {"arch": args.arch, "arch_kwargs": {"width": args.width}}
+    work = args.work
     shutil.rmtree(work, ignore_errors=True)
-    torch.set_num_threads(2)
-    df = train_runs(cfg, work / "modes", args.epochs, args.seeds)
-    acc = df.groupby("mode")["val_top1"].agg(["mean", "std"]).to_dict("index")
-    speed = df.groupby("mode")[["samples_per_s", "epoch_seconds"]].mean().to_dict("index")
-    costs = forward_costs(cfg)
-    limit = 1 + costs["t_teacher"] / costs["t_student"]
-    observed = speed["online"]["epoch_seconds"] / speed["soft"]["epoch_seconds"]
-    result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "student": STUDENT, "teacher": cfg.cache.teacher.model_dump(mode="json"), "epochs": args.epochs,
-        "seeds": args.seeds, "per_run": df.to_dict("records"), "val_top1": acc,
-        "cached_minus_online_pt": 100 * (acc["soft"]["mean"] - acc["online"]["mean"]),
-        "cached_minus_noKD_pt": 100 * (acc["soft"]["mean"] - acc["none"]["mean"]),
-        "throughput_cached_over_plain": speed["soft"]["samples_per_s"] / speed["none"]["samples_per_s"],
-        "online_over_offline_epoch_time": observed, "limit_1_plus_tteacher_over_tstudent": limit,
-        "fraction_of_limit": observed / limit, **costs,
-    }
-    if not args.skip_concurrency:
-        result["concurrency"] = concurrency(cfg, work)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 when the machine is shared
+    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+                    "student": student, "teacher": cfg.cache.teacher.model_dump(mode="json"),
+                    "recipe": {k: v for k, v in cfg.train.base.model_dump(mode="json").items()
+                               if k in ("batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs", "views")},
+                    "epochs": args.epochs, "seeds": args.seeds, "per_run": []}
+    if not args.skip_equal_epochs:
+        df = equal_epochs(cfg, work / "modes", student, args.epochs, args.seeds, args.grid,
+                          None if args.skip_online else args.online, not args.no_twin)
+        result["equal_epochs"] = _summary(df, "config", "none")
+        result["per_run"] += [{**r, "part": "equal_epochs"} for r in df.to_dict("records")]
+    if not args.skip_unlabelled:
+        df, share = unlabelled(cfg, work / "unlabelled", student, args.epochs, args.seeds, args.grid[0])
+        result["unlabelled"] = {"split": share, **_summary(df, "config", "labels-only")}
+        result["per_run"] += [{**r, "part": "unlabelled"} for r in df.to_dict("records")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
     print(yaml.safe_dump({k: v for k, v in result.items() if k != "per_run"}, sort_keys=False))

@@ -19,14 +19,32 @@ def pipeline(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     \b
     Re-running after a failure or a kill continues: shards are kept when current, finished variants are
     skipped, interrupted ones resume from their last epoch, the cache only labels new/changed shards.
+    At the end it prints each distilled student against its undistilled twin (best first) and the winner,
+    then where the artefacts are, then the stage summaries as JSON.
     Example: distill pipeline --config examples/demo.yaml --set train.base.epochs=2
     """
     from cluster.pipeline import PipelineConfig, run_pipeline
 
     cfg = load_config(PipelineConfig, config_path, list(overrides), "pipeline")
     results = run_pipeline(cfg)
-    click.echo(json.dumps(results, indent=1))
+    _print_comparison(results)
     _print_where(cfg)
+    click.echo("\nstages:\n" + json.dumps(results, indent=1))
+
+
+def _print_comparison(results: list[dict]) -> None:
+    """First thing at the end: each distilled student against its undistilled twin, then the winner."""
+    from student_train.leaderboard import format_twin_comparison
+
+    train = next((r for r in results if r["stage"] == "train"), None)
+    if train is None:
+        return
+    click.echo(format_twin_comparison(train.get("twins", [])))
+    if train.get("best"):
+        pair = next((p for p in train.get("twins", []) if p["variant"] == train["best"]), None)
+        how = (f"distilled, {pair['delta_top1_vs_twin']:+.2f} pt over its twin {pair['twin']}"
+               if pair and pair["delta_top1_vs_twin"] is not None else f"mode {train.get('best_mode')}")
+        click.echo(f"winner: {train['best']} ({100 * train['best_val_top1']:.2f}% val top-1; {how})")
 
 
 def _print_where(cfg: object) -> None:

@@ -26,6 +26,9 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     pre-training and the no-KD baseline), online (teacher runs live: the baseline the cache must beat).
     Feature KD: beta > 0 (+ feature_loss cosine|mse) on a cache written with features.enabled: true.
     Variants: `variants:` (explicit list) and/or `grid:` (cartesian product over variant fields) over `base:`.
+    Twins: every distilled recipe gets an undistilled twin (same recipe, mode none, named <arch>-noKD) unless
+    `twins: false`; the leaderboard shows Δ top-1 against it. `data.unlabelled_shards`: a cached pool whose
+    rows teach distilled variants through the KD term only.
     Output: <run_dir>/<variant>/{metrics.csv, best.pt, arch.json, ds_ckpt/, status.json}, leaderboard.parquet.
     Re-running skips finished variants and resumes interrupted ones from their last epoch checkpoint.
     Without Ray, one variant on N processes: torchrun --nproc_per_node N $(which distill) train -c X --variant NAME
@@ -33,7 +36,7 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     Example: distill train --config examples/demo.yaml --set base.epochs=2
     """
     from student_train.config import TrainConfig
-    from student_train.leaderboard import format_leaderboard
+    from student_train.leaderboard import format_leaderboard, format_twin_comparison, twin_pairs
     from student_train.run import run
 
     sets = list(overrides) + ray_overrides(no_ray, address)
@@ -43,6 +46,7 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     result = run(cfg, only)
     if not result.leaderboard:  # a non-zero rank under torchrun: rank 0 reports
         return
+    click.echo(format_twin_comparison(twin_pairs(result.leaderboard)) + "\n")
     click.echo(format_leaderboard(result.leaderboard))
     click.echo(f"\nleaderboard: {result.leaderboard_path}\nrun dir:     {result.run_dir}")
     sys.exit(STATUS_EXIT[result.status])

@@ -107,13 +107,15 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             if res.status == "failure":
                 raise RuntimeError(f"cache stage failed for every shard: {res.failed}")
         else:
+            from student_train.leaderboard import twin_pairs
             from student_train.run import run as run_train
 
             res = run_train(stage_cfg)
             best = res.best()
             summary = {"stage": name, "status": res.status, "run_dir": str(res.run_dir),
                        "best": best["variant"] if best else None,
-                       "best_val_top1": best["val_top1"] if best else None}
+                       "best_val_top1": best["val_top1"] if best else None,
+                       "best_mode": best["mode"] if best else None, "twins": twin_pairs(res.leaderboard)}
             if res.status == "failure":
                 raise RuntimeError(f"{name} stage: every variant failed; see {res.run_dir}/leaderboard.txt")
         summary["seconds"] = round(time.perf_counter() - t0, 1)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from student_train.twins import add_twins
 from teacher_cache.config import PreprocessingConfig, TeacherConfig
 
 Mode = Literal["soft", "hard", "none", "online"]
@@ -65,12 +66,19 @@ class VariantConfig(_Strict):
 class DataConfig(_Strict):
     train_shards: list[str] = Field(..., min_length=1)
     val_shards: list[str] = Field(default_factory=list)
+    unlabelled_shards: list[str] = Field(default_factory=list, description="an unlabelled pool (cached): distilled "
+                                         "variants learn from its rows through the KD term only (labels in these "
+                                         "shards are ignored), mode none skips it")
     cache_root: Path | None = Field(None, description="teacher cache; required unless every variant is mode: none")
     num_classes: int | None = Field(None, ge=2, description="only without a cache (default: classes.json)")
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig,
                                                description="only without a cache: input size, mean/std, channels")
     train_crop_scale: tuple[float, float] = Field((0.35, 1.0), description="only without a cache: area range of "
                                                   "the live random-resized crops")
+    train_crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="only without a cache: aspect "
+                                                  "ratio range of the live crops")
+    train_flip: bool = Field(True, description="only without a cache: random horizontal flips of the live crops "
+                             "(false for digits and text, where a mirror image is another class or none)")
     fingerprint: str | None = Field(None, description="cache fingerprint to read; default: the newest cache "
                                     "written by `teacher` (or the newest under cache_root)")
     shuffle_buffer: int = Field(256, ge=1)
@@ -101,6 +109,8 @@ class TrainConfig(_Strict):
     base: VariantConfig = Field(default_factory=VariantConfig, description="defaults for every variant")
     variants: list[dict[str, Any]] = Field(default_factory=list, description="explicit variants (fields of base)")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="cartesian product over base fields")
+    twins: bool = Field(True, description="add an undistilled twin (same recipe, mode: none) for every distilled "
+                        "recipe that has none, named <arch>-noKD (see student_train/twins.py)")
     tune: TuneConfig = Field(default_factory=TuneConfig)
     ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="without Ray (in-process / torchrun): "
@@ -145,6 +155,8 @@ class TrainConfig(_Strict):
         if problems:  # pydantic nests these under the config's own path: train.variants.<i>.<field>
             unique = {(tuple(p["loc"]), p["type"]): p for p in problems}
             raise ValidationError.from_exception_data("variants", list(unique.values()))
+        if self.twins:
+            out = add_twins(out)
         names = [n for n, _ in out]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:

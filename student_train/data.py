@@ -44,6 +44,8 @@ class ShardPair:
     stem: str
     tar: Path
     rows: int
+    labelled: int | None = None  # rows with a label (None = not counted)
+    unlabelled: bool = False  # from the unlabelled pool: labels are ignored even where a .cls exists
 
 
 def resolve_split(patterns: list[str], reader: CacheReader, split: str) -> list[ShardPair]:
@@ -133,6 +135,8 @@ class StreamSpec:
     loader_workers: int
     crop_scale: tuple[float, float] = (0.35, 1.0)  # live random crops when there is no cache
     max_image_pixels: int = DEFAULT_MAX_PIXELS
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
 
 
 def view_for(key: str, epoch: int, views: int, train: bool) -> int:
@@ -163,7 +167,7 @@ class JoinedStream(IterableDataset):
 
         s = self.spec
         policy = ViewPolicy(num_views=2, seed=s.seed * 1000 + s.epoch, crop_pct=s.student.crop_pct,
-                            scale=s.crop_scale)
+                            scale=s.crop_scale, ratio=s.crop_ratio, flip=s.flip)
         for raw in ShardReader(pair.tar):
             try:
                 _, data = image_file(raw)
@@ -217,7 +221,8 @@ class JoinedStream(IterableDataset):
         v = view_for(a.keys[i], s.epoch, s.views, s.train)
         view = a.view(i, v)
         out = {"pixels": replay_view(pixels, view, s.student.input_size, s.student.interpolation),
-               "label": int(a.labels[i]), "ids": a.topk_ids[i, v], "vals": a.topk_logits[i, v],
+               "label": -1 if pair.unlabelled else int(a.labels[i]), "ids": a.topk_ids[i, v],
+               "vals": a.topk_logits[i, v],
                "tail": a.tail_lse[i, v], "teacher_top1_view0": int(a.topk_ids[i, 0, 0])}
         if s.teacher is not None:
             out["teacher_pixels"] = replay_view(pixels, view, s.teacher.input_size, s.teacher.interpolation)

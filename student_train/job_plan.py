@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from student_train.config import TrainConfig
 from student_train.data import DataJoinError, ShardPair, count_samples, resolve_split
 from student_train.feature_kd import cache_feature_dim
 from student_train.train_loop import JobSpec
+from student_train.unlabelled import train_pairs
 from teacher_cache.config import TeacherConfig
 from teacher_cache.reader import CacheError, CacheReader, find_cache_dir
 from teacher_cache.schema import COL_LABEL
@@ -51,13 +53,24 @@ def _uncached_split(patterns: list[str]) -> tuple[list[ShardPair], int]:
     pairs, labelled = [], 0
     for path in expand_shard_patterns(patterns):
         images, with_label = count_samples(path)
-        pairs.append(ShardPair(shard_stem(path), path, images))
+        pairs.append(ShardPair(shard_stem(path), path, images, labelled=with_label))
         labelled += with_label
     return pairs, labelled
 
 
-def _labelled_rows(reader: CacheReader, pairs: list[ShardPair]) -> int:
-    return sum(p.rows - reader.table(p.stem, columns=[COL_LABEL]).column(0).null_count for p in pairs)
+def _with_label_counts(reader: CacheReader, pairs: list[ShardPair]) -> list[ShardPair]:
+    return [replace(p, labelled=p.rows - reader.table(p.stem, columns=[COL_LABEL]).column(0).null_count)
+            for p in pairs]
+
+
+def _unlabelled_pool(cfg: TrainConfig, reader: CacheReader, train: list[ShardPair]) -> list[ShardPair]:
+    """The unlabelled pool's shards, checked against the cache and kept apart from the labelled train shards."""
+    pool = resolve_split(cfg.data.unlabelled_shards, reader, "unlabelled")
+    both = sorted({p.stem for p in pool} & {p.stem for p in train})
+    if both:
+        raise ValueError(f"shards {both} are in both data.train_shards and data.unlabelled_shards; "
+                         "list each shard in one of them")
+    return [replace(p, labelled=0, unlabelled=True) for p in pool]
 
 
 def _num_classes(cfg: TrainConfig) -> int:
@@ -79,6 +92,9 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
         if needs_cache:
             raise ValueError("data.cache_root is required: variants with mode soft/hard/online read the teacher "
                              "cache (only mode: none trains without one)")
+        if cfg.data.unlabelled_shards:
+            raise ValueError("data.unlabelled_shards needs the teacher cache (data.cache_root): only distilled "
+                             "variants learn from unlabelled rows")
         train, labelled = _uncached_split(cfg.data.train_shards)
         val = _uncached_split(cfg.data.val_shards)[0] if cfg.data.val_shards else []
         p = cfg.data.preprocessing
@@ -93,7 +109,10 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
         val = resolve_split(cfg.data.val_shards, reader, "val") if cfg.data.val_shards else []
         meta = reader.meta(train[0].stem)
         prep, num_classes, num_views = Preprocessing.from_dict(meta.preprocessing), meta.num_classes, meta.num_views
-        labelled = _labelled_rows(reader, train)
+        train = _with_label_counts(reader, train)
+        labelled = sum(p.labelled for p in train)
+        if cfg.data.unlabelled_shards:
+            train += _unlabelled_pool(cfg, reader, train)
         feature_kd = [name for name, v in variants if v.beta > 0]
         feature_dim = cache_feature_dim(reader, [p.stem for p in train], feature_kd) if feature_kd else None
     if not train:
@@ -103,8 +122,9 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
         if wants_labels and labelled == 0:
             raise ValueError(f"variant {name}: the train shards have no labels, so only pure distillation works; "
                              "set alpha: 1 (mode soft/hard/online)")
-        if v.num_workers > len(train):
-            raise ValueError(f"variant {name}: {v.num_workers} workers but only {len(train)} train shards; "
+        if v.num_workers > len(train_pairs(train, v.mode)):
+            raise ValueError(f"variant {name}: {v.num_workers} workers but only {len(train_pairs(train, v.mode))} "
+                             "train shards (mode none skips the unlabelled pool); "
                              "each rank needs at least one shard (write smaller shards or use fewer workers)")
     if labelled < sum(p.rows for p in train):
         log.info("%d of %d train samples are labelled", labelled, sum(p.rows for p in train))
@@ -115,5 +135,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
                    log_every=cfg.log_every, metrics_port=cfg.metrics_port, metrics_host=cfg.metrics_host,
                    keep_checkpoints=cfg.keep_checkpoints,
                    metrics_targets_dir=Path(cfg.metrics_targets_dir or Path(cfg.run_dir) / "metrics_targets").resolve(),
-                   train_crop_scale=tuple(cfg.data.train_crop_scale), feature_dim=feature_dim)
+                   train_crop_scale=tuple(cfg.data.train_crop_scale),
+                   train_crop_ratio=tuple(cfg.data.train_crop_ratio), train_flip=cfg.data.train_flip,
+                   feature_dim=feature_dim)
 

@@ -16,7 +16,8 @@ from student_train.config import VariantConfig
 from teacher_cache.models import count_params, create_model
 
 COLUMNS = ["variant", "status", "arch", "mode", "alpha", "temperature", "epochs", "val_top1", "val_top5",
-           "val_teacher_agreement", "params", "macs", "samples_per_s", "wall_seconds", "reason"]
+           "val_teacher_agreement", "twin", "delta_top1_vs_twin", "labelled_samples", "unlabelled_samples",
+           "params", "macs", "samples_per_s", "wall_seconds", "reason"]
 
 
 def model_cost(arch: str, arch_kwargs: dict, num_classes: int, in_chans: int, size: int) -> tuple[int, int]:
@@ -34,7 +35,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def variant_row(run_dir: Path, name: str, v: VariantConfig, num_classes: int, in_chans: int, size: int) -> dict:
+def variant_row(run_dir: Path, name: str, v: VariantConfig, num_classes: int, in_chans: int, size: int,
+                per_epoch: tuple[int, int] = (0, 0)) -> dict:
+    """One leaderboard row; `per_epoch` = (labelled, unlabelled) rows this variant trains on per epoch."""
     out = Path(run_dir) / name
     status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else {
         "status": "not run"}
@@ -44,9 +47,50 @@ def variant_row(run_dir: Path, name: str, v: VariantConfig, num_classes: int, in
     return {"variant": name, "status": status["status"], "arch": v.arch, "mode": v.mode, "alpha": v.alpha,
             "temperature": v.temperature, "epochs": len(rows), "val_top1": best.get("val_top1"),
             "val_top5": best.get("val_top5"), "val_teacher_agreement": best.get("val_teacher_agreement"),
-            "params": params, "macs": macs,
+            "twin": None, "delta_top1_vs_twin": None, "labelled_samples": per_epoch[0] * len(rows),
+            "unlabelled_samples": per_epoch[1] * len(rows), "params": params, "macs": macs,
             "samples_per_s": (sum(r["samples_per_s"] for r in rows) / len(rows)) if rows else None,
             "wall_seconds": rows[-1].get("wall_seconds") if rows else None, "reason": status.get("reason", "")}
+
+
+def add_twin_deltas(rows: list[dict], twins: dict[str, str]) -> list[dict]:
+    """Fill `twin` and `delta_top1_vs_twin` (points of val top-1, distilled minus twin) of distilled rows."""
+    by_name = {r["variant"]: r for r in rows}
+    out = []
+    for r in rows:
+        r = dict(r)
+        twin = by_name.get(twins.get(r["variant"], ""))
+        if twin is not None:
+            r["twin"] = twin["variant"]
+            both = r["status"] == twin["status"] == "done" and None not in (r["val_top1"], twin["val_top1"])
+            r["delta_top1_vs_twin"] = round(100 * (r["val_top1"] - twin["val_top1"]), 4) if both else None
+        out.append(r)
+    return out
+
+
+def twin_pairs(rows: list[dict]) -> list[dict]:
+    """Distilled variants with a twin, best distilled student first (pairs without a delta last)."""
+    by_name = {r["variant"]: r for r in rows}
+    pairs = [{"variant": r["variant"], "val_top1": r["val_top1"], "twin": r["twin"],
+              "twin_val_top1": by_name[r["twin"]]["val_top1"], "delta_top1_vs_twin": r["delta_top1_vs_twin"]}
+             for r in rows if r.get("twin") in by_name]
+    return sorted(pairs, key=lambda p: (p["delta_top1_vs_twin"] is None, -(p["val_top1"] or -1)))
+
+
+def format_twin_comparison(pairs: list[dict]) -> str:
+    """One line per distilled variant against its undistilled twin (input: `twin_pairs`)."""
+    if not pairs:
+        return "no distilled variant with an undistilled twin (train.twins: false, or no distilled variant)"
+    lines = ["distilled student vs its undistilled twin (same arch, epochs, optimizer, schedule, views, seed):"]
+    for p in pairs:
+        d = p["delta_top1_vs_twin"]
+        verdict = "n/a (not both done)" if d is None else ("distillation wins" if d > 0 else
+                                                            "tie" if d == 0 else "twin wins: KD did not pay")
+        top = "-" if p["val_top1"] is None else f"{100 * p['val_top1']:.2f}%"
+        ttop = "-" if p["twin_val_top1"] is None else f"{100 * p['twin_val_top1']:.2f}%"
+        delta = "" if d is None else f"  {d:+.2f} pt"
+        lines.append(f"  {p['variant']:28s} {top:>7s}  vs {p['twin']:22s} {ttop:>7s}{delta}  {verdict}")
+    return "\n".join(lines)
 
 
 def write_leaderboard(run_dir: Path, rows: list[dict]) -> Path:
@@ -54,7 +98,9 @@ def write_leaderboard(run_dir: Path, rows: list[dict]) -> Path:
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("variant", pa.string()), ("status", pa.string()), ("arch", pa.string()), ("mode", pa.string()),
         ("alpha", pa.float64()), ("temperature", pa.float64()), ("epochs", pa.int64()), ("val_top1", pa.float64()),
-        ("val_top5", pa.float64()), ("val_teacher_agreement", pa.float64()), ("params", pa.int64()),
+        ("val_top5", pa.float64()), ("val_teacher_agreement", pa.float64()), ("twin", pa.string()),
+        ("delta_top1_vs_twin", pa.float64()), ("labelled_samples", pa.int64()), ("unlabelled_samples", pa.int64()),
+        ("params", pa.int64()),
         ("macs", pa.int64()), ("samples_per_s", pa.float64()), ("wall_seconds", pa.float64()),
         ("reason", pa.string())]))
     path = Path(run_dir) / "leaderboard.parquet"
@@ -67,12 +113,15 @@ def format_leaderboard(rows: list[dict]) -> str:
         return "-" if x is None else format(x, fmt)
 
     head = f"{'variant':40s} {'status':8s} {'mode':6s} {'a':>4s} {'T':>4s} {'top1':>6s} {'top5':>6s} " \
-           f"{'agree':>6s} {'params':>8s} {'MMACs':>7s} {'samp/s':>7s} {'wall s':>7s}"
+           f"{'agree':>6s} {'twin':22s} {'vs twin':>7s} {'labelled':>9s} {'unlab.':>8s} " \
+           f"{'params':>8s} {'MMACs':>7s} {'samp/s':>7s} {'wall s':>7s}"
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["status"] != "done", -(r["val_top1"] or -1))):
         lines.append(f"{r['variant'][:40]:40s} {r['status'][:8]:8s} {r['mode']:6s} {r['alpha']:4.2f} "
                      f"{r['temperature']:4.1f} {f(r['val_top1'], '6.4f'):>6s} {f(r['val_top5'], '6.4f'):>6s} "
-                     f"{f(r['val_teacher_agreement'], '6.4f'):>6s} {r['params']:8d} {r['macs'] / 1e6:7.2f} "
+                     f"{f(r['val_teacher_agreement'], '6.4f'):>6s} {(r.get('twin') or '-')[:22]:22s} "
+                     f"{f(r.get('delta_top1_vs_twin'), '+7.2f'):>7s} {f(r.get('labelled_samples'), '9d'):>9s} "
+                     f"{f(r.get('unlabelled_samples'), '8d'):>8s} {r['params']:8d} {r['macs'] / 1e6:7.2f} "
                      f"{f(r['samples_per_s'], '7.1f'):>7s} {f(r['wall_seconds'], '7.1f'):>7s}")
         if r["reason"]:
             lines.append(f"    reason: {r['reason']}")

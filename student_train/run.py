@@ -13,9 +13,18 @@ import yaml
 
 from student_train.config import TrainConfig, VariantConfig
 from student_train.job_plan import plan_job
-from student_train.leaderboard import format_leaderboard, variant_row, write_leaderboard
+from student_train.leaderboard import (
+    add_twin_deltas,
+    format_leaderboard,
+    format_twin_comparison,
+    twin_pairs,
+    variant_row,
+    write_leaderboard,
+)
 from student_train.status import finished, write_status
 from student_train.train_loop import JobSpec, NonFiniteLossError, WorkerContext, student_prep, train_variant
+from student_train.twins import pair_twins
+from student_train.unlabelled import samples_per_epoch
 from teacher_cache.devices import resolve_device
 
 log = logging.getLogger(__name__)
@@ -163,7 +172,10 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
     rows = []
     for name, v in variants:
         prep = student_prep(v, job.teacher_prep)
-        rows.append(variant_row(run_dir, name, v, job.num_classes, prep.channels, prep.input_size))
+        rows.append(variant_row(run_dir, name, v, job.num_classes, prep.channels, prep.input_size,
+                                samples_per_epoch(job.train, v.mode)))
+    rows = add_twin_deltas(rows, pair_twins(variants))
     path = write_leaderboard(run_dir, rows)
-    (run_dir / "leaderboard.txt").write_text(format_leaderboard(rows) + "\n")
+    text = format_twin_comparison(twin_pairs(rows)) + "\n\n" + format_leaderboard(rows) + "\n"
+    (run_dir / "leaderboard.txt").write_text(text)
     return TrainResult(run_dir=run_dir, leaderboard=rows, leaderboard_path=path, seconds=time.perf_counter() - t0)

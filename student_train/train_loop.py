@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from student_train.data import JoinedStream, ShardPair, StreamSpec, padded, plac
 from student_train.evaluate import evaluate, to_model_input
 from student_train.feature_kd import forward_train, plain_student_state, wrap_student
 from student_train.losses import create_loss
+from student_train.unlabelled import train_pairs
 from teacher_cache.config import TeacherConfig
 from teacher_cache.models import create_model
 from teacher_cache.teacher import Preprocessing, load_teacher
@@ -61,6 +62,8 @@ class JobSpec:
     train_crop_scale: tuple[float, float] = (0.35, 1.0)
     keep_checkpoints: int = 2
     feature_dim: int | None = None  # teacher feature dim of the cache (set when a variant uses feature KD)
+    train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    train_flip: bool = True
 
 
 @dataclass
@@ -134,7 +137,8 @@ def _spec(job: JobSpec, v: VariantConfig, pairs: list[ShardPair], epoch: int, tr
     return StreamSpec(cache_dir=job.cache_dir, pairs=pairs, student=student_prep(v, job.teacher_prep), teacher=online,
                       num_classes=job.num_classes, temperature=v.temperature, views=views, train=train,
                       batch_size=v.batch_size, shuffle_buffer=job.shuffle_buffer, seed=v.seed, epoch=epoch,
-                      rank=ctx.rank, world=ctx.world, loader_workers=workers, crop_scale=job.train_crop_scale)
+                      rank=ctx.rank, world=ctx.world, loader_workers=workers, crop_scale=job.train_crop_scale,
+                      crop_ratio=job.train_crop_ratio, flip=job.train_flip)
 
 
 def _loader(spec: StreamSpec, device: torch.device) -> DataLoader:
@@ -198,6 +202,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
     """
     import deepspeed
 
+    job = replace(job, train=train_pairs(job.train, v.mode))  # mode none skips the unlabelled pool
     _init_distributed(ctx)
     torch.manual_seed(v.seed)
     out = Path(job.run_dir) / name

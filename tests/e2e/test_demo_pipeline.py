@@ -46,5 +46,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     # a second run continues: nothing is redone
     again = _distill(["pipeline", "-c", str(ROOT / "examples" / "demo.yaml"), *sets], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    stages = {s["stage"]: s for s in json.loads(again.stdout[: again.stdout.index("\nartifacts:")])}
+    out = r.stdout
+    assert out.index("distilled student vs its undistilled twin") < out.index("winner: ") < out.index("artifacts:")
+    stages = {s["stage"]: s for s in json.loads(again.stdout[again.stdout.index("\nstages:\n") + 9:])}
     assert stages["shards"]["skipped"] and stages["cache"]["labelled"] == 0 and stages["cache"]["unchanged"] == 6

@@ -41,6 +41,7 @@ def train_cfg(kd_data, run_dir, **over):
                   "cache_root": str(kd_data["cache_root"]), "loader_workers": 0, "shuffle_buffer": 16},
          "teacher": kd_data["teacher"],
          "base": {"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": 1, "batch_size": 32},
-         "ray": {"enabled": False}, "log_every": 50, "metrics_port": None}
+         "ray": {"enabled": False}, "log_every": 50, "metrics_port": None,
+         "twins": False}  # tests of twins turn them on
     d.update(over)
     return d

@@ -80,3 +80,38 @@ def test_padding_rows_and_unlabelled_rows_contribute_nothing():
 def test_unknown_mode_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown distillation mode 'soft2'; valid: \['hard', 'none'"):
         create_loss("soft2")
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_unlabelled_rows_give_zero_ce_weight_and_a_correct_kd_term(mode):
+    """Rows with label -1 (new data without labels): KD on every row, CE on the labelled rows only."""
+    teacher, student, label = _setup(n=12)
+    unl = torch.tensor([i % 3 != 0 for i in range(12)])  # two of three rows unlabelled
+    label = torch.where(unl, torch.full_like(label, -1), label)
+    student = student.clone().requires_grad_(True)
+    alpha, t = 0.7, 2.0
+    out = create_loss(mode, alpha, t)(student, _batch(teacher, label, 10, t))
+    if mode == "soft":
+        p = F.softmax(teacher / t, 1)
+        kd_ref = t * t * (p * (F.log_softmax(teacher / t, 1) - F.log_softmax(student / t, 1))).sum(1).mean()
+    else:
+        kd_ref = F.cross_entropy(student, teacher.argmax(1))
+    ce_ref = F.cross_entropy(student[~unl], label[~unl])  # dense reference over the labelled rows only
+    assert torch.allclose(out["kd_loss"], kd_ref, rtol=2e-3, atol=2e-4)
+    assert torch.allclose(out["task_loss"], ce_ref, rtol=1e-5)
+    assert torch.allclose(out["loss"], alpha * kd_ref + (1 - alpha) * ce_ref, rtol=2e-3, atol=2e-4)
+    (grad_ce,) = torch.autograd.grad(out["task_loss"], student, retain_graph=True)
+    assert torch.all(grad_ce[unl] == 0) and grad_ce[~unl].abs().sum() > 0  # zero CE weight on unlabelled rows
+    (grad_kd,) = torch.autograd.grad(out["kd_loss"], student)
+    assert grad_kd[unl].abs().sum() > 0  # ... while the teacher still teaches them
+
+
+def test_all_unlabelled_batch_has_zero_task_loss_and_plain_ce_learns_nothing():
+    teacher, student, label = _setup(n=8)
+    label = torch.full_like(label, -1)
+    student = student.clone().requires_grad_(True)
+    out = create_loss("soft", 0.5, 4.0)(student, _batch(teacher, label, 10, 4.0))
+    assert float(out["task_loss"].detach()) == 0.0 and torch.isfinite(out["loss"])
+    none = create_loss("none")(student, _batch(teacher, label, 10, 4.0))
+    (g,) = torch.autograd.grad(none["loss"], student)
+    assert torch.all(g == 0)

@@ -20,7 +20,8 @@ def test_grid_and_explicit_variants():
     cfg = _cfg(variants=[{"arch": "cnn_small"}, {"arch": "mobilenet_mini", "epochs": 2}],
                grid={"alpha": [0.5, 0.9], "temperature": [2.0]})
     names = [n for n, _ in cfg.expand()]
-    assert len(names) == 4 and len(set(names)) == 4
+    assert len(names) == 6 and len(set(names)) == 6  # 4 distilled + one undistilled twin per recipe
+    assert names[-2:] == ["cnn_small-noKD", "mobilenet_mini-noKD"]
     assert "mobilenet_mini-soft-alpha=0.9-temperature=2.0" in names
     assert {v.epochs for _, v in cfg.expand()} == {5, 2}
 

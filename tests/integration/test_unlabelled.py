@@ -1,0 +1,50 @@
+"""A sweep over labelled shards plus an unlabelled pool, in-process: KD learns from every row, the twin from
+the labelled shards only, and the leaderboard counts both kinds of rows and the Δ against the twin."""
+
+import pandas as pd
+import pytest
+from conftest import train_cfg
+
+from student_train.config import TrainConfig
+from student_train.data import JoinedStream
+from student_train.job_plan import plan_job
+from student_train.run import run
+from student_train.train_loop import WorkerContext, _spec
+
+pytestmark = pytest.mark.integration
+
+
+def test_sweep_with_an_unlabelled_pool_trains(kd_data, tmp_path):
+    shards = kd_data["root"] / "shards"
+    cfg = train_cfg(kd_data, tmp_path / "run", twins=True, variants=[{"name": "kd", "alpha": 0.5, "temperature": 2}])
+    cfg["data"].update(train_shards=[str(shards / "train-000000.tar")],
+                       unlabelled_shards=[str(shards / "train-00000[1-3].tar")])
+    tc = TrainConfig.model_validate(cfg)
+    job = plan_job(tc)
+    pool = [p for p in job.train if p.unlabelled]
+    assert len(pool) == 3 and all(p.labelled == 0 for p in pool)
+    # the pool's shards carry .cls files, yet their rows reach the loss unlabelled
+    spec = _spec(job, tc.expand()[0][1], pool[:1], 0, True, WorkerContext(), 0, 1)
+    labels = [int(x) for b in JoinedStream(spec) for x in b["label"]]
+    assert len(labels) == 60 and set(labels) == {-1}
+
+    res = run(tc)
+    assert res.status == "success", res.leaderboard
+    board = {r["variant"]: r for r in res.leaderboard}
+    assert set(board) == {"kd", "cnn_small-noKD"}
+    kd, twin = board["kd"], board["cnn_small-noKD"]
+    assert (kd["labelled_samples"], kd["unlabelled_samples"]) == (60, 180)
+    assert (twin["labelled_samples"], twin["unlabelled_samples"]) == (60, 0)
+    assert kd["twin"] == "cnn_small-noKD" and kd["delta_top1_vs_twin"] == pytest.approx(
+        100 * (kd["val_top1"] - twin["val_top1"]))
+    assert pd.read_csv(tmp_path / "run" / "kd" / "metrics.csv")["train_samples"].tolist() == [240]
+    assert pd.read_csv(tmp_path / "run" / "cnn_small-noKD" / "metrics.csv")["train_samples"].tolist() == [60]
+    text = (tmp_path / "run" / "leaderboard.txt").read_text()
+    assert text.startswith("distilled student vs its undistilled twin") and "kd" in text.splitlines()[1]
+
+
+def test_pool_overlapping_train_shards_is_refused(kd_data, tmp_path):
+    cfg = train_cfg(kd_data, tmp_path / "run")
+    cfg["data"]["unlabelled_shards"] = [str(kd_data["root"] / "shards" / "train-000001.tar")]
+    with pytest.raises(ValueError, match="in both data.train_shards and data.unlabelled_shards"):
+        plan_job(TrainConfig.model_validate(cfg))

@@ -1,0 +1,90 @@
+"""Undistilled twins: pairing, de-duplication, opt-out, grids; the leaderboard's delta column."""
+
+import pytest
+from pydantic import ValidationError
+
+from student_train.config import TrainConfig, VariantConfig
+from student_train.data import ShardPair
+from student_train.leaderboard import add_twin_deltas, format_twin_comparison, twin_pairs
+from student_train.twins import add_twins, pair_twins
+from student_train.unlabelled import samples_per_epoch, train_pairs
+
+
+def _cfg(**kw):
+    d = {"run_dir": "r", "data": {"train_shards": ["a.tar"], "cache_root": "c"}}
+    d.update(kw)
+    return TrainConfig.model_validate(d)
+
+
+def test_every_distilled_recipe_gets_one_twin_with_the_same_recipe():
+    cfg = _cfg(base={"epochs": 7, "lr": 0.01, "views": 3, "seed": 5, "optimizer": "sgd", "batch_size": 32},
+               variants=[{"name": "c-soft", "arch": "cnn_small", "arch_kwargs": {"width": 8}, "alpha": 0.9},
+                         {"name": "c-hard", "arch": "cnn_small", "arch_kwargs": {"width": 8}, "mode": "hard"},
+                         {"name": "m-soft", "arch": "mobilenet_mini", "temperature": 2}])
+    out = dict(cfg.expand())
+    assert list(out) == ["c-soft", "c-hard", "m-soft", "cnn_small-noKD", "mobilenet_mini-noKD"]
+    twin = out["cnn_small-noKD"]
+    assert twin.mode == "none" and twin.arch_kwargs == {"width": 8}
+    for field in ("epochs", "lr", "views", "seed", "optimizer", "batch_size", "warmup_epochs", "weight_decay"):
+        assert getattr(twin, field) == getattr(out["c-soft"], field), field
+    assert pair_twins(cfg.expand()) == {"c-soft": "cnn_small-noKD", "c-hard": "cnn_small-noKD",
+                                        "m-soft": "mobilenet_mini-noKD"}
+
+
+def test_explicit_identical_variant_is_the_twin_and_a_different_one_is_not():
+    cfg = _cfg(variants=[{"name": "kd", "alpha": 0.5}, {"name": "base", "mode": "none", "alpha": 0.1}])
+    assert [n for n, _ in cfg.expand()] == ["kd", "base"]  # alpha/T do not matter to a mode-none twin
+    assert pair_twins(cfg.expand()) == {"kd": "base"}
+    cfg = _cfg(variants=[{"name": "kd"}, {"name": "base", "mode": "none", "epochs": 2}])  # weaker: not a twin
+    assert [n for n, _ in cfg.expand()] == ["kd", "base", "cnn_small-noKD"]
+    assert pair_twins(cfg.expand()) == {"kd": "cnn_small-noKD"}
+
+
+def test_grid_over_kd_fields_shares_one_twin_grid_over_recipe_fields_does_not():
+    cfg = _cfg(grid={"alpha": [0.5, 0.9], "temperature": [2.0, 4.0]})
+    names = [n for n, _ in cfg.expand()]
+    assert len(names) == 5 and names[-1] == "cnn_small-noKD"
+    assert set(pair_twins(cfg.expand()).values()) == {"cnn_small-noKD"}
+    cfg = _cfg(grid={"seed": [0, 1], "alpha": [0.5, 0.9]})
+    pairs = pair_twins(cfg.expand())
+    assert sorted(set(pairs.values())) == ["cnn_small-noKD-seed=0", "cnn_small-noKD-seed=1"]
+    assert pairs["cnn_small-soft-seed=1-alpha=0.9"] == "cnn_small-noKD-seed=1"
+    cfg = _cfg(grid={"arch_kwargs": [{"width": 8}, {"width": 16}]})
+    assert {n for n, _ in cfg.expand()} >= {"cnn_small-noKD-width=8", "cnn_small-noKD-width=16"}
+
+
+def test_opt_out_and_name_clash():
+    assert [n for n, _ in _cfg(twins=False, variants=[{"name": "kd"}]).expand()] == ["kd"]
+    with pytest.raises(ValidationError, match="twins"):
+        _cfg(twins="maybe")
+    v = [("cnn_small-noKD", VariantConfig(mode="soft", epochs=2))]  # a user's (odd) name for a distilled variant
+    assert [n for n, _ in add_twins(v)] == ["cnn_small-noKD", "cnn_small-noKD-twin"]
+    assert add_twins([("plain", VariantConfig(mode="none"))]) == [("plain", VariantConfig(mode="none"))]
+
+
+def _row(name, mode, top1, status="done"):
+    return {"variant": name, "status": status, "mode": mode, "val_top1": top1, "twin": None,
+            "delta_top1_vs_twin": None}
+
+
+def test_delta_column_on_hand_made_rows():
+    rows = [_row("kd-a", "soft", 0.981), _row("kd-b", "soft", 0.962), _row("kd-c", "hard", 0.97, "failed"),
+            _row("base", "none", 0.975), _row("lone", "soft", 0.9)]
+    out = {r["variant"]: r for r in add_twin_deltas(rows, {"kd-a": "base", "kd-b": "base", "kd-c": "base"})}
+    assert out["kd-a"]["twin"] == "base" and out["kd-a"]["delta_top1_vs_twin"] == pytest.approx(0.6)
+    assert out["kd-b"]["delta_top1_vs_twin"] == pytest.approx(-1.3)
+    assert out["kd-c"]["twin"] == "base" and out["kd-c"]["delta_top1_vs_twin"] is None  # not both done
+    assert out["base"]["twin"] is None and out["lone"]["twin"] is None
+    assert rows[0]["twin"] is None  # input rows untouched
+    text = format_twin_comparison(twin_pairs(list(out.values()))).splitlines()
+    assert "kd-a" in text[1] and "+0.60 pt" in text[1] and "distillation wins" in text[1]  # best first
+    assert "kd-b" in text[2] and "-1.30 pt" in text[2] and "KD did not pay" in text[2]
+    assert "kd-c" in text[3] and "n/a" in text[3]
+
+
+def test_unlabelled_pool_counts_and_mode_none_skips_it():
+    pairs = [ShardPair("a", "a.tar", 100, labelled=90), ShardPair("p", "p.tar", 400, labelled=0, unlabelled=True)]
+    assert [p.stem for p in train_pairs(pairs, "none")] == ["a"]
+    assert [p.stem for p in train_pairs(pairs, "soft")] == ["a", "p"]
+    assert samples_per_epoch(pairs, "soft") == (90, 410)
+    assert samples_per_epoch(pairs, "none") == (90, 0)
