@@ -30,7 +30,8 @@ def deploy(config_path: Path | None, overrides: tuple[str, ...]) -> None:
 
     cfg = load_config(DeployConfig, config_path, list(overrides), "deploy")
     res = run(cfg)
-    click.echo(json.dumps({"bundle": str(res.bundle), "student": res.student, "parity": res.parity}, indent=1))
+    click.echo(json.dumps({"bundle": str(res.bundle), "student": res.student, "stage": res.stage,
+                           "refused": res.refused, "parity": res.parity}, indent=1))
     click.echo(f"model card: {res.card}\nserve it:   distill serve --bundle {res.bundle}")
 
 
