@@ -18,8 +18,8 @@ def deploy(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     """Bundle a compressed student: fp32 + int8 ONNX, preprocessing, classes, model card with its lineage.
 
     \b
-    Ships the fastest stage (batch-32 latency) on the accuracy/latency Pareto front within the accuracy
-    floor deploy.max_top1_drop (default 0.01: at most 1 pt below the parent student); a named
+    Ships the smallest stage (deploy.pick_by: size, or batch-32 latency) on the accuracy/cost Pareto front
+    within the accuracy floor deploy.max_top1_drop (default 0.01: at most 1 pt below the parent student); a named
     deploy.stage below the floor is refused with a message naming the floor. Re-checks parity on real val
     images (fp32 ONNX vs the PyTorch model: max |dlogit| and top-1 agreement; int8 vs fp32 agreement) and
     fails beyond tolerance.

@@ -140,7 +140,7 @@ def run(cfg: DeployConfig) -> DeployResult:
     all_rows = json.loads(report.read_text())
     student = _pick(cfg, all_rows)
     rows = [r for r in all_rows if r["student"] == student]
-    chosen, notes = choose_stage(all_rows, student, cfg.stage, cfg.max_top1_drop)
+    chosen, notes = choose_stage(all_rows, student, cfg.stage, cfg.max_top1_drop, cfg.pick_by)
     stage = chosen["stage"]
     for note in notes:
         log.warning("%s: %s", student, note)

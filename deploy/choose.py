@@ -1,4 +1,4 @@
-"""Which compressed model a bundle ships: the fastest stage on the Pareto front within an accuracy floor.
+"""Which compressed model a bundle ships: the smallest (or fastest) stage on the Pareto front within a floor.
 
 Why a floor relative to the parent: a pruned student that lost 20 pt is smaller and faster, so a pure
 size/speed pick would ship it. The floor (`deploy.max_top1_drop`) says how much val top-1 a stage may lose
@@ -27,12 +27,13 @@ def _floor_text(max_top1_drop: float) -> str:
     return f"deploy.max_top1_drop = {max_top1_drop:g} ({100 * max_top1_drop:.1f} pt)"
 
 
-def choose_stage(rows: list[dict], student: str, stage: str = "auto",
-                 max_top1_drop: float | None = 0.01) -> tuple[dict, list[str]]:
+def choose_stage(rows: list[dict], student: str, stage: str = "auto", max_top1_drop: float | None = 0.01,
+                 pick_by: str = "size") -> tuple[dict, list[str]]:
     """Return (the chosen report row, notes on refused stages) for `student`.
 
-    `stage="auto"` picks the lowest batch-32 latency on the (val top-1, latency) Pareto front of the stages
-    within the floor; a named stage below the floor raises FloorError naming the floor.
+    `stage="auto"` picks the smallest file (pick_by="size") or the lowest batch-32 latency ("latency") on the
+    (val top-1, cost) Pareto front of the stages within the floor; a named stage below the floor raises
+    FloorError naming the floor.
     """
     mine = [r for r in rows if r["student"] == student]
     parent = next((r for r in mine if r["stage"] == "baseline"), None)
@@ -54,5 +55,6 @@ def choose_stage(rows: list[dict], student: str, stage: str = "auto",
                              f"the floor is {_floor_text(max_top1_drop)}. Choose a stage within it "
                              f"({[r['stage'] for r in ok]}, or stage: auto) or raise the floor.")
         return row, notes
-    front = pareto_front(ok, cost="latency_b32_ms")
-    return min(front, key=lambda r: (r["latency_b32_ms"], r["size_mb"])), notes
+    keys = ("size_mb", "latency_b32_ms") if pick_by == "size" else ("latency_b32_ms", "size_mb")
+    front = pareto_front(ok, cost=keys[0])
+    return min(front, key=lambda r: (r[keys[0]], r[keys[1]])), notes

@@ -97,8 +97,11 @@ def test_deploy_floor_refuses_a_stage_below_it_and_names_the_floor():
     with pytest.raises(FloorError, match=r"max_top1_drop = 0.01 \(1.0 pt\)") as exc:
         choose_stage(REPORT, "s", "pruned+int8", 0.01)
     assert "20.2 pt below" in str(exc.value) and "'pruned+int8'" in str(exc.value)
-    row, notes = choose_stage(REPORT, "s", "auto", 0.01)  # the fastest stage within the floor, never the -20 pt one
+    row, notes = choose_stage(REPORT, "s", "auto", 0.01)  # the smallest stage within the floor, never the -20 pt one
     assert row["stage"] == "int8"
+    slow_int8 = [REPORT[0], {**REPORT[1], "latency_b32_ms": 14.0}, *REPORT[2:]]  # a tiny model: int8 is slower
+    assert choose_stage(slow_int8, "s", "auto", 0.01, pick_by="latency")[0]["stage"] == "baseline"
+    assert choose_stage(slow_int8, "s", "auto", 0.01, pick_by="size")[0]["stage"] == "int8"
     assert len(notes) == 2 and all("max_top1_drop = 0.01" in n for n in notes)
     assert choose_stage(REPORT, "s", "auto", 0.25)[0]["stage"] == "pruned+int8"
     assert choose_stage(REPORT, "s", "auto", None)[0]["stage"] == "pruned+int8"
