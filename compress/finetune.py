@@ -26,12 +26,14 @@ from teacher_cache.shards import file_sha256
 log = logging.getLogger(__name__)
 
 
-def finetune_identity(parent_ckpt: Path, variant_yaml: str, prune: PruneConfig) -> dict:
+def finetune_identity(parent_ckpt: Path, variant_yaml: str, prune: PruneConfig, cache_dir: str = "") -> dict:
     """What a fine-tune was made from; `key` names its directory (same inputs -> same key -> resume)."""
     settings = prune.model_dump(mode="json", exclude={"enabled"})
     ident = {"parent_checkpoint": str(parent_ckpt), "parent_sha256": file_sha256(parent_ckpt),
-             "variant_sha256": hashlib.sha256(variant_yaml.encode()).hexdigest(), "prune": settings}
-    blob = json.dumps({k: ident[k] for k in ("parent_sha256", "variant_sha256", "prune")}, sort_keys=True)
+             "variant_sha256": hashlib.sha256(variant_yaml.encode()).hexdigest(), "prune": settings,
+             "cache_dir": cache_dir}
+    blob = json.dumps({k: ident[k] for k in ("parent_sha256", "variant_sha256", "prune", "cache_dir")},
+                      sort_keys=True)
     ident["key"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return ident
 

@@ -118,7 +118,7 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) ->
     if cfg.prune.enabled:
         pruned = copy.deepcopy(model)
         ident = finetune_identity(run_dir / name / "best.pt", (run_dir / name / "variant.yaml").read_text(),
-                                  cfg.prune)
+                                  cfg.prune, str(job.cache_dir))
         costs = prune_and_finetune(pruned, example, cfg.prune, v, job, finetune_dir(out, ident))
         log.info("%s pruned: MACs %d -> %d, params %d -> %d", name, costs["macs_before"], costs["macs_after"],
                  costs["params_before"], costs["params_after"])
