@@ -32,7 +32,7 @@ def bundle(kd_data, tmp_path_factory):
         variants=[{"name": "res"}])))
     comp = run_compress(CompressConfig.model_validate({
         "train_run": str(root / "students"), "out_dir": str(root / "compressed"),
-        "prune": {"ratio": 0.5, "finetune_epochs": 1}, "quantize": {"calib_samples": 64},
+        "prune": {"ratio": 0.5, "steps": 2, "finetune_epochs": 1}, "quantize": {"calib_samples": 64},
         "latency": {"repeats_b1": 5, "repeats_b32": 3, "warmup": 1}}))
     # a named stage with no floor: this 2-epoch student is for plumbing, not for accuracy
     dep = run_deploy(DeployConfig.model_validate({"compress_dir": str(root / "compressed"),
@@ -54,8 +54,9 @@ def test_compress_report(bundle):
     assert bundle["compress"].plot.stat().st_size > 10_000
     assert "pruned+int8" in bundle["compress"].table
     # the fine-tune reused the training loop and the same cache
-    [ft] = (bundle["root"] / "compressed" / "res").glob("finetune-*")
-    assert (ft / "step1" / "metrics.csv").exists() and json.loads((ft / "step1" / "arch.json").read_text())["cache_dir"]
+    [ft] = (bundle["root"] / "compressed" / "res").glob("finetune-*")  # 2 prune steps, each fine-tuned
+    for step in ("step1", "step2"):
+        assert (ft / step / "metrics.csv").exists() and json.loads((ft / step / "arch.json").read_text())["cache_dir"]
     assert "compression" in bundle["compress"].table  # the verdict in words, pays or not
 
 
