@@ -16,12 +16,16 @@ def compress(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     """Select the best students (or the accuracy/MACs Pareto front), prune, fine-tune from the cache, quantize.
 
     \b
-    Stages per student: baseline -> int8 -> pruned (Torch-Pruning to a MACs/params ratio, channels rounded,
-    KD fine-tune from the SAME teacher cache with the training loop) -> pruned+int8 (ONNX Runtime static
-    QDQ, per-channel, calibrated on cached training views). Every stage is measured in ONNX Runtime: val
-    top-1/top-5, teacher agreement, file size, median latency at batch 1 and 32.
+    Stages per student: baseline -> int8 -> pruned (Torch-Pruning to a MACs/params ratio in prune.steps
+    steps, channels rounded, each step followed by a KD fine-tune from the SAME teacher cache with the
+    training loop and its own lr/warm-up) -> pruned+int8 (ONNX Runtime static QDQ, per-channel, calibrated on
+    cached training views). Every stage is measured in ONNX Runtime: val top-1/top-5, teacher agreement, file
+    size, median latency at batch 1 and 32. The report ends with a verdict in words per student: which stage
+    meets max_top1_drop / min_smaller / min_speedup, or why compression does not pay.
+    A fine-tune resumes only its own interrupted run (<out_dir>/<student>/finetune-<key>, keyed by the
+    parent's best.pt sha256 and the prune settings).
     Output: <out_dir>/<student>/*.onnx, report.txt, report.json, pareto.png.
-    Example: distill compress --config examples/demo.yaml --set compress.prune.ratio=0.4
+    Example: distill compress --config examples/demo.yaml --set compress.prune.ratio=0.7 --set compress.prune.steps=2
     """
     from compress.config import CompressConfig
     from compress.run import run

@@ -18,8 +18,11 @@ def deploy(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     """Bundle a compressed student: fp32 + int8 ONNX, preprocessing, classes, model card with its lineage.
 
     \b
-    Re-checks parity on real val images (fp32 ONNX vs the PyTorch model: max |dlogit| and top-1 agreement;
-    int8 vs fp32 agreement) and fails beyond tolerance.
+    Ships the smallest stage (deploy.pick_by: size, or batch-32 latency) on the accuracy/cost Pareto front
+    within the accuracy floor deploy.max_top1_drop (default 0.01: at most 1 pt below the parent student); a named
+    deploy.stage below the floor is refused with a message naming the floor. Re-checks parity on real val
+    images (fp32 ONNX vs the PyTorch model: max |dlogit| and top-1 agreement; int8 vs fp32 agreement) and
+    fails beyond tolerance.
     Example: distill deploy --config examples/demo.yaml
     """
     from deploy.bundle import run
@@ -27,7 +30,8 @@ def deploy(config_path: Path | None, overrides: tuple[str, ...]) -> None:
 
     cfg = load_config(DeployConfig, config_path, list(overrides), "deploy")
     res = run(cfg)
-    click.echo(json.dumps({"bundle": str(res.bundle), "student": res.student, "parity": res.parity}, indent=1))
+    click.echo(json.dumps({"bundle": str(res.bundle), "student": res.student, "stage": res.stage,
+                           "refused": res.refused, "parity": res.parity}, indent=1))
     click.echo(f"model card: {res.card}\nserve it:   distill serve --bundle {res.bundle}")
 
 

@@ -22,8 +22,15 @@ class PruneConfig(_Strict):
     target: Literal["macs", "params"] = "macs"
     ratio: float = Field(0.5, gt=0.0, lt=1.0, description="keep this fraction of the MACs (or parameters)")
     round_to: int = Field(8, ge=1, description="channel counts become multiples of this (hardware friendly)")
-    finetune_epochs: int = Field(3, ge=0, description="KD fine-tune from the same cache after pruning")
+    steps: int = Field(1, ge=1, description="prune in this many steps (the kept fraction shrinks geometrically "
+                       "to `ratio`), each followed by `finetune_epochs` of KD fine-tune: small cuts recover better")
+    finetune_epochs: int = Field(3, ge=0, description="KD fine-tune epochs from the same cache after each step")
     finetune_lr: float = Field(1e-3, gt=0.0)
+    finetune_warmup_epochs: float = Field(0.0, ge=0.0, description="linear warm-up before the cosine decay")
+    finetune_min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="cosine decays to lr x this")
+    finetune_alpha: float | None = Field(None, ge=0.0, le=1.0, description="KD weight (default: the student's; "
+                                         "a no-KD student fine-tunes with 0.5)")
+    finetune_temperature: float | None = Field(None, gt=0.0, description="default: the student's")
 
 
 class QuantizeConfig(_Strict):
@@ -50,3 +57,7 @@ class CompressConfig(_Strict):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     val_limit: int | None = Field(None, ge=1, description="evaluate on at most this many val samples")
+    max_top1_drop: float = Field(0.01, ge=0.0, le=1.0, description="the report's verdict: a stage pays when it "
+                                 "loses at most this much val top-1 against its parent (deploy has its own floor)")
+    min_smaller: float = Field(4.0, gt=0.0, description="the report's verdict: size goal (x smaller than parent)")
+    min_speedup: float = Field(2.0, gt=0.0, description="the report's verdict: batch-32 latency goal (x faster)")

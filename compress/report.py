@@ -25,6 +25,41 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _gains(r: dict, base: dict) -> tuple[float, float, float]:
+    """(top-1 drop in points, x smaller, x faster at batch 32) against the parent (baseline) row."""
+    return (100 * (base["val_top1"] - r["val_top1"]), base["size_mb"] / r["size_mb"],
+            base["latency_b32_ms"] / r["latency_b32_ms"])
+
+
+def verdicts(rows: list[dict], max_top1_drop: float, min_smaller: float, min_speedup: float) -> list[str]:
+    """One sentence per student: which stage meets the goals, or, in words, why compression does not pay."""
+    out = []
+    floor = f"floor {100 * max_top1_drop:.1f} pt, goals >= {min_smaller:g}x smaller and >= {min_speedup:g}x faster"
+    for student in dict.fromkeys(r["student"] for r in rows):
+        mine = [r for r in rows if r["student"] == student]
+        base = next((r for r in mine if r["stage"] == "baseline"), mine[0])
+        stats = {r["stage"]: _gains(r, base) for r in mine if r is not base}
+        desc = {s: f"{s} {-d:+.1f} pt, {x:.2f}x smaller, {f:.2f}x faster" for s, (d, x, f) in stats.items()}
+        pays = [s for s, (d, x, f) in stats.items() if d <= 100 * max_top1_drop + 1e-9 and x >= min_smaller
+                and f >= min_speedup]
+        if pays:
+            out.append(f"{student}: compression pays ({floor}): " + "; ".join(desc[s] for s in pays) + ".")
+            continue
+        within = [s for s, (d, _, _) in stats.items() if d <= 100 * max_top1_drop + 1e-9]
+        lost = [s for s in stats if s not in within]
+        words = [f"{student}: compression does not pay ({floor})."]
+        if lost:
+            words.append("Below the floor: " + "; ".join(desc[s] for s in lost) + ".")
+        if within:
+            words.append("Within the floor but short of the size/speed goals: "
+                         + "; ".join(desc[s] for s in within) + ".")
+        if any(s.startswith("pruned") for s in lost):
+            words.append("Pruning does not pay at this ratio and schedule: prune less (prune.ratio), in more "
+                         "steps (prune.steps) or fine-tune longer (prune.finetune_epochs).")
+        out.append(" ".join(words))
+    return out
+
+
 def pareto_plot(trained: list[dict], compressed: list[dict], path: Path) -> Path:
     """Val top-1 against MACs: every trained student, and each compression stage (latency in the labels)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -15,16 +15,17 @@ import yaml
 
 from compress import metrics
 from compress.config import CompressConfig
+from compress.finetune import finetune_dir, finetune_identity, prune_and_finetune
 from compress.measure import file_mb, onnx_accuracy, onnx_latency
 from compress.onnx_export import check_parity, export_onnx, save_torchscript
-from compress.prune import count_cost, prune_to_target
+from compress.prune import count_cost
 from compress.quantize import quantize_int8
-from compress.report import format_table, pareto_plot
+from compress.report import format_table, pareto_plot, verdicts
 from compress.select import select_students
 from student_train.config import TrainConfig, VariantConfig
 from student_train.data import JoinedStream, StreamSpec
 from student_train.job_plan import plan_job
-from student_train.train_loop import JobSpec, WorkerContext, student_prep, train_variant
+from student_train.train_loop import JobSpec, student_prep
 from teacher_cache.models import create_model
 
 log = logging.getLogger(__name__)
@@ -94,21 +95,6 @@ def _measure(stage: str, name: str, path: Path, vb: list, prep: object, cfg: Com
     return row
 
 
-def _finetune(cfg: CompressConfig, job: JobSpec, name: str, v: VariantConfig, model: torch.nn.Module,
-              out: Path) -> torch.nn.Module:
-    """KD fine-tune the pruned model from the SAME cache with student_train's own loop, then keep its best."""
-    if cfg.prune.finetune_epochs == 0:
-        return model
-    ft = v.model_copy(update={"epochs": cfg.prune.finetune_epochs, "lr": cfg.prune.finetune_lr,
-                              "warmup_epochs": 0.0, "num_workers": 1, "zero_stage": 0, "precision": "fp32",
-                              "mode": "soft" if v.mode == "none" else v.mode})
-    ft_job = copy.copy(job)
-    ft_job.run_dir = out
-    train_variant("finetune", ft, ft_job, WorkerContext(), model=model)
-    model.load_state_dict(torch.load(out / "finetune" / "best.pt", map_location="cpu", weights_only=True))
-    return model.eval()
-
-
 def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) -> list[dict]:
     v = VariantConfig.model_validate(yaml.safe_load((run_dir / name / "variant.yaml").read_text()))
     prep = student_prep(v, job.teacher_prep)
@@ -131,10 +117,11 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) ->
         rows.append(_measure("int8", name, q, vb, prep, cfg, macs, params))
     if cfg.prune.enabled:
         pruned = copy.deepcopy(model)
-        costs = prune_to_target(pruned, example, cfg.prune.ratio, cfg.prune.target, cfg.prune.round_to)
+        ident = finetune_identity(run_dir / name / "best.pt", (run_dir / name / "variant.yaml").read_text(),
+                                  cfg.prune, str(job.cache_dir))
+        costs = prune_and_finetune(pruned, example, cfg.prune, v, job, finetune_dir(out, ident))
         log.info("%s pruned: MACs %d -> %d, params %d -> %d", name, costs["macs_before"], costs["macs_after"],
                  costs["params_before"], costs["params_after"])
-        pruned = _finetune(cfg, job, name, v, pruned, out)
         p_path = export_onnx(pruned, out / "pruned.onnx", prep.channels, prep.input_size)
         save_torchscript(pruned, out / "pruned.ts", prep.channels, prep.input_size)
         check_parity(pruned, p_path, images)
@@ -164,7 +151,8 @@ def run(cfg: CompressConfig) -> CompressResult:
         rows.extend(compress_one(cfg, job, run_dir, r["variant"]))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(rows)
+    table = format_table(rows) + "\n\n" + "\n".join(verdicts(rows, cfg.max_top1_drop, cfg.min_smaller,
+                                                            cfg.min_speedup))
     (out / "report.txt").write_text(table + "\n")
     (out / "report.json").write_text(json.dumps(rows, indent=1))
     (out / "compress_config.resolved.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import yaml
 
 from compress.onnx_export import ParityError, check_parity, session
 from deploy import metrics
+from deploy.choose import STAGE_FILES, choose_stage, top1_drop
 from deploy.config import DeployConfig
 from teacher_cache.shards import file_sha256
 
@@ -27,6 +28,8 @@ class DeployResult:
     student: str
     parity: dict
     card: Path
+    stage: str = "baseline"
+    refused: list[str] = field(default_factory=list)
 
 
 def _pick(cfg: DeployConfig, rows: list[dict]) -> str:
@@ -58,6 +61,14 @@ def _val_images(src: Path, n: int) -> np.ndarray:
     return data[:n]
 
 
+def _choice_text(stage: str, chosen: dict, rows: list[dict], notes: list[str], floor: float | None) -> str:
+    parent = next(r for r in rows if r["stage"] == "baseline")
+    text = (f"Stage `{stage}`: val top-1 {chosen['val_top1']:.4f}, {100 * top1_drop(chosen, parent):.1f} pt below "
+            f"its parent (`baseline`, {parent['val_top1']:.4f}); accuracy floor "
+            f"{'none' if floor is None else f'{100 * floor:.1f} pt'} (`deploy.max_top1_drop`).")
+    return "\n".join([text, *(f"- {n}" for n in notes)])
+
+
 def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep: dict) -> str:
     """Markdown: what the model is, where it came from, what was measured and how."""
     table = ["| stage | val top-1 | teacher agreement | size MB | latency b1 ms | latency b32 ms | MMACs |",
@@ -73,8 +84,8 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
         "",
         "## Files",
         "- `model.onnx`: fp32, dynamic batch, input `input` (N, C, H, W float32, normalised), output `logits`.",
-        "- `model.int8.onnx`: int8 static quantization (ONNX Runtime QDQ, per-channel weights), calibrated on "
-        "cached training views.",
+        "- `model.int8.onnx` (int8 stages only; `distill serve` then serves it): int8 static quantization "
+        "(ONNX Runtime QDQ, per-channel weights), calibrated on cached training views.",
         "- `preprocessing.json`: decode -> channels -> centre crop (crop_pct of the shorter side) -> resize -> "
         "normalise; `classes.json`: class names by index.",
         "",
@@ -89,6 +100,9 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
         f"```yaml\n{lineage['variant_yaml']}```",
         f"- Compression: {lineage['compression']}",
         "",
+        "## Which model this bundle ships",
+        lineage["choice"],
+        "",
         "## Measured (ONNX Runtime, CPU, val split)",
         *table,
         "",
@@ -100,6 +114,23 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
     ])
 
 
+def _parity(cfg: DeployConfig, fp32: Path, int8: Path | None, images: torch.Tensor) -> dict:
+    """fp32 ONNX vs its PyTorch twin, and int8 vs fp32 agreement; raises ParityError beyond tolerance."""
+    model = torch.jit.load(str(fp32.with_suffix(".ts")), map_location="cpu")
+    p = check_parity(model, fp32, images, atol=cfg.parity_atol)
+    parity = {"max_abs_logit_diff": p.max_abs_logit_diff, "top1_agreement": p.top1_agreement, "samples": p.samples}
+    if int8 is not None:
+        a = session(fp32).run(None, {"input": images.numpy()})[0].argmax(1)
+        b = session(int8).run(None, {"input": images.numpy()})[0].argmax(1)
+        parity["int8_agreement"] = float((a == b).mean())
+        if parity["int8_agreement"] < cfg.int8_min_agreement:
+            raise ParityError(f"{int8}: int8 agrees with fp32 on only {parity['int8_agreement']:.3f} of "
+                              f"{len(a)} val images (need {cfg.int8_min_agreement}); recalibrate or deploy fp32")
+    else:
+        parity["int8_agreement"] = float("nan")
+    return parity
+
+
 def run(cfg: DeployConfig) -> DeployResult:
     t0 = time.perf_counter()
     src_root = Path(cfg.compress_dir)
@@ -109,31 +140,26 @@ def run(cfg: DeployConfig) -> DeployResult:
     all_rows = json.loads(report.read_text())
     student = _pick(cfg, all_rows)
     rows = [r for r in all_rows if r["student"] == student]
+    chosen, notes = choose_stage(all_rows, student, cfg.stage, cfg.max_top1_drop, cfg.pick_by)
+    stage = chosen["stage"]
+    for note in notes:
+        log.warning("%s: %s", student, note)
     src = src_root / student
-    stage = cfg.stage if (src / f"{cfg.stage}.onnx").exists() else "baseline"
-    int8 = src / ("pruned_int8.onnx" if stage == "pruned" else "int8.onnx")
+    fp32_name, int8_name = STAGE_FILES[stage]
+    fp32 = src / fp32_name
+    int8 = src / int8_name if int8_name else None
     ccfg = yaml.safe_load((src_root / "compress_config.resolved.yaml").read_text())
     train_run = Path(ccfg["train_run"])
     train_cfg = yaml.safe_load((train_run / "train_config.resolved.yaml").read_text())
     prep = json.loads((src / "preprocessing.json").read_text())
     images = torch.from_numpy(_val_images(src, cfg.val_images))
-    model = torch.jit.load(str(src / f"{stage}.ts"), map_location="cpu")
-    p = check_parity(model, src / f"{stage}.onnx", images, atol=cfg.parity_atol)
-    parity = {"max_abs_logit_diff": p.max_abs_logit_diff, "top1_agreement": p.top1_agreement, "samples": p.samples}
-    if int8.exists():
-        a = session(src / f"{stage}.onnx").run(None, {"input": images.numpy()})[0].argmax(1)
-        b = session(int8).run(None, {"input": images.numpy()})[0].argmax(1)
-        parity["int8_agreement"] = float((a == b).mean())
-        if parity["int8_agreement"] < cfg.int8_min_agreement:
-            raise ParityError(f"{int8}: int8 agrees with fp32 on only {parity['int8_agreement']:.3f} of "
-                              f"{len(a)} val images (need {cfg.int8_min_agreement}); recalibrate or deploy fp32")
-    else:
-        parity["int8_agreement"] = float("nan")
+    parity = _parity(cfg, fp32, int8, images)
     log.info("parity: %s", parity)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src / f"{stage}.onnx", out / "model.onnx")
-    if int8.exists():
+    shutil.copy(fp32, out / "model.onnx")
+    (out / "model.int8.onnx").unlink(missing_ok=True)  # a bundle dir reused from an int8 stage
+    if int8 is not None:
         shutil.copy(int8, out / "model.int8.onnx")
     num_classes = int(session(out / "model.onnx").get_outputs()[0].shape[1])
     (out / "classes.json").write_text(json.dumps(_classes(cfg, train_cfg, num_classes)))
@@ -144,12 +170,14 @@ def run(cfg: DeployConfig) -> DeployResult:
     lineage = {"teacher": manifest.get("teacher", {}), "cache_dir": str(cache_dir),
                "fingerprint": manifest.get("fingerprint"), "train_run": str(train_run),
                "variant_yaml": (train_run / student / "variant.yaml").read_text(),
-               "compression": json.dumps({k: ccfg[k] for k in ("prune", "quantize")})}
+               "compression": json.dumps({k: ccfg[k] for k in ("prune", "quantize")}),
+               "choice": _choice_text(stage, chosen, rows, notes, cfg.max_top1_drop)}
     card = out / "model_card.md"
     card.write_text(model_card(student, rows, lineage, parity, prep))
     files = {f.name: file_sha256(f) for f in sorted(out.iterdir()) if f.suffix in (".onnx", ".json")}
     (out / "bundle.json").write_text(json.dumps({"student": student, "stage": stage, "files": files,
+                                                 "max_top1_drop": cfg.max_top1_drop, "refused": notes,
                                                  "parity": parity}, indent=1))
     metrics.DURATION.set(time.perf_counter() - t0)
     metrics.PARITY.set(parity["max_abs_logit_diff"])
-    return DeployResult(bundle=out, student=student, parity=parity, card=card)
+    return DeployResult(bundle=out, student=student, parity=parity, card=card, stage=stage, refused=notes)

@@ -15,7 +15,12 @@ class DeployConfig(BaseModel):
     compress_dir: Path = Field(..., description="out_dir of `distill compress`")
     out_dir: Path = Field(..., description="the bundle directory")
     student: str | None = Field(None, description="default: the compressed student with the best baseline top-1")
-    stage: Literal["baseline", "pruned"] = Field("pruned", description="fp32 model of the bundle (int8 beside it)")
+    stage: Literal["auto", "baseline", "int8", "pruned", "pruned+int8"] = Field(
+        "auto", description="auto: the smallest (pick_by) stage on the accuracy/cost Pareto front within "
+        "max_top1_drop; a named stage below the floor is refused")
+    pick_by: Literal["size", "latency"] = Field("size", description="auto's cost: file size, or batch-32 latency")
+    max_top1_drop: float | None = Field(0.01, ge=0.0, le=1.0, description="accuracy floor: a stage may lose at "
+                                        "most this much val top-1 against its parent student (null: no floor)")
     classes: list[str] | Path | None = Field(None, description="class names, or a classes.json (default: found "
                                              "beside the training shards)")
     parity_atol: float = Field(1e-3, gt=0.0, description="max |dlogit| ONNX fp32 vs PyTorch on real val images")

@@ -9,6 +9,7 @@ import urllib.request
 import numpy as np
 import onnxruntime as ort
 import pytest
+import yaml
 from conftest import train_cfg
 from helpers import encode, mnist
 
@@ -31,10 +32,12 @@ def bundle(kd_data, tmp_path_factory):
         variants=[{"name": "res"}])))
     comp = run_compress(CompressConfig.model_validate({
         "train_run": str(root / "students"), "out_dir": str(root / "compressed"),
-        "prune": {"ratio": 0.5, "finetune_epochs": 1}, "quantize": {"calib_samples": 64},
+        "prune": {"ratio": 0.5, "steps": 2, "finetune_epochs": 1}, "quantize": {"calib_samples": 64},
         "latency": {"repeats_b1": 5, "repeats_b32": 3, "warmup": 1}}))
+    # a named stage with no floor: this 2-epoch student is for plumbing, not for accuracy
     dep = run_deploy(DeployConfig.model_validate({"compress_dir": str(root / "compressed"),
-                                                  "out_dir": str(root / "bundle"), "int8_min_agreement": 0.5}))
+                                                  "out_dir": str(root / "bundle"), "int8_min_agreement": 0.5,
+                                                  "stage": "pruned+int8", "max_top1_drop": None}))
     return {"root": root, "compress": comp, "deploy": dep}
 
 
@@ -51,8 +54,10 @@ def test_compress_report(bundle):
     assert bundle["compress"].plot.stat().st_size > 10_000
     assert "pruned+int8" in bundle["compress"].table
     # the fine-tune reused the training loop and the same cache
-    ft = bundle["root"] / "compressed" / "res" / "finetune"
-    assert (ft / "metrics.csv").exists() and json.loads((ft / "arch.json").read_text())["cache_dir"]
+    [ft] = (bundle["root"] / "compressed" / "res").glob("finetune-*")  # 2 prune steps, each fine-tuned
+    for step in ("step1", "step2"):
+        assert (ft / step / "metrics.csv").exists() and json.loads((ft / step / "arch.json").read_text())["cache_dir"]
+    assert "compression" in bundle["compress"].table  # the verdict in words, pays or not
 
 
 def test_bundle_contents_and_int8_loads(bundle):
@@ -116,3 +121,28 @@ def test_ray_serve_real_http(bundle, ray_local):
         assert all(s == 200 for s, _ in results)
     finally:
         serve.shutdown()
+
+
+def test_compress_after_the_parent_was_retrained_finetunes_the_new_parent(bundle):
+    """Issue 10.1: last night's fine-tune checkpoint must not be loaded over tonight's freshly pruned parent."""
+    import torch
+
+    from teacher_cache.shards import file_sha256
+
+    root = bundle["root"]
+    out = root / "compressed" / "res"
+    [old_ft] = out.glob("finetune-*")
+    before = {k: v.clone() for k, v in torch.jit.load(str(out / "pruned.ts")).state_dict().items()}
+    parent = root / "students" / "res" / "best.pt"
+    state = torch.load(parent, weights_only=True)
+    gen = torch.Generator().manual_seed(1)
+    torch.save({k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                for k, v in state.items()}, parent)  # "retrained": same architecture, new weights
+    cfg = yaml.safe_load((root / "compressed" / "compress_config.resolved.yaml").read_text())
+    run_compress(CompressConfig.model_validate(cfg))
+    [new_ft] = out.glob("finetune-*")
+    assert new_ft != old_ft and not old_ft.exists()
+    assert json.loads((new_ft / "identity.json").read_text())["parent_sha256"] == file_sha256(parent)
+    assert len((new_ft / "step1" / "metrics.csv").read_text().splitlines()) == 2  # header + its own epoch
+    after = torch.jit.load(str(out / "pruned.ts")).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)

@@ -80,3 +80,68 @@ def test_pareto_front():
     rows = [{"v": "a", "val_top1": 0.9, "macs": 10}, {"v": "b", "val_top1": 0.8, "macs": 5},
             {"v": "c", "val_top1": 0.7, "macs": 6}, {"v": "d", "val_top1": 0.95, "macs": 20}]
     assert [r["v"] for r in pareto_front(rows)] == ["d", "a", "b"]
+
+
+def _row(stage, top1, size, ms32, student="s"):
+    return {"student": student, "stage": stage, "val_top1": top1, "size_mb": size, "latency_b32_ms": ms32,
+            "latency_b1_ms": ms32 / 10, "teacher_agreement": 1.0, "macs": 1e6}
+
+
+REPORT = [_row("baseline", 0.860, 1.20, 13.6), _row("int8", 0.854, 0.34, 4.9), _row("pruned", 0.656, 0.53, 5.7),
+          _row("pruned+int8", 0.658, 0.16, 2.4)]
+
+
+def test_deploy_floor_refuses_a_stage_below_it_and_names_the_floor():
+    from deploy.choose import FloorError, choose_stage
+
+    with pytest.raises(FloorError, match=r"max_top1_drop = 0.01 \(1.0 pt\)") as exc:
+        choose_stage(REPORT, "s", "pruned+int8", 0.01)
+    assert "20.2 pt below" in str(exc.value) and "'pruned+int8'" in str(exc.value)
+    row, notes = choose_stage(REPORT, "s", "auto", 0.01)  # the smallest stage within the floor, never the -20 pt one
+    assert row["stage"] == "int8"
+    slow_int8 = [REPORT[0], {**REPORT[1], "latency_b32_ms": 14.0}, *REPORT[2:]]  # a tiny model: int8 is slower
+    assert choose_stage(slow_int8, "s", "auto", 0.01, pick_by="latency")[0]["stage"] == "baseline"
+    assert choose_stage(slow_int8, "s", "auto", 0.01, pick_by="size")[0]["stage"] == "int8"
+    assert len(notes) == 2 and all("max_top1_drop = 0.01" in n for n in notes)
+    assert choose_stage(REPORT, "s", "auto", 0.25)[0]["stage"] == "pruned+int8"
+    assert choose_stage(REPORT, "s", "auto", None)[0]["stage"] == "pruned+int8"
+    assert choose_stage(REPORT, "s", "int8", 0.01)[0]["stage"] == "int8"
+    tight = choose_stage(REPORT, "s", "auto", 0.0)  # only the parent itself is within a zero floor
+    assert tight[0]["stage"] == "baseline" and len(tight[1]) == 3
+    with pytest.raises(ValueError, match="no 'pruned' stage"):
+        choose_stage(REPORT[:2], "s", "pruned", 0.01)
+
+
+def test_compress_report_says_in_words_whether_compression_pays():
+    from compress.report import verdicts
+
+    bad = verdicts(REPORT, 0.01, 4.0, 2.0)[0]
+    assert "does not pay" in bad and "Pruning does not pay" in bad and "pruned -20.4 pt" in bad
+    good = REPORT[:3] + [_row("pruned+int8", 0.855, 0.16, 2.4)]
+    text = verdicts(good, 0.01, 4.0, 2.0)[0]
+    assert "compression pays" in text and "pruned+int8 -0.5 pt, 7.50x smaller, 5.67x faster" in text
+
+
+def test_finetune_directory_is_keyed_by_parent_weights_and_prune_settings(tmp_path):
+    from compress.config import PruneConfig
+    from compress.finetune import finetune_dir, finetune_identity, step_keeps
+
+    ckpt = tmp_path / "best.pt"
+    torch.save({"w": torch.zeros(3)}, ckpt)
+    p = PruneConfig(ratio=0.5)
+    a = finetune_identity(ckpt, "arch: x\n", p)
+    assert finetune_identity(ckpt, "arch: x\n", PruneConfig(ratio=0.5))["key"] == a["key"]
+    assert finetune_identity(ckpt, "arch: x\n", PruneConfig(ratio=0.5, enabled=True))["key"] == a["key"]
+    assert finetune_identity(ckpt, "arch: x\n", PruneConfig(ratio=0.6))["key"] != a["key"]
+    assert finetune_identity(ckpt, "arch: x\n", PruneConfig(ratio=0.5, finetune_epochs=4))["key"] != a["key"]
+    assert finetune_identity(ckpt, "arch: y\n", p)["key"] != a["key"]
+    out = tmp_path / "out"
+    first = finetune_dir(out, a)
+    (first / "step1" / "ds_ckpt").mkdir(parents=True)
+    (first / "step1" / "ds_ckpt" / "latest").write_text("epoch2")
+    assert finetune_dir(out, a) == first and (first / "step1" / "ds_ckpt" / "latest").exists()  # resumes its own
+    torch.save({"w": torch.ones(3)}, ckpt)  # the parent was retrained
+    b = finetune_identity(ckpt, "arch: x\n", p)
+    second = finetune_dir(out, b)
+    assert b["key"] != a["key"] and not first.exists() and not any(second.rglob("latest"))
+    assert step_keeps(0.25, 2) == pytest.approx([0.5, 0.25]) and step_keeps(0.5, 1) == [0.5]

@@ -1,0 +1,60 @@
+"""Which compressed model a bundle ships: the smallest (or fastest) stage on the Pareto front within a floor.
+
+Why a floor relative to the parent: a pruned student that lost 20 pt is smaller and faster, so a pure
+size/speed pick would ship it. The floor (`deploy.max_top1_drop`) says how much val top-1 a stage may lose
+against the student it was made from (its `baseline` row); stages below it are never bundled.
+"""
+
+from __future__ import annotations
+
+from compress.select import pareto_front
+
+# stage -> (fp32 ONNX file, int8 ONNX file or None); the fp32 file's TorchScript twin is <stem>.ts
+STAGE_FILES: dict[str, tuple[str, str | None]] = {
+    "baseline": ("baseline.onnx", None), "int8": ("baseline.onnx", "int8.onnx"),
+    "pruned": ("pruned.onnx", None), "pruned+int8": ("pruned.onnx", "pruned_int8.onnx")}
+
+
+class FloorError(ValueError):
+    """A stage loses more val top-1 against its parent than `deploy.max_top1_drop` allows."""
+
+
+def top1_drop(row: dict, parent: dict) -> float:
+    return parent["val_top1"] - row["val_top1"]
+
+
+def _floor_text(max_top1_drop: float) -> str:
+    return f"deploy.max_top1_drop = {max_top1_drop:g} ({100 * max_top1_drop:.1f} pt)"
+
+
+def choose_stage(rows: list[dict], student: str, stage: str = "auto", max_top1_drop: float | None = 0.01,
+                 pick_by: str = "size") -> tuple[dict, list[str]]:
+    """Return (the chosen report row, notes on refused stages) for `student`.
+
+    `stage="auto"` picks the smallest file (pick_by="size") or the lowest batch-32 latency ("latency") on the
+    (val top-1, cost) Pareto front of the stages within the floor; a named stage below the floor raises
+    FloorError naming the floor.
+    """
+    mine = [r for r in rows if r["student"] == student]
+    parent = next((r for r in mine if r["stage"] == "baseline"), None)
+    if parent is None:
+        raise ValueError(f"student '{student}' has no baseline row in report.json; re-run `distill compress`")
+    limit = float("inf") if max_top1_drop is None else max_top1_drop + 1e-9
+    ok = [r for r in mine if top1_drop(r, parent) <= limit]
+    notes = [f"{r['stage']} refused: val top-1 {r['val_top1']:.4f} is {100 * top1_drop(r, parent):.1f} pt below "
+             f"the parent's {parent['val_top1']:.4f}, beyond the floor {_floor_text(max_top1_drop)}"
+             for r in mine if r not in ok]
+    if stage != "auto":
+        row = next((r for r in mine if r["stage"] == stage), None)
+        if row is None:
+            raise ValueError(f"student '{student}' has no '{stage}' stage in report.json; it has "
+                             f"{[r['stage'] for r in mine]}")
+        if row not in ok:
+            raise FloorError(f"student '{student}' stage '{stage}': val top-1 {row['val_top1']:.4f} is "
+                             f"{100 * top1_drop(row, parent):.1f} pt below its parent's {parent['val_top1']:.4f}; "
+                             f"the floor is {_floor_text(max_top1_drop)}. Choose a stage within it "
+                             f"({[r['stage'] for r in ok]}, or stage: auto) or raise the floor.")
+        return row, notes
+    keys = ("size_mb", "latency_b32_ms") if pick_by == "size" else ("latency_b32_ms", "size_mb")
+    front = pareto_front(ok, cost=keys[0])
+    return min(front, key=lambda r: (r[keys[0]], r[keys[1]])), notes
