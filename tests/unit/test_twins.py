@@ -88,3 +88,14 @@ def test_unlabelled_pool_counts_and_mode_none_skips_it():
     assert [p.stem for p in train_pairs(pairs, "soft")] == ["a", "p"]
     assert samples_per_epoch(pairs, "soft") == (90, 410)
     assert samples_per_epoch(pairs, "none") == (90, 0)
+
+
+def test_pipeline_end_prints_the_comparison_then_the_winner(capsys):
+    from cluster.cmd_pipeline import _print_comparison
+
+    pairs = twin_pairs(add_twin_deltas([_row("kd", "soft", 0.975), _row("base", "none", 0.968)], {"kd": "base"}))
+    _print_comparison([{"stage": "shards"}, {"stage": "train", "best": "kd", "best_val_top1": 0.975,
+                                              "best_mode": "soft", "twins": pairs}])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("distilled student vs its undistilled twin") and "+0.70 pt" in out[1]
+    assert out[2] == "winner: kd (97.50% val top-1; distilled, +0.70 pt over its twin base)"
