@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from student_train.config import VariantConfig
+from student_train.status import read_status
 from teacher_cache.models import count_params, create_model
 
 COLUMNS = ["variant", "status", "arch", "mode", "alpha", "temperature", "epochs", "val_top1", "val_top5",
@@ -39,8 +39,7 @@ def variant_row(run_dir: Path, name: str, v: VariantConfig, num_classes: int, in
                 per_epoch: tuple[int, int] = (0, 0)) -> dict:
     """One leaderboard row; `per_epoch` = (labelled, unlabelled) rows this variant trains on per epoch."""
     out = Path(run_dir) / name
-    status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else {
-        "status": "not run"}
+    status = read_status(run_dir, name) or {"status": "not run"}  # a damaged file is reported, not a crash
     rows = read_metrics(out / "metrics.csv")
     best = max(rows, key=lambda r: (r.get("val_top1") or -1, r.get("val_teacher_agreement") or -1), default={})
     params, macs = model_cost(v.arch, v.arch_kwargs, num_classes, in_chans, size)

@@ -86,3 +86,13 @@ def test_resource_check_names_what_the_cluster_has():
         check_fits([{"CPU": 1.0, "GPU": 2.0}], "a teacher actor", nodes)
     with pytest.raises(InfeasibleResourcesError, match="variant v needs CPU=8.05 at once"):
         check_fits([{"CPU": 0.05}] + [{"CPU": 4.0}] * 2, "variant v", nodes)
+
+
+def test_leaderboard_row_survives_a_damaged_status(tmp_path):
+    from student_train.config import VariantConfig
+    from student_train.leaderboard import variant_row
+
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "status.json").write_text("")
+    row = variant_row(tmp_path, "v", VariantConfig(arch_kwargs={"width": 4}), 10, 1, 28)
+    assert row["status"] == "unknown" and "damaged" in row["reason"]
