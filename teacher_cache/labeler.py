@@ -10,6 +10,7 @@ and a per-sample finiteness flag come back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -157,7 +158,7 @@ class Labeler:
             return result
         result.ok, result.rows, result.error_records = True, len(rows["key"]), errors
         result.file, result.file_bytes, result.file_sha256 = final.name, nbytes, digest
-        result.identity = ShardIdentity(identity.size, identity.mtime_ns, reader.sha256)
+        result.identity = dataclasses.replace(identity, sha256=reader.sha256)
         result.seconds = time.perf_counter() - t0
         return result
 
