@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from cluster.cli_common import config_options
+from cluster.cli_common import EXIT_RUN_FAILED, config_options
 from cluster.config_loading import load_config
 
 
@@ -24,9 +24,14 @@ def pipeline(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     Example: distill pipeline --config examples/demo.yaml --set train.base.epochs=2
     """
     from cluster.pipeline import PipelineConfig, run_pipeline
+    from teacher_cache.run import RunFailedError
 
     cfg = load_config(PipelineConfig, config_path, list(overrides), "pipeline")
-    results = run_pipeline(cfg)
+    try:
+        results = run_pipeline(cfg)
+    except RunFailedError as exc:  # finished work is kept; re-running continues
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_RUN_FAILED) from None
     _print_comparison(results)
     _print_where(cfg)
     click.echo("\nstages:\n" + json.dumps(results, indent=1))
