@@ -59,7 +59,7 @@ def add_twins(variants: list[tuple[str, VariantConfig]]) -> list[tuple[str, Vari
     for _, v in variants:
         key = recipe_key(v)
         if v.mode in DISTILLED_MODES and key not in have and key not in new:
-            new[key] = v.model_copy(update={"mode": "none", "name": None})
+            new[key] = v.model_copy(update={"mode": "none", "name": None, "beta": 0.0})  # no feature KD either
     twins = list(new.values())
     names = _twin_names(twins, {n for n, _ in variants})
     return variants + [(n, t.model_copy(update={"name": n})) for n, t in zip(names, twins, strict=True)]
