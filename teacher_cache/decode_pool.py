@@ -79,9 +79,7 @@ class DecodePool:
         self.chunk = chunk
         self._pool: ProcessPoolExecutor | None = None
         if processes > 0:
-            # fork is cheap (no re-import) but unsafe once CUDA is initialised in this process; then spawn
-            method = "spawn" if torch.cuda.is_initialized() else "fork"
-            self._pool = ProcessPoolExecutor(processes, mp_context=mp.get_context(method), initializer=_init_worker)
+            self._pool = self._new_pool()
 
     def map(self, raws: Iterable[RawSample]) -> Iterator[tuple[str, DecodedSample | str]]:
         """(key, result) in input order; at most 2 chunks per process in flight (bounded memory)."""
@@ -115,9 +113,12 @@ class DecodePool:
     def _restart(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-            method = "spawn" if torch.cuda.is_initialized() else "fork"
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=mp.get_context(method),
-                                             initializer=_init_worker)
+            self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        """spawn, not fork: a forked worker inherits the cache directory's lock fd (a SIGKILLed job would keep
+        its lock while orphaned workers live) and is unsafe once CUDA is initialised. Costs one import each."""
+        return ProcessPoolExecutor(self.processes, mp_context=mp.get_context("spawn"), initializer=_init_worker)
 
     def close(self) -> None:
         if self._pool is not None:
