@@ -7,6 +7,7 @@ decode processes. 0 processes = decode in the calling thread (tiny jobs, tests, 
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 from collections import deque
@@ -19,6 +20,7 @@ import torch
 from teacher_cache.decode import DecodedSample, DecodeSpec, try_decode_cpu
 from teacher_cache.shards import RawSample
 
+log = logging.getLogger(__name__)
 _Packed = tuple[str, object, tuple[int, int], list, np.ndarray] | str
 
 
@@ -77,9 +79,7 @@ class DecodePool:
         self.chunk = chunk
         self._pool: ProcessPoolExecutor | None = None
         if processes > 0:
-            # fork is cheap (no re-import) but unsafe once CUDA is initialised in this process; then spawn
-            method = "spawn" if torch.cuda.is_initialized() else "fork"
-            self._pool = ProcessPoolExecutor(processes, mp_context=mp.get_context(method), initializer=_init_worker)
+            self._pool = self._new_pool()
 
     def map(self, raws: Iterable[RawSample]) -> Iterator[tuple[str, DecodedSample | str]]:
         """(key, result) in input order; at most 2 chunks per process in flight (bounded memory)."""
@@ -87,7 +87,7 @@ class DecodePool:
             for raw in raws:
                 yield raw.key, try_decode_cpu(raw, self.spec)
             return
-        window: deque[tuple[list[str], Future]] = deque()
+        window: deque[tuple[list[RawSample], Future]] = deque()
         limit = 2 * self.processes
         it = iter(raws)
         while True:
@@ -95,24 +95,30 @@ class DecodePool:
                 chunk = [r for _, r in zip(range(self.chunk), it, strict=False)]
                 if not chunk:
                     break
-                window.append(([r.key for r in chunk], self._pool.submit(_decode_chunk, chunk, self.spec)))
+                window.append((chunk, self._pool.submit(_decode_chunk, chunk, self.spec)))
             if not window:
                 return
-            keys, fut = window.popleft()
+            chunk, fut = window.popleft()
             try:
-                packed = fut.result()
-            except Exception as exc:  # a worker died (OOM-killed, segfault in a codec): its chunk is recorded
-                packed = [f"decode process failed: {exc.__class__.__name__}: {exc}"] * len(keys)
+                results = [_unpack(p) for p in fut.result()]
+            except Exception as exc:  # a worker died (OOM kill, codec crash): redo its chunk here, keep going
+                log.warning("decode process failed (%s: %s); decoding %d samples in the labeller and restarting "
+                            "the pool", exc.__class__.__name__, exc, len(chunk))
+                results = [try_decode_cpu(r, self.spec) for r in chunk]
                 self._restart()
-            for key, p in zip(keys, packed, strict=True):
-                yield key, _unpack(p)
+                window = deque((c, self._pool.submit(_decode_chunk, c, self.spec)) for c, _ in window)
+            for raw, r in zip(chunk, results, strict=True):
+                yield raw.key, r
 
     def _restart(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-            method = "spawn" if torch.cuda.is_initialized() else "fork"
-            self._pool = ProcessPoolExecutor(self.processes, mp_context=mp.get_context(method),
-                                             initializer=_init_worker)
+            self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        """spawn, not fork: a forked worker inherits the cache directory's lock fd (a SIGKILLed job would keep
+        its lock while orphaned workers live) and is unsafe once CUDA is initialised. Costs one import each."""
+        return ProcessPoolExecutor(self.processes, mp_context=mp.get_context("spawn"), initializer=_init_worker)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -136,3 +136,23 @@ def test_cpu_division_between_labellers_on_a_node():
     assert labellers_per_node(64, 8, 1, 0.5, 100) == 16
     assert labellers_per_node(2, 0, 1, 0, 4) == 2
     assert labellers_per_node(16, 0, 1, 0, 1) == 1
+
+
+def test_a_killed_decode_process_loses_no_sample():
+    """A decode worker SIGKILLed mid-shard (OOM killer): its chunk is redone in the caller, the pool restarts."""
+    import os
+    import signal
+
+    photo = _photo(0)[:100, :120]
+    raws = [RawSample(f"k{i}", {"jpg": _bytes(np.roll(photo, i, axis=0), "JPEG")}) for i in range(12)]
+    pool = DecodePool(_spec(), 1, chunk=2)
+    try:
+        it = pool.map(raws)
+        out = [next(it)]
+        for pid in list(pool._pool._processes):  # the worker of the chunks still in flight
+            os.kill(pid, signal.SIGKILL)
+        out += list(it)
+    finally:
+        pool.close()
+    assert [k for k, _ in out] == [r.key for r in raws]
+    assert all(not isinstance(r, str) for _, r in out)
