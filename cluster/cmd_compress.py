@@ -25,7 +25,7 @@ def compress(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     A fine-tune resumes only its own interrupted run (<out_dir>/<student>/finetune-<key>, keyed by the
     parent's best.pt sha256 and the prune settings).
     Output: <out_dir>/<student>/*.onnx, report.txt, report.json, pareto.png.
-    Example: distill compress --config examples/demo.yaml --set compress.prune.ratio=0.7 --set compress.prune.steps=2
+    Example: distill compress --config examples/demo.yaml --set prune.ratio=0.7 --set prune.steps=2
     """
     from compress.config import CompressConfig
     from compress.run import run

@@ -20,7 +20,8 @@ def deploy(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     \b
     Ships the smallest stage (deploy.pick_by: size, or batch-32 latency) on the accuracy/cost Pareto front
     within the accuracy floor deploy.max_top1_drop (default 0.01: at most 1 pt below the parent student); a named
-    deploy.stage below the floor is refused with a message naming the floor. Re-checks parity on real val
+    deploy.stage below the floor is refused with a message naming the floor. In auto mode an int8 stage
+    that fails the int8/fp32 agreement check falls back to the next stage within the floor. Re-checks parity on real val
     images (fp32 ONNX vs the PyTorch model: max |dlogit| and top-1 agreement; int8 vs fp32 agreement) and
     fails beyond tolerance.
     Example: distill deploy --config examples/demo.yaml

@@ -15,7 +15,7 @@ import yaml
 
 from compress.onnx_export import ParityError, check_parity, session
 from deploy import metrics
-from deploy.choose import STAGE_FILES, choose_stage, top1_drop
+from deploy.choose import STAGE_FILES, choose_stage, rank_within_floor, top1_drop
 from deploy.config import DeployConfig
 from teacher_cache.shards import file_sha256
 
@@ -141,19 +141,29 @@ def run(cfg: DeployConfig) -> DeployResult:
     student = _pick(cfg, all_rows)
     rows = [r for r in all_rows if r["student"] == student]
     chosen, notes = choose_stage(all_rows, student, cfg.stage, cfg.max_top1_drop, cfg.pick_by)
-    stage = chosen["stage"]
     for note in notes:
         log.warning("%s: %s", student, note)
     src = src_root / student
-    fp32_name, int8_name = STAGE_FILES[stage]
-    fp32 = src / fp32_name
-    int8 = src / int8_name if int8_name else None
     ccfg = yaml.safe_load((src_root / "compress_config.resolved.yaml").read_text())
     train_run = Path(ccfg["train_run"])
     train_cfg = yaml.safe_load((train_run / "train_config.resolved.yaml").read_text())
     prep = json.loads((src / "preprocessing.json").read_text())
     images = torch.from_numpy(_val_images(src, cfg.val_images))
-    parity = _parity(cfg, fp32, int8, images)
+    refused = {n.split(" ", 1)[0] for n in notes}
+    fallbacks = rank_within_floor([r for r in rows if r["stage"] not in refused], cfg.pick_by)
+    for row in [chosen] if cfg.stage != "auto" else fallbacks:
+        stage = row["stage"]
+        fp32_name, int8_name = STAGE_FILES[stage]
+        fp32, int8 = src / fp32_name, (src / int8_name if int8_name else None)
+        try:
+            parity = _parity(cfg, fp32, int8, images)
+            chosen = row
+            break
+        except ParityError as exc:  # auto: an int8 stage that disagrees with its fp32 model -> next candidate
+            if cfg.stage != "auto" or row is fallbacks[-1]:
+                raise
+            notes.append(f"{stage} refused: {exc}")
+            log.warning("%s: %s; trying the next stage within the floor", student, exc)
     log.info("parity: %s", parity)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

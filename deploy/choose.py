@@ -55,6 +55,12 @@ def choose_stage(rows: list[dict], student: str, stage: str = "auto", max_top1_d
                              f"the floor is {_floor_text(max_top1_drop)}. Choose a stage within it "
                              f"({[r['stage'] for r in ok]}, or stage: auto) or raise the floor.")
         return row, notes
+    return rank_within_floor(ok, pick_by)[0], notes
+
+
+def rank_within_floor(ok: list[dict], pick_by: str = "size") -> list[dict]:
+    """Stages within the floor, best first: the Pareto front by cost, then the rest (auto's fallbacks)."""
     keys = ("size_mb", "latency_b32_ms") if pick_by == "size" else ("latency_b32_ms", "size_mb")
     front = pareto_front(ok, cost=keys[0])
-    return min(front, key=lambda r: (r[keys[0]], r[keys[1]])), notes
+    order = sorted(front, key=lambda r: (r[keys[0]], r[keys[1]]))
+    return order + sorted((r for r in ok if r not in order), key=lambda r: (r[keys[0]], r[keys[1]]))

@@ -106,6 +106,10 @@ def test_deploy_floor_refuses_a_stage_below_it_and_names_the_floor():
     assert choose_stage(REPORT, "s", "auto", 0.25)[0]["stage"] == "pruned+int8"
     assert choose_stage(REPORT, "s", "auto", None)[0]["stage"] == "pruned+int8"
     assert choose_stage(REPORT, "s", "int8", 0.01)[0]["stage"] == "int8"
+    from deploy.choose import rank_within_floor  # auto's fallbacks when an int8 stage fails its parity check
+
+    assert [r["stage"] for r in rank_within_floor(REPORT[:2])] == ["int8", "baseline"]
+    assert [r["stage"] for r in rank_within_floor(REPORT)] == ["pruned+int8", "int8", "baseline", "pruned"]
     tight = choose_stage(REPORT, "s", "auto", 0.0)  # only the parent itself is within a zero floor
     assert tight[0]["stage"] == "baseline" and len(tight[1]) == 3
     with pytest.raises(ValueError, match="no 'pruned' stage"):
