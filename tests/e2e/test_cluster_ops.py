@@ -210,7 +210,9 @@ def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
 
         m = pd.read_csv(runs / "students" / name / "metrics.csv")
         assert sorted(m["epoch"]) == [1, 2] and (m["train_samples"] == 1080).all()
-    assert (runs / "bundle" / "model.int8.onnx").exists()
+    stage = json.loads((runs / "bundle" / "bundle.json").read_text())["stage"]
+    assert (runs / "bundle" / "model.onnx").exists()
+    assert (runs / "bundle" / "model.int8.onnx").exists() == ("int8" in stage)
     # Prometheus ingested the cache and training series, with sensible values
     time.sleep(3)
     images = _prom(ops, "max(max_over_time(distill_cache_images_total[30m]))")
