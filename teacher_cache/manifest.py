@@ -89,12 +89,17 @@ def tmp_path_for(final: Path) -> Path:
 
 
 def atomic_write_bytes(final: Path, data: bytes) -> None:
+    """Replace `final` atomically and durably: tmp + fsync + os.replace + fsync of the directory."""
     tmp = tmp_path_for(final)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:  # a full disk leaves no temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(final.parent)
 
 
