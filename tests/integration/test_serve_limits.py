@@ -120,12 +120,16 @@ def test_serve_limits_over_real_http(tiny_bundle, ray_local):
                                                                          time.monotonic())))
         slow.start()
         time.sleep(0.3)
+        asked_at = time.monotonic()
         with urllib.request.urlopen(f"{url}/healthz", timeout=60) as r:
             assert r.status == 200
         health_at = time.monotonic()
         slow.join(180)
         (status, _), predict_at = done["predict"]
+        # a blocked event loop would answer /healthz only when the decode ends, i.e. just before the predict
+        # itself: its wait would then be most of the predict's remaining time, not a small part of it
         assert status == 200 and health_at < predict_at
+        assert health_at - asked_at < 0.5 * (predict_at - asked_at), (health_at - asked_at, predict_at - asked_at)
     finally:
         serve.shutdown()
 
