@@ -43,7 +43,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert (demo / "bundle" / "model.onnx").exists() and (demo / "compressed" / "pareto.png").exists()
     assert (demo / "bundle" / "model.int8.onnx").exists() == ("int8" in bundle["stage"])
     info = json.loads(_distill(["cache", "inspect", "runs/demo/cache", "--json"], tmp_path).stdout)
-    assert info["rows"] == 1200 and info["views"] == 4 and info["k"] == 5
+    assert info["rows"] == 1200 and info["views"] == 6 and info["k"] == 5  # the demo caches 6 views
     assert info["teacher_top1_vs_labels"] is not None
     # a second run continues: nothing is redone
     again = _distill(["pipeline", "-c", str(ROOT / "examples" / "demo.yaml"), *sets], tmp_path)
