@@ -11,11 +11,19 @@ from student_train.status import finished, read_status, settle_trials, write_sta
 from teacher_cache.ray_resources import InfeasibleResourcesError, check_fits
 
 
-def test_atomic_write_keeps_old_content_when_the_write_fails(tmp_path):
+def test_atomic_write_keeps_old_content_when_the_write_fails(tmp_path, monkeypatch):
+    import os
+
     f = tmp_path / "status.json"
     atomic_write_text(f, '{"status": "done"}')
-    with pytest.raises(TypeError):
-        atomic_write_text(f, None)  # the write itself fails (as a full disk would)
+
+    def full_disk(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)  # the write of the new content fails, as on a full disk
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(f, '{"status": "running"}')
+    monkeypatch.undo()
     assert json.loads(f.read_text()) == {"status": "done"}
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temp file left behind
 
