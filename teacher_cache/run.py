@@ -25,6 +25,7 @@ from teacher_cache.manifest import (
     plan_refresh,
     remove_stale_tmp,
 )
+from teacher_cache.ray_resources import InfeasibleResourcesError
 from teacher_cache.shards import ShardIdentity, expand_shard_patterns, shard_stem
 from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
 
@@ -143,6 +144,8 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
             assert teacher is not None
             try:
                 _execute(cfg, fp, teacher, tasks, manifest, out_dir, result)
+            except InfeasibleResourcesError:  # a config this cluster can never place: bad input, nothing done
+                raise
             except Exception as exc:  # re-raised with what it means for the user; nothing is swallowed
                 raise RunFailedError(f"{exc.__class__.__name__}: {exc} (after {len(result.labelled)} of "
                                      f"{len(tasks)} shards were cached; they are kept, re-run to continue)") from exc
