@@ -77,3 +77,22 @@ def cache_cfg_dict(shards: list[str], cache_root: Path, ckpt: Path, /, **over) -
     for k, v in over.items():
         d[k] = v
     return d
+
+
+def wait_healthy(url: str, timeout: float) -> None:
+    """Poll a served bundle's /healthz until it answers ok (Serve replicas take seconds to start)."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+                assert json.loads(r.read())["status"] == "ok"
+            return
+        except (urllib.error.URLError, ConnectionError):
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)

@@ -2,7 +2,6 @@
 
 import json
 import socket
-import time
 import urllib.error
 import urllib.request
 
@@ -11,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import yaml
 from conftest import train_cfg
-from helpers import encode, mnist
+from helpers import encode, mnist, wait_healthy
 
 from compress.config import CompressConfig
 from compress.run import run as run_compress
@@ -94,16 +93,7 @@ def test_ray_serve_real_http(bundle, ray_local):
     port = _free_port()
     url = start(ServeConfig(bundle=bundle["deploy"].bundle, port=port, max_bytes=20_000))
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
-                    assert json.loads(r.read())["status"] == "ok"
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
+        wait_healthy(url, 60)
         x, y = mnist(8, 3000)
         status, body = _post(f"{url}/predict", encode(x[0]), "image/png")
         assert status == 200 and len(body["predictions"]) == 5

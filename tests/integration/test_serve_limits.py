@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 import torch
+from helpers import wait_healthy
 from PIL import Image
 
 from deploy.config import ServeConfig
@@ -88,16 +89,7 @@ def test_serve_limits_over_real_http(tiny_bundle, ray_local):
     url = start(ServeConfig(bundle=tiny_bundle, port=port, model="fp32", max_bytes=2_000_000,
                             max_pixels=30_000_000, top_k=3))
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
-                    assert json.loads(r.read())["status"] == "ok"
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
+        wait_healthy(url, 120)
         assert _post(f"{url}/predict", _png(40, 30, 128))[0] == 200
         # a pixel bomb: a small PNG whose header announces 36 Mpx -> 413 before decoding
         bomb = _png(6000, 6000)
