@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -49,9 +51,19 @@ def labellers_per_node(node_cpus: float, node_gpus: float, cpus_per_actor: float
     return max(1, min(fits))
 
 
-def _init_worker() -> None:
+def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """Ends this process once its parent is gone (re-parented): a SIGKILLed labeller must not leave decode
+    processes behind that hold its pipes (a caller waiting for EOF on them would wait forever)."""
+    while True:
+        time.sleep(poll_s)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
+def _init_worker(parent: int) -> None:
     """One intra-op thread per decode process: the processes are the parallelism (and forked OpenMP pools hang)."""
     torch.set_num_threads(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
 
 
 def _decode_chunk(raws: list[RawSample], spec: DecodeSpec) -> list[_Packed]:
@@ -118,7 +130,8 @@ class DecodePool:
     def _new_pool(self) -> ProcessPoolExecutor:
         """spawn, not fork: a forked worker inherits the cache directory's lock fd (a SIGKILLed job would keep
         its lock while orphaned workers live) and is unsafe once CUDA is initialised. Costs one import each."""
-        return ProcessPoolExecutor(self.processes, mp_context=mp.get_context("spawn"), initializer=_init_worker)
+        return ProcessPoolExecutor(self.processes, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(os.getpid(),))
 
     def close(self) -> None:
         if self._pool is not None:

@@ -156,3 +156,38 @@ def test_a_killed_decode_process_loses_no_sample():
         pool.close()
     assert [k for k, _ in out] == [r.key for r in raws]
     assert all(not isinstance(r, str) for _, r in out)
+
+
+def test_decode_processes_end_with_a_killed_parent(tmp_path):
+    """A SIGKILLed labeller leaves no decode process behind (one would hold its pipes open for ever)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import sys, time\n"
+              "from teacher_cache.decode_pool import DecodePool\n"
+              "from teacher_cache.decode import DecodeSpec\n"
+              "from teacher_cache.views import ViewPolicy\n"
+              "pool = DecodePool(DecodeSpec(channels=3, input_size=32, interpolation='bilinear',"
+              " policy=ViewPolicy(num_views=2)), 1)\n"
+              "list(pool.map([]))\n"
+              "pool._pool.submit(int, 0).result()\n"  # the worker is up
+              "print(*pool._pool._processes, flush=True)\n"
+              "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    workers = [int(p) for p in parent.stdout.readline().split()]
+    assert workers
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}") and
+                 "zombie" not in open(f"/proc/{w}/status").read().lower()]
+    for w in alive:  # clean up before failing
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"decode processes {alive} outlived their SIGKILLed parent"
