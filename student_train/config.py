@@ -79,6 +79,8 @@ class DataConfig(_Strict):
                                                   "ratio range of the live crops")
     train_flip: bool = Field(True, description="only without a cache: random horizontal flips of the live crops "
                              "(false for digits and text, where a mirror image is another class or none)")
+    train_rotate: float = Field(0.0, ge=0.0, le=180.0, description="only without a cache: live rotations drawn "
+                                "from ±this many degrees (0 = none; a few degrees suit digits and scans)")
     fingerprint: str | None = Field(None, description="cache fingerprint to read; default: the newest cache "
                                     "written by `teacher` (or the newest under cache_root)")
     shuffle_buffer: int = Field(256, ge=1)

@@ -137,6 +137,19 @@ class StreamSpec:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
+    rotate: float = 0.0  # live rotations of ±rotate degrees when there is no cache
+
+
+def rotate_live(pixels: torch.Tensor, key: str, seed: int, degrees: float) -> torch.Tensor:
+    """A rotation of ±degrees about the centre, drawn from (seed, key) like the views (reproducible), zero fill."""
+    import hashlib
+
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2.functional import rotate
+
+    h = int.from_bytes(hashlib.blake2b(f"{seed}/{key}/rotate".encode(), digest_size=8).digest(), "little")
+    angle = (h / 2**64 * 2 - 1) * degrees
+    return rotate(pixels, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
 
 
 def view_for(key: str, epoch: int, views: int, train: bool) -> int:
@@ -178,7 +191,10 @@ class JoinedStream(IterableDataset):
             label = -1 if label is None else label
             view = sample_views(raw.key, pixels.shape[1], pixels.shape[2], policy)[1 if s.train else 0]
             zeros = np.zeros(1, dtype=np.float32)
-            yield {"pixels": replay_view(pixels, view, s.student.input_size, s.student.interpolation), "label": label,
+            out = replay_view(pixels, view, s.student.input_size, s.student.interpolation)
+            if s.train and s.rotate > 0:
+                out = rotate_live(out, raw.key, s.seed * 1000 + s.epoch, s.rotate)
+            yield {"pixels": out, "label": label,
                    "ids": np.zeros(1, dtype=np.int64), "vals": zeros, "tail": np.full(1, -np.inf, np.float32),
                    "teacher_top1_view0": -1}
 

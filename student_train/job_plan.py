@@ -137,5 +137,6 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
                    metrics_targets_dir=Path(cfg.metrics_targets_dir or Path(cfg.run_dir) / "metrics_targets").resolve(),
                    train_crop_scale=tuple(cfg.data.train_crop_scale),
                    train_crop_ratio=tuple(cfg.data.train_crop_ratio), train_flip=cfg.data.train_flip,
+                   train_rotate=cfg.data.train_rotate,
                    feature_dim=feature_dim)
 

@@ -130,13 +130,50 @@ def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, Varia
         tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent, scheduler=scheduler),
         run_config=tune.RunConfig(name="tune", storage_path=str(Path(job.run_dir).resolve() / "ray_results"),
                                   verbose=1))
-    grid = tuner.fit()
+    before = live_placement_groups()
+    try:
+        grid = tuner.fit()
+    finally:
+        release_placement_groups(live_placement_groups() - before)
     errors = {}
     for result in grid:
         name = (result.config or {}).get("trial", {}).get("name")
         if name and result.error is not None:
             errors[name] = _root_reason(result.error)
     settle_trials(job.run_dir, [(n, v.epochs) for n, v in variants], errors)
+
+
+def live_placement_groups() -> set[str]:
+    """Ids (hex) of this job's placement groups that still hold resources (a placement group id ends with the
+    id of the job that created it; actors of this job, such as Ray Train's controllers, create theirs in it)."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    return {pg for pg, info in ray.util.placement_group_table().items()
+            if pg.endswith(job) and info["state"] != "REMOVED"}
+
+
+def release_placement_groups(pgs: set[str], wait_s: float = 10.0) -> None:
+    """Removes placement groups that outlived their trials. Seen on Ray 2.60: a trial whose worker group failed
+    (a NaN loss, a killed worker, an ASHA stop) can leave its worker group's placement group reserved, which
+    holds its CPUs until the driver exits; a later stage in the same driver would then never be placed."""
+    import time
+
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    if not pgs:
+        return
+    log.warning("releasing %d placement group(s) left behind by finished trials: %s", len(pgs), sorted(pgs))
+    for pg in pgs:
+        try:
+            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg)))
+        except Exception as exc:  # noqa: BLE001 - already gone, or the GCS refused: the deadline below says
+            log.warning("could not remove placement group %s: %s", pg, exc)
+    deadline = time.monotonic() + wait_s
+    while live_placement_groups() & pgs and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 class _RecordingASHA(ASHAScheduler):

@@ -64,6 +64,7 @@ class JobSpec:
     feature_dim: int | None = None  # teacher feature dim of the cache (set when a variant uses feature KD)
     train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     train_flip: bool = True
+    train_rotate: float = 0.0
 
 
 @dataclass
@@ -138,7 +139,7 @@ def _spec(job: JobSpec, v: VariantConfig, pairs: list[ShardPair], epoch: int, tr
                       num_classes=job.num_classes, temperature=v.temperature, views=views, train=train,
                       batch_size=v.batch_size, shuffle_buffer=job.shuffle_buffer, seed=v.seed, epoch=epoch,
                       rank=ctx.rank, world=ctx.world, loader_workers=workers, crop_scale=job.train_crop_scale,
-                      crop_ratio=job.train_crop_ratio, flip=job.train_flip)
+                      crop_ratio=job.train_crop_ratio, flip=job.train_flip, rotate=job.train_rotate)
 
 
 def _loader(spec: StreamSpec, device: torch.device) -> DataLoader:

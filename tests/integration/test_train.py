@@ -121,7 +121,12 @@ def test_ray_tune_two_variants_one_nan(kd_data, tmp_path, ray_local):
                     variants=[{"name": "good"}, {"name": "nan", "optimizer": "sgd", "lr": 1e12, "clip_grad": None}],
                     tune={"max_concurrent": 2, "cpus_per_trial": 0.05, "max_failures": 0, "asha": True,
                           "asha_grace_epochs": 1}, metrics_port=0)
+    from student_train.ray_runner import live_placement_groups
+
+    before = live_placement_groups()
     res = run(TrainConfig.model_validate(cfg))
+    # nothing stays reserved after the sweep (a failed trial's worker group used to keep its CPUs)
+    assert not live_placement_groups() - before
     board = {r["variant"]: r for r in res.leaderboard}
     assert board["good"]["status"] == "done" and board["good"]["epochs"] == 2
     assert board["nan"]["status"] == "failed" and "non-finite loss" in board["nan"]["reason"]

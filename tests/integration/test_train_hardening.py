@@ -158,8 +158,12 @@ def test_infeasible_resources_fail_fast(kd_data, tmp_path, ray_local):
     assert "needs CPU=1, GPU=1" in str(out["exc"]) and "GPU=0 in total" in str(out["exc"])
 
     # feasible on paper but never placed (another job holds the CPUs): a deadline, not an endless wait
+    deadline = time.monotonic() + 60  # actors of earlier tests may still be exiting; placement groups must not stay
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_local.available_resources().get("CPU", 0) == 2, "an earlier test left CPUs reserved"
     hog = ray_local.remote(num_cpus=2)(Hog).remote()
-    ray_local.get(hog.ping.remote())
+    ray_local.get(hog.ping.remote(), timeout=120)
     cfg["ray"] = {**cfg["ray"], "gpus_per_actor": 0, "cpus_per_actor": 1, "actor_start_deadline_s": 5}
     try:
         t0 = time.monotonic()
