@@ -1,6 +1,7 @@
 """The decode module: both replay paths agree; bad samples become reasons, checked before decoding."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,7 +188,7 @@ def test_decode_processes_end_with_a_killed_parent(tmp_path):
     while alive and time.time() < deadline:
         time.sleep(0.2)
         alive = [w for w in workers if os.path.exists(f"/proc/{w}") and
-                 "zombie" not in open(f"/proc/{w}/status").read().lower()]
+                 "zombie" not in Path(f"/proc/{w}/status").read_text().lower()]
     for w in alive:  # clean up before failing
         os.kill(w, signal.SIGKILL)
     assert not alive, f"decode processes {alive} outlived their SIGKILLed parent"
