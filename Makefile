@@ -7,6 +7,10 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
+# two pytest workers, one test file each at a time: most tests wait on Ray, subprocesses and imports,
+# not on the CPU, so two share 2 cores well (TEST_WORKERS=0 runs everything in one process)
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: venv demo test test-deps test-unit lint bench clean
 
@@ -35,7 +39,7 @@ test-deps:
 	fi
 
 test: $(STAMP) test-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -43,20 +43,30 @@ def _env() -> dict:
                 PATH=f"{BIN}:{os.environ['PATH']}", DS_ACCELERATOR="cpu")
 
 
-def _ray_pids() -> set[int]:
-    """PIDs of Ray's processes on this machine (Ray renames many of them, e.g. `ray::DashboardAgent`)."""
-    pids = set()
+def _cluster_pids(ray_tmp: str) -> set[int]:
+    """PIDs of the Ray cluster under `ray_tmp` (its own temp dir): the processes that name it on their command
+    line (GCS, raylet, agents, dashboard) and everything below them (workers, the job drivers). Other Ray
+    clusters on this machine (other tests, pytest-xdist workers) are left alone."""
+    parents: dict[int, int] = {}
+    roots = set()
     for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                cmd = (p / "cmdline").read_bytes().decode(errors="ignore")
-            except OSError:
-                continue
-            markers = ("ray::", "raylet", "gcs_server", "ray/dashboard", "ray-dashboard", "ray/_private",
-                       "ray.util.client", "ray/autoscaler", "runtime_env", "default_worker")
-            if "ray" in cmd and any(m in cmd for m in markers):
-                pids.add(int(p.name))
-    return pids
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().decode(errors="ignore")
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents[int(p.name)] = ppid
+        if ray_tmp in cmd:
+            roots.add(int(p.name))
+    found = set(roots)
+    grew = True
+    while grew:
+        below = {pid for pid, ppid in parents.items() if ppid in found} - found
+        found |= below
+        grew = bool(below)
+    return found
 
 
 def _wait_http(url: str, timeout: float = 60) -> None:
@@ -77,7 +87,6 @@ def ops(tmp_path_factory):
     ray_tmp = tempfile.mkdtemp(prefix="/tmp/rop")  # short: Ray's unix sockets live under it
     dash, gcs = _port(), _port()
     started: list[subprocess.Popen] = []
-    before = _ray_pids()  # teardown ends only the Ray processes that appear from here on
     ports = [f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
              f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}",
              f"--ray-client-server-port={_port()}", f"--node-manager-port={_port()}",
@@ -107,12 +116,13 @@ def ops(tmp_path_factory):
     demo = (ROOT / "examples" / "demo.yaml").read_text().replace("runs/demo", str(work / "runs"))
     cfg = yaml.safe_load(demo)
     cfg["shards"].update(limit=1200, samples_per_shard=200)
-    for section in ("teacher", "train"):
-        cfg[section]["base"]["epochs"] = 2 if section == "train" else 1
-        cfg[section]["metrics_targets_dir"] = str(targets)
-    cfg["teacher"]["base"]["arch_kwargs"] = {"width": 8}
-    for block in (cfg["cache"]["teacher"],):
-        block["arch_kwargs"] = {"width": 8}
+    # no teacher pre-training stage here (tests/e2e/test_demo_pipeline.py runs it): a real resnet_mini, saved
+    del cfg["teacher"]
+    from helpers import save_teacher
+
+    cfg["cache"]["teacher"].update(arch_kwargs={"width": 8}, checkpoint=str(save_teacher(work / "teacher.pt", 8)))
+    cfg["train"]["base"]["epochs"] = 2
+    cfg["train"]["metrics_targets_dir"] = str(targets)
     cfg["train"]["teacher"] = cfg["cache"]["teacher"]
     cfg["train"]["variants"] = [{"name": "cnn-soft", "arch": "cnn_small", "arch_kwargs": {"width": 4}},
                                 {"name": "cnn-noKD", "arch": "cnn_small", "arch_kwargs": {"width": 4}, "mode": "none"}]
@@ -126,7 +136,7 @@ def ops(tmp_path_factory):
     for proc in started:
         proc.terminate()
         proc.wait(timeout=20)
-    for pid in _ray_pids() - before:  # only the Ray processes this test started
+    for pid in _cluster_pids(ray_tmp):  # only the Ray cluster this test started
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     shutil.rmtree(ray_tmp, ignore_errors=True)

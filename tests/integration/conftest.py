@@ -14,9 +14,10 @@ def ray_local():
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def kd_data(tmp_path_factory):
-    """Real MNIST shards (4 train x 60, 1 val x 40) and their cache from a small real teacher (in-process)."""
+    """Real MNIST shards (4 train x 60, 1 val x 40) and their cache from a small real teacher (in-process).
+    Shared by the session: tests read it, and write what they make under their own tmp_path."""
     from helpers import cache_cfg_dict, mnist_shard, save_teacher
 
     from teacher_cache.config import CacheConfig

@@ -22,8 +22,12 @@ pytestmark = pytest.mark.integration
 
 
 def test_cache_features_then_train_beta(kd_data, tmp_path):
+    import shutil
+
     root = kd_data["root"]
-    cfg = cache_cfg_dict([str(root / "shards" / "*.tar")], str(kd_data["cache_root"]), kd_data["teacher"]["checkpoint"],
+    cache_root = tmp_path / "cache"  # kd_data is shared by the session: its cache root stays as it is
+    shutil.copytree(kd_data["cache_dir"], cache_root / kd_data["cache_dir"].name)
+    cfg = cache_cfg_dict([str(root / "shards" / "*.tar")], str(cache_root), kd_data["teacher"]["checkpoint"],
                          features={"enabled": True, "dim": 8, "seed": 3})
     res = run_cache(CacheConfig.model_validate(cfg))
     assert res.status == "success" and res.fingerprint != kd_data["cache_dir"].name  # a different cache
@@ -38,7 +42,7 @@ def test_cache_features_then_train_beta(kd_data, tmp_path):
 
     base = train_cfg(kd_data, tmp_path / "run", variants=[{"name": "feat", "beta": 1.0, "feature_loss": "cosine"},
                                                           {"name": "feat-mse", "beta": 0.5, "feature_loss": "mse"}])
-    base["data"]["fingerprint"] = res.fingerprint
+    base["data"].update(fingerprint=res.fingerprint, cache_root=str(cache_root))
     # the same variants against the cache without features: refused at planning time, naming the fix
     no_feat = {**base, "data": {**base["data"], "fingerprint": kd_data["cache_dir"].name}}
     with pytest.raises(FeatureKDError, match="cache.features.enabled: true"):

@@ -50,7 +50,7 @@ def test_all_modes_in_process(kd_data, tmp_path):
 
 def test_join_errors_name_the_shard(kd_data, tmp_path):
     root = kd_data["root"]
-    extra = root / "shards2"
+    extra = tmp_path / "shards2"
     extra.mkdir(exist_ok=True)
     from helpers import mnist_shard
 

@@ -48,3 +48,21 @@ def test_eval_view_is_centre_square():
 def test_replay_refuses_an_image_of_another_size():
     with pytest.raises(ValueError, match="image changed"):
         replay_view(_image(20, 20), ViewParams(10, 10, 30, 30, False), 8)
+
+
+def test_live_rotation_is_reproducible_bounded_and_real():
+    """`data.train_rotate`: the angle comes from (seed, key) like a view, stays within ±degrees, moves pixels."""
+    from student_train.data import rotate_live
+
+    img = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    img[0, 4:24, 13:15] = 255  # a vertical bar: a "1"
+    a = rotate_live(img, "k1", 0, 15.0)
+    assert torch.equal(a, rotate_live(img, "k1", 0, 15.0)) and a.dtype == torch.uint8 and a.shape == img.shape
+    outs = [rotate_live(img, f"k{i}", 0, 15.0) for i in range(20)]
+    assert sum(not torch.equal(o, img) for o in outs) >= 18  # rotated, not passed through
+    assert len({o.numpy().tobytes() for o in outs}) >= 15  # different angles per key
+    for o in outs:  # within ±15°: the bar's ends move at most 10 px * sin(15°) ≈ 2.6 px sideways
+        cols = torch.nonzero(o[0, 4:6] > 127)[:, 1]
+        assert cols.numel() and (cols.float() - 13.5).abs().max() <= 4
+    far = rotate_live(img, "k1", 0, 90.0)
+    assert not torch.equal(far, a)
