@@ -129,6 +129,10 @@ def _init_distributed(ctx: WorkerContext) -> None:
             port = s.getsockname()[1]
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists; RANK/WORLD_SIZE stay unset (no launcher)
+    if ctx.device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory op (g++, ~85 s; again whenever ninja thinks it is
+        # stale, and all ranks at once) that serves only inference_all_reduce; training reduces through gloo.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend=backend)
 
 
