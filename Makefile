@@ -7,10 +7,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
-# two pytest workers, one test file each at a time: most tests wait on Ray, subprocesses and imports,
+# two pytest workers, one test file each at a time (the two e2e files on one worker; tests/conftest.py):
+# most tests wait on Ray, subprocesses and imports,
 # not on the CPU, so two share 2 cores well (TEST_WORKERS=0 runs everything in one process)
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 .PHONY: venv demo test test-deps test-unit lint bench clean
 

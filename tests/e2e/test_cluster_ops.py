@@ -187,6 +187,7 @@ def _prom(ops, query: str) -> list:
     return json.loads(urllib.request.urlopen(url, timeout=10).read())["data"]["result"]
 
 
+@pytest.mark.timeout(1800)  # three submissions of the whole pipeline on 2 cores
 def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
     runs = ops["work"] / "runs"
     # 1: kill during the cache pass

@@ -29,6 +29,7 @@ def _distill(args, cwd, timeout=900):
     return subprocess.run(DISTILL + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.timeout(1500)  # the whole pipeline, twice
 def test_demo_pipeline_end_to_end(tmp_path):
     sets = [a for s in SMALL for a in ("--set", s)]
     r = _distill(["pipeline", "-c", str(ROOT / "examples" / "demo.yaml"), *sets], tmp_path)
