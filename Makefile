@@ -7,11 +7,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
-# two pytest workers, one test file each at a time (the two e2e files on one worker; tests/conftest.py):
-# most tests wait on Ray, subprocesses and imports,
-# not on the CPU, so two share 2 cores well (TEST_WORKERS=0 runs everything in one process)
+# two pytest workers, one test file each at a time (the end-to-end tests are one file: two whole pipelines at
+# once on 2 cores slow each other past their timeouts); most tests wait on Ray, subprocesses and imports, not on
+# the CPU, so two share 2 cores well (TEST_WORKERS=0 runs everything in one process)
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: venv demo test test-deps test-unit lint bench clean
 
@@ -30,13 +30,13 @@ demo: $(STAMP)
 	$(BIN)/distill pipeline --config examples/demo.yaml
 
 # The ops e2e test runs a real Prometheus server and Pushgateway (Debian packages; the test starts and stops
-# them itself). Installed here when missing and apt-get is usable; otherwise that one test file is skipped.
+# them itself). Installed here when missing and apt-get is usable; otherwise those tests are skipped.
 test-deps:
 	@if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway >/dev/null; \
-	  else echo "note: install prometheus + prometheus-pushgateway to run tests/e2e/test_cluster_ops.py"; fi; \
+	  else echo "note: install prometheus + prometheus-pushgateway to run the operations tests in tests/e2e/test_end_to_end.py"; fi; \
 	fi
 
 test: $(STAMP) test-deps

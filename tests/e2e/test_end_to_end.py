@@ -1,4 +1,5 @@
-"""Operations end to end, all real and all on 127.0.0.1: a Ray head started with `ray start`, the pipeline
+"""End to end, all real and all on 127.0.0.1. (1) The demo config through the CLI on real MNIST digits and an
+embedded Ray (scaled down). (2) Operations: a Ray head started with `ray start`, the pipeline
 submitted with `ray job submit` (token auth), killed during the cache pass and during training and
 re-submitted, a real Prometheus scraping the job's file_sd targets, a real Pushgateway, the refresh lock,
 and a no-op refresh. Needs the Debian packages `prometheus` and `prometheus-pushgateway` (.ci/run installs them).
@@ -27,9 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PUSHGATEWAY = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
-if not (Path(PROMETHEUS).exists() and Path(PUSHGATEWAY).exists()):
-    pytest.skip("the Prometheus server and Pushgateway are not installed (.ci/run installs them)",
-                allow_module_level=True)
 
 
 def _port() -> int:
@@ -83,6 +81,8 @@ def _wait_http(url: str, timeout: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory):
+    if not (Path(PROMETHEUS).exists() and Path(PUSHGATEWAY).exists()):
+        pytest.skip("the Prometheus server and Pushgateway are not installed (.ci/run installs them)")
     work = tmp_path_factory.mktemp("ops")
     ray_tmp = tempfile.mkdtemp(prefix="/tmp/rop")  # short: Ray's unix sockets live under it
     dash, gcs = _port(), _port()
@@ -116,7 +116,7 @@ def ops(tmp_path_factory):
     demo = (ROOT / "examples" / "demo.yaml").read_text().replace("runs/demo", str(work / "runs"))
     cfg = yaml.safe_load(demo)
     cfg["shards"].update(limit=1200, samples_per_shard=200)
-    # no teacher pre-training stage here (tests/e2e/test_demo_pipeline.py runs it): a real resnet_mini, saved
+    # no teacher pre-training stage here (test_demo_pipeline_end_to_end below runs it): a real resnet_mini, saved
     del cfg["teacher"]
     from helpers import save_teacher
 
@@ -273,3 +273,48 @@ def test_bad_address_is_one_clear_line(ops):
                               env={**_env(), "RAY_AUTH_MODE": "disabled", "HOME": str(ops["work"])},
                               capture_output=True, text=True, timeout=120)
     assert no_token.returncode != 0  # the cluster refuses a client without the token
+
+
+# --- (1) the demo pipeline ---------------------------------------------------------------------------
+DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+SMALL = [
+    "shards.limit=1200", "shards.samples_per_shard=250",
+    "teacher.base.epochs=1", "teacher.base.arch_kwargs.width=8",
+    "cache.teacher.arch_kwargs.width=8", "train.teacher.arch_kwargs.width=8",
+    "train.base.epochs=1",
+    "compress.prune.finetune_epochs=1", "compress.latency={repeats_b1: 5, repeats_b32: 3, warmup: 1}",
+    "deploy.int8_min_agreement=0.5",  # a 1-epoch toy student; the real demo keeps the strict floor
+    "train.variants=[{name: cnn-soft, arch: cnn_small, arch_kwargs: {width: 4}, alpha: 0.9},"
+    " {name: cnn-noKD, arch: cnn_small, arch_kwargs: {width: 4}, mode: none}]",
+]
+
+
+def _distill(args, cwd, timeout=900):
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    return subprocess.run(DISTILL + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.timeout(1500)  # the whole pipeline, twice
+def test_demo_pipeline_end_to_end(tmp_path):
+    sets = [a for s in SMALL for a in ("--set", s)]
+    r = _distill(["pipeline", "-c", str(ROOT / "examples" / "demo.yaml"), *sets], tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    demo = tmp_path / "runs" / "demo"
+    assert len(list((demo / "shards").glob("train-*.tar"))) == 5  # 1080 train samples, 250 per shard
+    assert (demo / "teacher" / "teacher" / "best.pt").exists()
+    board = {row["variant"]: row for row in pq.read_table(demo / "students" / "leaderboard.parquet").to_pylist()}
+    assert set(board) == {"cnn-soft", "cnn-noKD"} and all(b["status"] == "done" for b in board.values())
+    assert "artifacts:" in r.stdout and "runs/demo/students" in r.stdout
+    bundle = json.loads((demo / "bundle" / "bundle.json").read_text())  # the stage within the accuracy floor
+    assert (demo / "bundle" / "model.onnx").exists() and (demo / "compressed" / "pareto.png").exists()
+    assert (demo / "bundle" / "model.int8.onnx").exists() == ("int8" in bundle["stage"])
+    info = json.loads(_distill(["cache", "inspect", "runs/demo/cache", "--json"], tmp_path).stdout)
+    assert info["rows"] == 1200 and info["views"] == 6 and info["k"] == 5  # the demo caches 6 views
+    assert info["teacher_top1_vs_labels"] is not None
+    # a second run continues: nothing is redone
+    again = _distill(["pipeline", "-c", str(ROOT / "examples" / "demo.yaml"), *sets], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = r.stdout
+    assert out.index("distilled student vs its undistilled twin") < out.index("winner: ") < out.index("artifacts:")
+    stages = {s["stage"]: s for s in json.loads(again.stdout[again.stdout.index("\nstages:\n") + 9:])}
+    assert stages["shards"]["skipped"] and stages["cache"]["labelled"] == 0 and stages["cache"]["unchanged"] == 6
