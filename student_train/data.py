@@ -193,7 +193,7 @@ class JoinedStream(IterableDataset):
             zeros = np.zeros(1, dtype=np.float32)
             out = replay_view(pixels, view, s.student.input_size, s.student.interpolation)
             if s.train and s.rotate > 0:
-                out = rotate_live(out, raw.key, s.seed * 1000 + s.epoch, s.rotate)
+                out = rotate_live(out, raw.key, policy.seed, s.rotate)  # the views' (seed, epoch) draw
             yield {"pixels": out, "label": label,
                    "ids": np.zeros(1, dtype=np.int64), "vals": zeros, "tail": np.full(1, -np.inf, np.float32),
                    "teacher_top1_view0": -1}
