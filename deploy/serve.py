@@ -7,7 +7,8 @@ same replay function that produced the cached training views.
 Hardening: the body limit is enforced while the (possibly chunked) upload is read, never after buffering it;
 only JPEG/PNG/WebP decoders are tried; the pixel count is checked from the image header before decoding
 (a 400 KB PNG can decode to gigabytes), answered with 413; decoding runs in a worker thread so the event loop
-(and /healthz) stays responsive during a slow decode.
+(and /healthz) stays responsive during a slow decode. Each replica runs one blank image end to end before it
+reports ready, so no client pays for the imports and the model's first run.
 
 No `from __future__ import annotations` here: with postponed annotations Serve's class-based FastAPI ingress
 cannot strip `self` from the route signatures and every request gets a 422.
@@ -74,6 +75,19 @@ def preprocess(data: bytes, prep: dict, max_pixels: int) -> np.ndarray:
     return normalize(crop, tuple(prep["mean"]), tuple(prep["std"])).numpy().astype(np.float32)
 
 
+def warm_up(session: Any, prep: dict, max_pixels: int) -> np.ndarray:
+    """Run one blank image through decode, preprocessing and the model; returns its logits.
+
+    The first request would otherwise pay for importing torch/torchvision (the replay functions) and for
+    onnxruntime's first run: tens of seconds on a busy node, long enough for clients to time out.
+    """
+    size, channels = int(prep["input_size"]), int(prep["channels"])
+    buf = io.BytesIO()
+    Image.new("L" if channels == 1 else "RGB", (size, size)).save(buf, "PNG")
+    x = preprocess(buf.getvalue(), prep, max_pixels)
+    return session.run(None, {"input": x[None]})[0]
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, "status": status})
 
@@ -93,6 +107,7 @@ class Classifier:
         self.model_file, self.top_k, self.max_bytes, self.max_pixels = name, top_k, max_bytes, max_pixels
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        warm_up(self.session, self.prep, max_pixels)  # the replica reports ready only once a request is cheap
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _batch(self, inputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -65,6 +65,10 @@ def test_bundle_contents_and_int8_loads(bundle):
                                             "model_card.md", "bundle.json"}
     sess = ort.InferenceSession(str(b / "model.int8.onnx"), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"input": np.zeros((3, 1, 32, 32), np.float32)})[0].shape == (3, 10)
+    from deploy.serve import warm_up
+
+    prep = json.loads((b / "preprocessing.json").read_text())
+    assert warm_up(sess, prep, 10_000).shape == (1, 10)  # what each Serve replica runs before it is ready
     card = (b / "model_card.md").read_text()
     assert "weights sha256" in card and "fingerprint" in card and "pruned+int8" in card
     assert bundle["deploy"].parity["max_abs_logit_diff"] < 1e-3
@@ -76,10 +80,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _post(url, data, ctype):
+def _post(url, data, ctype, timeout=60):
     req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": ctype} if ctype else {})
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
