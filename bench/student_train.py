@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--skip-equal-epochs", action="store_true")
     ap.add_argument("--arch", default="cnn_small")
     ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--lr", type=float, help="peak learning rate of every run (default: the config's train.base.lr)")
     ap.add_argument("--config", type=Path, default=ROOT / "examples" / "demo.yaml",
                     help="a pipeline YAML whose cache/train sections name the shards, cache and recipe")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_train", help="run directories (wiped)")
@@ -163,7 +164,7 @@ def main() -> None:
     if args.merge:
         return merge(args.merge, args.out)
     cfg = ensure_demo_inputs(args.config)
-    student = {"arch": args.arch, "arch_kwargs": {"width": args.width}}
+    student = {"arch": args.arch, "arch_kwargs": {"width": args.width}, **({"lr": args.lr} if args.lr else {})}
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 when the machine is shared
@@ -172,6 +173,8 @@ def main() -> None:
                     "recipe": {k: v for k, v in cfg.train.base.model_dump(mode="json").items()
                                if k in ("batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs", "views")},
                     "epochs": args.epochs, "seeds": args.seeds, "per_run": []}
+    if args.lr:
+        result["recipe"]["lr"] = args.lr
     if not args.skip_equal_epochs:
         df = equal_epochs(cfg, work / "modes", student, args.epochs, args.seeds, args.grid,
                           None if args.skip_online else args.online, not args.no_twin)

@@ -30,13 +30,25 @@ EPOCH = Gauge("distill_train_epoch", "Epochs completed", ["variant"])
 _served: dict[str, int] = {}
 
 
+def _ray_node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - a label is optional; never fail training for it
+        return None
+
+
 def serve_worker_metrics(targets: Path, variant: str, rank: int, port: int, host: str = "127.0.0.1") -> int:
     """Start this process's exporter once and publish it as a file_sd target (atomic write)."""
     if "port" not in _served:
         server, _ = start_http_server(port, addr=host)
         _served["port"] = int(server.server_port)
     bound = _served["port"]
-    publish_target(Path(targets) / f"{variant}-rank{rank}.json", host, bound,
-                   {"job": "distill_train", "variant": variant, "rank": str(rank), "host": socket.gethostname()})
+    labels = {"job": "distill_train", "variant": variant, "rank": str(rank), "host": socket.gethostname()}
+    node = _ray_node_id()
+    if node:
+        labels["node"] = node  # several Ray nodes can share one host (and one host name)
+    publish_target(Path(targets) / f"{variant}-rank{rank}.json", host, bound, labels)
     log.info("training metrics of %s rank %d at http://%s:%d/metrics", variant, rank, host, bound)
     return bound

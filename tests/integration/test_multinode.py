@@ -1,5 +1,6 @@
 """A real multi-node Ray cluster on one machine (head + 2 worker nodes, each its own raylet, all on 127.0.0.1):
-`distill cache --address` spreads its actors over the worker nodes; one node is SIGKILLed mid-run.
+`distill cache --address` spreads its actors over the worker nodes, and one node is SIGKILLed mid-run;
+`distill train --address` trains one variant with a Ray Train worker on each node (DeepSpeed world size 2, gloo).
 
 The cluster is Ray's own `ray.cluster_utils.Cluster` (what Ray's test suite uses for multi-node tests). The
 driver is the real CLI in a subprocess, connected by GCS address, as a user would run it.
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import train_cfg
 from helpers import cache_cfg_dict, mnist_shard, save_teacher
 
 from teacher_cache.reader import CacheReader, find_cache_dir
@@ -101,3 +103,30 @@ def test_node_lost_mid_cache_retries_its_shard_and_finishes(tmp_path, cluster):
     assert summary["status"] == "success" and summary["images"] == len(expected)  # no overcount
     assert summary["lost_nodes"] == [victim_id], (summary["lost_nodes"], victim_id, out[-2000:])
     assert summary["retried"] and set(summary["retried"]) <= {f"train-{i:06d}" for i in range(N_SHARDS)}
+
+
+def test_one_variant_trains_with_a_worker_on_each_node(tmp_path, cluster, kd_data):
+    """Two Ray Train workers of 0.9 CPU cannot share a 1-CPU node, so rank 0 and rank 1 land on different nodes
+    and DeepSpeed reduces over gloo between two raylets. Each rank publishes its metrics target with its node."""
+    import pandas as pd
+
+    c, nodes = cluster
+    run_dir = tmp_path / "runs"
+    cfg = train_cfg(kd_data, run_dir, ray={"enabled": True}, metrics_port=0,
+                    base={"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": 2, "batch_size": 16,
+                          "num_workers": 2, "cpus_per_worker": 0.9},
+                    variants=[{"name": "dp2", "mode": "soft", "alpha": 0.5, "temperature": 2}],
+                    tune={"max_concurrent": 1, "cpus_per_trial": 0.05})
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
+    done = subprocess.run([*DISTILL, "train", "-c", str(tmp_path / "train.yaml"), "--address", c.address],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    status = json.loads((run_dir / "dp2" / "status.json").read_text())
+    assert status["status"] == "done", status
+    epochs = pd.read_csv(run_dir / "dp2" / "metrics.csv")["epoch"].tolist()
+    assert epochs == [1, 2]  # each epoch exactly once, reported by rank 0
+    targets = {r: json.loads((run_dir / "metrics_targets" / f"dp2-rank{r}.json").read_text())[0]["labels"]
+               for r in (0, 1)}
+    used = {targets[0]["node"], targets[1]["node"]}
+    assert used == {n.node_id for n in nodes}, (targets, [n.node_id for n in nodes])
