@@ -1,7 +1,7 @@
 """`distill`: one subcommand per stage. Each validates its whole config before doing any work.
 
 Exit codes: 0 success, 2 bad input/config (nothing was done), 3 partial (some shards/variants failed),
-4 failure (nothing succeeded).
+4 failure (nothing succeeded), 143 stopped by SIGTERM (`ray job stop`; finished work is kept, re-run continues).
 """
 
 from __future__ import annotations
@@ -21,11 +21,20 @@ from cluster.cli_common import EXIT_BAD_INPUT, user_errors
 
 class _Main(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
+        from teacher_cache.graceful_stop import EXIT_STOPPED, StopRequested, install_sigterm_handler, sigterm_received
+
+        install_sigterm_handler()
         try:
             return super().invoke(ctx)
-        except user_errors() as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
+        except (StopRequested, Exception) as exc:
+            if sigterm_received():  # whatever form the interruption took on its way up
+                click.echo("stopped by SIGTERM: finished work is kept (cache shards in the manifest, variants' epoch "
+                           "checkpoints); re-run or re-submit the same command to continue", err=True)
+                sys.exit(EXIT_STOPPED)
+            if isinstance(exc, user_errors()):
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(EXIT_BAD_INPUT)
+            raise
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

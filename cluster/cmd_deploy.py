@@ -10,6 +10,7 @@ import click
 
 from cluster.cli_common import config_options
 from cluster.config_loading import load_config
+from teacher_cache.graceful_stop import StopRequested
 
 
 @click.command()
@@ -62,5 +63,5 @@ def serve(config_path: Path | None, overrides: tuple[str, ...], bundle: str | No
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, StopRequested):  # Ctrl-C or SIGTERM: shut Serve down cleanly
         pass

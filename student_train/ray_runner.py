@@ -14,7 +14,9 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from student_train.config import TrainConfig, VariantConfig
+from student_train.status import mark_stopped, note_stop
 from student_train.train_loop import JobSpec, WorkerContext, train_variant
+from teacher_cache.graceful_stop import StopRequested, first_on_sigterm, sigterm_received
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ def _trial_fn(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from student_train.status import epochs_logged, read_status, write_status
+    from student_train.status import epochs_logged, read_status, stop_requested, write_status
 
     name, job, v = config["name"], config["job"], VariantConfig.model_validate(config["variant"])
     use_gpu = v.gpus_per_worker > 0
@@ -70,6 +72,8 @@ def _trial_fn(config: dict[str, Any]) -> None:
     try:
         trainer.fit()
     except Exception as exc:  # TrainingFailedError wraps the worker's exception; keep its first line as reason
+        if stop_requested(job.run_dir):  # the job is winding down after SIGTERM: interrupted, not failed
+            return
         reason = _root_reason(exc)
         if read_status(job.run_dir, name).get("status") == "stopped":  # ASHA's early stop is not a failure
             return
@@ -132,7 +136,13 @@ def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, Varia
                                   verbose=1))
     before = live_placement_groups()
     try:
-        grid = tuner.fit()
+        with first_on_sigterm(lambda: note_stop(job.run_dir)):  # before Tune tears its trials down
+            grid = tuner.fit()
+    except BaseException:
+        if sigterm_received():  # bookkeeping first: `ray job stop` sends SIGKILL some seconds after SIGTERM
+            mark_stopped(job.run_dir, [(n, v.epochs) for n, v in variants], "the job was stopped by SIGTERM")
+            raise StopRequested("stopped by SIGTERM") from None
+        raise
     finally:
         release_placement_groups(live_placement_groups() - before)
     errors = {}

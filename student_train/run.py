@@ -21,11 +21,12 @@ from student_train.leaderboard import (
     variant_row,
     write_leaderboard,
 )
-from student_train.status import finished, write_status
+from student_train.status import clear_stop, finished, mark_stopped, stop_requested, write_status
 from student_train.train_loop import JobSpec, NonFiniteLossError, WorkerContext, student_prep, train_variant
 from student_train.twins import pair_twins
 from student_train.unlabelled import samples_per_epoch
 from teacher_cache.devices import resolve_device
+from teacher_cache.graceful_stop import StopRequested, sigterm_received
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +164,20 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
             return TrainResult(run_dir=run_dir, leaderboard=[], leaderboard_path=run_dir / "leaderboard.parquet",
                                seconds=time.perf_counter() - t0)
     elif pending:
-        if cfg.ray.enabled:
-            from student_train.ray_runner import run_with_ray
+        clear_stop(run_dir)
+        try:
+            if cfg.ray.enabled:
+                from student_train.ray_runner import run_with_ray
 
-            run_with_ray(cfg, job, pending)
-        else:
-            run_in_process(job, pending, cfg.device)
+                run_with_ray(cfg, job, pending)
+            else:
+                run_in_process(job, pending, cfg.device)
+        except BaseException:
+            if not sigterm_received():
+                raise
+            if not stop_requested(run_dir):  # ray_runner has settled its trials already; this covers in-process
+                mark_stopped(run_dir, [(n, v.epochs) for n, v in pending], "the job was stopped by SIGTERM")
+            raise StopRequested("stopped by SIGTERM") from None
     rows = []
     for name, v in variants:
         prep = student_prep(v, job.teacher_prep)

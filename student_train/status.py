@@ -1,7 +1,7 @@
 """A variant's status file (<run_dir>/<variant>/status.json).
 
 States: running, done, failed (with the reason), stopped (ASHA stopped it early: final), interrupted (its
-trial ended without finishing, e.g. a worker died: resumed by the next run).
+trial ended without finishing, e.g. a worker died, or the job was stopped with SIGTERM: resumed by the next run).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from student_train.atomic_io import atomic_write_text
 log = logging.getLogger(__name__)
 
 FINAL = ("done", "stopped")
+STOP_MARKER = ".stop_requested"  # in the run dir while a stopped job winds down: trials dying now are not failures
 
 
 def write_status(run_dir: Path, name: str, status: str, reason: str = "", **extra: object) -> None:
@@ -69,3 +70,23 @@ def settle_trials(run_dir: Path, variants: list[tuple[str, int]], errors: dict[s
         else:
             reason = errors.get(name, "its trial ended before the variant finished")
             write_status(run_dir, name, "interrupted", f"{reason}; after {done} epoch(s), the next run resumes it")
+
+
+def mark_stopped(run_dir: Path, variants: list[tuple[str, int]], why: str) -> None:
+    """The job was asked to stop (SIGTERM): every variant still running becomes "interrupted" (or "done" if it
+    logged every epoch), and trials that die while the job winds down must not call themselves failed."""
+    note_stop(run_dir, why)
+    settle_trials(run_dir, variants, {name: why for name, _ in variants})
+    log.warning("%s: unfinished variants are marked interrupted; the next run resumes them", why)
+
+
+def note_stop(run_dir: Path, why: str = "stopped by SIGTERM") -> None:
+    (Path(run_dir) / STOP_MARKER).write_text(why)
+
+
+def stop_requested(run_dir: Path) -> bool:
+    return (Path(run_dir) / STOP_MARKER).exists()
+
+
+def clear_stop(run_dir: Path) -> None:
+    (Path(run_dir) / STOP_MARKER).unlink(missing_ok=True)

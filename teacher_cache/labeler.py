@@ -130,13 +130,24 @@ class Labeler:
         if batch:
             yield batch
 
-    def _producer(self, task: ShardTask, reader: ShardReader, out: queue.Queue, errors: list[dict]) -> None:
+    def _producer(self, task: ShardTask, reader: ShardReader, out: queue.Queue, errors: list[dict],
+                  stop: threading.Event) -> None:
+        def put(item: object) -> bool:  # gives up when the consumer has left (it failed or was stopped)
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         try:
             for batch in self._batches(reader, errors, task.stem):
-                out.put(batch)
-            out.put(None)
+                if not put(batch):
+                    return
+            put(None)
         except BaseException as exc:  # forwarded to the consumer thread, which re-raises it
-            out.put(exc)
+            put(exc)
 
     def label_shard(self, task: ShardTask, progress: Callable[[ProgressEvent], None] | None = None) -> ShardResult:
         """Label every sample of one shard and write its cache file; a broken shard returns ok=False."""
@@ -165,8 +176,17 @@ class Labeler:
     def _run_teacher(self, task: ShardTask, reader: ShardReader, errors: list[dict],
                      progress: Callable[[ProgressEvent], None] | None, result: ShardResult) -> dict:
         q: queue.Queue = queue.Queue(maxsize=3)
-        thread = threading.Thread(target=self._producer, args=(task, reader, q, errors), daemon=True)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._producer, args=(task, reader, q, errors, stop), daemon=True)
         thread.start()
+        try:
+            return self._consume(task, q, errors, progress, result)
+        finally:  # also on failure or SIGTERM: no decoding thread may outlive the shard (or run into exit)
+            stop.set()
+            thread.join(timeout=60)
+
+    def _consume(self, task: ShardTask, q: queue.Queue, errors: list[dict],
+                 progress: Callable[[ProgressEvent], None] | None, result: ShardResult) -> dict:
         cols: dict[str, list] = {"key": [], "label": [], "hw": [], "views": [], "ids": [], "logits": [], "tail": [],
                                  "feat": []}
         n_err = 0
@@ -195,7 +215,6 @@ class Labeler:
             if progress is not None:
                 progress(ProgressEvent(images=len(item), errors=len(errors) - n_err, batch_seconds=[dt]))
                 n_err = len(errors)
-        thread.join()
         if progress is not None and len(errors) > n_err:
             progress(ProgressEvent(errors=len(errors) - n_err))
         return cols

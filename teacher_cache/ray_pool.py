@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from teacher_cache.actor_pool import PoolReport, ShardScheduler
 from teacher_cache.config import CacheConfig
+from teacher_cache.graceful_stop import reclaim_sigterm
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from teacher_cache.ray_resources import check_fits
 
@@ -56,10 +57,12 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
         except (ConnectionError, RuntimeError, ValueError, PermissionError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
             raise ClusterConnectionError(f"cannot join the Ray cluster at {address}: {first}; {_HINT}") from None
+        reclaim_sigterm()
         return True
     keep_ray_on_loopback()
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=True)
+    reclaim_sigterm()
     return True
 
 

@@ -16,6 +16,7 @@ from teacher_cache import metrics
 from teacher_cache.config import CacheConfig
 from teacher_cache.features import check_features
 from teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
+from teacher_cache.graceful_stop import StopRequested, sigterm_received
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from teacher_cache.manifest import (
     DirectoryLock,
@@ -54,6 +55,7 @@ class CacheResult:
     retried: dict[str, int] = field(default_factory=dict)  # shards labelled again after their actor died
     lost_nodes: list[str] = field(default_factory=list)  # Ray nodes that died with a labelling actor
     progress_lost: bool = False
+    stopped: bool = False  # SIGTERM (e.g. `ray job stop`) ended the run; what is listed is kept
     images: int = 0
     decode_errors: int = 0
     seconds: float = 0.0
@@ -61,7 +63,10 @@ class CacheResult:
 
     @property
     def status(self) -> str:
-        """success (nothing failed), partial (some shards failed), failure (every shard to label failed)."""
+        """success (nothing failed), partial (some shards failed), failure (every shard to label failed),
+        stopped (SIGTERM arrived: the shards in `labelled` are cached, a re-run labels the rest)."""
+        if self.stopped:
+            return "stopped"
         if not self.failed:
             return "success"
         return "failure" if not self.labelled else "partial"
@@ -146,7 +151,15 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
                 _execute(cfg, fp, teacher, tasks, manifest, out_dir, result)
             except InfeasibleResourcesError:  # a config this cluster can never place: bad input, nothing done
                 raise
-            except Exception as exc:  # re-raised with what it means for the user; nothing is swallowed
+            except BaseException as exc:  # noqa: BLE001 - re-raised with what it means; nothing is swallowed
+                if sigterm_received():  # record what was done before the lock is released (SIGKILL may follow)
+                    result.stopped, result.seconds = True, time.perf_counter() - t0
+                    atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
+                    log.warning("stopped after %d of %d shards; they are cached, a re-run labels the rest",
+                                len(result.labelled), len(tasks))
+                    raise StopRequested("stopped by SIGTERM") from None
+                if not isinstance(exc, Exception):
+                    raise
                 raise RunFailedError(f"{exc.__class__.__name__}: {exc} (after {len(result.labelled)} of "
                                      f"{len(tasks)} shards were cached; they are kept, re-run to continue)") from exc
         result.seconds = time.perf_counter() - t0

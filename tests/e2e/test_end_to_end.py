@@ -1,8 +1,9 @@
 """End to end, all real and all on 127.0.0.1. (1) The demo config through the CLI on real MNIST digits and an
 embedded Ray (scaled down). (2) Operations: a Ray head started with `ray start`, the pipeline
-submitted with `ray job submit` (token auth), killed during the cache pass and during training and
-re-submitted, a real Prometheus scraping the job's file_sd targets, a real Pushgateway, the refresh lock,
-and a no-op refresh. Needs the Debian packages `prometheus` and `prometheus-pushgateway` (.ci/run installs them).
+submitted with `ray job submit` (token auth), stopped with `ray job stop` during the cache pass and during
+training (it records "stopped" / "interrupted") and re-submitted, a real Prometheus scraping the job's file_sd
+targets, a real Pushgateway, the refresh lock, and a no-op refresh. Needs the Debian packages `prometheus` and
+`prometheus-pushgateway` (.ci/run installs them).
 """
 
 import contextlib
@@ -37,8 +38,10 @@ def _port() -> int:
 
 
 def _env() -> dict:
+    # RAY_JOB_STOP_WAIT_TIME_S: on the head, how long `ray job stop` waits after SIGTERM before SIGKILL (3 s by
+    # default; the stages need a little longer on a loaded 2-core machine to record "stopped"/"interrupted")
     return dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
-                PATH=f"{BIN}:{os.environ['PATH']}", DS_ACCELERATOR="cpu")
+                PATH=f"{BIN}:{os.environ['PATH']}", DS_ACCELERATOR="cpu", RAY_JOB_STOP_WAIT_TIME_S="60")
 
 
 def _cluster_pids(ray_tmp: str) -> set[int]:
@@ -115,13 +118,16 @@ def ops(tmp_path_factory):
     _wait_http(f"http://127.0.0.1:{push_port}/metrics")
     demo = (ROOT / "examples" / "demo.yaml").read_text().replace("runs/demo", str(work / "runs"))
     cfg = yaml.safe_load(demo)
-    cfg["shards"].update(limit=1200, samples_per_shard=200)
+    cfg["shards"].update(limit=1200, samples_per_shard=100)
+    # a cache pass that lasts long enough (12 shards one at a time, 12 views) for `ray job stop` to land in it
+    cfg["cache"].update(batch_size=16, views={**cfg["cache"]["views"], "num_views": 12},
+                        ray={"num_actors": 1, "cpus_per_actor": 0.5})
     # no teacher pre-training stage here (test_demo_pipeline_end_to_end below runs it): a real resnet_mini, saved
     del cfg["teacher"]
     from helpers import save_teacher
 
     cfg["cache"]["teacher"].update(arch_kwargs={"width": 8}, checkpoint=str(save_teacher(work / "teacher.pt", 8)))
-    cfg["train"]["base"]["epochs"] = 2
+    cfg["train"]["base"].update(epochs=4, batch_size=16)  # long enough for `ray job stop` to land mid-training
     cfg["train"]["metrics_targets_dir"] = str(targets)
     cfg["train"]["teacher"] = cfg["cache"]["teacher"]
     cfg["train"]["variants"] = [{"name": "cnn-soft", "arch": "cnn_small", "arch_kwargs": {"width": 4}},
@@ -196,6 +202,10 @@ def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
     assert not _ended(ops, job), _logs(ops, job)
     assert _job(ops, "stop", "--address", f"http://127.0.0.1:{ops['dash']}", job).returncode == 0
     _wait_for(lambda: _status(ops, job) in ("STOPPED", "FAILED"), 120, "the job to stop")
+    # SIGTERM was handled: the cache recorded what it did and released its lock
+    [summary] = list((runs / "cache").glob("*/last_run.json"))
+    first = json.loads(summary.read_text())
+    assert first["status"] == "stopped" and first["labelled"], (first, _logs(ops, job))
     # 2: re-submit, kill during training
     job = _submit(ops)
     _wait_for(lambda: any((runs / "students").glob("*/metrics.csv")) or _ended(ops, job),
@@ -203,6 +213,10 @@ def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
     assert not _ended(ops, job), _logs(ops, job)
     _job(ops, "stop", "--address", f"http://127.0.0.1:{ops['dash']}", job)
     _wait_for(lambda: _status(ops, job) in ("STOPPED", "FAILED"), 120, "the job to stop")
+    states = {d.name: json.loads((d / "status.json").read_text())
+              for d in (runs / "students").iterdir() if (d / "status.json").exists()}
+    assert states and all(s["status"] in ("interrupted", "done") for s in states.values()), states
+    assert any(s["status"] == "interrupted" and "SIGTERM" in s["reason"] for s in states.values()), states
     # 3: re-submit and let it finish
     job = _submit(ops)
     _wait_for(lambda: _status(ops, job) in ("SUCCEEDED", "FAILED", "STOPPED"), 900, "the job to finish")
@@ -215,12 +229,12 @@ def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
     keys = [k for s in reader.shards for k in reader.arrays(s).keys]
     assert len(keys) == len(set(keys)) == 1200
     board = {r["variant"]: r for r in pq.read_table(runs / "students" / "leaderboard.parquet").to_pylist()}
-    assert all(r["status"] == "done" and r["epochs"] == 2 for r in board.values()), board
+    assert all(r["status"] == "done" and r["epochs"] == 4 for r in board.values()), board
     for name in board:
         import pandas as pd
 
         m = pd.read_csv(runs / "students" / name / "metrics.csv")
-        assert sorted(m["epoch"]) == [1, 2] and (m["train_samples"] == 1080).all()
+        assert sorted(m["epoch"]) == [1, 2, 3, 4] and (m["train_samples"] == 1080).all()
     stage = json.loads((runs / "bundle" / "bundle.json").read_text())["stage"]
     assert (runs / "bundle" / "model.onnx").exists()
     assert (runs / "bundle" / "model.int8.onnx").exists() == ("int8" in stage)

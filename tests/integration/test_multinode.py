@@ -130,3 +130,59 @@ def test_one_variant_trains_with_a_worker_on_each_node(tmp_path, cluster, kd_dat
                for r in (0, 1)}
     used = {targets[0]["node"], targets[1]["node"]}
     assert used == {n.node_id for n in nodes}, (targets, [n.node_id for n in nodes])
+
+
+@pytest.fixture()
+def cluster_with_driver_node():
+    """Head with 1 CPU (the driver's node: the Tune trial lands there) + 2 one-CPU worker nodes."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray.cluster_utils import Cluster
+
+    small = {"object_store_memory": 80 * 1024 * 1024}
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, **small})
+    nodes = [c.add_node(num_cpus=1, **small) for _ in range(2)]
+    yield c, nodes
+    c.shutdown()
+
+
+def test_node_lost_mid_training_restores_the_worker_group_and_finishes(tmp_path, cluster_with_driver_node, kd_data):
+    """SIGKILL the worker node that holds one Ray Train rank after epoch 1: Ray Train restarts the worker group on
+    the nodes left (FailureConfig via tune.max_failures), the variant resumes from its epoch checkpoint, finishes,
+    and metrics.csv has every epoch exactly once."""
+    import pandas as pd
+
+    c, nodes = cluster_with_driver_node
+    run_dir = tmp_path / "runs"
+    epochs = 4
+    cfg = train_cfg(kd_data, run_dir, ray={"enabled": True}, metrics_port=0,
+                    base={"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": epochs, "batch_size": 8,
+                          "num_workers": 2, "cpus_per_worker": 0.9},
+                    variants=[{"name": "dp2", "mode": "soft", "alpha": 0.5, "temperature": 2}],
+                    tune={"max_concurrent": 1, "cpus_per_trial": 0.05, "max_failures": 2})
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([*DISTILL, "train", "-c", str(tmp_path / "train.yaml"), "--address", c.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = run_dir / "dp2" / "metrics.csv"
+    deadline = time.monotonic() + 420
+    while not (metrics.exists() and len(pd.read_csv(metrics)) >= 1):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no epoch finished in time:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+    ranks = {r: json.loads((run_dir / "metrics_targets" / f"dp2-rank{r}.json").read_text())[0]["labels"]["node"]
+             for r in (0, 1)}
+    by_id = {n.node_id: n for n in nodes}
+    [victim] = [by_id[n] for n in ranks.values() if n in by_id][:1]  # a worker node with a rank (not the head)
+    _kill_node(victim)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    status = json.loads((run_dir / "dp2" / "status.json").read_text())
+    assert status["status"] == "done", (status, out[-3000:])
+    assert pd.read_csv(metrics)["epoch"].tolist() == list(range(1, epochs + 1))  # each epoch exactly once
+    board = pd.read_parquet(run_dir / "leaderboard.parquet").set_index("variant")
+    assert board.loc["dp2", "status"] == "done" and int(board.loc["dp2", "epochs"]) == epochs
+    after = {json.loads((run_dir / "metrics_targets" / f"dp2-rank{r}.json").read_text())[0]["labels"]["node"]
+             for r in (0, 1)}
+    assert victim.node_id not in after, (ranks, after)  # the worker group was restarted on the nodes left

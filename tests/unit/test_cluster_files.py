@@ -134,3 +134,12 @@ def test_readme_shows_how_to_get_the_token():
     readme = (CLUSTER.parent / "README.md").read_text()
     assert "authOptions" in readme and "RAY_AUTH_MODE=token" in readme
     assert "auth_token" in readme and "ray get-auth-token" in readme
+
+
+def test_job_stop_leaves_the_stages_time_to_record_it():
+    """`ray job stop` sends SIGKILL 3 s after SIGTERM unless the head says otherwise (graceful stop)."""
+    head = _yaml("k8s/raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    wait = {e["name"]: e["value"] for e in head["env"]}.get("RAY_JOB_STOP_WAIT_TIME_S")
+    assert wait is not None and int(wait) >= 10
+    starts = [c for c in _yaml("ray-up.yaml")["head_start_ray_commands"] if "ray start" in c]
+    assert starts and all("RAY_JOB_STOP_WAIT_TIME_S=" in c for c in starts)

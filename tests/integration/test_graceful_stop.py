@@ -1,0 +1,101 @@
+"""SIGTERM (what `ray job stop` sends) stops a stage cleanly: the cache records "stopped" with what was done and
+frees its lock, training marks the variant "interrupted", and the same command then finishes the work with
+nothing lost or duplicated. Real CLI processes, in-process stages (--no-ray); the Ray job path is in
+tests/e2e/test_end_to_end.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import train_cfg
+from helpers import cache_cfg_dict, mnist_shard, save_teacher
+
+from student_train.status import read_status
+from teacher_cache.graceful_stop import EXIT_STOPPED
+from teacher_cache.reader import CacheReader, find_cache_dir
+from teacher_cache.shards import ShardReader
+
+pytestmark = pytest.mark.integration
+DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+
+
+def _wait(pred, proc, timeout=300, what=""):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if proc.poll() is not None:
+            pytest.fail(f"the process ended (rc {proc.returncode}) before {what}:\n{proc.communicate()[0][-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _manifest_shards(root):
+    for m in root.glob("*/manifest.json"):
+        try:
+            return len(json.loads(m.read_text())["shards"])
+        except (ValueError, KeyError):
+            return 0
+    return 0
+
+
+def test_sigterm_during_the_cache_pass_records_stopped_and_a_rerun_finishes(tmp_path):
+    n = 10
+    for i in range(n):
+        mnist_shard(tmp_path / "in" / f"train-{i:06d}.tar", 60, offset=60 * i)
+    cfg = cache_cfg_dict([str(tmp_path / "in" / "*.tar")], str(tmp_path / "cache"), save_teacher(tmp_path / "t.pt"),
+                         batch_size=8, views={"num_views": 8}, decode_processes=0)
+    f = tmp_path / "cache.yaml"
+    f.write_text(yaml.safe_dump(json.loads(json.dumps(cfg, default=str))))
+    proc = subprocess.Popen([*DISTILL, "cache", "-c", str(f), "--no-ray"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait(lambda: _manifest_shards(tmp_path / "cache") >= 1, proc, what="the first cached shard")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_STOPPED, out[-3000:]
+    assert "stopped by SIGTERM" in out and "re-run" in out
+    cache_dir = find_cache_dir(tmp_path / "cache")
+    first = json.loads((cache_dir / "last_run.json").read_text())
+    assert first["status"] == "stopped" and 1 <= len(first["labelled"]) < n, first
+    # the lock was released: the same command runs at once and labels exactly the rest
+    again = subprocess.run([*DISTILL, "cache", "-c", str(f), "--no-ray"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    second = json.loads((cache_dir / "last_run.json").read_text())
+    assert second["status"] == "success"
+    assert sorted(second["labelled"] + second["unchanged"]) == [f"train-{i:06d}" for i in range(n)]
+    assert not set(second["labelled"]) & set(first["labelled"])
+    reader = CacheReader(cache_dir)
+    keys = [k for i in range(n) for k in reader.arrays(f"train-{i:06d}").keys]
+    expected = [s.key for i in range(n) for s in ShardReader(tmp_path / "in" / f"train-{i:06d}.tar")]
+    assert sorted(keys) == sorted(expected)  # every key exactly once
+
+
+def test_sigterm_during_training_marks_interrupted_and_a_rerun_resumes(kd_data, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = train_cfg(kd_data, run_dir, base={"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": 4,
+                                            "batch_size": 8, "name": "st", "mode": "soft"})
+    f = tmp_path / "train.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    metrics = run_dir / "st" / "metrics.csv"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*DISTILL, "train", "-c", str(f), "--no-ray"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    _wait(lambda: metrics.exists() and len(pd.read_csv(metrics)) >= 1, proc, what="the first epoch")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, out[-3000:]
+    st = read_status(run_dir, "st")
+    assert st["status"] == "interrupted" and "SIGTERM" in st["reason"], st
+    done = len(pd.read_csv(metrics))
+    assert 1 <= done < 4
+    again = subprocess.run([*DISTILL, "train", "-c", str(f), "--no-ray"], capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert read_status(run_dir, "st")["status"] == "done"
+    assert pd.read_csv(metrics)["epoch"].tolist() == [1, 2, 3, 4]  # resumed: each epoch exactly once
