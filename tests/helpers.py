@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -96,3 +97,13 @@ def wait_healthy(url: str, timeout: float) -> None:
             if time.time() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def shards_in_manifest(cache_root: Path) -> int:
+    """How many shards the cache's manifest lists right now (0 while there is none or it is being replaced)."""
+    for m in Path(cache_root).glob("*/manifest.json"):
+        try:
+            return len(json.loads(m.read_text())["shards"])
+        except (ValueError, KeyError):
+            return 0
+    return 0

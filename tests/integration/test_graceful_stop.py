@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import train_cfg
-from helpers import cache_cfg_dict, mnist_shard, save_teacher
+from helpers import cache_cfg_dict, mnist_shard, save_teacher, shards_in_manifest
 
 from student_train.status import read_status
 from teacher_cache.graceful_stop import EXIT_STOPPED
@@ -36,14 +36,6 @@ def _wait(pred, proc, timeout=300, what=""):
         time.sleep(0.05)
 
 
-def _manifest_shards(root):
-    for m in root.glob("*/manifest.json"):
-        try:
-            return len(json.loads(m.read_text())["shards"])
-        except (ValueError, KeyError):
-            return 0
-    return 0
-
 
 def test_sigterm_during_the_cache_pass_records_stopped_and_a_rerun_finishes(tmp_path):
     n = 10
@@ -55,7 +47,7 @@ def test_sigterm_during_the_cache_pass_records_stopped_and_a_rerun_finishes(tmp_
     f.write_text(yaml.safe_dump(json.loads(json.dumps(cfg, default=str))))
     proc = subprocess.Popen([*DISTILL, "cache", "-c", str(f), "--no-ray"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    _wait(lambda: _manifest_shards(tmp_path / "cache") >= 1, proc, what="the first cached shard")
+    _wait(lambda: shards_in_manifest(tmp_path / "cache") >= 1, proc, what="the first cached shard")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_STOPPED, out[-3000:]

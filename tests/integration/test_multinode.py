@@ -15,12 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 from conftest import train_cfg
-from helpers import cache_cfg_dict, mnist_shard, save_teacher
+from helpers import cache_cfg_dict, mnist_shard, save_teacher, shards_in_manifest
 
 from teacher_cache.reader import CacheReader, find_cache_dir
 from teacher_cache.shards import ShardReader
@@ -59,14 +58,6 @@ def _kill_node(node) -> None:
             p.send_signal(signal.SIGKILL)
 
 
-def _shards_in_manifest(cache_root: Path) -> int:
-    for m in cache_root.glob("*/manifest.json"):
-        try:
-            return len(json.loads(m.read_text())["shards"])
-        except (ValueError, KeyError):
-            return 0
-    return 0
-
 
 def test_node_lost_mid_cache_retries_its_shard_and_finishes(tmp_path, cluster):
     c, nodes = cluster
@@ -82,7 +73,7 @@ def test_node_lost_mid_cache_retries_its_shard_and_finishes(tmp_path, cluster):
     proc = subprocess.Popen([*DISTILL, "cache", "-c", str(tmp_path / "cache.yaml"), "--address", c.address],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 420  # a loaded 2-core machine: actor start-up alone can take a minute
-    while _shards_in_manifest(tmp_path / "cache") < 2:
+    while shards_in_manifest(tmp_path / "cache") < 2:
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         if time.monotonic() > deadline:
             proc.kill()
