@@ -26,7 +26,7 @@ from student_train.train_loop import JobSpec, NonFiniteLossError, WorkerContext,
 from student_train.twins import pair_twins
 from student_train.unlabelled import samples_per_epoch
 from teacher_cache.devices import resolve_device
-from teacher_cache.graceful_stop import StopRequested, sigterm_received
+from teacher_cache.graceful_stop import StopRequested, raise_if_stopping, sigterm_received
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def run_in_process(job: JobSpec, variants: list[tuple[str, VariantConfig]], devi
             write_status(job.run_dir, name, "failed", str(exc))
             log.error("%s", exc)
         except Exception as exc:  # one broken variant must not stop the others; the reason is kept
+            raise_if_stopping()  # SIGTERM surfacing as another exception (inside a C call): a stop, not a failure
             write_status(job.run_dir, name, "failed", f"{exc.__class__.__name__}: {exc}".splitlines()[0])
             log.error("variant %s failed:\n%s", name, traceback.format_exc())
 

@@ -24,6 +24,7 @@ EXIT_STOPPED = 143  # 128 + SIGTERM, what a shell reports for a process ended by
 _installed = False  # set by install_sigterm_handler (the CLI); library users keep their own handlers
 _received = threading.Event()
 _first_things: list[Callable[[], None]] = []  # run inside the handler, before anything unwinds
+_deferring = 0  # > 0 inside sigterm_deferred(): the stop is raised when the block ends
 
 
 class StopRequested(BaseException):
@@ -36,6 +37,8 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     for fn in list(_first_things):
         with contextlib.suppress(Exception):
             fn()
+    if _deferring:
+        return
     raise StopRequested(f"stopped by {signal.Signals(signum).name}")
 
 
@@ -54,6 +57,26 @@ def first_on_sigterm(fn: Callable[[], None]) -> Iterator[None]:
         yield
     finally:
         _first_things.remove(fn)
+
+
+@contextlib.contextmanager
+def sigterm_deferred() -> Iterator[None]:
+    """Bookkeeping that must not be cut in half (a shard listed in the manifest but missing from the summary):
+    a SIGTERM that arrives inside is raised as StopRequested when the block has finished."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring:
+        raise_if_stopping()
+
+
+def raise_if_stopping() -> None:
+    """For loops whose calls may swallow the interruption (a broad except around a Ray call): stop here."""
+    if _received.is_set():
+        raise StopRequested("stopped by SIGTERM")
 
 
 def install_sigterm_handler() -> bool:

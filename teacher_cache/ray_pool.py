@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from teacher_cache.actor_pool import PoolReport, ShardScheduler
 from teacher_cache.config import CacheConfig
-from teacher_cache.graceful_stop import reclaim_sigterm
+from teacher_cache.graceful_stop import raise_if_stopping, reclaim_sigterm
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from teacher_cache.ray_resources import check_fits
 
@@ -238,6 +238,7 @@ class _PoolRun:
         for _ in range(self.target):
             self.spawn()
         while not self.sched.done:
+            raise_if_stopping()  # a SIGTERM swallowed by a best-effort call (the progress channel) ends it here
             for actor, task in self.sched.assignments():
                 attempt = self.sched.busy[id(actor)][2]
                 self.progress.begin(task.stem, attempt)

@@ -16,7 +16,7 @@ from teacher_cache import metrics
 from teacher_cache.config import CacheConfig
 from teacher_cache.features import check_features
 from teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
-from teacher_cache.graceful_stop import StopRequested, sigterm_received
+from teacher_cache.graceful_stop import StopRequested, sigterm_deferred, sigterm_received
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from teacher_cache.manifest import (
     DirectoryLock,
@@ -194,16 +194,17 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
             return
         assert r.identity is not None and r.file is not None and r.file_sha256 is not None
         ident = complete_identity(r.identity, Path(r.source), before.get(r.stem))
-        manifest.shards[r.stem] = ShardEntry(
-            source=r.source, size=ident.size, mtime_ns=ident.mtime_ns,
-            content_sha256=ident.sha256 or "", file=r.file, file_bytes=r.file_bytes,
-            file_sha256=r.file_sha256, rows=r.rows, errors=len(r.error_records),
-            ctime_ns=ident.ctime_ns, inode=ident.inode)
-        _save_errors(out_dir, r)
-        manifest.save(out_dir)
-        result.labelled.append(r.stem)
-        result.images += r.rows
-        result.decode_errors += len(r.error_records)
+        with sigterm_deferred():  # the manifest and the summary agree on what was done, even on `ray job stop`
+            manifest.shards[r.stem] = ShardEntry(
+                source=r.source, size=ident.size, mtime_ns=ident.mtime_ns,
+                content_sha256=ident.sha256 or "", file=r.file, file_bytes=r.file_bytes,
+                file_sha256=r.file_sha256, rows=r.rows, errors=len(r.error_records),
+                ctime_ns=ident.ctime_ns, inode=ident.inode)
+            _save_errors(out_dir, r)
+            manifest.save(out_dir)
+            result.labelled.append(r.stem)
+            result.images += r.rows
+            result.decode_errors += len(r.error_records)
         metrics.IMAGES.inc(r.rows)
         metrics.DECODE_ERRORS.inc(len(r.error_records))
         result.teacher_seconds += r.teacher_seconds
