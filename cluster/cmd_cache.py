@@ -40,7 +40,8 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
     --set features.enabled=true also stores the teacher's penultimate embedding per view (schema v2, feature
     KD; features.dim=D projects it down with a seeded random matrix): a different fingerprint directory.
     Exit: 0 all shards cached, 3 some shards failed, 4 all failed, 2 bad config/input (nothing done),
-    5 locked by another writer, 6 failed during the run (finished shards kept; re-run continues).
+    5 locked by another writer, 6 failed during the run (finished shards kept; re-run continues),
+    143 stopped by SIGTERM, e.g. `ray job stop` (last_run.json says "stopped" and what was done; re-run continues).
     Example: distill cache --config examples/demo.yaml --set ray.num_actors=2
     """
     if ctx.invoked_subcommand is not None:
@@ -132,7 +133,8 @@ def refresh(config_path: Path | None, overrides: tuple[str, ...], wait: bool, no
     A lock guarantees one writer per cache: an overlapping run exits with code 5 and says who holds it
     (or waits with --wait). Prints a summary (shards new/changed/unchanged/vanished/failed, duration) and
     pushes it to metrics.pushgateway when set. Exit: 0 success, 3 partial, 4 failure, 5 locked,
-    2 bad config/input (nothing done), 6 failed during the run (finished shards kept; re-run continues).
+    2 bad config/input (nothing done), 6 failed during the run (finished shards kept; re-run continues),
+    143 stopped by SIGTERM.
     Example: distill cache refresh --config examples/demo.yaml --set metrics.pushgateway=http://127.0.0.1:9091
     """
     from teacher_cache.config import CacheConfig

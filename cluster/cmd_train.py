@@ -32,7 +32,8 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     Output: <run_dir>/<variant>/{metrics.csv, best.pt, arch.json, ds_ckpt/, status.json}, leaderboard.parquet.
     Re-running skips finished variants and resumes interrupted ones from their last epoch checkpoint.
     Without Ray, one variant on N processes: torchrun --nproc_per_node N $(which distill) train -c X --variant NAME
-    Exit: 0 all variants done, 3 some failed, 4 all failed, 2 bad config/input.
+    Exit: 0 all variants done, 3 some failed, 4 all failed, 2 bad config/input, 143 stopped by SIGTERM (`ray job
+    stop`: unfinished variants are marked interrupted and resume on the next run).
     Example: distill train --config examples/demo.yaml --set base.epochs=2
     """
     from student_train.config import TrainConfig
