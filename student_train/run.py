@@ -21,7 +21,7 @@ from student_train.leaderboard import (
     variant_row,
     write_leaderboard,
 )
-from student_train.status import clear_stop, finished, mark_stopped, stop_requested, write_status
+from student_train.status import clear_stop, finished, mark_stopped, write_status
 from student_train.train_loop import JobSpec, NonFiniteLossError, WorkerContext, student_prep, train_variant
 from student_train.twins import pair_twins
 from student_train.unlabelled import samples_per_epoch
@@ -176,8 +176,8 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
         except BaseException:
             if not sigterm_received():
                 raise
-            if not stop_requested(run_dir):  # ray_runner has settled its trials already; this covers in-process
-                mark_stopped(run_dir, [(n, v.epochs) for n, v in pending], "the job was stopped by SIGTERM")
+            # idempotent: ray_runner has settled its trials already (only "running" ones change)
+            mark_stopped(run_dir, [(n, v.epochs) for n, v in pending], "the job was stopped by SIGTERM")
             raise StopRequested("stopped by SIGTERM") from None
     rows = []
     for name, v in variants:
