@@ -8,7 +8,11 @@ real actors. The rules:
 - a shard whose labeller raised (the actor is alive) fails at once: the same input would fail again;
 - one replacement is started per dead actor while work remains; an actor that is not placed (and loaded)
   within the deadline while other actors work is dropped, and the run finishes with the actors it has;
-- when no actor is left and none is starting, the remaining shards fail with one clear reason.
+  after `MAX_STARTS_IN_A_ROW` starts in a row that failed or were dropped, no more replacements are tried
+  while other actors still work;
+- when the last actor dies, one is always started again (the cluster has room now, unless the node went with
+  it) and waited for up to `alone_deadline_s`; only when it cannot start (constructor errors in a row, or the
+  deadline) do the remaining shards fail, with one clear reason.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Generic, TypeVar
 
 A = TypeVar("A")  # an actor handle (opaque here)
 T = TypeVar("T")  # a task (anything with a `stem`)
+MAX_STARTS_IN_A_ROW = 3  # failed or dropped actor starts before the pool stops asking for replacements
 
 
 @dataclass
@@ -51,6 +56,9 @@ class ShardScheduler(Generic[A, T]):
         self.busy: dict[int, tuple[A, T, int]] = {}  # id(actor) -> (actor, task, attempt)
         self.starting: dict[int, _Starting[A]] = {}
         self.report = PoolReport()
+        self.failed_starts = 0  # in a row: the constructor raised or the node died before it was ready
+        self.dropped_starts = 0  # in a row: not placed within start_timeout_s while other actors worked
+        self.gave_up_waiting = False  # alone, and no actor was placed within alone_deadline_s
 
     # actor lifecycle -------------------------------------------------------------------------------------
     def started(self, actor: A, now: float) -> None:
@@ -59,11 +67,13 @@ class ShardScheduler(Generic[A, T]):
     def ready(self, actor: A) -> None:
         if self.starting.pop(id(actor), None) is not None:
             self.idle.append(actor)
+            self.failed_starts = self.dropped_starts = 0
 
     def start_failed(self, actor: A) -> None:
         """The actor died before it was ready (its node went away, or its constructor raised)."""
         if self.starting.pop(id(actor), None) is not None:
             self.report.actors_died += 1
+            self.failed_starts += 1
 
     def overdue(self, now: float) -> list[A]:
         """Starting actors past the deadline while others work: dropped (the caller kills them).
@@ -71,11 +81,14 @@ class ShardScheduler(Generic[A, T]):
         With no live actor there is nothing to go on with: keep waiting (a busy cluster places them later; an
         infeasible request is refused before the run by the resource check), up to `alone_deadline_s`.
         """
-        limit = self.start_timeout_s if (self.idle or self.busy) else self.alone_deadline_s
+        alone = not (self.idle or self.busy)
+        limit = self.alone_deadline_s if alone else self.start_timeout_s
         late = [s.actor for s in self.starting.values() if now - s.since > limit]
         for actor in late:
             del self.starting[id(actor)]
             self.report.actors_dropped += 1
+        self.dropped_starts += len(late)
+        self.gave_up_waiting = self.gave_up_waiting or bool(late and alone)
         return late
 
     # work ------------------------------------------------------------------------------------------------
@@ -106,13 +119,22 @@ class ShardScheduler(Generic[A, T]):
         return task, False
 
     def wants_replacement(self, target: int) -> bool:
-        """Start another actor only while queued work exceeds what live and starting actors can take."""
+        """Start another actor only while queued work exceeds what live and starting actors can take.
+
+        With no actor left at all, one is always wanted while work is queued (slow placements before do not
+        count: nothing else can do the work), unless starts keep failing or the alone deadline passed.
+        """
+        if self.gave_up_waiting or self.failed_starts >= MAX_STARTS_IN_A_ROW or not self.todo:
+            return False
         live = len(self.idle) + len(self.busy) + len(self.starting)
-        return live < target and len(self.todo) > len(self.idle) + len(self.starting)
+        if live == 0:
+            return True
+        return (self.dropped_starts + self.failed_starts < MAX_STARTS_IN_A_ROW and live < target
+                and len(self.todo) > len(self.idle) + len(self.starting))
 
     def stranded(self) -> list[T]:
-        """Queued shards that no actor will ever take (none live, none starting): they fail."""
-        if self.idle or self.busy or self.starting:
+        """Queued shards that no actor will ever take (none live, none starting, none worth starting): they fail."""
+        if self.idle or self.busy or self.starting or self.wants_replacement(1):
             return []
         out = [t for t, _ in self.todo]
         self.todo.clear()

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import Callable
 
-from teacher_cache.actor_pool import PoolReport, ShardScheduler
+from teacher_cache.actor_pool import MAX_STARTS_IN_A_ROW, PoolReport, ShardScheduler
 from teacher_cache.config import CacheConfig
 from teacher_cache.graceful_stop import raise_if_stopping, reclaim_sigterm
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
@@ -222,7 +222,6 @@ class _PoolRun:
         self.label_refs: dict = {}  # label() ref -> (actor, task, attempt)
         self.node_of: dict[int, str] = {}
         self.last_start_error = ""
-        self.failed_starts_in_a_row = 0
 
     def spawn(self) -> None:
         actor = self.actor_cls.remote(*self.args)
@@ -263,10 +262,8 @@ class _PoolRun:
         try:
             self.node_of[id(actor)] = ray.get(ref)
             self.sched.ready(actor)
-            self.failed_starts_in_a_row = 0
         except ray.exceptions.RayError as exc:  # its node died, or the teacher did not load
             self.sched.start_failed(actor)
-            self.failed_starts_in_a_row += 1
             self.last_start_error = _one_line(exc)
             log.warning("a teacher actor failed to start: %s", self.last_start_error)
 
@@ -303,12 +300,14 @@ class _PoolRun:
             log.warning("a teacher actor was not placed within %.0f s; going on without it (the cluster has %s)",
                         self.cfg.ray.actor_start_timeout_s, _resources_text())
             self.ready_refs = {r: a for r, a in self.ready_refs.items() if a is not actor}
-            self.failed_starts_in_a_row += 1  # no endless replacements on a full cluster
             ray.kill(actor)
-        if self.failed_starts_in_a_row < 3 and self.sched.wants_replacement(self.target):
+        if self.sched.wants_replacement(self.target):
             self.spawn()
-        why = self.last_start_error or f"none started within {self.cfg.ray.actor_start_deadline_s:g} s " \
-                                       "(ray.actor_start_deadline_s): other jobs may hold the resources"
+        if self.sched.gave_up_waiting or not self.last_start_error:
+            why = f"none started within {self.cfg.ray.actor_start_deadline_s:g} s (ray.actor_start_deadline_s): " \
+                  "other jobs may hold the resources"
+        else:
+            why = f"{MAX_STARTS_IN_A_ROW} actor starts in a row failed; last: {self.last_start_error}"
         for task in self.sched.stranded():
             self.fail(task, f"{task.path}: no teacher actor is left to label it ({why}; the cluster has "
                             f"{_resources_text()})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from teacher_cache.actor_pool import ShardScheduler
+from teacher_cache.actor_pool import MAX_STARTS_IN_A_ROW, ShardScheduler
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,47 @@ def test_no_actor_left_strands_the_queue_with_all_shards_named():
     sched.ready(actor)
     sched.assignments()
     sched.actor_died(actor)
+    assert sched.wants_replacement(2) and sched.stranded() == []  # the last actor died: try another first
+    for _ in range(MAX_STARTS_IN_A_ROW):  # e.g. the teacher no longer loads
+        assert sched.stranded() == []
+        replacement = object()
+        sched.started(replacement, 1.0)
+        sched.start_failed(replacement)
+    assert not sched.wants_replacement(2)
     assert [t.stem for t in sched.stranded()] == ["s0", "s1", "s2"] and sched.done
+
+
+def test_the_last_actor_dying_after_slow_replacements_were_dropped_still_gets_a_replacement():
+    """CI, loaded 2-core machine: the second actor was dropped (slow start) three times while the first worked;
+    then the first one's node was lost. The queue must not be failed: nothing has tried the free node since."""
+    sched, tasks = _pool(5, timeout=5.0)
+    worker = object()
+    sched.started(worker, 0.0)
+    sched.ready(worker)
+    sched.assignments()
+    for i in range(MAX_STARTS_IN_A_ROW):
+        assert sched.wants_replacement(2)
+        slow = object()
+        sched.started(slow, 10.0 * i)
+        assert sched.overdue(10.0 * i + 6) == [slow]
+    assert not sched.wants_replacement(2)  # the survivor works on: no endless replacements on a full cluster
+    sched.actor_died(worker)
+    assert sched.wants_replacement(2) and sched.stranded() == []
+    again = object()
+    sched.started(again, 100.0)
+    assert sched.overdue(200.0) == []  # alone: waited for up to alone_deadline_s
+    sched.ready(again)
+    (actor, task), = sched.assignments()
+    assert actor is again and task.stem == "s0" and sched.report.retried == {"s0": 1}
+
+
+def test_after_the_alone_deadline_no_more_starts_are_tried():
+    sched = ShardScheduler([Task("s0"), Task("s1")], 2, 1.0, alone_deadline_s=50.0)
+    actor = object()
+    sched.started(actor, 0.0)
+    assert sched.overdue(51.0) == [actor]
+    assert not sched.wants_replacement(2) and sched.gave_up_waiting
+    assert [t.stem for t in sched.stranded()] == ["s0", "s1"]
 
 
 def test_start_failure_is_counted_and_not_retried_as_work():
