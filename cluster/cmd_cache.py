@@ -105,14 +105,15 @@ def _check_address(cfg: object) -> None:
 
 
 @cache.command()
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directory")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--no-verify", is_flag=True, help="Skip checksum verification of the Parquet files.")
-def inspect(directory: Path, as_json: bool, no_verify: bool) -> None:
+def inspect(directory: str, as_json: bool, no_verify: bool) -> None:
     """Summarise a cache: rows, shards, views, k, bytes per sample-view (with and without the teacher-feature
     column), feature dim/projection, top-k mass, teacher accuracy, errors.
 
-    DIRECTORY is a fingerprint directory or a cache root (the newest fingerprint is used).
+    DIRECTORY is a fingerprint directory or a cache root (the newest fingerprint is used); an s3:// cache root
+    is mirrored to ~/.cache/distill/mirror first ($DISTILL_MIRROR_DIR).
     """
     from teacher_cache.inspect_cache import format_inspect, inspect_cache
 

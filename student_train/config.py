@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from student_train.twins import add_twins
-from teacher_cache.config import PreprocessingConfig, TeacherConfig
+from teacher_cache.config import PathOrURL, PreprocessingConfig, TeacherConfig
 
 Mode = Literal["soft", "hard", "none", "online"]
 
@@ -69,7 +69,8 @@ class DataConfig(_Strict):
     unlabelled_shards: list[str] = Field(default_factory=list, description="an unlabelled pool (cached): distilled "
                                          "variants learn from its rows through the KD term only (labels in these "
                                          "shards are ignored), mode none skips it")
-    cache_root: Path | None = Field(None, description="teacher cache; required unless every variant is mode: none")
+    cache_root: PathOrURL | None = Field(None, description="teacher cache (a directory or an s3:// prefix); "
+                                         "required unless every variant is mode: none")
     num_classes: int | None = Field(None, ge=2, description="only without a cache (default: classes.json)")
     preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig,
                                                description="only without a cache: input size, mean/std, channels")

@@ -25,9 +25,11 @@ from teacher_cache.shards import (
     IMAGE_EXTS,
     RawSample,
     ShardIdentity,
+    ShardPath,
     ShardReader,
     expand_shard_patterns,
     file_sha256,
+    open_shard,
     shard_stem,
 )
 from teacher_cache.teacher import Preprocessing
@@ -42,7 +44,7 @@ class DataJoinError(CacheError):
 @dataclass(frozen=True)
 class ShardPair:
     stem: str
-    tar: Path
+    tar: ShardPath
     rows: int
     labelled: int | None = None  # rows with a label (None = not counted)
     unlabelled: bool = False  # from the unlabelled pool: labels are ignored even where a .cls exists
@@ -93,7 +95,7 @@ def steps_per_epoch(pairs: list[ShardPair], epoch: int, seed: int, world: int, l
     return max(per_rank) if per_rank else 0
 
 
-def count_samples(path: Path) -> tuple[int, int]:
+def count_samples(path: ShardPath) -> tuple[int, int]:
     """(samples with an image, samples with a .cls) of a shard without a cache: headers only (seeks over data)."""
     import tarfile
 
@@ -102,7 +104,7 @@ def count_samples(path: Path) -> tuple[int, int]:
     images: set[str] = set()
     labels: set[str] = set()
     try:
-        with tarfile.open(path) as tar:
+        with open_shard(path) as raw, tarfile.open(fileobj=raw) as tar:
             for member in tar:
                 key, ext = split_member_name(member.name)
                 if ext in IMAGE_EXTS:

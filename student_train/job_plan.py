@@ -12,10 +12,13 @@ from student_train.data import DataJoinError, ShardPair, count_samples, resolve_
 from student_train.feature_kd import cache_feature_dim
 from student_train.train_loop import JobSpec
 from student_train.unlabelled import train_pairs
+from teacher_cache import object_store
 from teacher_cache.config import TeacherConfig
+from teacher_cache.object_store import is_url
 from teacher_cache.reader import CacheError, CacheReader, find_cache_dir
+from teacher_cache.remote_cache import newest_remote_cache_of
 from teacher_cache.schema import COL_LABEL
-from teacher_cache.shards import expand_shard_patterns, shard_stem
+from teacher_cache.shards import ObjectShard, expand_shard_patterns, shard_stem
 from teacher_cache.teacher import Preprocessing, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -33,9 +36,14 @@ def teacher_identity(teacher: TeacherConfig) -> dict[str, str]:
 
 def find_teacher_cache(cfg: TrainConfig) -> Path:
     """The cache directory to train from: the named fingerprint, else the newest one written by our teacher."""
-    root = Path(cfg.data.cache_root)
+    root = Path(cfg.data.cache_root) if not is_url(cfg.data.cache_root) else str(cfg.data.cache_root)
     if cfg.data.fingerprint or cfg.teacher is None:
         return find_cache_dir(root, cfg.data.fingerprint)
+    if isinstance(root, str):  # object storage: the newest fingerprint directory written by this teacher
+        try:
+            return find_cache_dir(root, newest_remote_cache_of(root, teacher_identity(cfg.teacher)))
+        except FileNotFoundError as exc:
+            raise CacheError(str(exc)) from exc
     want = teacher_identity(cfg.teacher)
     found = []
     for manifest in sorted(root.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True):
@@ -77,8 +85,10 @@ def _num_classes(cfg: TrainConfig) -> int:
     if cfg.data.num_classes:
         return cfg.data.num_classes
     for path in expand_shard_patterns(cfg.data.train_shards)[:1]:
-        classes = path.parent / "classes.json"
-        if classes.exists():
+        if isinstance(path, ObjectShard):
+            if (raw := object_store.get_bytes(object_store.join(path.parent_url, "classes.json"))) is not None:
+                return len(json.loads(raw))
+        elif (classes := path.parent / "classes.json").exists():
             return len(json.loads(classes.read_text()))
     raise ValueError("cannot tell the number of classes without a cache: set data.num_classes "
                      "(or keep the classes.json that `distill shards` writes beside the shards)")

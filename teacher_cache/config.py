@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from teacher_cache.object_store import is_url
+
+
+def _path_or_url(value: object) -> object:
+    """`s3://bucket/prefix` stays a URL string (a Path would fold its `//`); anything else becomes a Path."""
+    if isinstance(value, str) and is_url(value):
+        return value.rstrip("/")
+    return Path(value) if isinstance(value, str) else value
+
+
+PathOrURL = Annotated[Path | str, BeforeValidator(_path_or_url)]
 
 
 class _Strict(BaseModel):
@@ -98,7 +110,12 @@ class CacheConfig(_Strict):
     """`distill cache`: label every shard once with the teacher, write sparse soft labels to Parquet."""
 
     shards: list[str] = Field(..., min_length=1, description="shard paths, globs or brace patterns")
-    cache_root: Path = Field(..., description="the cache goes to <cache_root>/<fingerprint>/")
+    cache_root: PathOrURL = Field(..., description="the cache goes to <cache_root>/<fingerprint>/; a local "
+                                  "directory or an s3:// prefix (credentials from the AWS environment)")
+    staging_dir: Path | None = Field(None, description="s3:// cache_root only: local working directory "
+                                     "(default ~/.cache/distill/staging/<bucket_prefix>)")
+    lock_lease_s: float = Field(120.0, ge=5.0, description="s3:// cache_root only: lease of the lock object; a "
+                                "killed run's lock is broken this long after its last renewal")
     teacher: TeacherConfig
     topk: int = Field(10, ge=1)
     views: ViewsConfig = Field(default_factory=ViewsConfig)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from teacher_cache.config import CacheConfig
 from teacher_cache.manifest import atomic_write_bytes
+from teacher_cache.object_store import is_url
+from teacher_cache.remote_cache import staging_root
 from teacher_cache.schema import SCHEMA_VERSION
 
 MEMO_NAME = ".fingerprints.json"
@@ -41,6 +43,13 @@ def _memo_key(cfg: CacheConfig) -> str | None:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _root(cfg: CacheConfig) -> Path:
+    """The memo lives beside the cache, or in the staging directory of an object-store cache root."""
+    if is_url(cfg.cache_root):
+        return staging_root(str(cfg.cache_root), cfg.staging_dir)
+    return Path(cfg.cache_root)
+
+
 def _load(root: Path) -> dict[str, str]:
     try:
         return json.loads((root / MEMO_NAME).read_text())
@@ -52,8 +61,8 @@ def recall_fingerprint(cfg: CacheConfig) -> str | None:
     key = _memo_key(cfg)
     if key is None:
         return None
-    fp = _load(Path(cfg.cache_root)).get(key)
-    if fp is not None and not (Path(cfg.cache_root) / fp / "manifest.json").exists():
+    fp = _load(_root(cfg)).get(key)
+    if fp is not None and not (_root(cfg) / fp / "manifest.json").exists():
         return None
     return fp
 
@@ -62,7 +71,7 @@ def remember_fingerprint(cfg: CacheConfig, fp: str) -> None:
     key = _memo_key(cfg)
     if key is None:
         return
-    root = Path(cfg.cache_root)
+    root = _root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     memo = _load(root)
     memo[key] = fp

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from teacher_cache.object_store import is_url
 from teacher_cache.reader import CacheReader, find_cache_dir
 from teacher_cache.run import read_errors
 from teacher_cache.schema import COL_FEATURES
@@ -20,9 +21,9 @@ def column_bytes(path: Path, column: str) -> int:
                for j in range(rg.num_columns) if rg.column(j).path_in_schema.split(".")[0] == column)
 
 
-def inspect_cache(path: Path, verify: bool = True) -> dict[str, Any]:
+def inspect_cache(path: Path | str, verify: bool = True) -> dict[str, Any]:
     """Summary of one fingerprint directory (or the newest one under a cache root)."""
-    reader = CacheReader(find_cache_dir(Path(path)), verify=verify)
+    reader = CacheReader(find_cache_dir(path if is_url(path) else Path(path)), verify=verify)
     rows = bytes_total = feature_bytes = 0
     versions: set[int] = set()
     mass_sum = 0.0

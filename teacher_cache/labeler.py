@@ -27,8 +27,9 @@ from teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
 from teacher_cache.decode_pool import DecodePool, default_processes
 from teacher_cache.devices import resolve_device
 from teacher_cache.features import FeatureExtractor, teacher_forward
+from teacher_cache.remote_cache import publish_cache_file
 from teacher_cache.schema import SCHEMA_VERSION, CacheMeta
-from teacher_cache.shards import ShardError, ShardIdentity, ShardReader
+from teacher_cache.shards import ShardError, ShardIdentity, ShardPath, ShardReader
 from teacher_cache.teacher import LoadedTeacher, load_teacher, resolve_precision, view_policy
 from teacher_cache.topk import pack_topk
 from teacher_cache.views import normalize
@@ -40,8 +41,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class ShardTask:
     stem: str
-    path: Path
-    out_dir: Path
+    path: ShardPath
+    out_dir: Path  # local: the cache directory, or the staging directory of an object-store cache
+    publish_to: str | None = None  # object-store cache: upload the file here under its content-addressed name
 
 
 @dataclass
@@ -162,13 +164,17 @@ class Labeler:
                              self.teacher.num_classes, self.prep.as_dict(), self.teacher.info, task.stem,
                              self.policy.as_dict(), self.features.spec.as_dict() if self.features else None)
             final = task.out_dir / f"{task.stem}.parquet"
+            final.parent.mkdir(parents=True, exist_ok=True)  # a staging directory on another node
             nbytes, digest = write_cache_file(final, rows, meta)
+            name = final.name
+            if task.publish_to is not None:
+                name = publish_cache_file(final, task.publish_to, task.stem, digest)
         except (ShardError, OSError) as exc:
             result.message = str(exc)
             result.seconds = time.perf_counter() - t0
             return result
         result.ok, result.rows, result.error_records = True, len(rows["key"]), errors
-        result.file, result.file_bytes, result.file_sha256 = final.name, nbytes, digest
+        result.file, result.file_bytes, result.file_sha256 = name, nbytes, digest
         result.identity = dataclasses.replace(identity, sha256=reader.sha256)
         result.seconds = time.perf_counter() - t0
         return result

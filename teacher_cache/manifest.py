@@ -11,12 +11,14 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from teacher_cache.object_store import CacheLockedError  # noqa: F401 - raised here, re-exported
 from teacher_cache.schema import SCHEMA_VERSION
-from teacher_cache.shards import ShardIdentity, file_sha256
+from teacher_cache.shards import ShardIdentity, ShardPath, file_sha256
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
@@ -37,13 +39,15 @@ class ShardEntry:
     written_at: float = field(default_factory=time.time)
     ctime_ns: int | None = None  # absent in manifests written before ctime/inode joined the identity
     inode: int | None = None
+    etag: str | None = None  # input shards in object storage: the ETag their listing reported
 
     def identity(self) -> ShardIdentity:
-        return ShardIdentity(self.size, self.mtime_ns, self.content_sha256, self.ctime_ns, self.inode)
+        return ShardIdentity(self.size, self.mtime_ns, self.content_sha256, self.ctime_ns, self.inode, self.etag)
 
     def update_identity(self, ident: ShardIdentity, source: str) -> None:
         """Same content, moved cheap identity (touched, copied): remember the new one so we never hash it again."""
-        self.size, self.mtime_ns, self.ctime_ns, self.inode = ident.cheap()
+        self.size, self.mtime_ns, self.ctime_ns, self.inode = ident.size, ident.mtime_ns, ident.ctime_ns, ident.inode
+        self.etag = ident.etag
         self.source = source
 
 
@@ -112,10 +116,6 @@ def remove_stale_tmp(directory: Path) -> int:
     return n
 
 
-class CacheLockedError(RuntimeError):
-    """Another job is writing this cache directory."""
-
-
 class DirectoryLock:
     """Exclusive flock on <dir>/.lock: never two writers on one cache. Released by the kernel if we die."""
 
@@ -175,15 +175,18 @@ def cache_file_problem(path: Path, expected_bytes: int) -> str | None:
 class RefreshPlan:
     """What a run must do: label these shards; skip those; report vanished ones; touched = same content."""
 
-    todo: list[tuple[str, Path, str]] = field(default_factory=list)  # (stem, path, reason: new|changed|unlisted)
+    todo: list[tuple[str, ShardPath, str]] = field(default_factory=list)  # (stem, path, reason: new|changed|...)
     unchanged: list[str] = field(default_factory=list)
     touched: dict[str, ShardIdentity] = field(default_factory=dict)  # cheap identity moved, content hash equal
     vanished: list[str] = field(default_factory=list)
 
 
-def plan_refresh(manifest: Manifest | None, shards: dict[str, Path], directory: Path,
-                 verify_cache_files: bool = False) -> RefreshPlan:
-    """Decide per shard with the cheapest evidence first: size+mtime+ctime+inode, then the content hash if any moved."""
+def plan_refresh(manifest: Manifest | None, shards: dict[str, ShardPath], directory: Path,
+                 verify_cache_files: bool = False,
+                 cache_file_check: Callable[[ShardEntry], str | None] | None = None) -> RefreshPlan:
+    """Decide per shard with the cheapest evidence first: size+mtime+ctime+inode (size+last-modified+ETag for an
+    object), then the content hash if any moved. ``cache_file_check`` replaces the local check of each listed
+    cache file (an object-store cache checks sizes from one listing)."""
     plan = RefreshPlan()
     listed = manifest.shards if manifest is not None else {}
     for stem, path in shards.items():
@@ -192,8 +195,12 @@ def plan_refresh(manifest: Manifest | None, shards: dict[str, Path], directory: 
             plan.todo.append((stem, path, "new"))
             continue
         cache_file = directory / entry.file
-        if cache_file_problem(cache_file, entry.file_bytes) is not None or (
-                verify_cache_files and file_sha256(cache_file) != entry.file_sha256):
+        if cache_file_check is not None:
+            damaged = cache_file_check(entry) is not None
+        else:
+            damaged = cache_file_problem(cache_file, entry.file_bytes) is not None or (
+                verify_cache_files and file_sha256(cache_file) != entry.file_sha256)
+        if damaged:
             plan.todo.append((stem, path, "cache file missing or damaged"))
             continue
         ident = ShardIdentity.stat(path)

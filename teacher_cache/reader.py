@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from teacher_cache.manifest import Manifest, cache_file_problem
+from teacher_cache.object_store import is_url
 from teacher_cache.schema import (
     COL_CROP,
     COL_FEATURES,
@@ -196,8 +197,18 @@ class CacheReader:
                                topk_ids=a.topk_ids[i], topk_logits=a.topk_logits[i], tail_lse=a.tail_lse[i])
 
 
-def find_cache_dir(cache_root: Path, fingerprint: str | None = None) -> Path:
-    """The fingerprint directory to read: the named one, or the only / most recently written one."""
+def find_cache_dir(cache_root: Path | str, fingerprint: str | None = None) -> Path:
+    """The fingerprint directory to read: the named one, or the only / most recently written one.
+
+    An ``s3://`` root is mirrored to a local directory first (only manifest-listed files, checksums verified).
+    """
+    if is_url(cache_root):
+        from teacher_cache.remote_cache import mirror
+
+        try:
+            return mirror(str(cache_root), fingerprint)
+        except OSError as exc:
+            raise CacheError(str(exc)) from exc
     root = Path(cache_root)
     if fingerprint:
         d = root / fingerprint

@@ -19,6 +19,7 @@ from teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerpr
 from teacher_cache.graceful_stop import StopRequested, sigterm_deferred, sigterm_received
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from teacher_cache.manifest import (
+    MANIFEST_NAME,
     DirectoryLock,
     Manifest,
     ShardEntry,
@@ -26,8 +27,10 @@ from teacher_cache.manifest import (
     plan_refresh,
     remove_stale_tmp,
 )
+from teacher_cache.object_store import ObjectLock, is_url, join
 from teacher_cache.ray_resources import InfeasibleResourcesError
-from teacher_cache.shards import ShardIdentity, expand_shard_patterns, shard_stem
+from teacher_cache.remote_cache import RemoteCacheDir, staging_root
+from teacher_cache.shards import ShardIdentity, ShardPath, expand_shard_patterns, shard_stem
 from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,9 @@ class RunFailedError(RuntimeError):
 
 @dataclass
 class CacheResult:
-    cache_dir: Path
+    cache_dir: Path  # local; for an object-store cache_root, the staging directory
     fingerprint: str
+    cache_url: str | None = None  # the object-store directory readers use (cache_root is an s3:// prefix)
     labelled: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
@@ -77,9 +81,9 @@ class CacheResult:
         return d
 
 
-def map_shards(patterns: list[str]) -> dict[str, Path]:
+def map_shards(patterns: list[str]) -> dict[str, ShardPath]:
     """stem -> path; two inputs with the same file name would overwrite each other's cache, so refuse."""
-    out: dict[str, Path] = {}
+    out: dict[str, ShardPath] = {}
     for p in expand_shard_patterns(patterns):
         stem = shard_stem(p)
         if stem in out:
@@ -115,13 +119,24 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     fp = recall_fingerprint(cfg)
     if fp is None:
         teacher, fp = prepare(cfg)
-    out_dir = Path(cfg.cache_root) / fp
-    result = CacheResult(cache_dir=out_dir, fingerprint=fp)
-    with DirectoryLock(out_dir, wait=wait_for_lock):
+    remote: RemoteCacheDir | None = None
+    if is_url(cfg.cache_root):
+        out_dir = staging_root(str(cfg.cache_root), cfg.staging_dir) / fp
+        remote = RemoteCacheDir(join(str(cfg.cache_root), fp), out_dir)
+    else:
+        out_dir = Path(cfg.cache_root) / fp
+    result = CacheResult(cache_dir=out_dir, fingerprint=fp, cache_url=remote.url if remote else None)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(DirectoryLock(out_dir, wait=wait_for_lock))
+        object_lock = locks.enter_context(ObjectLock(remote.url, cfg.lock_lease_s, wait_for_lock)) if remote else None
         if (n := remove_stale_tmp(out_dir)):
             log.info("removed %d temp files left by an interrupted run", n)
+        if remote is not None:
+            remote.pull_manifest()
         manifest = Manifest.load(out_dir, fp)
-        plan = plan_refresh(manifest, shards, out_dir)
+        if remote is not None and (n := remote.remove_orphans(manifest)):
+            log.info("removed %d cache object(s) no manifest lists (left by an interrupted run)", n)
+        plan = plan_refresh(manifest, shards, out_dir, cache_file_check=remote.check if remote else None)
         if plan.todo and teacher is None:
             teacher, fp2 = prepare(cfg)
             if fp2 != fp:  # the memo was stale (files rewritten with the same mtime): start over, correctly
@@ -134,6 +149,10 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
         manifest.save(out_dir)
         atomic_write_bytes(out_dir / "cache_config.resolved.yaml",
                            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+        if remote is not None:
+            remote.push("cache_config.resolved.yaml")
+            if plan.touched or MANIFEST_NAME not in remote.sizes():
+                remote.push(MANIFEST_NAME)
         result.unchanged, result.touched, result.vanished = plan.unchanged, sorted(plan.touched), plan.vanished
         result.new = [stem for stem, _, why in plan.todo if why == "new"]
         result.changed = [stem for stem, _, why in plan.todo if why != "new"]
@@ -144,17 +163,17 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
             log.warning("%d cached shards are no longer in the input: %s", len(plan.vanished),
                         ", ".join(plan.vanished[:5]))
         log.info("cache %s: %d shards to label (%d unchanged)", out_dir, len(plan.todo), len(plan.unchanged))
-        tasks = [ShardTask(stem, path, out_dir) for stem, path, _ in plan.todo]
+        tasks = [ShardTask(stem, path, out_dir, remote.url if remote else None) for stem, path, _ in plan.todo]
         if tasks:
             assert teacher is not None
             try:
-                _execute(cfg, fp, teacher, tasks, manifest, out_dir, result)
+                _execute(cfg, fp, teacher, tasks, manifest, out_dir, result, remote, object_lock)
             except InfeasibleResourcesError:  # a config this cluster can never place: bad input, nothing done
                 raise
             except BaseException as exc:  # noqa: BLE001 - re-raised with what it means; nothing is swallowed
                 if sigterm_received():  # record what was done before the lock is released (SIGKILL may follow)
                     result.stopped, result.seconds = True, time.perf_counter() - t0
-                    atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
+                    _write_summary(out_dir, result, remote)
                     log.warning("stopped after %d of %d shards; they are cached, a re-run labels the rest",
                                 len(result.labelled), len(tasks))
                     raise StopRequested("stopped by SIGTERM") from None
@@ -163,15 +182,22 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
                 raise RunFailedError(f"{exc.__class__.__name__}: {exc} (after {len(result.labelled)} of "
                                      f"{len(tasks)} shards were cached; they are kept, re-run to continue)") from exc
         result.seconds = time.perf_counter() - t0
-        atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
+        _write_summary(out_dir, result, remote)
     metrics.RUN_SECONDS.set(result.seconds)
     if result.status == "success":
         metrics.LAST_SUCCESS.set_to_current_time()
     return result
 
 
+def _write_summary(out_dir: Path, result: CacheResult, remote: RemoteCacheDir | None) -> None:
+    atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
+    if remote is not None:
+        remote.push(SUMMARY_NAME)
+
+
 def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[ShardTask], manifest: Manifest,
-             out_dir: Path, result: CacheResult) -> None:
+             out_dir: Path, result: CacheResult, remote: RemoteCacheDir | None = None,
+             object_lock: ObjectLock | None = None) -> None:
     before = {}  # full stat of each shard before it is handed out (see complete_identity)
     for task in tasks:
         with contextlib.suppress(OSError):  # a vanished file is reported by the labeller as a failed shard
@@ -193,15 +219,21 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
             log.error("shard failed: %s", r.message)
             return
         assert r.identity is not None and r.file is not None and r.file_sha256 is not None
-        ident = complete_identity(r.identity, Path(r.source), before.get(r.stem))
+        ident = complete_identity(r.identity, r.source, before.get(r.stem))
+        if object_lock is not None and object_lock.lost:  # another job owns the prefix now: publish nothing more
+            raise RunFailedError(f"lost the lock of {remote.url if remote else out_dir} (its lease of "
+                                 f"{cfg.lock_lease_s:g} s expired); raise cache.lock_lease_s and re-run")
         with sigterm_deferred():  # the manifest and the summary agree on what was done, even on `ray job stop`
             manifest.shards[r.stem] = ShardEntry(
                 source=r.source, size=ident.size, mtime_ns=ident.mtime_ns,
                 content_sha256=ident.sha256 or "", file=r.file, file_bytes=r.file_bytes,
                 file_sha256=r.file_sha256, rows=r.rows, errors=len(r.error_records),
-                ctime_ns=ident.ctime_ns, inode=ident.inode)
+                ctime_ns=ident.ctime_ns, inode=ident.inode, etag=ident.etag)
             _save_errors(out_dir, r)
             manifest.save(out_dir)
+            if remote is not None:  # the cache file is up already (the labeller put it); the manifest goes last
+                remote.push_errors(r.stem)
+                remote.push(MANIFEST_NAME)
             result.labelled.append(r.stem)
             result.images += r.rows
             result.decode_errors += len(r.error_records)
@@ -244,17 +276,17 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
         shard_bar.close()
 
 
-def complete_identity(ident: ShardIdentity, path: Path, before: ShardIdentity | None) -> ShardIdentity:
+def complete_identity(ident: ShardIdentity, source: str, before: ShardIdentity | None) -> ShardIdentity:
     """Fill ctime/inode when the labeller reported only size+mtime+hash.
 
     ``before`` is the full stat taken just before the shard was handed out. If a stat now is identical to it
     (ctime included, which every write moves), the file did not change while it was read, so its ctime and
     inode belong to the hashed content. Otherwise leave them unknown: the next refresh hashes the shard once.
     """
-    if ident.ctime_ns is not None and ident.inode is not None:
-        return ident
+    if (ident.ctime_ns is not None and ident.inode is not None) or ident.etag is not None or is_url(source):
+        return ident  # complete already, or an object (its listed identity is all there is)
     try:
-        now = ShardIdentity.stat(path)
+        now = ShardIdentity.stat(Path(source))
     except OSError:
         return ident
     if before is not None and now.same_cheap(before) and (now.size, now.mtime_ns) == (ident.size, ident.mtime_ns):

@@ -23,6 +23,8 @@ from typing import BinaryIO
 
 import braceexpand
 
+from teacher_cache import object_store
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -30,14 +32,48 @@ class ShardError(RuntimeError):
     """A whole shard cannot be read (truncated, not a tar, duplicate key); names the shard."""
 
 
-def expand_shard_patterns(patterns: list[str]) -> list[Path]:
-    """Brace patterns (``train-{000000..000009}.tar``) and globs -> sorted unique existing paths.
+@dataclass(frozen=True)
+class ObjectShard:
+    """A shard in object storage (``s3://bucket/key``), with the identity its listing reported (no extra request).
 
+    Quacks like the `Path` of a local shard where the code needs it: ``name`` and ``str()``.
+    """
+
+    url: str
+    listed: ShardIdentity | None = None
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def parent_url(self) -> str:
+        return self.url.rsplit("/", 1)[0]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __fspath__(self) -> str:  # never a local file: fail loudly where code would open it as one
+        raise TypeError(f"{self.url} is an object URL, not a local path")
+
+
+ShardPath = Path | ObjectShard
+
+
+def expand_shard_patterns(patterns: list[str]) -> list[ShardPath]:
+    """Brace patterns (``train-{000000..000009}.tar``) and globs -> sorted unique existing shards.
+
+    Local paths and ``s3://`` URLs (listed once per directory, identity from the listing) may be mixed.
     Raises FileNotFoundError listing every pattern that matched nothing.
     """
-    found: dict[str, Path] = {}
+    found: dict[str, ShardPath] = {}
     missing: list[str] = []
-    for pattern in patterns:
+    urls = [p for p in patterns if object_store.is_url(p)]
+    if urls:
+        listed, missing = object_store.expand(urls)
+        for url, info in listed.items():
+            found[url] = ObjectShard(url, ShardIdentity(info.size, info.mtime_ns, etag=info.etag))
+    for pattern in (p for p in patterns if not object_store.is_url(p)):
         matched = False
         for expanded in braceexpand.braceexpand(pattern):
             hits = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else (
@@ -58,7 +94,7 @@ def expand_shard_patterns(patterns: list[str]) -> list[Path]:
 SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
 
 
-def shard_stem(path: Path) -> str:
+def shard_stem(path: ShardPath) -> str:
     """Cache file name for a shard: its file name without the .tar/.tar.gz/.tgz/.tar.bz2/.tar.xz suffix."""
     name = path.name
     for suffix in SHARD_SUFFIXES:
@@ -74,6 +110,7 @@ class ShardIdentity:
     Size + mtime alone is fooled by copies that keep the mtime (`cp -p`, `rsync -t`, unpacked archives); ctime
     cannot be set by user space and a replaced file gets a new inode, so together they catch those rewrites.
     ``ctime_ns``/``inode`` are None when unknown (old manifests): unknown counts as moved, so we hash once.
+    For an object, the cheap identity is what its listing reports: size, last-modified and ETag.
     """
 
     size: int
@@ -81,13 +118,22 @@ class ShardIdentity:
     sha256: str | None = None
     ctime_ns: int | None = None
     inode: int | None = None
+    etag: str | None = None  # objects only
 
     @classmethod
-    def stat(cls, path: Path) -> ShardIdentity:
+    def stat(cls, path: ShardPath) -> ShardIdentity:
+        """A local file's stat; an object's listed identity (or one HEAD request if it was not listed)."""
+        if isinstance(path, ObjectShard):
+            if path.listed is not None:
+                return path.listed
+            info = object_store.stat(path.url)
+            return cls(size=info.size, mtime_ns=info.mtime_ns, etag=info.etag)
         st = path.stat()
         return cls(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
 
-    def cheap(self) -> tuple[int, int, int | None, int | None]:
+    def cheap(self) -> tuple[int, int, int | str | None, int | None]:
+        if self.etag is not None:
+            return (self.size, self.mtime_ns, self.etag, -1)
         return (self.size, self.mtime_ns, self.ctime_ns, self.inode)
 
     def same_cheap(self, other: ShardIdentity) -> bool:
@@ -95,9 +141,16 @@ class ShardIdentity:
         return None not in self.cheap() and self.cheap() == other.cheap()
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+def open_shard(path: ShardPath) -> BinaryIO:
+    """A binary reader for a local shard or a shard object (streamed, read-ahead)."""
+    if isinstance(path, ObjectShard):
+        return object_store.open_read(path.url)
+    return open(path, "rb")
+
+
+def file_sha256(path: ShardPath, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_shard(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -179,7 +232,7 @@ def split_member_name(name: str) -> tuple[str, str]:
 class ShardReader:
     """Iterate the samples of one tar shard in order; ``sha256`` is valid after full iteration."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: ShardPath) -> None:
         self.path = path
         self._hasher: _HashingReader | None = None
 
@@ -192,7 +245,7 @@ class ShardReader:
     def __iter__(self) -> Iterator[RawSample]:
         seen: set[str] = set()
         current: RawSample | None = None
-        with open(self.path, "rb") as raw:
+        with open_shard(self.path) as raw:
             head = raw.read(6)
             self._hasher = _HashingReader(_Prefixed(head, raw))  # type: ignore[arg-type]
             try:

@@ -1,0 +1,188 @@
+"""Shards and the cache in object storage, against a real S3 API server on 127.0.0.1 (moto's server, started and
+stopped by the fixture): label, no-op refresh with 0 shard-object reads (counted at the server), a changed object,
+a killed run, two refreshes racing for the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+from helpers import cache_cfg_dict, mnist_shard, save_teacher
+from s3_server import S3_ENV, s3_server
+
+from teacher_cache import object_store
+from teacher_cache.config import CacheConfig
+from teacher_cache.manifest import CacheLockedError
+from teacher_cache.reader import CacheReader, find_cache_dir
+from teacher_cache.run import run
+from teacher_cache.shards import ShardReader
+
+pytestmark = pytest.mark.integration
+DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+SHARDS = "s3://shards/train"
+ROOT = "s3://cache/root"
+
+
+@pytest.fixture()
+def s3(monkeypatch, tmp_path):
+    with s3_server() as (endpoint, requests):
+        for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "DISTILL_MIRROR_DIR": str(tmp_path / "mirror")}.items():
+            monkeypatch.setenv(k, v)
+        object_store.filesystem.cache_clear()
+        fs = object_store.filesystem()
+        fs.mkdir("s3://shards")
+        fs.mkdir("s3://cache")
+        yield requests
+        object_store.filesystem.cache_clear()
+
+
+def _upload_shards(tmp_path, n: int, per_shard: int = 24, offset: int = 0) -> list:
+    local = []
+    for i in range(n):
+        p = mnist_shard(tmp_path / "local" / f"train-{i:06d}.tar", per_shard, offset=offset + per_shard * i)
+        object_store.put_file(p, f"{SHARDS}/{p.name}")
+        local.append(p)
+    return local
+
+
+def _cfg(tmp_path, staging: str = "staging", **over) -> CacheConfig:
+    ckpt = tmp_path / "t.pt"
+    if not ckpt.exists():
+        save_teacher(ckpt)
+    d = cache_cfg_dict([f"{SHARDS}/train-*.tar"], ROOT, ckpt, staging_dir=str(tmp_path / staging), **over)
+    return CacheConfig.model_validate(d)
+
+
+def _remote_manifest(fp: str) -> dict:
+    return json.loads(object_store.get_bytes(f"{ROOT}/{fp}/manifest.json"))
+
+
+def _parquet_objects(fp: str) -> set[str]:
+    return {u.rsplit("/", 1)[-1] for u in object_store.list_dir(f"{ROOT}/{fp}") if u.endswith(".parquet")}
+
+
+def test_label_then_noop_refresh_reads_no_shard_object_then_a_changed_object_is_relabelled(tmp_path, s3):
+    local = _upload_shards(tmp_path, 4)
+    cfg = _cfg(tmp_path)
+    first = run(cfg)
+    assert first.status == "success" and sorted(first.labelled) == [f"train-{i:06d}" for i in range(4)]
+    assert first.cache_url == f"{ROOT}/{first.fingerprint}"
+    m = _remote_manifest(first.fingerprint)
+    names = {e["file"] for e in m["shards"].values()}
+    assert all(n.startswith(s) and n.endswith(".parquet") and len(n) > len(s) + 9 for s, n in
+               ((s, e["file"]) for s, e in m["shards"].items()))  # <stem>-<sha16>.parquet: content-addressed
+    assert _parquet_objects(first.fingerprint) == names  # every listed file is there, nothing else
+    assert object_store.get_bytes(f"{ROOT}/{first.fingerprint}/.lock") is None  # released
+    assert m["shards"]["train-000000"]["etag"]  # identity from the store's listing
+
+    reader = CacheReader(find_cache_dir(ROOT), verify=True)  # a verified local mirror
+    keys = sorted(k for s in reader.shards for k in reader.arrays(s).keys)
+    assert keys == sorted(s.key for p in local for s in ShardReader(p))
+
+    s3.reset()
+    again = run(cfg)
+    assert again.labelled == [] and sorted(again.unchanged) == sorted(m["shards"])
+    assert s3.object_reads("shards") == 0, s3.keys  # the no-op refresh read no shard object (counted at the server)
+    assert s3.object_reads("cache", f"root/{first.fingerprint}/train-") == 0  # nor any cache file
+
+    time.sleep(1.1)  # last-modified has 1 s resolution: the replaced object must differ in ETag anyway
+    changed = mnist_shard(tmp_path / "local2" / "train-000001.tar", 24, offset=900)
+    object_store.put_file(changed, f"{SHARDS}/train-000001.tar")
+    third = run(cfg)
+    assert third.changed == ["train-000001"] and third.labelled == ["train-000001"]
+    m3 = _remote_manifest(first.fingerprint)
+    assert m3["shards"]["train-000001"]["file"] != m["shards"]["train-000001"]["file"]
+    run(cfg)  # the next run removes the replaced file: nothing but what the manifest lists stays
+    assert _parquet_objects(first.fingerprint) == {e["file"] for e in m3["shards"].values()}
+    reader = CacheReader(find_cache_dir(ROOT), verify=True)
+    assert sorted(reader.arrays("train-000001").keys) == sorted(s.key for s in ShardReader(changed))
+
+
+def test_conditional_put_lets_exactly_one_of_many_racers_create_the_lock(s3):
+    wins: list[str] = []
+    start = threading.Barrier(8)
+
+    def racer(i: int) -> None:
+        start.wait()
+        if object_store.put_if_absent("s3://cache/race/.lock", f"owner {i}".encode()) is not None:
+            wins.append(str(i))
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1, wins
+    assert object_store.get_bytes("s3://cache/race/.lock") == f"owner {wins[0]}".encode()
+
+
+def _cli(tmp_path, name: str, cfg: CacheConfig, command: tuple[str, ...] = ("cache",)) -> subprocess.Popen:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return subprocess.Popen([*DISTILL, *command, "-c", str(path), "--no-ray"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+
+
+def test_two_refreshes_race_for_the_lock_one_labels_the_other_is_refused(tmp_path, s3):
+    _upload_shards(tmp_path, 6)
+    # two machines: each its own staging directory, so only the lock object in the store can keep them apart
+    procs = [_cli(tmp_path, f"job{i}", _cfg(tmp_path, staging=f"staging{i}"), ("cache", "refresh")) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes in ([0, 5], [0, 0]), (codes, [o[-1500:] for o in outs])  # 5: locked by the other job
+    if codes == [0, 5]:  # the usual case: they overlapped, and the lock object refused the second
+        loser = outs[[p.returncode for p in procs].index(5)]
+        assert "is being written by another job" in loser and "lease until" in loser, loser[-1500:]
+    # either way no shard was labelled twice: the `new` counts of the runs that got the lock add up to 6
+    # (on a machine slow enough to start one job after the other finished, the second finds all unchanged)
+    labelled = [int(m.group(1)) for o in outs for m in [re.search(r'"new": (\d+)', o)] if m]
+    assert sum(labelled) == 6, (labelled, [o[-1500:] for o in outs])
+    cache_dir = find_cache_dir(ROOT)
+    assert len(CacheReader(cache_dir).shards) == 6
+
+
+def test_killed_run_keeps_what_the_manifest_lists_and_the_next_run_breaks_the_expired_lock(tmp_path, s3):
+    local = _upload_shards(tmp_path, 8, per_shard=40)
+    cfg = _cfg(tmp_path, lock_lease_s=6.0)
+    proc = _cli(tmp_path, "killed", cfg)
+    deadline = time.monotonic() + 300
+    fp = None
+    while True:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no shard reached the manifest in time"
+        found = object_store.filesystem().glob(f"{ROOT}/*/manifest.json")
+        if found:
+            fp = found[0].rsplit("/", 2)[-2]
+            if len(_remote_manifest(fp)["shards"]) >= 2:
+                break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    kept = _remote_manifest(fp)["shards"]
+    assert 2 <= len(kept) < 8
+    assert object_store.get_bytes(f"{ROOT}/{fp}/.lock") is not None  # a SIGKILL releases nothing
+
+    cfg2 = _cfg(tmp_path, staging="staging-elsewhere", lock_lease_s=6.0)  # resumed on another machine
+    expires = json.loads(object_store.get_bytes(f"{ROOT}/{fp}/.lock"))["expires"]
+    if time.time() < expires - 2:  # (a very slow machine may get here after the lease ran out)
+        with pytest.raises(CacheLockedError, match="is being written by another job"):
+            run(cfg2)  # the lease is honoured while it runs
+    time.sleep(max(0.0, expires - time.time()) + 0.5)
+    resumed = run(cfg2)
+    assert resumed.status == "success"
+    assert sorted(resumed.labelled) == sorted(set(f"train-{i:06d}" for i in range(8)) - set(kept))
+    m = _remote_manifest(fp)
+    assert {k: m["shards"][k]["file"] for k in kept} == {k: e["file"] for k, e in kept.items()}  # kept as they were
+    assert _parquet_objects(fp) == {e["file"] for e in m["shards"].values()}  # orphans of the killed run removed
+    reader = CacheReader(find_cache_dir(ROOT), verify=True)
+    keys = [k for s in reader.shards for k in reader.arrays(s).keys]
+    assert sorted(keys) == sorted(s.key for p in local for s in ShardReader(p)) and len(set(keys)) == len(keys)
