@@ -152,7 +152,7 @@ def refresh(config_path: Path | None, overrides: tuple[str, ...], wait: bool, no
         click.echo(f"refused: {exc}", err=True)
         sys.exit(EXIT_LOCKED)
     s = result.summary()
-    click.echo(json.dumps({"status": s["status"], "cache_dir": s["cache_dir"], "new": len(s["new"]),
+    click.echo(json.dumps({"status": s["status"], "cache_dir": s["cache_url"] or s["cache_dir"], "new": len(s["new"]),
                            "changed": len(s["changed"]), "unchanged": len(s["unchanged"]), "touched": s["touched"],
                            "vanished": s["vanished"], "failed": s["failed"], "images": s["images"],
                            "seconds": round(s["seconds"], 2)}, indent=1))

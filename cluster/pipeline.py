@@ -102,7 +102,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             from teacher_cache.run import run as run_cache
 
             res = run_cache(stage_cfg)
-            summary = {"stage": name, "status": res.status, "cache_dir": str(res.cache_dir),
+            summary = {"stage": name, "status": res.status, "cache_dir": res.cache_url or str(res.cache_dir),
                        "labelled": len(res.labelled), "unchanged": len(res.unchanged), "failed": res.failed}
             if res.status == "failure":
                 raise RuntimeError(f"cache stage failed for every shard: {res.failed}")

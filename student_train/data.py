@@ -116,6 +116,16 @@ def count_samples(path: ShardPath) -> tuple[int, int]:
     return len(images), len(images & labels)
 
 
+def _cache_dir_here(cache_dir: Path, root_url: str | None) -> Path:
+    """The cache directory on this node: the driver's mirror, or (a worker on another node, object-store cache)
+    a mirror made here, with the same checksum checks."""
+    if root_url is None or (cache_dir / "manifest.json").exists():
+        return cache_dir
+    from teacher_cache.remote_cache import mirror
+
+    return mirror(root_url, cache_dir.name)
+
+
 @dataclass
 class StreamSpec:
     """Everything a loader worker needs (picklable). cache_dir None = plain supervised data (no teacher)."""
@@ -140,6 +150,7 @@ class StreamSpec:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     rotate: float = 0.0  # live rotations of ±rotate degrees when there is no cache
+    cache_root_url: str | None = None  # object-store cache: a worker on another node mirrors it itself
 
 
 def rotate_live(pixels: torch.Tensor, key: str, seed: int, degrees: float) -> torch.Tensor:
@@ -205,10 +216,11 @@ class JoinedStream(IterableDataset):
         if s.cache_dir is None:
             yield from self._uncached(pair)
             return
-        reader = CacheReader(s.cache_dir, verify=False)
+        cache_dir = _cache_dir_here(s.cache_dir, s.cache_root_url)
+        reader = CacheReader(cache_dir, verify=False)
         arrays = reader.arrays(pair.stem)
         index = {k: i for i, k in enumerate(arrays.keys)}
-        skipped = {e["key"] for e in read_shard_errors(s.cache_dir, pair.stem)}
+        skipped = {e["key"] for e in read_shard_errors(cache_dir, pair.stem)}
         seen = 0
         for raw in ShardReader(pair.tar):
             i = index.get(raw.key)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
-import functools
 import json
 import logging
 import os
@@ -45,14 +44,26 @@ def join(url: str, *parts: str) -> str:
     return posixpath.join(url.rstrip("/"), *parts)
 
 
-@functools.cache
+_FS: dict[int, Any] = {}
+
+
 def filesystem() -> Any:
-    """One s3fs filesystem per process, without listing caches (a refresh must see the store as it is now)."""
-    try:
-        import s3fs
-    except ImportError as exc:  # pragma: no cover - a dependency of the package
-        raise RuntimeError("s3:// paths need the s3fs package: pip install s3fs") from exc
-    return s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+    """One s3fs filesystem per process (s3fs is not fork-safe: a forked loader worker makes its own), without
+    listing caches (a refresh must see the store as it is now)."""
+    pid = os.getpid()
+    if pid not in _FS:
+        try:
+            import s3fs
+        except ImportError as exc:  # pragma: no cover - a dependency of the package
+            raise RuntimeError("s3:// paths need the s3fs package: pip install s3fs") from exc
+        _FS.clear()  # an inherited parent's instance must not be touched here
+        _FS[pid] = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+    return _FS[pid]
+
+
+def reset_filesystem() -> None:
+    """Forget the filesystem (e.g. after AWS_ENDPOINT_URL or the credentials changed in this process)."""
+    _FS.clear()
 
 
 @dataclass(frozen=True)

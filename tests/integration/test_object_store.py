@@ -37,12 +37,12 @@ def s3(monkeypatch, tmp_path):
     with s3_server() as (endpoint, requests):
         for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "DISTILL_MIRROR_DIR": str(tmp_path / "mirror")}.items():
             monkeypatch.setenv(k, v)
-        object_store.filesystem.cache_clear()
+        object_store.reset_filesystem()
         fs = object_store.filesystem()
         fs.mkdir("s3://shards")
         fs.mkdir("s3://cache")
         yield requests
-        object_store.filesystem.cache_clear()
+        object_store.reset_filesystem()
 
 
 def _upload_shards(tmp_path, n: int, per_shard: int = 24, offset: int = 0) -> list:
@@ -125,10 +125,14 @@ def test_conditional_put_lets_exactly_one_of_many_racers_create_the_lock(s3):
     assert object_store.get_bytes("s3://cache/race/.lock") == f"owner {wins[0]}".encode()
 
 
-def _cli(tmp_path, name: str, cfg: CacheConfig, command: tuple[str, ...] = ("cache",)) -> subprocess.Popen:
+def _write(tmp_path, name: str, cfg: CacheConfig) -> str:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    return subprocess.Popen([*DISTILL, *command, "-c", str(path), "--no-ray"], stdout=subprocess.PIPE,
+    return str(path)
+
+
+def _cli(tmp_path, name: str, cfg: CacheConfig, command: tuple[str, ...] = ("cache",)) -> subprocess.Popen:
+    return subprocess.Popen([*DISTILL, *command, "-c", _write(tmp_path, name, cfg), "--no-ray"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
 
 
@@ -186,3 +190,52 @@ def test_killed_run_keeps_what_the_manifest_lists_and_the_next_run_breaks_the_ex
     reader = CacheReader(find_cache_dir(ROOT), verify=True)
     keys = [k for s in reader.shards for k in reader.arrays(s).keys]
     assert sorted(keys) == sorted(s.key for p in local for s in ShardReader(p)) and len(set(keys)) == len(keys)
+
+
+def test_training_reads_shards_and_cache_from_object_storage(tmp_path, s3):
+    """`distill train` with both shard lists and the cache root as s3:// URLs: the driver checks the shards
+    against the mirrored manifest, and the loader worker process streams the tars from the store."""
+    import pandas as pd
+    from conftest import train_cfg
+
+    from student_train.config import TrainConfig
+    from student_train.run import run as run_train
+
+    local = _upload_shards(tmp_path, 2, per_shard=48)
+    val = mnist_shard(tmp_path / "local" / "val-000000.tar", 32, offset=2000)
+    object_store.put_file(val, f"{SHARDS}/{val.name}")
+    cfg = _cfg(tmp_path)
+    cfg.shards = [f"{SHARDS}/*.tar"]
+    assert run(cfg).status == "success"
+    data = {"train": [f"{SHARDS}/train-*.tar"], "val": [f"{SHARDS}/val-*.tar"], "cache_root": ROOT,
+            "teacher": cache_cfg_dict([], ROOT, tmp_path / "t.pt")["teacher"]}
+    d = train_cfg(data, tmp_path / "run", variants=[{"name": "kd", "mode": "soft"}])
+    d["data"]["loader_workers"] = 1  # a forked worker process opens the shard objects itself
+    out = run_train(TrainConfig.model_validate(d))
+    assert out.status == "success", out.leaderboard
+    metrics = pd.read_csv(tmp_path / "run" / "kd" / "metrics.csv")
+    assert (metrics["train_samples"] == sum(1 for p in local for _ in ShardReader(p))).all()
+    assert s3.object_reads("shards", "train/train-") > 0  # it did read the shards from the store
+
+    # a worker on a node without the driver's mirror makes its own, verified, from the store
+    from student_train.data import _cache_dir_here
+
+    driver_mirror = find_cache_dir(ROOT)
+    os.environ["DISTILL_MIRROR_DIR"] = str(tmp_path / "other-node")
+    here = _cache_dir_here(tmp_path / "gone" / driver_mirror.name, ROOT)
+    assert here.is_relative_to(tmp_path / "other-node") and here.name == driver_mirror.name
+    assert CacheReader(here, verify=True).shards == CacheReader(driver_mirror).shards
+
+
+def test_ray_actors_upload_their_cache_files_themselves(tmp_path, s3):
+    """Through the CLI with its embedded Ray: the actor that labels a shard puts the cache file in the store (the
+    driver never holds it), and the driver's manifest names exactly those objects."""
+    _upload_shards(tmp_path, 3)
+    cfg = _cfg(tmp_path, ray={"enabled": True, "num_actors": 1, "cpus_per_actor": 1.0})
+    done = subprocess.run([*DISTILL, "cache", "-c", _write(tmp_path, "ray", cfg)], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ))
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    fp = object_store.filesystem().glob(f"{ROOT}/*/manifest.json")[0].rsplit("/", 2)[-2]
+    m = _remote_manifest(fp)
+    assert len(m["shards"]) == 3 and _parquet_objects(fp) == {e["file"] for e in m["shards"].values()}
+    assert not list((tmp_path / "staging" / fp).glob("*.parquet"))  # uploaded, not left in staging
