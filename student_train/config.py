@@ -92,6 +92,11 @@ class TuneConfig(_Strict):
     max_concurrent: int = Field(2, ge=1)
     cpus_per_trial: float = Field(0.05, ge=0.0, description="the trial driver; the workers hold the real CPUs")
     max_failures: int = Field(1, ge=0, description="restarts of a variant after a worker dies (resumes)")
+    start_timeout_s: float = Field(1800.0, gt=0.0, description="how long a variant's worker group may wait for "
+                                   "resources when it starts or restarts (after a node loss); then that attempt "
+                                   "fails, and with no restart left the variant is failed with the reason. "
+                                   "Variants queued behind others (max_concurrent above what the cluster fits) "
+                                   "wait too: keep it above a variant's run time there")
     asha: bool = Field(False, description="stop weak variants early on val top-1 (ASHA)")
     asha_grace_epochs: int = Field(1, ge=1)
     asha_reduction_factor: float = Field(2.0, gt=1.0)

@@ -7,6 +7,7 @@ Worker reports reach Tune through TuneReportCallback, so ASHA can stop weak vari
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,9 @@ def _trial_fn(config: dict[str, Any]) -> None:
     from student_train.status import epochs_logged, read_status, stop_requested, write_status
 
     name, job, v = config["name"], config["job"], VariantConfig.model_validate(config["variant"])
+    # Ray Train passes this to its controller: a worker group that cannot be placed (no capacity left after a node
+    # loss) fails the attempt after this long instead of waiting forever; the attempts are bounded below
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(config["start_timeout_s"])
     use_gpu = v.gpus_per_worker > 0
     resources = _worker_bundle(v)
     trainer = TorchTrainer(
@@ -66,7 +70,8 @@ def _trial_fn(config: dict[str, Any]) -> None:
         scaling_config=ScalingConfig(num_workers=v.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=str(Path(job.run_dir).resolve() / "ray_results"),
-                             failure_config=FailureConfig(max_failures=config["max_failures"]),
+                             failure_config=FailureConfig(max_failures=config["max_failures"],
+                                                          controller_failure_limit=config["max_failures"]),
                              callbacks=[TuneReportCallback()]))
     write_status(job.run_dir, name, "running")
     try:
@@ -114,13 +119,12 @@ def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, Varia
     space = {"trial": tune.grid_search([{"name": n, "variant": v.model_dump(mode="json")} for n, v in variants])}
 
     def trial(config: dict[str, Any]) -> None:
-        _trial_fn({**config["trial"], "job": job, "max_failures": cfg.tune.max_failures})
+        _trial_fn({**config["trial"], "job": job, "max_failures": cfg.tune.max_failures,
+                   "start_timeout_s": cfg.tune.start_timeout_s})
 
     scheduler = None
     if cfg.tune.asha:
         # a variant that fails before its first epoch reports nothing; ASHA must not abort the sweep for it
-        import os
-
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         epochs = {n: v.epochs for n, v in variants}
         scheduler = _RecordingASHA(job.run_dir, epochs, max_t=max(epochs.values()),

@@ -140,7 +140,8 @@ def _init_distributed(ctx: WorkerContext) -> None:
 def _spec(job: JobSpec, v: VariantConfig, pairs: list[ShardPair], epoch: int, train: bool, ctx: WorkerContext,
           workers: int, views: int) -> StreamSpec:
     online = job.teacher_prep if (v.mode == "online" and train) else None
-    return StreamSpec(cache_dir=job.cache_dir, cache_root_url=job.cache_root_url, pairs=pairs, student=student_prep(v, job.teacher_prep), teacher=online,
+    return StreamSpec(cache_dir=job.cache_dir, cache_root_url=job.cache_root_url, pairs=pairs,
+                      student=student_prep(v, job.teacher_prep), teacher=online,
                       num_classes=job.num_classes, temperature=v.temperature, views=views, train=train,
                       batch_size=v.batch_size, shuffle_buffer=job.shuffle_buffer, seed=v.seed, epoch=epoch,
                       rank=ctx.rank, world=ctx.world, loader_workers=workers, crop_scale=job.train_crop_scale,

@@ -106,7 +106,7 @@ def expand(patterns: list[str]) -> tuple[dict[str, ObjectInfo], list[str]]:
     Each directory is listed once however many names or globs point into it, so expanding
     ``train-{000000..000999}.tar`` costs one LIST request per 1,000 objects, not a HEAD per name.
     """
-    listings: dict[str, dict[str, ObjectInfo]] = {}
+    listings: dict[str, dict[str, ObjectInfo]] = {}  # directory -> {basename: info}
     found: dict[str, ObjectInfo] = {}
     missing: list[str] = []
     for pattern in patterns:
@@ -118,9 +118,12 @@ def expand(patterns: list[str]) -> tuple[dict[str, ObjectInfo], list[str]]:
                         if e.get("type") == "file" for i in [_info(e)]}
             else:
                 if directory not in listings:
-                    listings[directory] = list_dir(directory)
-                hits = {u: i for u, i in listings[directory].items()
-                        if fnmatch.fnmatchcase(posixpath.basename(u), name)}
+                    listings[directory] = {posixpath.basename(u): i for u, i in list_dir(directory).items()}
+                listed = listings[directory]
+                if any(c in name for c in MAGIC):
+                    hits = {i.url: i for n, i in listed.items() if fnmatch.fnmatchcase(n, name)}
+                else:  # a plain name (what brace patterns expand to): a lookup, not a scan of the listing
+                    hits = {listed[name].url: listed[name]} if name in listed else {}
             found.update(hits)
             matched = matched or bool(hits)
             if not hits and not any(c in expanded for c in MAGIC):

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import shutil
+import socket
+import subprocess
 import tarfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from teacher_cache.models import create_model
@@ -107,3 +116,63 @@ def shards_in_manifest(cache_root: Path) -> int:
         except (ValueError, KeyError):
             return 0
     return 0
+
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=3).read()
+            return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def prometheus_config(targets: Path, push_port: int | None = None) -> dict:
+    """Our shipped cluster/prometheus/prometheus.yml, pointed at a test's file_sd directory (1 s scrapes)."""
+    cfg = yaml.safe_load((ROOT / "cluster" / "prometheus" / "prometheus.yml").read_text())
+    cfg["global"]["scrape_interval"] = "1s"
+    jobs = {j["job_name"]: j for j in cfg["scrape_configs"]}
+    jobs["distill"]["file_sd_configs"][0] = {"files": [str(targets / "*.json")], "refresh_interval": "1s"}
+    cfg["scrape_configs"] = [jobs["distill"]]
+    if push_port is not None:
+        jobs["pushgateway"]["static_configs"] = [{"targets": [f"127.0.0.1:{push_port}"]}]
+        cfg["scrape_configs"].append(jobs["pushgateway"])
+    return cfg
+
+
+@contextlib.contextmanager
+def prometheus_server(work: Path, targets: Path) -> Iterator[int]:
+    """A real Prometheus server on 127.0.0.1 scraping the targets a run writes; yields its port."""
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    (work / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(targets)))
+    proc = subprocess.Popen([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}",
+                             f"--web.listen-address=127.0.0.1:{port}", f"--storage.tsdb.path={work / 'tsdb'}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/-/ready")
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def prom_query(port: int, query: str) -> list:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    return json.loads(urllib.request.urlopen(url, timeout=10).read())["data"]["result"]

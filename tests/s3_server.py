@@ -6,7 +6,10 @@ so a test can say "this refresh read 0 shard objects" from what the server actua
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 import threading
 import urllib.request
 from collections import Counter
@@ -14,6 +17,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import unquote
+
+COUNTS_PATH = "_requests"
 
 
 @dataclass
@@ -45,6 +50,14 @@ class _Counting:
         path = unquote(environ.get("PATH_INFO", "")).lstrip("/")
         bucket, _, key = path.partition("/")
         method = environ.get("REQUEST_METHOD", "")
+        if path == COUNTS_PATH:  # the log itself, for a client in another process (not an S3 request)
+            if method == "DELETE":
+                self.log.reset()
+            with self.log.lock:
+                body = json.dumps({"counts": [[*k, n] for k, n in self.log.counts.items()],
+                                   "keys": self.log.keys}).encode()
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [body]
         with self.log.lock:
             self.log.counts[(method, bucket, "object" if key else "bucket")] += 1
             if key:
@@ -75,5 +88,42 @@ def s3_server() -> Iterator[tuple[str, RequestLog]]:
         thread.join(timeout=10)
 
 
+class RemoteRequestLog:
+    """The request log of a server in another process (`python tests/s3_server.py`), read over HTTP."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.url = f"{endpoint}/{COUNTS_PATH}"
+
+    def snapshot(self) -> RequestLog:
+        raw = json.loads(urllib.request.urlopen(self.url, timeout=30).read())
+        log = RequestLog()
+        log.counts.update({(m, b, k): n for m, b, k, n in raw["counts"]})
+        log.keys.extend((m, k) for m, k in raw["keys"])
+        return log
+
+    def reset(self) -> None:
+        urllib.request.urlopen(urllib.request.Request(self.url, method="DELETE"), timeout=30).read()
+
+
+@contextmanager
+def s3_server_process() -> Iterator[tuple[str, RemoteRequestLog]]:
+    """The same server in its own process (as a real store would be: it does not share our GIL)."""
+    proc = subprocess.Popen([sys.executable, __file__], stdout=subprocess.PIPE, text=True)
+    try:
+        endpoint = proc.stdout.readline().strip()  # type: ignore[union-attr]
+        if not endpoint.startswith("http://"):
+            raise RuntimeError(f"the S3 server did not start (said {endpoint!r})")
+        yield endpoint, RemoteRequestLog(endpoint)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
           "AWS_REGION": "us-east-1"}
+
+
+if __name__ == "__main__":
+    with s3_server() as (url, _):
+        print(url, flush=True)
+        threading.Event().wait()

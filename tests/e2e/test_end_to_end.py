@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,18 +22,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from helpers import PROMETHEUS, free_port, prom_query, prometheus_config, wait_http
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 PUSHGATEWAY = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_port = free_port
 
 
 def _env() -> dict:
@@ -70,16 +66,7 @@ def _cluster_pids(ray_tmp: str) -> set[int]:
     return found
 
 
-def _wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=3).read()
-            return
-        except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(0.5)
+_wait_http = wait_http
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +88,7 @@ def ops(tmp_path_factory):
     targets = work / "metrics_targets"
     targets.mkdir()
     prom_port, push_port = _port(), _port()
-    prom_cfg = yaml.safe_load((ROOT / "cluster" / "prometheus" / "prometheus.yml").read_text())
-    prom_cfg["global"]["scrape_interval"] = "1s"
-    jobs = {j["job_name"]: j for j in prom_cfg["scrape_configs"]}
-    jobs["distill"]["file_sd_configs"][0] = {"files": [str(targets / "*.json")], "refresh_interval": "1s"}
-    jobs["pushgateway"]["static_configs"] = [{"targets": [f"127.0.0.1:{push_port}"]}]
-    prom_cfg["scrape_configs"] = [jobs["distill"], jobs["pushgateway"]]
-    (work / "prometheus.yml").write_text(yaml.safe_dump(prom_cfg))
+    (work / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(targets, push_port)))
     started.append(subprocess.Popen([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}",
                                      f"--web.listen-address=127.0.0.1:{prom_port}",
                                      f"--storage.tsdb.path={work / 'tsdb'}"],
@@ -189,8 +170,7 @@ def _wait_for(pred, timeout=600, what=""):
 
 
 def _prom(ops, query: str) -> list:
-    url = f"http://127.0.0.1:{ops['prom']}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    return json.loads(urllib.request.urlopen(url, timeout=10).read())["data"]["result"]
+    return prom_query(ops["prom"], query)
 
 
 @pytest.mark.timeout(1800)  # three submissions of the whole pipeline on 2 cores

@@ -15,11 +15,20 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import train_cfg
-from helpers import cache_cfg_dict, mnist_shard, save_teacher, shards_in_manifest
+from helpers import (
+    PROMETHEUS,
+    cache_cfg_dict,
+    mnist_shard,
+    prom_query,
+    prometheus_server,
+    save_teacher,
+    shards_in_manifest,
+)
 
 from teacher_cache.reader import CacheReader, find_cache_dir
 from teacher_cache.shards import ShardReader
@@ -112,13 +121,23 @@ def test_node_lost_mid_cache_retries_its_shard_and_finishes(tmp_path, cluster):
 
 def test_one_variant_trains_with_a_worker_on_each_node(tmp_path, cluster, kd_data):
     """Two Ray Train workers of 0.9 CPU cannot share a 1-CPU node, so rank 0 and rank 1 land on different nodes
-    and DeepSpeed reduces over gloo between two raylets. Each rank publishes its metrics target with its node."""
-    import pandas as pd
+    and DeepSpeed reduces over gloo between two raylets. Each rank publishes its metrics target with its node,
+    and a real Prometheus server (our shipped config, file_sd) scrapes both while they train."""
 
     c, nodes = cluster
     run_dir = tmp_path / "runs"
+    with contextlib.ExitStack() as stack:
+        prom = stack.enter_context(prometheus_server(tmp_path / "prom", run_dir / "metrics_targets")) \
+            if Path(PROMETHEUS).exists() else None  # (.ci/run installs it; without it the scrape is not checked)
+        _train_on_two_nodes(tmp_path, c, nodes, kd_data, run_dir, prom)
+
+
+def _train_on_two_nodes(tmp_path, c, nodes, kd_data, run_dir, prom: int | None) -> None:
+    import pandas as pd
+
+    (run_dir / "metrics_targets").mkdir(parents=True, exist_ok=True)
     cfg = train_cfg(kd_data, run_dir, ray={"enabled": True}, metrics_port=0,
-                    base={"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": 2, "batch_size": 16,
+                    base={"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": 3, "batch_size": 16,
                           "num_workers": 2, "cpus_per_worker": 0.9},
                     variants=[{"name": "dp2", "mode": "soft", "alpha": 0.5, "temperature": 2}],
                     tune={"max_concurrent": 1, "cpus_per_trial": 0.05})
@@ -130,11 +149,14 @@ def test_one_variant_trains_with_a_worker_on_each_node(tmp_path, cluster, kd_dat
     status = json.loads((run_dir / "dp2" / "status.json").read_text())
     assert status["status"] == "done", status
     epochs = pd.read_csv(run_dir / "dp2" / "metrics.csv")["epoch"].tolist()
-    assert epochs == [1, 2]  # each epoch exactly once, reported by rank 0
+    assert epochs == [1, 2, 3]  # each epoch exactly once, reported by rank 0
     targets = {r: json.loads((run_dir / "metrics_targets" / f"dp2-rank{r}.json").read_text())[0]["labels"]
                for r in (0, 1)}
     used = {targets[0]["node"], targets[1]["node"]}
     assert used == {n.node_id for n in nodes}, (targets, [n.node_id for n in nodes])
+    if prom is not None:  # Prometheus scraped each rank's endpoint on its own node: `up` was 1 for both nodes
+        scraped = prom_query(prom, 'max by (node, rank) (max_over_time(up{variant="dp2"}[30m]))')
+        assert {(r["metric"].get("node"), r["value"][1]) for r in scraped} == {(n, "1") for n in used}, scraped
 
 
 @pytest.fixture()
@@ -191,3 +213,40 @@ def test_node_lost_mid_training_restores_the_worker_group_and_finishes(tmp_path,
     after = {json.loads((run_dir / "metrics_targets" / f"dp2-rank{r}.json").read_text())[0]["labels"]["node"]
              for r in (0, 1)}
     assert victim.node_id not in after, (ranks, after)  # the worker group was restarted on the nodes left
+
+
+def test_node_lost_with_no_capacity_left_fails_the_variant_with_the_reason(tmp_path, cluster_with_driver_node,
+                                                                             kd_data):
+    """Both worker nodes are SIGKILLed after epoch 1: what is left (the head's 1 CPU) cannot hold two 0.9-CPU ranks.
+    Each restart waits `tune.start_timeout_s` for resources, `tune.max_failures` restarts are spent, and the variant
+    ends `failed` with that reason: not left `running`, not hanging the job."""
+    import pandas as pd
+
+    c, nodes = cluster_with_driver_node
+    run_dir = tmp_path / "runs"
+    cfg = train_cfg(kd_data, run_dir, ray={"enabled": True}, metrics_port=0,
+                    base={"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": 4, "batch_size": 8,
+                          "num_workers": 2, "cpus_per_worker": 0.9},
+                    variants=[{"name": "dp2", "mode": "soft", "alpha": 0.5, "temperature": 2}],
+                    tune={"max_concurrent": 1, "cpus_per_trial": 0.05, "max_failures": 1, "start_timeout_s": 15})
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen([*DISTILL, "train", "-c", str(tmp_path / "train.yaml"), "--address", c.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    metrics = run_dir / "dp2" / "metrics.csv"
+    deadline = time.monotonic() + 420
+    while not (metrics.exists() and len(pd.read_csv(metrics)) >= 1):
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no epoch finished in time:\n{proc.communicate()[0][-3000:]}")
+        time.sleep(0.2)
+    for node in nodes:
+        _kill_node(node)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0, out[-3000:]  # the job ends (the variant failed), it does not wait forever
+    status = json.loads((run_dir / "dp2" / "status.json").read_text())
+    assert status["status"] == "failed", (status, out[-3000:])
+    assert "Timeout" in status.get("reason", "") or "timed out" in status.get("reason", "").lower(), status
+    board = pd.read_parquet(run_dir / "leaderboard.parquet").set_index("variant")
+    assert board.loc["dp2", "status"] == "failed"

@@ -1,5 +1,6 @@
 """Shards in object storage without a store: the refresh decision from listed identities (size, last-modified,
-ETag) reads nothing, and the config keeps s3:// URLs intact. (The store itself: tests/integration/test_object_store.py.)"""
+ETag) reads nothing, and the config keeps s3:// URLs intact.
+The store itself: tests/integration/test_object_store.py."""
 
 from __future__ import annotations
 
