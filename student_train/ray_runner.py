@@ -99,6 +99,14 @@ def _root_reason(exc: BaseException) -> str:
     """The worker's own exception line (`SomeError: message`) out of Ray's wrapped traceback text."""
     import re
 
+    cause = getattr(exc, "controller_failure", None)  # Ray Train's ControllerError: its cause is the reason
+    if isinstance(cause, BaseException):
+        text = " ".join(str(cause).split())
+        hint = ""
+        if "StartupTimeout" in cause.__class__.__name__:
+            hint = (" (no room for the worker group within tune.start_timeout_s: a node was lost and the cluster "
+                    "has no capacity left, or other jobs hold it; add nodes, or fewer/smaller workers, and re-run)")
+        return f"{cause.__class__.__name__}: {text}"[:400] + hint
     matches = re.findall(r"^\s*([\w.]*(?:Error|Exception)): (.+)$", str(exc), flags=re.MULTILINE)
     worker = [m for m in matches if not m[0].endswith(("WorkerGroupError", "TrainingFailedError"))]
     if worker:

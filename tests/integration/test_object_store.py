@@ -156,7 +156,7 @@ def test_two_refreshes_race_for_the_lock_one_labels_the_other_is_refused(tmp_pat
 
 def test_killed_run_keeps_what_the_manifest_lists_and_the_next_run_breaks_the_expired_lock(tmp_path, s3):
     local = _upload_shards(tmp_path, 8, per_shard=40)
-    cfg = _cfg(tmp_path, lock_lease_s=6.0)
+    cfg = _cfg(tmp_path, lock_lease_s=15.0)
     proc = _cli(tmp_path, "killed", cfg)
     deadline = time.monotonic() + 300
     fp = None
@@ -175,7 +175,7 @@ def test_killed_run_keeps_what_the_manifest_lists_and_the_next_run_breaks_the_ex
     assert 2 <= len(kept) < 8
     assert object_store.get_bytes(f"{ROOT}/{fp}/.lock") is not None  # a SIGKILL releases nothing
 
-    cfg2 = _cfg(tmp_path, staging="staging-elsewhere", lock_lease_s=6.0)  # resumed on another machine
+    cfg2 = _cfg(tmp_path, staging="staging-elsewhere", lock_lease_s=15.0)  # resumed on another machine
     expires = json.loads(object_store.get_bytes(f"{ROOT}/{fp}/.lock"))["expires"]
     if time.time() < expires - 2:  # (a very slow machine may get here after the lease ran out)
         with pytest.raises(CacheLockedError, match="is being written by another job"):
