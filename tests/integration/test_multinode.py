@@ -172,20 +172,14 @@ def cluster_with_driver_node():
     c.shutdown()
 
 
-def test_node_lost_mid_training_restores_the_worker_group_and_finishes(tmp_path, cluster_with_driver_node, kd_data):
-    """SIGKILL the worker node that holds one Ray Train rank after epoch 1: Ray Train restarts the worker group on
-    the nodes left (FailureConfig via tune.max_failures), the variant resumes from its epoch checkpoint, finishes,
-    and metrics.csv has every epoch exactly once."""
+def _train_until_first_epoch(tmp_path, c, kd_data, run_dir, epochs: int, tune: dict) -> subprocess.Popen:
+    """`distill train` of one variant with two 0.9-CPU ranks, by GCS address; returns once epoch 1 is logged."""
     import pandas as pd
 
-    c, nodes = cluster_with_driver_node
-    run_dir = tmp_path / "runs"
-    epochs = 4
     cfg = train_cfg(kd_data, run_dir, ray={"enabled": True}, metrics_port=0,
                     base={"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": epochs, "batch_size": 8,
                           "num_workers": 2, "cpus_per_worker": 0.9},
-                    variants=[{"name": "dp2", "mode": "soft", "alpha": 0.5, "temperature": 2}],
-                    tune={"max_concurrent": 1, "cpus_per_trial": 0.05, "max_failures": 2})
+                    variants=[{"name": "dp2", "mode": "soft", "alpha": 0.5, "temperature": 2}], tune=tune)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
     proc = subprocess.Popen([*DISTILL, "train", "-c", str(tmp_path / "train.yaml"), "--address", c.address],
@@ -198,10 +192,26 @@ def test_node_lost_mid_training_restores_the_worker_group_and_finishes(tmp_path,
             proc.kill()
             pytest.fail(f"no epoch finished in time:\n{proc.communicate()[0][-3000:]}")
         time.sleep(0.2)
+    return proc
+
+
+def test_node_lost_mid_training_restores_the_worker_group_and_finishes(tmp_path, cluster_with_driver_node, kd_data):
+    """SIGKILL the worker node that holds one Ray Train rank after epoch 1: Ray Train restarts the worker group on
+    the nodes left (FailureConfig via tune.max_failures), the variant resumes from its epoch checkpoint, finishes,
+    and metrics.csv has every epoch exactly once."""
+    import pandas as pd
+
+    c, nodes = cluster_with_driver_node
+    run_dir = tmp_path / "runs"
+    epochs = 4
+    proc = _train_until_first_epoch(tmp_path, c, kd_data, run_dir, epochs,
+                                    {"max_concurrent": 1, "cpus_per_trial": 0.05, "max_failures": 2})
+    metrics = run_dir / "dp2" / "metrics.csv"
     ranks = {r: json.loads((run_dir / "metrics_targets" / f"dp2-rank{r}.json").read_text())[0]["labels"]["node"]
              for r in (0, 1)}
     by_id = {n.node_id: n for n in nodes}
-    [victim] = [by_id[n] for n in ranks.values() if n in by_id][:1]  # a worker node with a rank (not the head)
+    # a worker node with a rank (not the head), and not the one that holds the trial and Ray Train's controller
+    [victim] = [by_id[n] for n in ranks.values() if n in by_id and not _runs(by_id[n], "TrainController")][:1]
     _kill_node(victim)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
@@ -225,23 +235,8 @@ def test_node_lost_with_no_capacity_left_fails_the_variant_with_the_reason(tmp_p
 
     c, nodes = cluster
     run_dir = tmp_path / "runs"
-    cfg = train_cfg(kd_data, run_dir, ray={"enabled": True}, metrics_port=0,
-                    base={"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": 4, "batch_size": 8,
-                          "num_workers": 2, "cpus_per_worker": 0.9},
-                    variants=[{"name": "dp2", "mode": "soft", "alpha": 0.5, "temperature": 2}],
-                    tune={"max_concurrent": 1, "cpus_per_trial": 0.05, "max_failures": 1, "start_timeout_s": 15})
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
-    proc = subprocess.Popen([*DISTILL, "train", "-c", str(tmp_path / "train.yaml"), "--address", c.address],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    metrics = run_dir / "dp2" / "metrics.csv"
-    deadline = time.monotonic() + 420
-    while not (metrics.exists() and len(pd.read_csv(metrics)) >= 1):
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"no epoch finished in time:\n{proc.communicate()[0][-3000:]}")
-        time.sleep(0.2)
+    proc = _train_until_first_epoch(tmp_path, c, kd_data, run_dir, 4, {"max_concurrent": 1, "cpus_per_trial": 0.05,
+                                                                       "max_failures": 1, "start_timeout_s": 15})
     [driver_node] = [n for n in nodes if _runs(n, "TrainController")]
     [victim] = [n for n in nodes if n is not driver_node]
     _kill_node(victim)
