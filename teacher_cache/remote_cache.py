@@ -139,8 +139,23 @@ def newest_remote_cache_of(root: str, teacher: dict[str, str]) -> str:
 
 
 def mirror(root: str, fingerprint: str | None = None) -> Path:
-    """A verified local copy of the cache under an object-store root: the named fingerprint, or the newest."""
+    """A verified local copy of the cache under an object-store root: the named fingerprint, or the newest.
+
+    A refresh that replaces a shard's file while we copy can delete the old name from under us (it removes files
+    no manifest lists): then the manifest is read again once, and the copy goes on from the new one.
+    """
     remote = object_store.join(root, fingerprint) if fingerprint else _newest_fingerprint_dir(root)
+    try:
+        return _mirror_once(root, remote)
+    except _Replaced:
+        return _mirror_once(root, remote, last_try=True)
+
+
+class _Replaced(Exception):
+    """A listed file was gone (replaced by a refresh since we read the manifest)."""
+
+
+def _mirror_once(root: str, remote: str, last_try: bool = False) -> Path:
     raw = object_store.get_bytes(object_store.join(remote, MANIFEST_NAME))
     if raw is None:
         raise FileNotFoundError(f"{remote}: no manifest; run `distill cache` with that teacher and cache_root")
@@ -155,6 +170,8 @@ def mirror(root: str, fingerprint: str | None = None) -> Path:
                 file_sha256(target) == entry["file_sha256"]:
             continue
         data = object_store.get_bytes(object_store.join(remote, entry["file"]))
+        if data is None and not last_try:
+            raise _Replaced(entry["file"])
         if data is None or hashlib.sha256(data).hexdigest() != entry["file_sha256"]:
             raise OSError(f"{object_store.join(remote, entry['file'])}: missing or not the file the manifest "
                           "lists (checksum); re-run `distill cache` over that shard")

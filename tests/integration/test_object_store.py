@@ -239,3 +239,27 @@ def test_ray_actors_upload_their_cache_files_themselves(tmp_path, s3):
     m = _remote_manifest(fp)
     assert len(m["shards"]) == 3 and _parquet_objects(fp) == {e["file"] for e in m["shards"].values()}
     assert not list((tmp_path / "staging" / fp).glob("*.parquet"))  # uploaded, not left in staging
+
+
+def test_a_reader_whose_file_was_replaced_mid_copy_reads_the_new_manifest(tmp_path, s3, monkeypatch):
+    """A refresh relabels a shard (new content-addressed name, old one deleted) while a reader mirrors: the reader
+    finds the old name gone, reads the manifest again, and copies the new file, checksum-verified."""
+    _upload_shards(tmp_path, 2)
+    first = run(_cfg(tmp_path))
+    fp = first.fingerprint
+    old = _remote_manifest(fp)
+    gone = old["shards"]["train-000001"]["file"]
+    stale = json.loads(json.dumps(old))
+    stale["shards"]["train-000001"]["file"] = "train-000001-0000000000000000.parquet"  # a name since deleted
+    object_store.put_bytes(f"{ROOT}/{fp}/manifest.json", json.dumps(stale).encode())
+    real_get = object_store.get_bytes
+
+    def get_bytes(url: str) -> bytes | None:
+        data = real_get(url)
+        if url.endswith("0000000000000000.parquet"):  # the refresh finishes right now: the current manifest is back
+            object_store.put_bytes(f"{ROOT}/{fp}/manifest.json", json.dumps(old).encode())
+        return data
+
+    monkeypatch.setattr(object_store, "get_bytes", get_bytes)
+    reader = CacheReader(find_cache_dir(ROOT, fp), verify=True)
+    assert (reader.directory / gone).exists() and reader.shards == sorted(old["shards"])
