@@ -83,7 +83,9 @@ def _start_metrics(cfg: object) -> None:
 
 
 def _run_or_exit(run: Callable[..., Any], cfg: object, **kw: Any) -> Any:
-    """A failure after the run began exits 6 with one line (exit 2 is only for 'bad input, nothing done')."""
+    """A failure after the run began exits 6 with one line (exit 2 is only for 'bad input, nothing done');
+    another writer holding the cache exits 5, naming it."""
+    from teacher_cache.manifest import CacheLockedError
     from teacher_cache.run import RunFailedError
 
     try:
@@ -91,6 +93,9 @@ def _run_or_exit(run: Callable[..., Any], cfg: object, **kw: Any) -> Any:
     except RunFailedError as exc:
         click.echo(f"error: the cache run failed during the run: {exc}", err=True)
         sys.exit(EXIT_RUN_FAILED)
+    except CacheLockedError as exc:
+        click.echo(f"refused: {exc}", err=True)
+        sys.exit(EXIT_LOCKED)
 
 
 def _check_address(cfg: object) -> None:
@@ -139,18 +144,13 @@ def refresh(config_path: Path | None, overrides: tuple[str, ...], wait: bool, no
     Example: distill cache refresh --config examples/demo.yaml --set metrics.pushgateway=http://127.0.0.1:9091
     """
     from teacher_cache.config import CacheConfig
-    from teacher_cache.manifest import CacheLockedError
     from teacher_cache.metrics import push_refresh_summary
     from teacher_cache.run import run
 
     cfg = load_config(CacheConfig, config_path, list(overrides) + ray_overrides(no_ray, address), "cache")
     _check_address(cfg)
     _start_metrics(cfg)
-    try:
-        result = _run_or_exit(run, cfg, wait_for_lock=wait)
-    except CacheLockedError as exc:
-        click.echo(f"refused: {exc}", err=True)
-        sys.exit(EXIT_LOCKED)
+    result = _run_or_exit(run, cfg, wait_for_lock=wait)
     s = result.summary()
     click.echo(json.dumps({"status": s["status"], "cache_dir": s["cache_url"] or s["cache_dir"], "new": len(s["new"]),
                            "changed": len(s["changed"]), "unchanged": len(s["unchanged"]), "touched": s["touched"],

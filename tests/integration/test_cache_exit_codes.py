@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from helpers import cache_cfg_dict, mnist_shard, save_teacher
 
 from cluster.cli import cli
-from cluster.cli_common import EXIT_BAD_INPUT, EXIT_RUN_FAILED
+from cluster.cli_common import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_RUN_FAILED
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +87,20 @@ def test_taken_metrics_port_is_a_clear_error_before_the_lock(tmp_path):
             assert res.exit_code == EXIT_BAD_INPUT, res.output
             assert f"port {port} is already in use" in res.output and "metrics.port" in res.output
     assert not (tmp_path / "cache").exists()  # nothing done, no lock taken
+
+
+def test_a_cache_held_by_another_writer_exits_5_for_cache_and_refresh(tmp_path):
+    """`--help` promises exit 5 ("locked by another writer") for both commands; `distill cache` used to exit 2."""
+    from teacher_cache.config import CacheConfig
+    from teacher_cache.manifest import DirectoryLock
+    from teacher_cache.run import map_shards, prepare
+
+    f = _cfg_file(tmp_path)
+    cfg = CacheConfig.model_validate(yaml.safe_load(f.read_text()))
+    assert map_shards(cfg.shards)
+    _, fp = prepare(cfg)
+    with DirectoryLock(tmp_path / "cache" / fp):  # the other writer
+        for cmd in (["cache"], ["cache", "refresh"]):
+            res = CliRunner().invoke(cli, cmd + ["--config", str(f), "--no-ray"])
+            assert res.exit_code == EXIT_LOCKED, (cmd, res.output)
+            assert "refused:" in res.output and "being written by another job" in res.output
