@@ -66,6 +66,15 @@ def test_sigterm_during_the_cache_pass_records_stopped_and_a_rerun_finishes(tmp_
     keys = [k for i in range(n) for k in reader.arrays(f"train-{i:06d}").keys]
     expected = [s.key for i in range(n) for s in ShardReader(tmp_path / "in" / f"train-{i:06d}.tar")]
     assert sorted(keys) == sorted(expected)  # every key exactly once
+    # and the files are the ones an uninterrupted run writes, byte for byte (checksums included)
+    from teacher_cache.config import CacheConfig
+    from teacher_cache.run import run
+
+    straight = run(CacheConfig.model_validate({**cfg, "cache_root": str(tmp_path / "straight"), "progress": False}))
+    sums = {s: e["file_sha256"] for s, e in json.loads((cache_dir / "manifest.json").read_text())["shards"].items()}
+    ref = {s: e["file_sha256"] for s, e in
+           json.loads((straight.cache_dir / "manifest.json").read_text())["shards"].items()}
+    assert straight.fingerprint == cache_dir.name and sums == ref
 
 
 def test_sigterm_during_training_marks_interrupted_and_a_rerun_resumes(kd_data, tmp_path):
