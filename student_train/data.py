@@ -8,6 +8,7 @@ collectives in step and contribute nothing). No sample is dropped or repeated wi
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Iterator
@@ -118,12 +119,17 @@ def count_samples(path: ShardPath) -> tuple[int, int]:
 
 def _cache_dir_here(cache_dir: Path, root_url: str | None) -> Path:
     """The cache directory on this node: the driver's mirror, or (a worker on another node, object-store cache)
-    a mirror made here, with the same checksum checks."""
+    a mirror made here, with the same checksum checks: once per process, not once per shard."""
     if root_url is None or (cache_dir / "manifest.json").exists():
         return cache_dir
+    return _mirrored_here(root_url, cache_dir.name)
+
+
+@functools.cache
+def _mirrored_here(root_url: str, fingerprint: str) -> Path:
     from teacher_cache.remote_cache import mirror
 
-    return mirror(root_url, cache_dir.name)
+    return mirror(root_url, fingerprint)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from teacher_cache import object_store
 from teacher_cache.config import TeacherConfig
 from teacher_cache.object_store import is_url
 from teacher_cache.reader import CacheError, CacheReader, find_cache_dir
-from teacher_cache.remote_cache import newest_remote_cache_of
+from teacher_cache.remote_cache import remote_teachers_newest_first
 from teacher_cache.schema import COL_LABEL
 from teacher_cache.shards import ObjectShard, expand_shard_patterns, shard_stem
 from teacher_cache.teacher import Preprocessing, weights_sha256
@@ -39,19 +39,20 @@ def find_teacher_cache(cfg: TrainConfig) -> Path:
     root = Path(cfg.data.cache_root) if not is_url(cfg.data.cache_root) else str(cfg.data.cache_root)
     if cfg.data.fingerprint or cfg.teacher is None:
         return find_cache_dir(root, cfg.data.fingerprint)
-    if isinstance(root, str):  # object storage: the newest fingerprint directory written by this teacher
+    want = teacher_identity(cfg.teacher)
+    if isinstance(root, str):  # object storage: the same choice over the store's manifests, then a local mirror
         try:
-            return find_cache_dir(root, newest_remote_cache_of(root, teacher_identity(cfg.teacher)))
+            written = remote_teachers_newest_first(root)
         except FileNotFoundError as exc:
             raise CacheError(str(exc)) from exc
-    want = teacher_identity(cfg.teacher)
+    else:
+        written = [(m.parent.name, json.loads(m.read_text()).get("teacher", {}))
+                   for m in sorted(root.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True)]
     found = []
-    for manifest in sorted(root.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        teacher = json.loads(manifest.read_text()).get("teacher", {})
+    for fp, teacher in written:
         if all(teacher.get(k) == val for k, val in want.items()):
-            return manifest.parent
-        weights = str(teacher.get("weights_sha256"))[:12]
-        found.append(f"{manifest.parent.name} ({teacher.get('arch')}, weights {weights})")
+            return find_cache_dir(root, fp) if isinstance(root, str) else root / fp
+        found.append(f"{fp} ({teacher.get('arch')}, weights {str(teacher.get('weights_sha256'))[:12]})")
     raise CacheError(f"{root}: no cache written by the configured teacher ({want['arch']}, weights "
                      f"{want.get('weights_sha256', '?')[:12]}); found: {', '.join(found) or 'none'}. "
                      "Run `distill cache` with this teacher, or set data.fingerprint")

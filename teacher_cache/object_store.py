@@ -15,7 +15,6 @@ What object stores lack and how the cache copes (see teacher_cache/remote_cache.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fnmatch
 import json
 import logging
@@ -166,8 +165,16 @@ def _bucket_key(url: str) -> tuple[str, str]:
 
 
 def _precondition_failed(exc: OSError) -> bool:
-    return isinstance(exc, FileExistsError) or exc.errno == errno.EINVAL or "PreconditionFailed" in str(exc) \
-        or "412" in str(exc)
+    """The store refused a conditional request (HTTP 412), as opposed to any other error.
+
+    s3fs maps several error codes to the same OSError; the botocore error it was made from says which one.
+    """
+    if isinstance(exc, FileExistsError):  # s3fs's own mapping of a failed If-None-Match
+        return True
+    response = getattr(exc.__cause__, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code in ("PreconditionFailed", "412") or status == 412
 
 
 def put_if_absent(url: str, data: bytes) -> str | None:
@@ -187,7 +194,7 @@ def put_if_match(url: str, data: bytes, etag: str) -> str | None:
     bucket, key = _bucket_key(url)
     try:
         out = filesystem().call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=f'"{etag}"')
-    except (OSError, FileNotFoundError) as exc:
+    except OSError as exc:
         if isinstance(exc, FileNotFoundError) or _precondition_failed(exc):
             return None
         raise
@@ -200,7 +207,7 @@ def delete_if_match(url: str, etag: str) -> bool:
     bucket, key = _bucket_key(url)
     try:
         filesystem().call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
-    except (OSError, FileNotFoundError) as exc:
+    except OSError as exc:
         if isinstance(exc, FileNotFoundError) or _precondition_failed(exc):
             return False
         raise

@@ -52,6 +52,22 @@ def _stat_identity(path: Path) -> tuple[int, int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
+def checksum_matches(path: Path, sha256: str) -> bool:
+    """The file's SHA-256 is `sha256`; hashed once per process while its size/mtime/ctime/inode stay the same."""
+    key, ident = (str(path.resolve()), sha256), _stat_identity(path)
+    if _VERIFIED.get(key) == ident:
+        return True
+    if file_sha256(path) != sha256:
+        return False
+    _VERIFIED[key] = ident
+    return True
+
+
+def remember_verified(path: Path, sha256: str) -> None:
+    """The caller has just written `path` from bytes whose SHA-256 it checked: no need to hash the file again."""
+    _VERIFIED[(str(path.resolve()), sha256)] = _stat_identity(path)
+
+
 @dataclass
 class CachedSample:
     key: str
@@ -126,13 +142,8 @@ class CacheReader:
             raise CacheError(f"{path}: listed in the manifest but missing; re-run `distill cache`")
         if (problem := cache_file_problem(path, entry.file_bytes)) is not None:
             raise CacheError(f"{path}: {problem}; {FIX_DAMAGED}")
-        if self.verify:
-            key, ident = (str(path.resolve()), entry.file_sha256), _stat_identity(path)
-            if _VERIFIED.get(key) != ident:
-                if file_sha256(path) != entry.file_sha256:
-                    raise CacheError(f"{path}: checksum does not match the manifest (partial or altered file); "
-                                     f"{FIX_DAMAGED}")
-                _VERIFIED[key] = ident
+        if self.verify and not checksum_matches(path, entry.file_sha256):
+            raise CacheError(f"{path}: checksum does not match the manifest (partial or altered file); {FIX_DAMAGED}")
         return path
 
     def table(self, stem: str, columns: list[str] | None = None) -> pa.Table:

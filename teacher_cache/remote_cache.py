@@ -26,7 +26,7 @@ from pathlib import Path
 
 from teacher_cache import object_store
 from teacher_cache.manifest import MANIFEST_NAME, Manifest, ShardEntry, atomic_write_bytes
-from teacher_cache.shards import file_sha256
+from teacher_cache.reader import checksum_matches, remember_verified
 
 log = logging.getLogger(__name__)
 ERRORS_DIR = "errors"
@@ -125,17 +125,11 @@ def _newest_fingerprint_dir(root: str) -> str:
     return _manifests_newest_first(root)[0]
 
 
-def newest_remote_cache_of(root: str, teacher: dict[str, str]) -> str:
-    """The fingerprint of the newest cache under an object-store root written by this teacher (arch, weights)."""
-    found = []
-    for url in _manifests_newest_first(root):
-        info = json.loads(object_store.get_bytes(object_store.join(url, MANIFEST_NAME)) or b"{}").get("teacher", {})
-        if all(info.get(k) == v for k, v in teacher.items()):
-            return url.rsplit("/", 1)[-1]
-        found.append(f"{url.rsplit('/', 1)[-1]} ({info.get('arch')}, weights {str(info.get('weights_sha256'))[:12]})")
-    raise FileNotFoundError(f"{root}: no cache written by the configured teacher ({teacher.get('arch')}); found: "
-                            f"{', '.join(found) or 'none'}. Run `distill cache` with this teacher, or set "
-                            "data.fingerprint")
+def remote_teachers_newest_first(root: str) -> list[tuple[str, dict]]:
+    """(fingerprint, teacher info of its manifest) for every cache under an object-store root, newest first."""
+    return [(url.rsplit("/", 1)[-1],
+             json.loads(object_store.get_bytes(object_store.join(url, MANIFEST_NAME)) or b"{}").get("teacher", {}))
+            for url in _manifests_newest_first(root)]
 
 
 def mirror(root: str, fingerprint: str | None = None) -> Path:
@@ -167,7 +161,7 @@ def _mirror_once(root: str, remote: str, last_try: bool = False) -> Path:
     for stem, entry in sorted(shards.items()):
         target = local / entry["file"]
         if target.exists() and target.stat().st_size == entry["file_bytes"] and \
-                file_sha256(target) == entry["file_sha256"]:
+                checksum_matches(target, entry["file_sha256"]):  # remembered: the reader does not hash it again
             continue
         data = object_store.get_bytes(object_store.join(remote, entry["file"]))
         if data is None and not last_try:
@@ -176,6 +170,7 @@ def _mirror_once(root: str, remote: str, last_try: bool = False) -> Path:
             raise OSError(f"{object_store.join(remote, entry['file'])}: missing or not the file the manifest "
                           "lists (checksum); re-run `distill cache` over that shard")
         atomic_write_bytes(target, data)
+        remember_verified(target, entry["file_sha256"])
         fetched += 1
         errors = object_store.get_bytes(object_store.join(remote, ERRORS_DIR, f"{stem}.jsonl"))
         if errors is not None:

@@ -72,7 +72,7 @@ def expand_shard_patterns(patterns: list[str]) -> list[ShardPath]:
     if urls:
         listed, missing = object_store.expand(urls)
         for url, info in listed.items():
-            found[url] = ObjectShard(url, ShardIdentity(info.size, info.mtime_ns, etag=info.etag))
+            found[url] = ObjectShard(url, ShardIdentity.of_object(info))
     for pattern in (p for p in patterns if not object_store.is_url(p)):
         matched = False
         for expanded in braceexpand.braceexpand(pattern):
@@ -124,12 +124,14 @@ class ShardIdentity:
     def stat(cls, path: ShardPath) -> ShardIdentity:
         """A local file's stat; an object's listed identity (or one HEAD request if it was not listed)."""
         if isinstance(path, ObjectShard):
-            if path.listed is not None:
-                return path.listed
-            info = object_store.stat(path.url)
-            return cls(size=info.size, mtime_ns=info.mtime_ns, etag=info.etag)
+            return path.listed if path.listed is not None else cls.of_object(object_store.stat(path.url))
         st = path.stat()
         return cls(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
+
+    @classmethod
+    def of_object(cls, info: object_store.ObjectInfo) -> ShardIdentity:
+        """What a listing (or a HEAD) reports: size, last-modified and ETag."""
+        return cls(size=info.size, mtime_ns=info.mtime_ns, etag=info.etag)
 
     def cheap(self) -> tuple[int, int, int | str | None, int | None]:
         if self.etag is not None:
