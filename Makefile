@@ -7,11 +7,11 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.torch_extensions
 PYTEST_ARGS ?=
-# two pytest workers, one test file each at a time (the end-to-end tests are one file: two whole pipelines at
-# once on 2 cores slow each other past their timeouts); most tests wait on Ray, subprocesses and imports, not on
-# the CPU, so two share 2 cores well (TEST_WORKERS=0 runs everything in one process)
+# two pytest workers, one test file each at a time, the heaviest files first (tests/conftest.py: HEAVY_FIRST;
+# --no-loadscope-reorder keeps that order); most tests wait on Ray, subprocesses and imports, not on the CPU, so
+# two share 2 cores well (TEST_WORKERS=0 runs everything in one process)
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 .PHONY: venv demo test test-deps test-unit lint bench clean
 
@@ -36,7 +36,7 @@ test-deps:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway >/dev/null; \
-	  else echo "note: install prometheus + prometheus-pushgateway to run the operations tests in tests/e2e/test_end_to_end.py"; fi; \
+	  else echo "note: install prometheus + prometheus-pushgateway to run the operations tests in tests/e2e/test_operations.py"; fi; \
 	fi
 
 test: $(STAMP) test-deps

@@ -1,7 +1,7 @@
 """SIGTERM (what `ray job stop` sends) stops a stage cleanly: the cache records "stopped" with what was done and
 frees its lock, training marks the variant "interrupted", and the same command then finishes the work with
 nothing lost or duplicated. Real CLI processes, in-process stages (--no-ray); the Ray job path is in
-tests/e2e/test_end_to_end.py."""
+tests/e2e/test_operations.py."""
 
 import json
 import os
