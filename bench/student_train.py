@@ -1,7 +1,8 @@
 """Student-training benchmark on the demo data: does distillation pay, at equal epochs, over several seeds?
 
     .venv/bin/python bench/student_train.py [--epochs 6] [--seeds 0 1 2] [--grid 0.5:2 0.9:4] [--online 0.5:2]
-        [--skip-online] [--skip-unlabelled] [--skip-equal-epochs] [--arch cnn_small --width 16]
+        [--skip-online] [--skip-unlabelled] [--skip-equal-epochs] [--views N]
+        [--arch cnn_small --width 16 | --arch mlp --arch-kwargs '{"hidden": 256}']
         [--config examples/demo.yaml] [--work runs/bench_train] [--out bench/out/student_train.json]
     .venv/bin/python bench/student_train.py --merge A.json B.json ... --out ALL.json   # runs split by seed
 
@@ -153,7 +154,11 @@ def main() -> None:
     ap.add_argument("--skip-equal-epochs", action="store_true")
     ap.add_argument("--arch", default="cnn_small")
     ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--arch-kwargs", type=json.loads, help='the student\'s arch_kwargs as JSON, instead of --width '
+                    '(e.g. --arch mlp --arch-kwargs \'{"hidden": 256}\')')
     ap.add_argument("--lr", type=float, help="peak learning rate of every run (default: the config's train.base.lr)")
+    ap.add_argument("--views", type=int, help="cached views each run cycles through (default: all; 1 = view 0 only, "
+                    "the whole digit: no augmentation for either student)")
     ap.add_argument("--config", type=Path, default=ROOT / "examples" / "demo.yaml",
                     help="a pipeline YAML whose cache/train sections name the shards, cache and recipe")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_train", help="run directories (wiped)")
@@ -164,7 +169,8 @@ def main() -> None:
     if args.merge:
         return merge(args.merge, args.out)
     cfg = ensure_demo_inputs(args.config)
-    student = {"arch": args.arch, "arch_kwargs": {"width": args.width}, **({"lr": args.lr} if args.lr else {})}
+    student = {"arch": args.arch, "arch_kwargs": args.arch_kwargs or {"width": args.width},
+               **({"lr": args.lr} if args.lr else {}), **({"views": args.views} if args.views else {})}
     work = args.work
     shutil.rmtree(work, ignore_errors=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 when the machine is shared

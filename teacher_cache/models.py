@@ -96,6 +96,19 @@ def mobilenet_mini(num_classes: int = 10, in_chans: int = 3, width: int = 16, ex
         _Head(4 * w, num_classes))
 
 
+@register_model
+def mlp(num_classes: int = 10, in_chans: int = 3, input_size: int = 28, hidden: int = 256, depth: int = 2) -> nn.Module:
+    """Fully connected network on the flattened image (small inputs only: digits, 28 px): no convolutions at all,
+    so its invariances come from its data or its teacher (Hinton et al.'s MNIST distillation student)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    cin = in_chans * input_size * input_size
+    for _ in range(depth):
+        layers += [nn.Linear(cin, hidden), nn.ReLU(inplace=True)]
+        cin = hidden
+    layers.append(nn.Linear(cin, num_classes))
+    return nn.Sequential(*layers)
+
+
 class UnknownModelError(ValueError):
     """An architecture name that no registry knows."""
 

@@ -149,3 +149,15 @@ def test_finetune_directory_is_keyed_by_parent_weights_and_prune_settings(tmp_pa
     second = finetune_dir(out, b)
     assert b["key"] != a["key"] and not first.exists() and not any(second.rglob("latest"))
     assert step_keeps(0.25, 2) == pytest.approx([0.5, 0.25]) and step_keeps(0.5, 1) == [0.5]
+
+
+def test_mlp_student_prunes_to_target_and_keeps_its_input_and_classes():
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=10, in_chans=1, input_size=28, hidden=64)
+    x = torch.randn(4, 1, 28, 28)
+    costs = prune_to_target(model, x[:1], keep=0.5, target="macs", round_to=8)
+    assert costs["macs_after"] <= 0.5 * costs["macs_before"] and costs["target_reached"]
+    assert model(x).shape == (4, 10)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears[0].in_features == 28 * 28 and linears[-1].out_features == 10  # input and classes untouched
+    assert all(lin.out_features % 8 == 0 for lin in linears[:-1]), [lin.out_features for lin in linears]

@@ -46,11 +46,12 @@ def test_projection_dim_checked():
         check_features(create_model("cnn_small", 10, 1, width=16), 99)
 
 
-@pytest.mark.parametrize("arch", ["cnn_small", "resnet_mini", "mobilenet_mini", "timm:resnet18",
+@pytest.mark.parametrize("arch", ["cnn_small", "resnet_mini", "mobilenet_mini", "mlp", "timm:resnet18",
                                   "torchvision:resnet18"])
 def test_hook_gives_the_classifier_input(arch):
     chans = 3 if arch.startswith("torchvision") else 1
-    model = create_model(arch, num_classes=10, in_chans=chans).eval()
+    kwargs = {"input_size": 32} if arch == "mlp" else {}
+    model = create_model(arch, num_classes=10, in_chans=chans, **kwargs).eval()
     name, linear = last_linear(model)
     x = torch.randn(2, chans, 32, 32)
     ext = FeatureExtractor(model, None, 0)
