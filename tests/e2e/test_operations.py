@@ -30,9 +30,6 @@ BIN = Path(sys.executable).parent
 PUSHGATEWAY = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
 
 
-_port = free_port
-
-
 def _env() -> dict:
     # RAY_JOB_STOP_WAIT_TIME_S: on the head, how long `ray job stop` waits after SIGTERM before SIGKILL (3 s by
     # default; the stages need a little longer on a loaded 2-core machine to record "stopped"/"interrupted")
@@ -66,28 +63,25 @@ def _cluster_pids(ray_tmp: str) -> set[int]:
     return found
 
 
-_wait_http = wait_http
-
-
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory):
     if not (Path(PROMETHEUS).exists() and Path(PUSHGATEWAY).exists()):
         pytest.skip("the Prometheus server and Pushgateway are not installed (.ci/run installs them)")
     work = tmp_path_factory.mktemp("ops")
     ray_tmp = tempfile.mkdtemp(prefix="/tmp/rop")  # short: Ray's unix sockets live under it
-    dash, gcs = _port(), _port()
+    dash, gcs = free_port(), free_port()
     started: list[subprocess.Popen] = []
-    ports = [f"--dashboard-agent-listen-port={_port()}", f"--dashboard-agent-grpc-port={_port()}",
-             f"--runtime-env-agent-port={_port()}", f"--metrics-export-port={_port()}",
-             f"--ray-client-server-port={_port()}", f"--node-manager-port={_port()}",
-             f"--object-manager-port={_port()}"]
+    ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+             f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
+             f"--object-manager-port={free_port()}"]
     subprocess.run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", *ports,
                     f"--temp-dir={ray_tmp}", "--include-dashboard=true", "--disable-usage-stats"],
                    check=True, env=_env(), capture_output=True, timeout=120)
     targets = work / "metrics_targets"
     targets.mkdir()
-    prom_port, push_port = _port(), _port()
+    prom_port, push_port = free_port(), free_port()
     (work / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(targets, push_port)))
     started.append(subprocess.Popen([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}",
                                      f"--web.listen-address=127.0.0.1:{prom_port}",
@@ -95,8 +89,8 @@ def ops(tmp_path_factory):
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     started.append(subprocess.Popen([PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{push_port}"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    _wait_http(f"http://127.0.0.1:{prom_port}/-/ready")
-    _wait_http(f"http://127.0.0.1:{push_port}/metrics")
+    wait_http(f"http://127.0.0.1:{prom_port}/-/ready")
+    wait_http(f"http://127.0.0.1:{push_port}/metrics")
     demo = (ROOT / "examples" / "demo.yaml").read_text().replace("runs/demo", str(work / "runs"))
     cfg = yaml.safe_load(demo)
     cfg["shards"].update(limit=1200, samples_per_shard=100)
@@ -105,7 +99,7 @@ def ops(tmp_path_factory):
     # rank on each submission; the pools have their own tests, this one is about the Ray job path)
     cfg["cache"].update(batch_size=16, views={**cfg["cache"]["views"], "num_views": 12},
                         ray={"num_actors": 1, "cpus_per_actor": 0.5}, decode_processes=0)
-    # no teacher pre-training stage here (test_demo_pipeline_end_to_end below runs it): a real resnet_mini, saved
+    # no teacher pre-training stage here (test_end_to_end.py runs it): a real resnet_mini, saved
     del cfg["teacher"]
     from helpers import save_teacher
 
