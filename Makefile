@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
-.PHONY: venv demo test test-deps test-unit lint bench clean
+.PHONY: venv demo test test-deps test-multinode test-all test-unit lint bench clean
 
 venv: $(STAMP)
 
@@ -39,8 +39,16 @@ test-deps:
 	  else echo "note: install prometheus + prometheus-pushgateway to run the operations tests in tests/e2e/test_operations.py"; fi; \
 	fi
 
+# `make test`: everything but the multi-node tests (pytest marker `multinode`: each starts a 3-raylet Ray cluster,
+# kills nodes and waits for Ray to notice; ~12 min together); `make test-multinode` runs those, one at a time
+# (two clusters at once on 2 cores would race each other's node-death deadlines). CI (.ci/run) runs both.
 test: $(STAMP) test-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not multinode" $(XDIST) $(PYTEST_ARGS)
+
+test-multinode: $(STAMP) test-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m multinode $(PYTEST_ARGS)
+
+test-all: test test-multinode
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -1,7 +1,7 @@
 """Student-training benchmark on the demo data: does distillation pay, at equal epochs, over several seeds?
 
     .venv/bin/python bench/student_train.py [--epochs 6] [--seeds 0 1 2] [--grid 0.5:2 0.9:4] [--online 0.5:2]
-        [--skip-online] [--skip-unlabelled] [--skip-equal-epochs] [--views N]
+        [--skip-online] [--skip-unlabelled] [--skip-equal-epochs] [--views N] [--grid 0.5:2:1:cosine (+ feature KD)]
         [--arch cnn_small --width 16 | --arch mlp --arch-kwargs '{"hidden": 256}']
         [--config examples/demo.yaml] [--work runs/bench_train] [--out bench/out/student_train.json]
     .venv/bin/python bench/student_train.py --merge A.json B.json ... --out ALL.json   # runs split by seed
@@ -81,15 +81,17 @@ def _summary(df: pd.DataFrame, key: str, baseline: str) -> dict:
 
 
 def equal_epochs(cfg: PipelineConfig, out: Path, student: dict, epochs: int, seeds: list[int],
-                 grid: list[tuple[float, float]], online: tuple[float, float] | None,
+                 grid: list[tuple], online: tuple[float, float] | None,
                  twin: bool = True) -> pd.DataFrame:
     variants = []
     for seed in seeds:
         if twin:
             variants.append({"name": f"none-s{seed}", "mode": "none", "seed": seed, **student})
-        for a, t in grid:
-            variants.append({"name": f"soft-a{a}-T{t:g}-s{seed}", "mode": "soft", "alpha": a, "temperature": t,
-                             "seed": seed, **student})
+        for a, t, *feat in grid:
+            fk = {"beta": feat[0], "feature_loss": feat[1]} if feat else {}
+            tag = f"-b{feat[0]:g}{feat[1]}" if feat else ""
+            variants.append({"name": f"soft-a{a}-T{t:g}{tag}-s{seed}", "mode": "soft", "alpha": a,
+                             "temperature": t, "seed": seed, **fk, **student})
         if online:
             variants.append({"name": f"online-a{online[0]}-T{online[1]:g}-s{seed}", "mode": "online",
                              "alpha": online[0], "temperature": online[1], "seed": seed, **student})
@@ -141,11 +143,21 @@ def _pair(s: str) -> tuple[float, float]:
     return float(a), float(t)
 
 
+def _kd(s: str) -> tuple:
+    """alpha:T, or alpha:T:beta:loss for logit + feature KD (needs a cache with teacher features)."""
+    if s.count(":") == 1:
+        return _pair(s)
+    a, t, beta, loss = s.split(":")
+    return float(a), float(t), float(beta), loss
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--grid", type=_pair, nargs="*", default=[(0.5, 2.0), (0.9, 4.0)], help="alpha:T pairs")
+    ap.add_argument("--grid", type=_kd, nargs="*", default=[(0.5, 2.0), (0.9, 4.0)],
+                    help="alpha:T pairs, or alpha:T:beta:loss (cosine|mse) for logit + feature KD, which needs a "
+                    "cache with teacher features (cache.features.enabled in --config)")
     ap.add_argument("--no-twin", action="store_true", help="skip the mode-none runs (when another process runs "
                     "them; --merge pairs them up by seed)")
     ap.add_argument("--online", type=_pair, default=(0.5, 2.0), help="alpha:T of the online-KD runs")
