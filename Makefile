@@ -40,7 +40,7 @@ test-deps:
 	fi
 
 # `make test`: everything but the multi-node tests (pytest marker `multinode`: each starts a 3-raylet Ray cluster,
-# kills nodes and waits for Ray to notice; ~12 min together); `make test-multinode` runs those, one at a time
+# kills nodes and waits for Ray to notice; ~7 min together); `make test-multinode` runs those, one at a time
 # (two clusters at once on 2 cores would race each other's node-death deadlines). CI (.ci/run) runs both.
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not multinode" $(XDIST) $(PYTEST_ARGS)
