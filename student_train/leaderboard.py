@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from student_train.status import read_status
 from teacher_cache.models import count_params, create_model
 
 COLUMNS = ["variant", "status", "arch", "mode", "alpha", "temperature", "epochs", "val_top1", "val_top5",
-           "val_teacher_agreement", "twin", "delta_top1_vs_twin", "labelled_samples", "unlabelled_samples",
-           "params", "macs", "samples_per_s", "wall_seconds", "reason"]
+           "val_samples", "val_teacher_agreement", "twin", "delta_top1_vs_twin", "labelled_samples",
+           "unlabelled_samples", "params", "macs", "samples_per_s", "wall_seconds", "reason"]
 
 
 def model_cost(arch: str, arch_kwargs: dict, num_classes: int, in_chans: int, size: int) -> tuple[int, int]:
@@ -46,6 +47,7 @@ def variant_row(run_dir: Path, name: str, v: VariantConfig, num_classes: int, in
     return {"variant": name, "status": status["status"], "arch": v.arch, "mode": v.mode, "alpha": v.alpha,
             "temperature": v.temperature, "epochs": len(rows), "val_top1": best.get("val_top1"),
             "val_top5": best.get("val_top5"), "val_teacher_agreement": best.get("val_teacher_agreement"),
+            "val_samples": int(best["val_samples"]) if best.get("val_samples") else None,
             "twin": None, "delta_top1_vs_twin": None, "labelled_samples": per_epoch[0] * len(rows),
             "unlabelled_samples": per_epoch[1] * len(rows), "params": params, "macs": macs,
             "samples_per_s": (sum(r["samples_per_s"] for r in rows) / len(rows)) if rows else None,
@@ -71,9 +73,30 @@ def twin_pairs(rows: list[dict]) -> list[dict]:
     """Distilled variants with a twin, best distilled student first (pairs without a delta last)."""
     by_name = {r["variant"]: r for r in rows}
     pairs = [{"variant": r["variant"], "val_top1": r["val_top1"], "twin": r["twin"],
-              "twin_val_top1": by_name[r["twin"]]["val_top1"], "delta_top1_vs_twin": r["delta_top1_vs_twin"]}
+              "twin_val_top1": by_name[r["twin"]]["val_top1"], "delta_top1_vs_twin": r["delta_top1_vs_twin"],
+              "val_samples": by_name[r["twin"]].get("val_samples")}
              for r in rows if r.get("twin") in by_name]
     return sorted(pairs, key=lambda p: (p["delta_top1_vs_twin"] is None, -(p["val_top1"] or -1)))
+
+
+def noise_pt(top1: float | None, n: int | None) -> float | None:
+    """One binomial standard error of a val top-1 measured on n images, in points (None when n is unknown)."""
+    if top1 is None or not n:
+        return None
+    return 100 * math.sqrt(top1 * (1 - top1) / n)
+
+
+def twin_verdict(d: float | None, noise: float | None) -> str:
+    """Words for a Δ top-1 (points) against the twin; a |Δ| within one standard error of the val top-1 is called
+    noise, not a win: one seed on 500 val digits at 96% moves by ±0.9 pt."""
+    if d is None:
+        return "n/a (not both done)"
+    if d == 0:
+        return "tie"
+    if noise is not None and abs(d) <= noise:
+        side = "distilled" if d > 0 else "twin"
+        return f"{side} ahead within noise (±{noise:.1f} pt on one seed: compare over seeds)"
+    return "distillation wins" if d > 0 else "twin wins: KD did not pay"
 
 
 def format_twin_comparison(pairs: list[dict]) -> str:
@@ -83,8 +106,7 @@ def format_twin_comparison(pairs: list[dict]) -> str:
     lines = ["distilled student vs its undistilled twin (same arch, epochs, optimizer, schedule, views, seed):"]
     for p in pairs:
         d = p["delta_top1_vs_twin"]
-        verdict = "n/a (not both done)" if d is None else ("distillation wins" if d > 0 else
-                                                            "tie" if d == 0 else "twin wins: KD did not pay")
+        verdict = twin_verdict(d, noise_pt(p["twin_val_top1"], p.get("val_samples")))
         top = "-" if p["val_top1"] is None else f"{100 * p['val_top1']:.2f}%"
         ttop = "-" if p["twin_val_top1"] is None else f"{100 * p['twin_val_top1']:.2f}%"
         delta = "" if d is None else f"  {d:+.2f} pt"
@@ -97,7 +119,8 @@ def write_leaderboard(run_dir: Path, rows: list[dict]) -> Path:
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("variant", pa.string()), ("status", pa.string()), ("arch", pa.string()), ("mode", pa.string()),
         ("alpha", pa.float64()), ("temperature", pa.float64()), ("epochs", pa.int64()), ("val_top1", pa.float64()),
-        ("val_top5", pa.float64()), ("val_teacher_agreement", pa.float64()), ("twin", pa.string()),
+        ("val_top5", pa.float64()), ("val_samples", pa.int64()), ("val_teacher_agreement", pa.float64()),
+        ("twin", pa.string()),
         ("delta_top1_vs_twin", pa.float64()), ("labelled_samples", pa.int64()), ("unlabelled_samples", pa.int64()),
         ("params", pa.int64()),
         ("macs", pa.int64()), ("samples_per_s", pa.float64()), ("wall_seconds", pa.float64()),

@@ -5,7 +5,7 @@ from pydantic import ValidationError
 
 from student_train.config import TrainConfig, VariantConfig
 from student_train.data import ShardPair
-from student_train.leaderboard import add_twin_deltas, format_twin_comparison, twin_pairs
+from student_train.leaderboard import add_twin_deltas, format_twin_comparison, noise_pt, twin_pairs, twin_verdict
 from student_train.twins import add_twins, pair_twins
 from student_train.unlabelled import samples_per_epoch, train_pairs
 
@@ -99,3 +99,22 @@ def test_pipeline_end_prints_the_comparison_then_the_winner(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("distilled student vs its undistilled twin") and "+0.70 pt" in out[1]
     assert out[2] == "winner: kd (97.50% val top-1; distilled, +0.70 pt over its twin base)"
+
+
+def test_a_delta_within_one_standard_error_is_called_noise_not_a_win():
+    # one binomial standard error at 95.8% on 500 val images: 100 * sqrt(0.958 * 0.042 / 500) = 0.897 pt
+    assert noise_pt(0.958, 500) == pytest.approx(0.8971, abs=1e-4)
+    assert noise_pt(0.958, None) is None and noise_pt(None, 500) is None
+    assert twin_verdict(0.6, 0.897).startswith("distilled ahead within noise (±0.9 pt")
+    assert twin_verdict(-0.4, 0.897).startswith("twin ahead within noise")
+    assert twin_verdict(1.2, 0.897) == "distillation wins" and twin_verdict(-1.2, 0.897).startswith("twin wins")
+    assert twin_verdict(0.0, 0.897) == "tie" and twin_verdict(None, 0.897).startswith("n/a")
+    assert twin_verdict(0.6, None) == "distillation wins"  # val size unknown: no band
+    # end to end through the rows: the twin's val_samples sets the band
+    rows = [{**_row("kd", "soft", 0.964), "val_samples": 500}, {**_row("base", "none", 0.958), "val_samples": 500},
+            {**_row("kd-big", "soft", 0.964), "val_samples": 50000}, {**_row("base-big", "none", 0.958),
+                                                                      "val_samples": 50000}]
+    text = format_twin_comparison(twin_pairs(add_twin_deltas(rows, {"kd": "base", "kd-big": "base-big"})))
+    lines = {ln.split()[0]: ln for ln in text.splitlines()[1:]}
+    assert "+0.60 pt" in lines["kd"] and "within noise" in lines["kd"]
+    assert "+0.60 pt" in lines["kd-big"] and lines["kd-big"].endswith("distillation wins")  # ±0.09 pt on 50,000
