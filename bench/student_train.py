@@ -1,7 +1,7 @@
 """Student-training benchmark on the demo data: does distillation pay, at equal epochs, over several seeds?
 
-    .venv/bin/python bench/student_train.py [--epochs 6] [--seeds 0 1 2] [--grid 0.5:2 0.9:4] [--online 0.5:2]
-        [--skip-online] [--skip-unlabelled] [--skip-equal-epochs] [--views N] [--grid 0.5:2:1:cosine (+ feature KD)]
+    .venv/bin/python bench/student_train.py [--epochs 6] [--seeds 0 1 2] [--grid 0.5:2 0.9:4 0.5:2:1:cosine]
+        [--online 0.5:2] [--skip-online] [--skip-unlabelled] [--skip-equal-epochs] [--views N]
         [--arch cnn_small --width 16 | --arch mlp --arch-kwargs '{"hidden": 256}']
         [--config examples/demo.yaml] [--work runs/bench_train] [--out bench/out/student_train.json]
     .venv/bin/python bench/student_train.py --merge A.json B.json ... --out ALL.json   # runs split by seed
@@ -13,7 +13,8 @@ DeepSpeed (1 rank, fp32), every run one after another in one process, so Ray sch
 (b) labels on one train shard only (10% of the demo's train set) against the same labels plus the teacher's
     soft labels on the other shards (`data.unlabelled_shards`); the labels-only twin is run at equal epochs
     and at equal optimizer steps (it has 1/10 of the data per epoch).
-Per-run rows go to bench/out/student_train.json; the summary is printed as YAML.
+A grid entry alpha:T:beta:loss adds feature KD (beta, cosine|mse) to the soft term; it needs a cache written with
+cache.features.enabled (in --config). Per-run rows go to bench/out/student_train.json; the summary is printed as YAML.
 """
 
 from __future__ import annotations

@@ -16,11 +16,6 @@ from student_train.config import VariantConfig
 from student_train.status import read_status
 from teacher_cache.models import count_params, create_model
 
-COLUMNS = ["variant", "status", "arch", "mode", "alpha", "temperature", "epochs", "val_top1", "val_top5",
-           "val_samples", "val_teacher_agreement", "twin", "delta_top1_vs_twin", "labelled_samples",
-           "unlabelled_samples", "params", "macs", "samples_per_s", "wall_seconds", "reason"]
-
-
 def model_cost(arch: str, arch_kwargs: dict, num_classes: int, in_chans: int, size: int) -> tuple[int, int]:
     """(parameters, multiply-accumulates per image) of an untrained instance."""
     model = create_model(arch, num_classes=num_classes, in_chans=in_chans, **arch_kwargs).eval()
