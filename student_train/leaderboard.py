@@ -16,6 +16,7 @@ from student_train.config import VariantConfig
 from student_train.status import read_status
 from teacher_cache.models import count_params, create_model
 
+
 def model_cost(arch: str, arch_kwargs: dict, num_classes: int, in_chans: int, size: int) -> tuple[int, int]:
     """(parameters, multiply-accumulates per image) of an untrained instance."""
     model = create_model(arch, num_classes=num_classes, in_chans=in_chans, **arch_kwargs).eval()
