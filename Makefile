@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
-.PHONY: venv demo test test-deps test-multinode test-all test-unit lint bench clean
+.PHONY: venv demo test test-deps test-cluster test-all test-unit lint bench clean
 
 venv: $(STAMP)
 
@@ -39,16 +39,18 @@ test-deps:
 	  else echo "note: install prometheus + prometheus-pushgateway to run the operations tests in tests/e2e/test_operations.py"; fi; \
 	fi
 
-# `make test`: everything but the multi-node tests (pytest marker `multinode`: each starts a 3-raylet Ray cluster,
-# kills nodes and waits for Ray to notice; ~7 min together); `make test-multinode` runs those, one at a time
-# (two clusters at once on 2 cores would race each other's node-death deadlines). CI (.ci/run) runs both.
+# `make test`: everything but the cluster-operations tests (pytest marker `cluster`: each file starts a Ray
+# cluster of its own and operates it as users do: tests/integration/test_multinode.py kills nodes of a 3-raylet
+# cluster, tests/e2e/test_operations.py submits / stops / resubmits the pipeline with `ray job` and scrapes it with
+# Prometheus; ~15 min together). `make test-cluster` runs those, one at a time (two clusters at once on 2 cores
+# race each other's node-death and job-stop deadlines). CI (.ci/run) runs both.
 test: $(STAMP) test-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not multinode" $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not cluster" $(XDIST) $(PYTEST_ARGS)
 
-test-multinode: $(STAMP) test-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m multinode $(PYTEST_ARGS)
+test-cluster: $(STAMP) test-deps
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m cluster $(PYTEST_ARGS)
 
-test-all: test test-multinode
+test-all: test test-cluster
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

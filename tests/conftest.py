@@ -11,10 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 # files in this order, so the long files start at once on different workers and the short ones fill in around
 # them; pytest-xdist's default reorder (files with the most tests first) queued the longest e2e file last.
 HEAVY_FIRST = (
-    "e2e/test_operations.py",
-    "integration/test_multinode.py",
-    "integration/test_object_store.py",
     "e2e/test_end_to_end.py",
+    "integration/test_object_store.py",
     "integration/test_cache_cli.py",
     "integration/test_train_hardening.py",
     "integration/test_train.py",

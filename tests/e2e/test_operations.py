@@ -22,9 +22,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import PROMETHEUS, free_port, prom_query, prometheus_config, wait_http
+from helpers import PROMETHEUS, free_port, mnist_shard, prom_query, prometheus_config, wait_http
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PUSHGATEWAY = shutil.which("prometheus-pushgateway") or "/usr/bin/prometheus-pushgateway"
@@ -235,25 +235,34 @@ def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
 
 
 def test_refresh_lock_refusal_and_noop(ops):
+    n = 6  # its own shards: this test does not depend on the pipeline test having written runs/shards
+    shards = [mnist_shard(ops["work"] / "refresh_shards" / f"train-{i:06d}.tar", 40, offset=40 * i) for i in range(n)]
     cfg = dict(ops["cfg"]["cache"])
-    cfg["cache_root"] = str(ops["work"] / "cache_refresh")
-    cfg["views"] = {**cfg["views"], "num_views": 32}  # slow enough that the second run meets the lock
+    cfg.update(shards=[str(shards[0].parent / "*.tar")], cache_root=str(ops["work"] / "cache_refresh"))
+    cfg["views"] = {**cfg["views"], "num_views": 2}
     cfg["metrics"] = {"pushgateway": f"http://127.0.0.1:{ops['push']}"}
     f = ops["work"] / "refresh.yaml"
     f.write_text(yaml.safe_dump({"cache": cfg}))
     distill = [str(BIN / "distill"), "cache", "refresh", "--config", str(f), "--set", "ray.enabled=false"]
     first = subprocess.Popen(distill, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     root = Path(cfg["cache_root"])
-    _wait_for(lambda: any(root.glob("*/.lock")) and any(p.read_text() for p in root.glob("*/.lock")), 120,
-              "the first refresh to take the lock")
-    second = subprocess.run(distill, env=_env(), capture_output=True, text=True, timeout=120)
+    _wait_for(lambda: (any(root.glob("*/.lock")) and any(p.read_text() for p in root.glob("*/.lock")))
+              or first.poll() is not None, 120, "the first refresh to take the lock")
+    assert first.poll() is None, first.communicate()[1][-3000:]
+    # the first refresh holds the lock for as long as the second needs to meet it: paused (SIGSTOP, our own
+    # child, by PID) rather than made slow with extra views, which cost this test ~80 s of CPU
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None, "the first refresh ended before the second could meet its lock"
+        second = subprocess.run(distill, env=_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     out, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 5, second.stderr[-2000:]
     assert "refused:" in second.stderr and "being written by another job" in second.stderr
-    n = len(list((ops["work"] / "runs" / "shards").glob("*.tar")))  # 11 train + 2 val shards of <= 100
     summary = json.loads(out)
-    assert n > 1 and summary["new"] == n and summary["status"] == "success"
+    assert summary["new"] == n and summary["status"] == "success"
     noop = subprocess.run(distill, env=_env(), capture_output=True, text=True, timeout=120)
     assert noop.returncode == 0
     s = json.loads(noop.stdout)

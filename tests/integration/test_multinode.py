@@ -33,7 +33,7 @@ from helpers import (
 from teacher_cache.reader import CacheReader, find_cache_dir
 from teacher_cache.shards import ShardReader
 
-pytestmark = [pytest.mark.integration, pytest.mark.multinode]
+pytestmark = [pytest.mark.integration, pytest.mark.multinode, pytest.mark.cluster]
 DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
 N_SHARDS = 12
 
