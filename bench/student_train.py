@@ -11,8 +11,9 @@ DeepSpeed (1 rank, fp32), every run one after another in one process, so Ray sch
 (a) the same student, epochs, optimizer, schedule, views and seed under mode none (the twin), cached soft KD at
     each (alpha, T) of the grid, and online KD (teacher live on the very crops the cache replays);
 (b) labels on one train shard only (10% of the demo's train set) against the same labels plus the teacher's
-    soft labels on the other shards (`data.unlabelled_shards`); the labels-only twin is run at equal epochs
-    and at equal optimizer steps (it has 1/10 of the data per epoch).
+    soft labels on the other shards (`data.unlabelled_shards`); the labels-only twin at equal optimizer steps
+    (the training default: ~10 passes over its shard per epoch) is the baseline, and the same twin at equal
+    epochs (`data.labelled_passes: 1`, 1/10 of the steps) is shown for scale.
 A grid entry alpha:T:beta:loss adds feature KD (beta, cosine|mse) to the soft term; it needs a cache written with
 cache.features.enabled (in --config). Per-run rows go to bench/out/student_train.json; the summary is printed as YAML.
 """
@@ -108,15 +109,16 @@ def unlabelled(cfg: PipelineConfig, out: Path, student: dict, epochs: int, seeds
     shards = expand_shard_patterns(cfg.train.data.train_shards)
     labelled, pool = [str(shards[0])], [str(p) for p in shards[1:]]
     share = {"labelled_shards": len(labelled), "pool_shards": len(pool)}
-    variants = []
+    few, same = [], []  # the twin at equal epochs (1 pass per epoch); the twin at equal steps and KD
     for seed in seeds:
-        variants += [{"name": f"labels-only-s{seed}", "mode": "none", "seed": seed, **student},
-                     {"name": f"labels-only-eqsteps-s{seed}", "mode": "none", "seed": seed,
-                      "epochs": epochs * len(shards), **student},
-                     {"name": f"labels+pool-soft-s{seed}", "mode": "soft", "alpha": kd[0], "temperature": kd[1],
-                      "seed": seed, **student}]
-    _train(cfg, out, variants, epochs, {"train_shards": labelled, "unlabelled_shards": pool})
-    rows = [_result(out, v) for v in variants]
+        few.append({"name": f"labels-only-eqepochs-s{seed}", "mode": "none", "seed": seed, **student})
+        same += [{"name": f"labels-only-s{seed}", "mode": "none", "seed": seed, **student},
+                 {"name": f"labels+pool-soft-s{seed}", "mode": "soft", "alpha": kd[0], "temperature": kd[1],
+                  "seed": seed, **student}]
+    data = {"train_shards": labelled, "unlabelled_shards": pool}
+    _train(cfg, out / "eqepochs", few, epochs, {**data, "labelled_passes": 1})
+    _train(cfg, out / "eqsteps", same, epochs, data)
+    rows = [_result(out / "eqepochs", v) for v in few] + [_result(out / "eqsteps", v) for v in same]
     for r in rows:
         r["config"] = r["name"].rsplit("-s", 1)[0]
     return pd.DataFrame(rows), share

@@ -69,6 +69,10 @@ class DataConfig(_Strict):
     unlabelled_shards: list[str] = Field(default_factory=list, description="an unlabelled pool (cached): distilled "
                                          "variants learn from its rows through the KD term only (labels in these "
                                          "shards are ignored), mode none skips it")
+    labelled_passes: int | None = Field(None, ge=1, description="with an unlabelled pool: passes a mode-none "
+                                        "variant makes over the labelled shards per epoch; default round(all rows / "
+                                        "labelled-shard rows), so an undistilled twin takes as many optimizer steps "
+                                        "as its distilled variant (1 = plain epochs, ~pool-size times fewer steps)")
     cache_root: PathOrURL | None = Field(None, description="teacher cache (a directory or an s3:// prefix); "
                                          "required unless every variant is mode: none")
     num_classes: int | None = Field(None, ge=2, description="only without a cache (default: classes.json)")

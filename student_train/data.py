@@ -12,7 +12,7 @@ import functools
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +157,13 @@ class StreamSpec:
     flip: bool = True
     rotate: float = 0.0  # live rotations of ±rotate degrees when there is no cache
     cache_root_url: str | None = None  # object-store cache: a worker on another node mirrors it itself
+    passes: int = 1  # passes over `pairs` in this epoch, each its own shard order and view (see pass_epochs)
+
+
+def pass_epochs(epoch: int, passes: int) -> range:
+    """The data epochs (shard order, shuffle, view) of training epoch `epoch` made of `passes` passes: a twin
+    that makes 10 passes per epoch sees its rows in the orders and views of 10 plain epochs."""
+    return range(epoch * passes, (epoch + 1) * passes)
 
 
 def rotate_live(pixels: torch.Tensor, key: str, seed: int, degrees: float) -> torch.Tensor:
@@ -290,6 +297,15 @@ class JoinedStream(IterableDataset):
         return batch
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        base = self.spec
+        try:
+            for e in pass_epochs(base.epoch, base.passes):
+                self.spec = replace(base, epoch=e, passes=1)
+                yield from self._one_pass()
+        finally:
+            self.spec = base
+
+    def _one_pass(self) -> Iterator[dict[str, torch.Tensor]]:
         s = self.spec
         info = get_worker_info()
         rng = random.Random(s.seed * 7919 + s.epoch * 104_729 + s.rank * 1_009 + (info.id if info else 0))

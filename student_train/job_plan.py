@@ -144,6 +144,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
                    train=train, val=val, num_classes=num_classes,
                    num_views=num_views, teacher_prep=prep, teacher=cfg.teacher,
                    shuffle_buffer=cfg.data.shuffle_buffer, loader_workers=cfg.data.loader_workers,
+                   labelled_passes=cfg.data.labelled_passes,
                    log_every=cfg.log_every, metrics_port=cfg.metrics_port, metrics_host=cfg.metrics_host,
                    keep_checkpoints=cfg.keep_checkpoints,
                    metrics_targets_dir=Path(cfg.metrics_targets_dir or Path(cfg.run_dir) / "metrics_targets").resolve(),

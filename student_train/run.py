@@ -183,7 +183,7 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
     for name, v in variants:
         prep = student_prep(v, job.teacher_prep)
         rows.append(variant_row(run_dir, name, v, job.num_classes, prep.channels, prep.input_size,
-                                samples_per_epoch(job.train, v.mode)))
+                                samples_per_epoch(job.train, v.mode, job.labelled_passes)))
     rows = add_twin_deltas(rows, pair_twins(variants))
     path = write_leaderboard(run_dir, rows)
     text = format_twin_comparison(twin_pairs(rows)) + "\n\n" + format_leaderboard(rows) + "\n"

@@ -25,11 +25,19 @@ from student_train import checkpoints
 from student_train import metrics as m
 from student_train.atomic_io import atomic_write_text
 from student_train.config import VariantConfig
-from student_train.data import JoinedStream, ShardPair, StreamSpec, padded, placeholder_batch, steps_per_epoch
+from student_train.data import (
+    JoinedStream,
+    ShardPair,
+    StreamSpec,
+    padded,
+    pass_epochs,
+    placeholder_batch,
+    steps_per_epoch,
+)
 from student_train.evaluate import evaluate, to_model_input
 from student_train.feature_kd import forward_train, plain_student_state, wrap_student
 from student_train.losses import create_loss
-from student_train.unlabelled import train_pairs
+from student_train.unlabelled import labelled_passes, train_pairs
 from teacher_cache.config import TeacherConfig
 from teacher_cache.models import create_model
 from teacher_cache.teacher import Preprocessing, load_teacher
@@ -66,6 +74,7 @@ class JobSpec:
     train_flip: bool = True
     train_rotate: float = 0.0
     cache_root_url: str | None = None  # the cache lives in object storage; cache_dir is the driver's mirror
+    labelled_passes: int | None = None  # mode none beside an unlabelled pool: passes per epoch (None: equal steps)
 
 
 @dataclass
@@ -138,14 +147,19 @@ def _init_distributed(ctx: WorkerContext) -> None:
 
 
 def _spec(job: JobSpec, v: VariantConfig, pairs: list[ShardPair], epoch: int, train: bool, ctx: WorkerContext,
-          workers: int, views: int) -> StreamSpec:
+          workers: int, views: int, passes: int = 1) -> StreamSpec:
     online = job.teacher_prep if (v.mode == "online" and train) else None
     return StreamSpec(cache_dir=job.cache_dir, cache_root_url=job.cache_root_url, pairs=pairs,
                       student=student_prep(v, job.teacher_prep), teacher=online,
                       num_classes=job.num_classes, temperature=v.temperature, views=views, train=train,
                       batch_size=v.batch_size, shuffle_buffer=job.shuffle_buffer, seed=v.seed, epoch=epoch,
                       rank=ctx.rank, world=ctx.world, loader_workers=workers, crop_scale=job.train_crop_scale,
-                      crop_ratio=job.train_crop_ratio, flip=job.train_flip, rotate=job.train_rotate)
+                      crop_ratio=job.train_crop_ratio, flip=job.train_flip, rotate=job.train_rotate, passes=passes)
+
+
+def _train_steps(job: JobSpec, v: VariantConfig, epoch: int, passes: int, world: int, workers: int) -> int:
+    return sum(steps_per_epoch(job.train, e, v.seed, world, workers, v.batch_size, True)
+               for e in pass_epochs(epoch, passes))
 
 
 def _loader(spec: StreamSpec, device: torch.device) -> DataLoader:
@@ -209,6 +223,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
     """
     import deepspeed
 
+    passes = labelled_passes(job.train, v.mode, job.labelled_passes)  # > 1: mode none beside an unlabelled pool
     job = replace(job, train=train_pairs(job.train, v.mode))  # mode none skips the unlabelled pool
     _init_distributed(ctx)
     torch.manual_seed(v.seed)
@@ -224,7 +239,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
     model = wrap_student(model, v.beta, job.feature_dim, name)  # + feature-KD projector when beta > 0
     views = min(v.views or job.num_views, job.num_views)
     workers = min(job.loader_workers, max(1, len(job.train) // ctx.world))
-    train_steps = steps_per_epoch(job.train, 0, v.seed, ctx.world, workers, v.batch_size, True)
+    train_steps = _train_steps(job, v, 0, passes, ctx.world, workers)
     opt_steps = max(1, v.epochs * train_steps // v.grad_accum)
     optimizer = _optimizer(model, v)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -249,7 +264,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
     loss_fn = create_loss(v.mode, v.alpha, v.temperature, v.beta, v.feature_loss)
     summary: dict[str, Any] = {}
     for epoch in range(state["epoch"] + 1, v.epochs):
-        row = _train_epoch(engine, loss_fn, teacher, job, v, name, epoch, ctx, workers, views, dtype)
+        row = _train_epoch(engine, loss_fn, teacher, job, v, name, epoch, ctx, workers, views, dtype, passes)
         val_steps = steps_per_epoch(job.val, epoch, v.seed, ctx.world, 0, v.batch_size, False) if job.val else 0
         if val_steps:
             engine.eval()
@@ -279,14 +294,15 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
 
 
 def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None, job: JobSpec, v: VariantConfig,
-                 name: str, epoch: int, ctx: WorkerContext, workers: int, views: int, dtype: torch.dtype) -> dict:
+                 name: str, epoch: int, ctx: WorkerContext, workers: int, views: int, dtype: torch.dtype,
+                 passes: int = 1) -> dict:
     """One epoch. Loss sums and the NaN flag stay on the device; the host syncs every log_every steps and at the end.
 
     A non-finite loss is therefore noticed up to log_every steps late (the variant fails either way, and no
     checkpoint is written after it); in exchange the GPU never waits for Python inside the step loop.
     """
-    steps = steps_per_epoch(job.train, epoch, v.seed, ctx.world, workers, v.batch_size, True)
-    spec = _spec(job, v, job.train, epoch, True, ctx, workers, views)
+    steps = _train_steps(job, v, epoch, passes, ctx.world, workers)
+    spec = _spec(job, v, job.train, epoch, True, ctx, workers, views, passes)
     batches = padded(iter(_loader(spec, ctx.device)), steps, placeholder_batch(spec))
     t0 = t_log = time.perf_counter()
     parts = ("loss", "kd_loss", "task_loss", "feat_loss")

@@ -1,5 +1,6 @@
 """A sweep over labelled shards plus an unlabelled pool, in-process: KD learns from every row, the twin from
-the labelled shards only, and the leaderboard counts both kinds of rows and the Δ against the twin."""
+the labelled shards only (as many passes over them as give it the distilled variant's steps), and the
+leaderboard counts both kinds of rows and the Δ against the twin."""
 
 import pandas as pd
 import pytest
@@ -27,6 +28,20 @@ def test_sweep_with_an_unlabelled_pool_trains(kd_data, tmp_path):
     spec = _spec(job, tc.expand()[0][1], pool[:1], 0, True, WorkerContext(), 0, 1)
     labels = [int(x) for b in JoinedStream(spec) for x in b["label"]]
     assert len(labels) == 60 and set(labels) == {-1}
+    # the twin's epoch = 4 passes over its 60 labelled rows (240 rows / 60), each pass the order and the views
+    # of one plain epoch: epoch 1 of the twin is plain epochs 4..7
+    twin_v = tc.expand()[0][1].model_copy(update={"mode": "none"})
+    own = [p for p in job.train if not p.unlabelled]
+    passes = JoinedStream(_spec(job, twin_v, own, 1, True, WorkerContext(), 0, job.num_views, passes=4))
+    plain = [JoinedStream(_spec(job, twin_v, own, e, True, WorkerContext(), 0, job.num_views)) for e in range(4, 8)]
+
+    def rows(stream):  # (label, the replayed view's pixel sum) per row: same order and same view, or not equal
+        return [(int(lab), round(float(px.sum()), 2)) for b in stream
+                for lab, px in zip(b["label"], b["pixels"], strict=True)]
+
+    got, want = rows(passes), [r for s in plain for r in rows(s)]
+    assert len(got) == 240 and got == want and all(lab >= 0 for lab, _ in got)
+    assert got[:60] != rows(JoinedStream(_spec(job, twin_v, own, 1, True, WorkerContext(), 0, job.num_views)))
 
     res = run(tc)
     assert res.status == "success", res.leaderboard
@@ -34,11 +49,11 @@ def test_sweep_with_an_unlabelled_pool_trains(kd_data, tmp_path):
     assert set(board) == {"kd", "cnn_small-noKD"}
     kd, twin = board["kd"], board["cnn_small-noKD"]
     assert (kd["labelled_samples"], kd["unlabelled_samples"]) == (60, 180)
-    assert (twin["labelled_samples"], twin["unlabelled_samples"]) == (60, 0)
+    assert (twin["labelled_samples"], twin["unlabelled_samples"]) == (240, 0)  # 4 passes: equal steps
     assert kd["twin"] == "cnn_small-noKD" and kd["delta_top1_vs_twin"] == pytest.approx(
         100 * (kd["val_top1"] - twin["val_top1"]))
     assert pd.read_csv(tmp_path / "run" / "kd" / "metrics.csv")["train_samples"].tolist() == [240]
-    assert pd.read_csv(tmp_path / "run" / "cnn_small-noKD" / "metrics.csv")["train_samples"].tolist() == [60]
+    assert pd.read_csv(tmp_path / "run" / "cnn_small-noKD" / "metrics.csv")["train_samples"].tolist() == [240]
     text = (tmp_path / "run" / "leaderboard.txt").read_text()
     assert text.startswith("distilled student vs its undistilled twin") and "kd" in text.splitlines()[1]
 

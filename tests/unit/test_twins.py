@@ -7,7 +7,7 @@ from student_train.config import TrainConfig, VariantConfig
 from student_train.data import ShardPair
 from student_train.leaderboard import add_twin_deltas, format_twin_comparison, noise_pt, twin_pairs, twin_verdict
 from student_train.twins import add_twins, pair_twins
-from student_train.unlabelled import samples_per_epoch, train_pairs
+from student_train.unlabelled import labelled_passes, samples_per_epoch, train_pairs
 
 
 def _cfg(**kw):
@@ -87,7 +87,19 @@ def test_unlabelled_pool_counts_and_mode_none_skips_it():
     assert [p.stem for p in train_pairs(pairs, "none")] == ["a"]
     assert [p.stem for p in train_pairs(pairs, "soft")] == ["a", "p"]
     assert samples_per_epoch(pairs, "soft") == (90, 410)
-    assert samples_per_epoch(pairs, "none") == (90, 0)
+    # mode none makes round(500 / 100) = 5 passes over its labelled shard per epoch: the distilled variant's steps
+    assert samples_per_epoch(pairs, "none") == (450, 0)
+    assert samples_per_epoch(pairs, "none", fixed_passes=1) == (90, 0)
+
+
+def test_a_twin_beside_an_unlabelled_pool_makes_passes_for_equal_steps():
+    labelled = ShardPair("a", "a.tar", 100, labelled=90)
+    pool = [ShardPair(f"p{i}", f"p{i}.tar", 150, labelled=0, unlabelled=True) for i in range(3)]
+    assert labelled_passes([labelled, *pool], "none") == round(550 / 100) == 6
+    assert labelled_passes([labelled, *pool], "none", fixed=2) == 2
+    assert labelled_passes([labelled, *pool], "soft") == 1  # distilled variants read the pool itself
+    assert labelled_passes([labelled, ShardPair("b", "b.tar", 100, labelled=100)], "none") == 1  # no pool
+    assert labelled_passes([ShardPair("a", "a.tar", 1000, labelled=900), pool[0]], "none") == 1  # rounds
 
 
 def test_pipeline_end_prints_the_comparison_then_the_winner(capsys):
