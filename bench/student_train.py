@@ -8,7 +8,8 @@
 
 Needs the demo's shards, teacher and cache (built here from examples/demo.yaml when missing). In-process
 DeepSpeed (1 rank, fp32), every run one after another in one process, so Ray scheduling is not measured.
-(a) the same student, epochs, optimizer, schedule, views and seed under mode none (the twin), cached soft KD at
+(a) labels on every train shard (the config's pool included): the same student, epochs, optimizer, schedule,
+    views and seed under mode none (the twin), cached soft KD at
     each (alpha, T) of the grid, and online KD (teacher live on the very crops the cache replays);
 (b) labels on one train shard only (10% of the demo's train set) against the same labels plus the teacher's
     soft labels on the other shards (`data.unlabelled_shards`); the labels-only twin at equal optimizer steps
@@ -50,6 +51,11 @@ def ensure_demo_inputs(config: Path) -> PipelineConfig:
     if not Path(cfg.cache.cache_root).exists() or not Path(cfg.cache.teacher.checkpoint).exists():
         run_pipeline(cfg.model_copy(update={"train": None, "compress": None, "deploy": None}))
     return cfg
+
+
+def train_shards(cfg: PipelineConfig) -> list[str]:
+    """Every train shard of the config, labelled or in its unlabelled pool (the demo labels 10% of them)."""
+    return [str(p) for p in expand_shard_patterns(cfg.train.data.train_shards + cfg.train.data.unlabelled_shards)]
 
 
 def _train(cfg: PipelineConfig, out: Path, variants: list[dict], epochs: int, data: dict | None = None) -> None:
@@ -97,7 +103,7 @@ def equal_epochs(cfg: PipelineConfig, out: Path, student: dict, epochs: int, see
         if online:
             variants.append({"name": f"online-a{online[0]}-T{online[1]:g}-s{seed}", "mode": "online",
                              "alpha": online[0], "temperature": online[1], "seed": seed, **student})
-    _train(cfg, out, variants, epochs)
+    _train(cfg, out, variants, epochs, {"train_shards": train_shards(cfg), "unlabelled_shards": []})  # all labels
     rows = [_result(out, v) for v in variants]
     for r in rows:
         r["config"] = r["name"].rsplit("-s", 1)[0]
@@ -106,8 +112,8 @@ def equal_epochs(cfg: PipelineConfig, out: Path, student: dict, epochs: int, see
 
 def unlabelled(cfg: PipelineConfig, out: Path, student: dict, epochs: int, seeds: list[int],
                kd: tuple[float, float]) -> tuple[pd.DataFrame, dict]:
-    shards = expand_shard_patterns(cfg.train.data.train_shards)
-    labelled, pool = [str(shards[0])], [str(p) for p in shards[1:]]
+    shards = train_shards(cfg)
+    labelled, pool = shards[:1], shards[1:]
     share = {"labelled_shards": len(labelled), "pool_shards": len(pool)}
     few, same = [], []  # the twin at equal epochs (1 pass per epoch); the twin at equal steps and KD
     for seed in seeds:
