@@ -106,6 +106,9 @@ def ops(tmp_path_factory):
     cfg["cache"]["teacher"].update(arch_kwargs={"width": 8}, checkpoint=str(save_teacher(work / "teacher.pt", 8)))
     cfg["train"]["base"].update(epochs=4, batch_size=16)  # long enough for `ray job stop` to land mid-training
     cfg["train"]["data"]["loader_workers"] = 0
+    # every train shard labelled (the demo's students are the nightly case, labels on one shard; the unlabelled
+    # pool has its own tests): each epoch below is all 1,080 train rows for both variants
+    cfg["train"]["data"].update(train_shards=[str(work / "runs" / "shards" / "train-*.tar")], unlabelled_shards=[])
     cfg["train"]["metrics_targets_dir"] = str(targets)
     cfg["train"]["teacher"] = cfg["cache"]["teacher"]
     cfg["train"]["variants"] = [{"name": "cnn-soft", "arch": "cnn_small", "arch_kwargs": {"width": 4}},
