@@ -28,7 +28,8 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     Variants: `variants:` (explicit list) and/or `grid:` (cartesian product over variant fields) over `base:`.
     Twins: every distilled recipe gets an undistilled twin (same recipe, mode none, named <arch>-noKD) unless
     `twins: false`; the leaderboard shows Δ top-1 against it. `data.unlabelled_shards`: a cached pool whose
-    rows teach distilled variants through the KD term only.
+    rows teach distilled variants through the KD term only; beside it a mode-none variant makes several passes
+    over the labelled shards per epoch, so a twin takes the same optimizer steps (`data.labelled_passes`).
     Output: <run_dir>/<variant>/{metrics.csv, best.pt, arch.json, ds_ckpt/, status.json}, leaderboard.parquet.
     Re-running skips finished variants and resumes interrupted ones from their last epoch checkpoint.
     Without Ray, one variant on N processes: torchrun --nproc_per_node N $(which distill) train -c X --variant NAME
