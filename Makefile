@@ -42,7 +42,7 @@ test-deps:
 # `make test`: everything but the cluster-operations tests (pytest marker `cluster`: each file starts a Ray
 # cluster of its own and operates it as users do: tests/integration/test_multinode.py kills nodes of a 3-raylet
 # cluster, tests/e2e/test_operations.py submits / stops / resubmits the pipeline with `ray job` and scrapes it with
-# Prometheus; ~15 min together). `make test-cluster` runs those, one at a time (two clusters at once on 2 cores
+# Prometheus; 15–16 min together). `make test-cluster` runs those, one at a time (two clusters at once on 2 cores
 # race each other's node-death and job-stop deadlines). CI (.ci/run) runs both.
 test: $(STAMP) test-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not cluster" $(XDIST) $(PYTEST_ARGS)
