@@ -86,12 +86,33 @@ def assign_shards(pairs: list[ShardPair], epoch: int, seed: int, slots: int, shu
     return [order[s::slots] for s in range(slots)]
 
 
+def shard_groups(slot: list[ShardPair], interleave: int) -> list[list[ShardPair]]:
+    """A loader slot's shards, `interleave` at a time: the rows of a group are read mixed (see `mixed`)."""
+    k = max(1, interleave)
+    return [slot[i:i + k] for i in range(0, len(slot), k)]
+
+
+def mixed(streams: list[Iterator[dict]], rng: random.Random) -> Iterator[dict]:
+    """The rows of several shards, each next row from a random one of those not yet exhausted (seeded, so an
+    epoch replays exactly). Beside an unlabelled pool this spreads the labelled rows over the epoch's batches
+    instead of one block of batches per labelled shard."""
+    live = list(streams)
+    while live:
+        i = rng.randrange(len(live)) if len(live) > 1 else 0  # one stream: the rng is left as it was
+        try:
+            yield next(live[i])
+        except StopIteration:
+            live.pop(i)
+
+
 def steps_per_epoch(pairs: list[ShardPair], epoch: int, seed: int, world: int, loader_workers: int,
-                    batch_size: int, shuffle: bool) -> int:
-    """Batches of the busiest rank this epoch (every rank computes the same number)."""
+                    batch_size: int, shuffle: bool, interleave: int = 1) -> int:
+    """Batches of the busiest rank this epoch (every rank computes the same number): one partial batch per
+    group of `interleave` shards read together."""
     nw = max(1, loader_workers)
     slots = assign_shards(pairs, epoch, seed, world * nw, shuffle)
-    per_rank = [sum(math.ceil(p.rows / batch_size) for w in range(nw) for p in slots[r * nw + w])
+    per_rank = [sum(math.ceil(sum(p.rows for p in g) / batch_size)
+                    for w in range(nw) for g in shard_groups(slots[r * nw + w], interleave))
                 for r in range(world)]
     return max(per_rank) if per_rank else 0
 
@@ -158,6 +179,7 @@ class StreamSpec:
     rotate: float = 0.0  # live rotations of ±rotate degrees when there is no cache
     cache_root_url: str | None = None  # object-store cache: a worker on another node mirrors it itself
     passes: int = 1  # passes over `pairs` in this epoch, each its own shard order and view (see pass_epochs)
+    interleave: int = 1  # training reads this many shards of its slot at a time, rows mixed (see `mixed`)
 
 
 def pass_epochs(epoch: int, passes: int) -> range:
@@ -309,10 +331,10 @@ class JoinedStream(IterableDataset):
         s = self.spec
         info = get_worker_info()
         rng = random.Random(s.seed * 7919 + s.epoch * 104_729 + s.rank * 1_009 + (info.id if info else 0))
-        for pair in self._my_shards():
+        for group in shard_groups(self._my_shards(), s.interleave if s.train else 1):
             buffer: list[dict] = []
             batch: list[dict] = []
-            for sample in self._samples(pair):
+            for sample in mixed([self._samples(pair) for pair in group], rng):
                 if s.train and s.shuffle_buffer > 1:
                     buffer.append(sample)
                     if len(buffer) < s.shuffle_buffer:
@@ -328,7 +350,7 @@ class JoinedStream(IterableDataset):
                 if len(batch) == s.batch_size:
                     yield self._collate(batch)
                     batch = []
-            if batch:  # one partial batch per shard keeps the step count computable from the manifest
+            if batch:  # one partial batch per shard group keeps the step count computable from the manifest
                 yield self._collate(batch)
 
 

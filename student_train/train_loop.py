@@ -62,6 +62,7 @@ class JobSpec:
     teacher_prep: Preprocessing
     teacher: TeacherConfig | None = None
     shuffle_buffer: int = 256
+    interleave_shards: int = 1
     loader_workers: int = 1
     log_every: int = 20
     metrics_port: int | None = None
@@ -154,11 +155,12 @@ def _spec(job: JobSpec, v: VariantConfig, pairs: list[ShardPair], epoch: int, tr
                       num_classes=job.num_classes, temperature=v.temperature, views=views, train=train,
                       batch_size=v.batch_size, shuffle_buffer=job.shuffle_buffer, seed=v.seed, epoch=epoch,
                       rank=ctx.rank, world=ctx.world, loader_workers=workers, crop_scale=job.train_crop_scale,
-                      crop_ratio=job.train_crop_ratio, flip=job.train_flip, rotate=job.train_rotate, passes=passes)
+                      crop_ratio=job.train_crop_ratio, flip=job.train_flip, rotate=job.train_rotate, passes=passes,
+                      interleave=job.interleave_shards)
 
 
 def _train_steps(job: JobSpec, v: VariantConfig, epoch: int, passes: int, world: int, workers: int) -> int:
-    return sum(steps_per_epoch(job.train, e, v.seed, world, workers, v.batch_size, True)
+    return sum(steps_per_epoch(job.train, e, v.seed, world, workers, v.batch_size, True, job.interleave_shards)
                for e in pass_epochs(epoch, passes))
 
 

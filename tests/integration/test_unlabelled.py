@@ -2,12 +2,14 @@
 the labelled shards only (as many passes over them as give it the distilled variant's steps), and the
 leaderboard counts both kinds of rows and the Δ against the twin."""
 
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 from conftest import train_cfg
 
 from student_train.config import TrainConfig
-from student_train.data import JoinedStream
+from student_train.data import JoinedStream, steps_per_epoch
 from student_train.job_plan import plan_job
 from student_train.run import run
 from student_train.train_loop import WorkerContext, _spec
@@ -28,6 +30,17 @@ def test_sweep_with_an_unlabelled_pool_trains(kd_data, tmp_path):
     spec = _spec(job, tc.expand()[0][1], pool[:1], 0, True, WorkerContext(), 0, 1)
     labels = [int(x) for b in JoinedStream(spec) for x in b["label"]]
     assert len(labels) == 60 and set(labels) == {-1}
+    # training reads its slot's shards 4 at a time, rows mixed: the labelled shard's rows are spread over the
+    # epoch's batches instead of one block, and the loader yields exactly the planned step count
+    kd_v = tc.expand()[0][1]
+    blocks = {}
+    for k in (1, 4):
+        mixed_job = replace(job, interleave_shards=k)
+        batches = list(JoinedStream(_spec(mixed_job, kd_v, job.train, 0, True, WorkerContext(), 0, 1)))
+        assert len(batches) == steps_per_epoch(job.train, 0, kd_v.seed, 1, 0, kd_v.batch_size, True, k)
+        assert sum(len(b["label"]) for b in batches) == 240
+        blocks[k] = sum(bool((b["label"] >= 0).any()) for b in batches)
+    assert blocks[4] > blocks[1] == -(-60 // kd_v.batch_size)
     # the twin's epoch = 4 passes over its 60 labelled rows (240 rows / 60), each pass the order and the views
     # of one plain epoch: epoch 1 of the twin is plain epochs 4..7
     twin_v = tc.expand()[0][1].model_copy(update={"mode": "none"})

@@ -1,5 +1,6 @@
 """Variant expansion, view cycling, rank/worker shard assignment and padding: no sample dropped or repeated."""
 
+import random
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from pydantic import ValidationError
 
 from student_train.config import TrainConfig
-from student_train.data import ShardPair, assign_shards, padded, steps_per_epoch, view_for
+from student_train.data import ShardPair, assign_shards, mixed, padded, shard_groups, steps_per_epoch, view_for
 
 
 def _cfg(**kw):
@@ -70,3 +71,26 @@ def test_padded_adds_zero_weight_batches_only():
     assert len(list(padded(iter([]), 2, placeholder))) == 2
     with pytest.raises(RuntimeError, match="more than the planned"):
         list(padded(iter(real), 1, placeholder))
+
+
+def test_mixed_yields_every_row_once_replayably_and_leaves_one_stream_alone():
+    streams = lambda: [iter([f"a{i}" for i in range(30)]), iter([f"b{i}" for i in range(5)]), iter([])]  # noqa: E731
+    got = list(mixed(streams(), random.Random(7)))
+    assert sorted(got) == sorted([f"a{i}" for i in range(30)] + [f"b{i}" for i in range(5)])
+    assert got == list(mixed(streams(), random.Random(7)))  # seeded: an epoch replays exactly
+    assert [x for x in got if x[0] == "b"] == [f"b{i}" for i in range(5)]  # each shard keeps its own order
+    assert got.index("b4") < 25  # the small shard is spread among the big one's rows, not appended after them
+    one, untouched = random.Random(3), random.Random(3)
+    assert list(mixed([iter(range(4))], one)) == [0, 1, 2, 3] and one.random() == untouched.random()
+
+
+@pytest.mark.parametrize("interleave", [1, 2, 4, 9])
+def test_grouped_shards_step_count(interleave):
+    pairs = [ShardPair(f"s{i}", Path(f"s{i}.tar"), rows) for i, rows in enumerate([50, 37, 50, 12, 50, 49, 3])]
+    slot = assign_shards(pairs, 0, 0, 1, True)[0]
+    groups = shard_groups(slot, interleave)
+    assert [p for g in groups for p in g] == slot and all(len(g) <= interleave for g in groups)
+    want = sum(-(-sum(p.rows for p in g) // 16) for g in groups)  # one partial batch per group
+    assert steps_per_epoch(pairs, 0, 0, 1, 1, 16, True, interleave) == want
+    if interleave >= len(pairs):
+        assert want == -(-sum(p.rows for p in pairs) // 16)
