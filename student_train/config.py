@@ -89,9 +89,10 @@ class DataConfig(_Strict):
     fingerprint: str | None = Field(None, description="cache fingerprint to read; default: the newest cache "
                                     "written by `teacher` (or the newest under cache_root)")
     shuffle_buffer: int = Field(256, ge=1, description="rows shuffled within a group of shards read together")
-    interleave_shards: int = Field(4, ge=1, description="training reads this many shards of a loader slot at a "
-                                   "time and mixes their rows (labelled rows spread among an unlabelled pool's); "
-                                   "1 = one shard after another")
+    interleave_shards: int | None = Field(None, ge=1, description="training reads this many shards of a loader "
+                                          "slot at a time and mixes their rows, so labelled rows are spread among "
+                                          "an unlabelled pool's; 1 = one shard after another; default: 4 beside "
+                                          "unlabelled_shards, else 1")
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank (decode in parallel)")
 
 

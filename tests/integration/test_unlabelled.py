@@ -24,6 +24,9 @@ def test_sweep_with_an_unlabelled_pool_trains(kd_data, tmp_path):
                        unlabelled_shards=[str(shards / "train-00000[1-3].tar")])
     tc = TrainConfig.model_validate(cfg)
     job = plan_job(tc)
+    assert job.interleave_shards == 4  # the default beside a pool; without one, 1 (one shard after another)
+    plain = dict(cfg, data={**cfg["data"], "unlabelled_shards": []})
+    assert plan_job(TrainConfig.model_validate(plain)).interleave_shards == 1
     pool = [p for p in job.train if p.unlabelled]
     assert len(pool) == 3 and all(p.labelled == 0 for p in pool)
     # the pool's shards carry .cls files, yet their rows reach the loss unlabelled
