@@ -41,8 +41,8 @@ def ceiling(shards: list[Path], px: int, procs: int) -> float:
 
 
 def cache_rate(shards: list[Path], work: Path, px: int, procs: int) -> tuple[float, Path]:
+    from core.models import create_model
     from teacher_cache.config import CacheConfig
-    from teacher_cache.models import create_model
     from teacher_cache.run import run
 
     ckpt = work / "cnn_small.pt"

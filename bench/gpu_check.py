@@ -86,7 +86,7 @@ def _timed(fn, n_items: int, repeats: int) -> float:
 
 def teacher_ceiling(p: dict, arch: str) -> float:
     """Forward img/s of the teacher, bf16 autocast + channels_last on CUDA (fp32 on the CPU), random weights."""
-    from teacher_cache.models import create_model
+    from core.models import create_model
 
     model = create_model(arch, num_classes=1000, in_chans=3).eval().to(DEVICE, memory_format=torch.channels_last)
     x = torch.randn(p["batch"], 3, p["px"], p["px"], device=DEVICE).contiguous(memory_format=torch.channels_last)
@@ -99,7 +99,7 @@ def teacher_ceiling(p: dict, arch: str) -> float:
 
 def student_ceiling(p: dict) -> float:
     """Train-step img/s (fwd + bwd + AdamW) of the student on random data, bf16 + channels_last on CUDA."""
-    from teacher_cache.models import create_model
+    from core.models import create_model
 
     model = create_model(p["student"], num_classes=1000, in_chans=3).to(DEVICE, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -145,7 +145,7 @@ def decode_ceilings(p: dict, shards: list[Path]) -> dict[str, float | None]:
 
 
 def teacher_checkpoint(p: dict, work: Path) -> Path:
-    from teacher_cache.models import create_model
+    from core.models import create_model
 
     path = work / "teacher.pt"
     if not path.exists():

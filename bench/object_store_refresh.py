@@ -37,7 +37,7 @@ def main() -> None:
     x, y = mnist(args.shards)
     with tempfile.TemporaryDirectory() as tmp, s3_server_process() as (endpoint, requests):
         os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
-        from teacher_cache import object_store
+        from core import object_store
         from teacher_cache.config import CacheConfig
         from teacher_cache.run import run
 

@@ -116,7 +116,7 @@ def main() -> None:
     try:
         shards = make_shards(work, args.samples, args.per_shard)
         torch.manual_seed(0)
-        from teacher_cache.models import create_model
+        from core.models import create_model
 
         ckpt = work / "teacher.pt"
         torch.save(create_model(args.arch, num_classes=1000).state_dict(), ckpt)

@@ -21,7 +21,7 @@ from cluster.cli_common import EXIT_BAD_INPUT, user_errors
 
 class _Main(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
-        from teacher_cache.graceful_stop import EXIT_STOPPED, StopRequested, install_sigterm_handler, sigterm_received
+        from core.graceful_stop import EXIT_STOPPED, StopRequested, install_sigterm_handler, sigterm_received
 
         install_sigterm_handler()
         try:

@@ -20,7 +20,7 @@ from cluster.cli_common import (
     ray_overrides,
 )
 from cluster.config_loading import load_config
-from cluster.metrics_server import start_metrics_server
+from core.metrics_server import start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _check_address(cfg: object) -> None:
     """A named cluster must be reachable before any work, even on a run that turns out to be a no-op."""
     import os
 
-    from teacher_cache.ray_pool import check_address
+    from core.ray_cluster import check_address
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if cfg.ray.enabled and address:

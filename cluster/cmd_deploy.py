@@ -10,7 +10,7 @@ import click
 
 from cluster.cli_common import config_options
 from cluster.config_loading import load_config
-from teacher_cache.graceful_stop import StopRequested
+from core.graceful_stop import StopRequested
 
 
 @click.command()
@@ -51,9 +51,9 @@ def serve(config_path: Path | None, overrides: tuple[str, ...], bundle: str | No
     Example: distill serve --bundle runs/demo/bundle --port 8000
              curl -s -H 'Content-Type: image/png' --data-binary @digit.png http://127.0.0.1:8000/predict
     """
+    from core.ray_cluster import connect_ray
     from deploy.config import ServeConfig
     from deploy.serve import start
-    from teacher_cache.ray_pool import connect_ray
 
     extra = [f"{k}={v}" for k, v in (("bundle", bundle), ("port", port), ("host", host)) if v is not None]
     cfg = load_config(ServeConfig, config_path, list(overrides) + extra, "serve")

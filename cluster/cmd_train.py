@@ -9,7 +9,7 @@ import click
 
 from cluster.cli_common import STATUS_EXIT, config_options, ray_overrides
 from cluster.config_loading import load_config
-from cluster.metrics_server import start_metrics_server
+from core.metrics_server import start_metrics_server
 
 
 @click.command()

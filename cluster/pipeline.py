@@ -73,10 +73,10 @@ def run_compress(cfg: CompressConfig) -> dict:
 
 def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     """Run the configured stages in order; raise on the first stage that fails outright."""
-    from teacher_cache.ray_pool import connect_ray
+    from core.ray_cluster import connect_ray
 
     if cfg.metrics.enabled:
-        from cluster.metrics_server import start_metrics_server
+        from core.metrics_server import start_metrics_server
 
         start_metrics_server(cfg.metrics.host, cfg.metrics.port, cfg.metrics.targets_file, job="distill_pipeline")
     if any(s is not None and s.ray.enabled for s in (cfg.teacher, cfg.cache, cfg.train)):

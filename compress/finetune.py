@@ -19,9 +19,9 @@ import torch
 
 from compress.config import PruneConfig
 from compress.prune import count_cost, prune_to_target
+from core.atomic_io import file_sha256
 from student_train.config import VariantConfig
 from student_train.train_loop import JobSpec, WorkerContext, train_variant
-from teacher_cache.shards import file_sha256
 
 log = logging.getLogger(__name__)
 

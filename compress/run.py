@@ -22,11 +22,11 @@ from compress.prune import count_cost
 from compress.quantize import quantize_int8
 from compress.report import format_table, pareto_plot, verdicts
 from compress.select import select_students
+from core.models import create_model
 from student_train.config import TrainConfig, VariantConfig
 from student_train.data import JoinedStream, StreamSpec
 from student_train.job_plan import plan_job
 from student_train.train_loop import JobSpec, student_prep
-from teacher_cache.models import create_model
 
 log = logging.getLogger(__name__)
 

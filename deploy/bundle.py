@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from compress.onnx_export import ParityError, check_parity, session
+from core.atomic_io import file_sha256
 from deploy import metrics
 from deploy.choose import STAGE_FILES, choose_stage, rank_within_floor, top1_drop
 from deploy.config import DeployConfig
-from teacher_cache.shards import file_sha256
 
 log = logging.getLogger(__name__)
 

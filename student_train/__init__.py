@@ -1,0 +1,6 @@
+"""Student training (`distill train`): many variants from one teacher cache, DeepSpeed inside each worker.
+
+`config` + `variant` (what to train), `twins` (the undistilled twin of each recipe), `job_plan` (check shards
+against the cache before any step), `data` (shard + cache file streamed side by side), `losses`, `train_loop`
+(one variant, any launcher), `checkpoints`, `ray_runner` (Ray Tune + Ray Train), `run`, `leaderboard`, `status`.
+"""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from student_train.atomic_io import atomic_write_text, fsync_dir
+from core.atomic_io import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _seal(tag_dir: Path) -> None:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
         digests[f.name] = _sha256(f)
-    atomic_write_text(tag_dir / DIGESTS, json.dumps(digests, indent=1))
+    atomic_write(tag_dir / DIGESTS, json.dumps(digests, indent=1))
 
 
 def save(engine: Any, ckpt_dir: Path, epoch: int, client_state: dict, keep: int, rank: int) -> None:
@@ -67,7 +67,7 @@ def save(engine: Any, ckpt_dir: Path, epoch: int, client_state: dict, keep: int,
     if rank == 0:
         _seal(ckpt_dir / tag)
         fsync_dir(ckpt_dir)
-        atomic_write_text(ckpt_dir / "latest", tag)
+        atomic_write(ckpt_dir / "latest", tag)
         _prune(ckpt_dir, keep)
 
 

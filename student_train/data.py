@@ -20,8 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from teacher_cache.decode import DEFAULT_MAX_PIXELS, SampleError, decode_cpu, image_file, parse_label
-from teacher_cache.reader import CacheError, CacheReader, ShardArrays
-from teacher_cache.run import read_shard_errors
+from teacher_cache.reader import CacheError, CacheReader, ShardArrays, read_shard_errors
 from teacher_cache.shards import (
     IMAGE_EXTS,
     RawSample,

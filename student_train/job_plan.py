@@ -7,15 +7,16 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from core import object_store
+from core.object_store import is_url
 from student_train.config import TrainConfig
 from student_train.data import DataJoinError, ShardPair, count_samples, resolve_split
 from student_train.feature_kd import cache_feature_dim
 from student_train.train_loop import JobSpec
 from student_train.unlabelled import train_pairs
-from teacher_cache import object_store
 from teacher_cache.config import TeacherConfig
-from teacher_cache.object_store import is_url
-from teacher_cache.reader import CacheError, CacheReader, find_cache_dir
+from teacher_cache.locate import find_cache_dir
+from teacher_cache.reader import CacheError, CacheReader
 from teacher_cache.remote_cache import remote_teachers_newest_first
 from teacher_cache.schema import COL_LABEL
 from teacher_cache.shards import ObjectShard, expand_shard_patterns, shard_stem

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.models import count_params, create_model
 from student_train.config import VariantConfig
 from student_train.status import read_status
-from teacher_cache.models import count_params, create_model
 
 
 def model_cost(arch: str, arch_kwargs: dict, num_classes: int, in_chans: int, size: int) -> tuple[int, int]:

@@ -12,9 +12,9 @@ import logging
 import socket
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
-from teacher_cache.scrape_target import publish_target
+from core.metrics_server import publish_target, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ def _ray_node_id() -> str | None:
 def serve_worker_metrics(targets: Path, variant: str, rank: int, port: int, host: str = "127.0.0.1") -> int:
     """Start this process's exporter once and publish it as a file_sd target (atomic write)."""
     if "port" not in _served:
-        server, _ = start_http_server(port, addr=host)
-        _served["port"] = int(server.server_port)
+        _served["port"] = start_metrics_server(host, port)
     bound = _served["port"]
     labels = {"job": "distill_train", "variant": variant, "rank": str(rank), "host": socket.gethostname()}
     node = _ray_node_id()

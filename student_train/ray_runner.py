@@ -14,10 +14,10 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from core.graceful_stop import StopRequested, first_on_sigterm, sigterm_received
 from student_train.config import TrainConfig, VariantConfig
 from student_train.status import mark_stopped, note_stop
 from student_train.train_loop import JobSpec, WorkerContext, train_variant
-from teacher_cache.graceful_stop import StopRequested, first_on_sigterm, sigterm_received
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,8 @@ def _root_reason(exc: BaseException) -> str:
 def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, VariantConfig]]) -> None:
     from ray import tune
 
+    from core.ray_cluster import check_fits, connect_ray
     from student_train.status import settle_trials
-    from teacher_cache.ray_pool import connect_ray
-    from teacher_cache.ray_resources import check_fits
 
     connect_ray(cfg.ray.address)
     space = {"trial": tune.grid_search([{"name": n, "variant": v.model_dump(mode="json")} for n, v in variants])}

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from core.devices import resolve_device
+from core.graceful_stop import StopRequested, raise_if_stopping, sigterm_received
 from student_train.config import TrainConfig, VariantConfig
 from student_train.job_plan import plan_job
 from student_train.leaderboard import (
@@ -25,8 +27,6 @@ from student_train.status import clear_stop, finished, mark_stopped, write_statu
 from student_train.train_loop import JobSpec, NonFiniteLossError, WorkerContext, student_prep, train_variant
 from student_train.twins import pair_twins
 from student_train.unlabelled import samples_per_epoch
-from teacher_cache.devices import resolve_device
-from teacher_cache.graceful_stop import StopRequested, raise_if_stopping, sigterm_received
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from student_train.atomic_io import atomic_write_text
+from core.atomic_io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ STOP_MARKER = ".stop_requested"  # in the run dir while a stopped job winds down
 def write_status(run_dir: Path, name: str, status: str, reason: str = "", **extra: object) -> None:
     out = Path(run_dir) / name
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "status.json",
+    atomic_write(out / "status.json",
                       json.dumps({"status": status, "reason": reason, "time": time.time(), **extra}))
 
 

@@ -21,9 +21,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from core.atomic_io import atomic_write
+from core.models import create_model
 from student_train import checkpoints
 from student_train import metrics as m
-from student_train.atomic_io import atomic_write_text
 from student_train.config import VariantConfig
 from student_train.data import (
     JoinedStream,
@@ -40,7 +41,6 @@ from student_train.feature_kd import forward_train, plain_student_state, wrap_st
 from student_train.losses import create_loss
 from student_train.unlabelled import labelled_passes, train_pairs
 from teacher_cache.config import TeacherConfig
-from teacher_cache.models import create_model
 from teacher_cache.teacher import Preprocessing, load_teacher
 
 log = logging.getLogger(__name__)
@@ -208,14 +208,13 @@ def _save_best(engine: Any, v: VariantConfig, job: JobSpec, out: Path, ctx: Work
         return
     state = plain_student_state(state)  # feature KD's projector is a training aid: never exported
     state = {k: t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu() for k, t in state.items()}
-    torch.save(state, out / "best.pt.tmp")
-    os.replace(out / "best.pt.tmp", out / "best.pt")
+    atomic_write(out / "best.pt", lambda tmp: torch.save(state, tmp))
     sp = student_prep(v, job.teacher_prep)
     what, score = epoch_score(row)
     info = {"arch": v.arch, "arch_kwargs": v.arch_kwargs, "num_classes": job.num_classes, "in_chans": sp.channels,
             "preprocessing": sp.as_dict(), "epoch": row["epoch"], "val_top1": row.get("val_top1"),
             "best_by": what, "best_score": score, "cache_dir": str(job.cache_dir), "mode": v.mode}
-    atomic_write_text(out / "arch.json", json.dumps(info, indent=1))
+    atomic_write(out / "arch.json", json.dumps(info, indent=1))
 
 
 def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,

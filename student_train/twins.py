@@ -12,10 +12,9 @@ name appends ``-twin``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from student_train.config import VariantConfig
+from student_train.variant import VariantConfig
 
 DISTILLED_MODES = ("soft", "hard", "online")
 # Fields that only shape the distillation (or only place the job): they never make two recipes different.

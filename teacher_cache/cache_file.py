@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from teacher_cache.manifest import fsync_dir, tmp_path_for
+from core.atomic_io import atomic_write, file_sha256
 from teacher_cache.schema import (
     COL_CROP,
     COL_FEATURES,
@@ -24,7 +23,6 @@ from teacher_cache.schema import (
     arrow_schema,
     id_type,
 )
-from teacher_cache.shards import file_sha256
 
 
 def _nested(flat: np.ndarray, inner: int, outer: int, typ: pa.DataType) -> pa.Array:
@@ -66,15 +64,5 @@ def write_cache_file(final: Path, cols: dict, meta: CacheMeta) -> tuple[int, str
     """Write, fsync, hash, then atomically rename; returns (bytes, sha256). Never leaves a partial `final`."""
     table = rows_to_table(cols, meta)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(final)
-    try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=4096)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = file_sha256(tmp)
-        nbytes = tmp.stat().st_size
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(final.parent)
-    return nbytes, digest
+    atomic_write(final, lambda tmp: pq.write_table(table, tmp, compression="zstd", row_group_size=4096))
+    return final.stat().st_size, file_sha256(final)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from teacher_cache.object_store import is_url
+from core.object_store import is_url
 
 
 def _path_or_url(value: object) -> object:

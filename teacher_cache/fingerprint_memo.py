@@ -12,9 +12,9 @@ import hashlib
 import json
 from pathlib import Path
 
+from core.atomic_io import atomic_write
+from core.object_store import is_url
 from teacher_cache.config import CacheConfig
-from teacher_cache.manifest import atomic_write_bytes
-from teacher_cache.object_store import is_url
 from teacher_cache.remote_cache import staging_root
 from teacher_cache.schema import SCHEMA_VERSION
 
@@ -75,4 +75,4 @@ def remember_fingerprint(cfg: CacheConfig, fp: str) -> None:
     root.mkdir(parents=True, exist_ok=True)
     memo = _load(root)
     memo[key] = fp
-    atomic_write_bytes(root / MEMO_NAME, json.dumps(memo, indent=1).encode())
+    atomic_write(root / MEMO_NAME, json.dumps(memo, indent=1).encode())

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from teacher_cache.object_store import is_url
-from teacher_cache.reader import CacheReader, find_cache_dir
-from teacher_cache.run import read_errors
+from core.object_store import is_url
+from teacher_cache.locate import find_cache_dir
+from teacher_cache.reader import CacheReader, read_errors
 from teacher_cache.schema import COL_FEATURES
 
 

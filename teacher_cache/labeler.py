@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
+from core.devices import resolve_device
 from teacher_cache.cache_file import write_cache_file
 from teacher_cache.config import CacheConfig
 from teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
 from teacher_cache.decode_pool import DecodePool, default_processes
-from teacher_cache.devices import resolve_device
 from teacher_cache.features import FeatureExtractor, teacher_forward
 from teacher_cache.remote_cache import publish_cache_file
 from teacher_cache.schema import SCHEMA_VERSION, CacheMeta

@@ -16,13 +16,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from teacher_cache.object_store import CacheLockedError  # noqa: F401 - raised here, re-exported
+from core.atomic_io import atomic_write
+from core.object_store import CacheLockedError  # noqa: F401 - raised here, re-exported
 from teacher_cache.schema import SCHEMA_VERSION
 from teacher_cache.shards import ShardIdentity, ShardPath, file_sha256
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
-TMP_MARK = ".tmp-"
 
 
 @dataclass
@@ -77,43 +77,7 @@ class Manifest:
     def save(self, directory: Path) -> None:
         data = {"schema_version": self.schema_version, "fingerprint": self.fingerprint, "teacher": self.teacher,
                 "shards": {k: asdict(v) for k, v in sorted(self.shards.items())}}
-        atomic_write_bytes(directory / MANIFEST_NAME, json.dumps(data, indent=1).encode())
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def tmp_path_for(final: Path) -> Path:
-    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{time.monotonic_ns()}")
-
-
-def atomic_write_bytes(final: Path, data: bytes) -> None:
-    """Replace `final` atomically and durably: tmp + fsync + os.replace + fsync of the directory."""
-    tmp = tmp_path_for(final)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:  # a full disk leaves no temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(final.parent)
-
-
-def remove_stale_tmp(directory: Path) -> int:
-    """Delete temp files a killed run left behind (safe: we hold the directory lock)."""
-    n = 0
-    for p in directory.glob(f"*{TMP_MARK}*"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
+        atomic_write(directory / MANIFEST_NAME, json.dumps(data, indent=1).encode())
 
 
 class DirectoryLock:

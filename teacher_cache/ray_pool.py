@@ -4,78 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Callable
 
+from core.graceful_stop import raise_if_stopping
+from core.ray_cluster import check_fits
 from teacher_cache.actor_pool import MAX_STARTS_IN_A_ROW, PoolReport, ShardScheduler
 from teacher_cache.config import CacheConfig
-from teacher_cache.graceful_stop import raise_if_stopping, reclaim_sigterm
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
-from teacher_cache.ray_resources import check_fits
 
 log = logging.getLogger(__name__)
-
-
-class ClusterConnectionError(ConnectionError):
-    """The Ray cluster named by --address / RAY_ADDRESS cannot be reached or refuses us."""
-
-
-_HINT = ("check --address / RAY_ADDRESS (host:port of the GCS, or ray://host:10001); with Ray's token auth set "
-         "RAY_AUTH_MODE=token and put the cluster's token in ~/.ray/auth_token")
-
-
-def check_address(address: str, timeout: float = 3.0) -> None:
-    """Fail in seconds, not minutes: ray.init retries an unreachable GCS for a long time."""
-    import socket
-
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterConnectionError(f"Ray address '{address}' is not host:port or ray://host:port; {_HINT}")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            pass
-    except OSError as exc:
-        raise ClusterConnectionError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); "
-                                     f"{_HINT}") from None
-
-
-def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Connect to `address` / RAY_ADDRESS, or start a local cluster bound to 127.0.0.1. True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        check_address(address)
-        try:
-            ray.init(address=address, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError, PermissionError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise ClusterConnectionError(f"cannot join the Ray cluster at {address}: {first}; {_HINT}") from None
-        reclaim_sigterm()
-        return True
-    keep_ray_on_loopback()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=True)
-    reclaim_sigterm()
-    return True
-
-
-def keep_ray_on_loopback() -> None:
-    """A local cluster must not listen on routable addresses (tests, demo, laptops).
-
-    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; with it off, every listener binds 127.0.0.1.
-    Set it for the processes Ray spawns and for this already-imported process.
-    """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _labellers_on_this_node(cfg: CacheConfig) -> int:

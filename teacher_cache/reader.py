@@ -11,6 +11,7 @@ every open also checks the recorded size and the Parquet footer, which is what `
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from teacher_cache.manifest import Manifest, cache_file_problem
-from teacher_cache.object_store import is_url
 from teacher_cache.schema import (
     COL_CROP,
     COL_FEATURES,
@@ -42,6 +42,7 @@ class CacheError(RuntimeError):
     """The cache is missing, incomplete, or does not match what the caller expects; names the file."""
 
 
+ERRORS_DIR = "errors"  # errors/<shard>.jsonl: the samples a cache file deliberately lacks, and why
 FIX_DAMAGED = "delete it and re-run `distill cache` (it relabels that shard)"
 # (resolved path, manifest checksum) -> (size, mtime, ctime, inode) when its checksum last matched in this process
 _VERIFIED: dict[tuple[str, str], tuple[int, int, int, int]] = {}
@@ -208,27 +209,15 @@ class CacheReader:
                                topk_ids=a.topk_ids[i], topk_logits=a.topk_logits[i], tail_lse=a.tail_lse[i])
 
 
-def find_cache_dir(cache_root: Path | str, fingerprint: str | None = None) -> Path:
-    """The fingerprint directory to read: the named one, or the only / most recently written one.
+def read_shard_errors(cache_dir: Path, stem: str) -> list[dict]:
+    """The per-sample errors recorded for one shard (what its cache file deliberately lacks)."""
+    path = cache_dir / ERRORS_DIR / f"{stem}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
-    An ``s3://`` root is mirrored to a local directory first (only manifest-listed files, checksums verified).
-    """
-    if is_url(cache_root):
-        from teacher_cache.remote_cache import mirror
 
-        try:
-            return mirror(str(cache_root), fingerprint)
-        except OSError as exc:
-            raise CacheError(str(exc)) from exc
-    root = Path(cache_root)
-    if fingerprint:
-        d = root / fingerprint
-        if not (d / "manifest.json").exists():
-            raise CacheError(f"{d}: no cache for fingerprint {fingerprint}; run `distill cache` with that teacher")
-        return d
-    if (root / "manifest.json").exists():
-        return root
-    dirs = sorted((p for p in root.glob("*/manifest.json")), key=lambda p: p.stat().st_mtime)
-    if not dirs:
-        raise CacheError(f"{root}: no cache found; run `distill cache` first")
-    return dirs[-1].parent
+def read_errors(cache_dir: Path) -> list[dict]:
+    """Every recorded per-sample error (shard, key, reason) of a cache directory."""
+    out: list[dict] = []
+    for p in sorted((cache_dir / ERRORS_DIR).glob("*.jsonl")):
+        out.extend(json.loads(line) for line in p.read_text().splitlines() if line.strip())
+    return out

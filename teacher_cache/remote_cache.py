@@ -24,12 +24,12 @@ import os
 import re
 from pathlib import Path
 
-from teacher_cache import object_store
-from teacher_cache.manifest import MANIFEST_NAME, Manifest, ShardEntry, atomic_write_bytes
-from teacher_cache.reader import checksum_matches, remember_verified
+from core import object_store
+from core.atomic_io import atomic_write
+from teacher_cache.manifest import MANIFEST_NAME, Manifest, ShardEntry
+from teacher_cache.reader import ERRORS_DIR, checksum_matches, remember_verified
 
 log = logging.getLogger(__name__)
-ERRORS_DIR = "errors"
 
 
 def content_addressed_name(stem: str, sha256: str) -> str:
@@ -74,7 +74,7 @@ class RemoteCacheDir:
         if data is None:
             (self.local / MANIFEST_NAME).unlink(missing_ok=True)
         else:
-            atomic_write_bytes(self.local / MANIFEST_NAME, data)
+            atomic_write(self.local / MANIFEST_NAME, data)
 
     def sizes(self) -> dict[str, int]:
         """Cache files in the store and their sizes: one listing, no object reads."""
@@ -169,18 +169,18 @@ def _mirror_once(root: str, remote: str, last_try: bool = False) -> Path:
         if data is None or hashlib.sha256(data).hexdigest() != entry["file_sha256"]:
             raise OSError(f"{object_store.join(remote, entry['file'])}: missing or not the file the manifest "
                           "lists (checksum); re-run `distill cache` over that shard")
-        atomic_write_bytes(target, data)
+        atomic_write(target, data)
         remember_verified(target, entry["file_sha256"])
         fetched += 1
         errors = object_store.get_bytes(object_store.join(remote, ERRORS_DIR, f"{stem}.jsonl"))
         if errors is not None:
-            atomic_write_bytes(local / ERRORS_DIR / f"{stem}.jsonl", errors)
+            atomic_write(local / ERRORS_DIR / f"{stem}.jsonl", errors)
         else:
             (local / ERRORS_DIR / f"{stem}.jsonl").unlink(missing_ok=True)
     for name in ("last_run.json", "cache_config.resolved.yaml"):
         if (data := object_store.get_bytes(object_store.join(remote, name))) is not None:
-            atomic_write_bytes(local / name, data)
-    atomic_write_bytes(local / MANIFEST_NAME, raw)  # last: the local reader trusts only what it lists
+            atomic_write(local / name, data)
+    atomic_write(local / MANIFEST_NAME, raw)  # last: the local reader trusts only what it lists
     listed = {e["file"] for e in shards.values()}
     for old in local.glob("*.parquet"):  # files of shards relabelled since the last mirror
         if old.name not in listed:

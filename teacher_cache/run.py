@@ -12,23 +12,23 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from core.atomic_io import atomic_write, remove_stale_tmp
+from core.graceful_stop import StopRequested, sigterm_deferred, sigterm_received
+from core.object_store import ObjectLock, is_url, join
+from core.ray_cluster import InfeasibleResourcesError, connect_ray
 from teacher_cache import metrics
 from teacher_cache.config import CacheConfig
 from teacher_cache.features import check_features
 from teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
-from teacher_cache.graceful_stop import StopRequested, sigterm_deferred, sigterm_received
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from teacher_cache.manifest import (
     MANIFEST_NAME,
     DirectoryLock,
     Manifest,
     ShardEntry,
-    atomic_write_bytes,
     plan_refresh,
-    remove_stale_tmp,
 )
-from teacher_cache.object_store import ObjectLock, is_url, join
-from teacher_cache.ray_resources import InfeasibleResourcesError
+from teacher_cache.reader import ERRORS_DIR
 from teacher_cache.remote_cache import RemoteCacheDir, staging_root
 from teacher_cache.shards import ShardIdentity, ShardPath, expand_shard_patterns, shard_stem
 from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
@@ -147,7 +147,7 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
         for stem, ident in plan.touched.items():  # same content, moved cheap identity: remember the new one
             manifest.shards[stem].update_identity(ident, str(shards[stem]))
         manifest.save(out_dir)
-        atomic_write_bytes(out_dir / "cache_config.resolved.yaml",
+        atomic_write(out_dir / "cache_config.resolved.yaml",
                            yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
         if remote is not None:
             remote.push("cache_config.resolved.yaml")
@@ -190,7 +190,7 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
 
 
 def _write_summary(out_dir: Path, result: CacheResult, remote: RemoteCacheDir | None) -> None:
-    atomic_write_bytes(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
+    atomic_write(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
     if remote is not None:
         remote.push(SUMMARY_NAME)
 
@@ -245,7 +245,7 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
 
     try:
         if cfg.ray.enabled:
-            from teacher_cache.ray_pool import connect_ray, label_with_ray
+            from teacher_cache.ray_pool import label_with_ray
 
             connect_ray(cfg.ray.address)
             report = label_with_ray(cfg, fp, tasks, on_result, on_progress)
@@ -296,23 +296,9 @@ def complete_identity(ident: ShardIdentity, source: str, before: ShardIdentity |
 
 def _save_errors(out_dir: Path, r: ShardResult) -> None:
     """Per-shard error files, replaced when a shard is relabelled, so records never duplicate."""
-    path = out_dir / "errors" / f"{r.stem}.jsonl"
+    path = out_dir / ERRORS_DIR / f"{r.stem}.jsonl"
     path.parent.mkdir(exist_ok=True)
     if r.error_records:
-        atomic_write_bytes(path, "".join(json.dumps(e) + "\n" for e in r.error_records).encode())
+        atomic_write(path, "".join(json.dumps(e) + "\n" for e in r.error_records).encode())
     else:
         path.unlink(missing_ok=True)
-
-
-def read_shard_errors(cache_dir: Path, stem: str) -> list[dict]:
-    """The per-sample errors recorded for one shard (what its cache file deliberately lacks)."""
-    path = cache_dir / "errors" / f"{stem}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def read_errors(cache_dir: Path) -> list[dict]:
-    """Every recorded per-sample error (shard, key, reason) of a cache directory."""
-    out: list[dict] = []
-    for p in sorted((cache_dir / "errors").glob("*.jsonl")):
-        out.extend(json.loads(line) for line in p.read_text().splitlines() if line.strip())
-    return out

@@ -28,7 +28,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
-from teacher_cache.manifest import fsync_dir, remove_stale_tmp, tmp_path_for
+from core.atomic_io import atomic_write, remove_stale_tmp
 from teacher_cache.shards import IMAGE_EXTS
 
 BUILTIN_SOURCES = ("mnist", "digits")
@@ -174,8 +174,9 @@ def _write_shards(items: list[_Item], out_dir: Path, prefix: str, per_shard: int
     pending = next(stream, None)
     while pending is not None:
         final = out_dir / f"{prefix}-{len(paths):06d}.tar"
-        tmp = tmp_path_for(final)
-        try:
+
+        def write_tar(tmp: Path) -> None:
+            nonlocal pending
             with wds.TarWriter(str(tmp)) as sink:
                 for _ in range(per_shard):
                     _write_one(sink, pending)
@@ -183,14 +184,10 @@ def _write_shards(items: list[_Item], out_dir: Path, prefix: str, per_shard: int
                     pending = next(stream, None)
                     if pending is None:
                         break
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(final, write_tar)
         paths.append(final)
     bar.close()
-    fsync_dir(out_dir)
     return paths
 
 

@@ -23,7 +23,8 @@ from typing import BinaryIO
 
 import braceexpand
 
-from teacher_cache import object_store
+from core import object_store
+from core.atomic_io import sha256_stream
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -150,12 +151,10 @@ def open_shard(path: ShardPath) -> BinaryIO:
     return open(path, "rb")
 
 
-def file_sha256(path: ShardPath, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: ShardPath) -> str:
+    """Content hash of a shard, local or in object storage (streamed once)."""
     with open_shard(path) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_stream(f)
 
 
 class _HashingReader:

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.atomic_io import atomic_write, file_sha256
+from core.models import create_model
 from teacher_cache.config import CacheConfig, TeacherConfig
-from teacher_cache.models import create_model
 from teacher_cache.schema import fingerprint_schema_version
-from teacher_cache.shards import file_sha256
 from teacher_cache.views import ViewPolicy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -122,9 +122,7 @@ def weights_sha256(path: Path) -> str:
     index[ident] = digest
     try:
         index_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_name(f"{index_path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, index_path)
+        atomic_write(index_path, json.dumps(index))
     except OSError:
         pass  # a read-only home only costs a re-hash next time
     return digest
@@ -214,7 +212,7 @@ def resolve_precision(cfg: CacheConfig) -> str:
     """auto = bf16 where the teacher runs on CUDA (2x its fp32 rate), fp32 on the CPU (same numbers as before)."""
     if cfg.precision != "auto":
         return cfg.precision
-    from teacher_cache.devices import resolve_device
+    from core.devices import resolve_device
 
     return "bf16" if resolve_device(cfg.device).type == "cuda" else "fp32"
 

@@ -20,7 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
-from teacher_cache.models import create_model
+from core.models import create_model
 
 
 def mnist(n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:

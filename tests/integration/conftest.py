@@ -6,7 +6,7 @@ def ray_local():
     """A real local Ray cluster on 127.0.0.1 with 2 CPUs, shared by the session's tests."""
     import ray
 
-    from teacher_cache.ray_pool import connect_ray
+    from core.ray_cluster import connect_ray
 
     started = connect_ray(None, num_cpus=2)
     yield ray

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from helpers import cache_cfg_dict, mnist_shard, save_teacher
 
 from cluster.cli import cli
-from teacher_cache.reader import CacheReader, find_cache_dir
+from teacher_cache.locate import find_cache_dir
+from teacher_cache.reader import CacheReader
 from teacher_cache.shards import ShardReader
 
 pytestmark = pytest.mark.integration

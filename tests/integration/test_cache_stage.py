@@ -10,8 +10,8 @@ import torch
 from helpers import cache_cfg_dict, encode, mnist, mnist_shard, save_teacher, write_tar
 
 from teacher_cache.config import CacheConfig
-from teacher_cache.reader import CacheError, CacheReader
-from teacher_cache.run import read_errors, run
+from teacher_cache.reader import CacheError, CacheReader, read_errors
+from teacher_cache.run import run
 from teacher_cache.teacher import load_teacher
 from teacher_cache.topk import rebuild_log_probs
 from teacher_cache.views import image_to_tensor, normalize, replay_view
@@ -162,7 +162,7 @@ def test_reader_rejects_altered_file(setup):
 
 
 def test_metrics_endpoint_counts_the_work(setup):
-    from cluster.metrics_server import start_metrics_server
+    from core.metrics_server import start_metrics_server
     from teacher_cache import metrics
 
     tmp, shards, ckpt = setup

@@ -16,9 +16,10 @@ import yaml
 from conftest import train_cfg
 from helpers import cache_cfg_dict, mnist_shard, save_teacher, shards_in_manifest
 
+from core.graceful_stop import EXIT_STOPPED
 from student_train.status import read_status
-from teacher_cache.graceful_stop import EXIT_STOPPED
-from teacher_cache.reader import CacheReader, find_cache_dir
+from teacher_cache.locate import find_cache_dir
+from teacher_cache.reader import CacheReader
 from teacher_cache.shards import ShardReader
 
 pytestmark = pytest.mark.integration

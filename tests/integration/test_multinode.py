@@ -30,7 +30,8 @@ from helpers import (
     shards_in_manifest,
 )
 
-from teacher_cache.reader import CacheReader, find_cache_dir
+from teacher_cache.locate import find_cache_dir
+from teacher_cache.reader import CacheReader
 from teacher_cache.shards import ShardReader
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode, pytest.mark.cluster]

@@ -19,10 +19,11 @@ import yaml
 from helpers import cache_cfg_dict, mnist_shard, save_teacher
 from s3_server import S3_ENV, s3_server
 
-from teacher_cache import object_store
+from core import object_store
 from teacher_cache.config import CacheConfig
+from teacher_cache.locate import find_cache_dir
 from teacher_cache.manifest import CacheLockedError
-from teacher_cache.reader import CacheReader, find_cache_dir
+from teacher_cache.reader import CacheReader
 from teacher_cache.run import run
 from teacher_cache.shards import ShardReader
 

@@ -16,10 +16,10 @@ import torch
 import yaml
 from conftest import train_cfg
 
+from core.models import create_model
 from student_train.config import TrainConfig
 from student_train.data import DataJoinError
 from student_train.run import run
-from teacher_cache.models import create_model
 from teacher_cache.reader import CacheError
 
 pytestmark = pytest.mark.integration

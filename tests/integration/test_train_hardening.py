@@ -132,8 +132,8 @@ def test_asha_stops_a_weak_variant(kd_data, tmp_path, ray_local):
 def test_infeasible_resources_fail_fast(kd_data, tmp_path, ray_local):
     from helpers import cache_cfg_dict
 
+    from core.ray_cluster import InfeasibleResourcesError
     from teacher_cache.config import CacheConfig
-    from teacher_cache.ray_resources import InfeasibleResourcesError
     from teacher_cache.run import run as cache_run
 
     class Hog:  # holds the cluster's CPUs, as another job would (defined here: Ray ships it by value)

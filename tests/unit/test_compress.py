@@ -8,7 +8,7 @@ from compress.onnx_export import ParityError, check_parity, export_onnx
 from compress.prune import PruningError, count_cost, prune_to_target
 from compress.quantize import quantize_int8
 from compress.select import pareto_front
-from teacher_cache.models import create_model
+from core.models import create_model
 
 
 @pytest.mark.parametrize("arch", ["cnn_small", "resnet_mini", "mobilenet_mini"])

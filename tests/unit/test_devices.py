@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from core.devices import DeviceError, resolve_device
 from student_train.config import TrainConfig
-from teacher_cache.devices import DeviceError, resolve_device
 
 
 def test_cpu_is_always_cpu():

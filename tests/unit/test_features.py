@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from core.models import create_model
 from teacher_cache.config import CacheConfig
 from teacher_cache.features import (
     FeatureError,
@@ -14,7 +15,6 @@ from teacher_cache.features import (
     projection_matrix,
     seeded_normal,
 )
-from teacher_cache.models import create_model
 
 
 def test_seeded_normal_is_pinned_across_machines():

@@ -6,14 +6,13 @@ import time
 
 import pytest
 
+from core.atomic_io import remove_stale_tmp, tmp_path_for
 from teacher_cache.manifest import (
     CacheLockedError,
     DirectoryLock,
     Manifest,
     ShardEntry,
     plan_refresh,
-    remove_stale_tmp,
-    tmp_path_for,
 )
 from teacher_cache.shards import file_sha256
 

@@ -5,24 +5,24 @@ import json
 import pytest
 
 from cluster.config_loading import ConfigError, load_config
-from student_train.atomic_io import atomic_write_text
+from core.atomic_io import atomic_write
+from core.ray_cluster import InfeasibleResourcesError, check_fits
 from student_train.config import TrainConfig
 from student_train.status import finished, read_status, settle_trials, write_status
-from teacher_cache.ray_resources import InfeasibleResourcesError, check_fits
 
 
 def test_atomic_write_keeps_old_content_when_the_write_fails(tmp_path, monkeypatch):
     import os
 
     f = tmp_path / "status.json"
-    atomic_write_text(f, '{"status": "done"}')
+    atomic_write(f, '{"status": "done"}')
 
     def full_disk(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)  # the write of the new content fails, as on a full disk
     with pytest.raises(OSError, match="No space left"):
-        atomic_write_text(f, '{"status": "running"}')
+        atomic_write(f, '{"status": "running"}')
     monkeypatch.undo()
     assert json.loads(f.read_text()) == {"status": "done"}
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temp file left behind

@@ -1,0 +1,12 @@
+"""What every stage uses, and nothing stage-specific: the building blocks under the cache, training, compress,
+deploy and the CLI (imports point into `core`, never out of it).
+
+- `models`         the architecture registry, `create_model(name, num_classes, in_chans)` (timm-style), and the
+                   small registered students/teachers
+- `devices`        which torch device a stage runs on (`device: auto|cpu|cuda`)
+- `graceful_stop`  SIGTERM (`ray job stop`, `kubectl delete`) as an exception every stage unwinds through
+- `ray_cluster`    joining a Ray cluster (or a local one on loopback), and refusing requests it can never place
+- `metrics_server` a process's Prometheus /metrics endpoint and its file_sd scrape target
+- `object_store`   `s3://` objects through fsspec: listing, reads, conditional writes, the lease lock
+- `atomic_io`      the one crash-safe write (temp + fsync + rename + directory fsync), temp sweeps, checksums
+"""

@@ -1,0 +1,84 @@
+"""Crash-safe local files: a reader sees the old content or the new one, never an empty or half-written file.
+
+`atomic_write` is the project's one way to write a file that something else will trust: the content goes to a
+temp name in the same directory, is fsynced, renamed over the target, and the directory is fsynced. A plain
+`write_text` truncates first, so a crash or a full disk leaves an empty status.json / manifest / `latest` that
+every later run trips over. Temp names carry `TMP_MARK`, so a directory's owner can sweep what a killed writer
+left behind (`remove_stale_tmp`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+TMP_MARK = ".tmp-"
+
+Writer = Callable[[Path], None]  # writes the whole file at the path it is given (pyarrow, tarfile, torch.save)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_path_for(final: Path) -> Path:
+    """A temp name beside `final`, unique per process and call, recognisable by `TMP_MARK`."""
+    return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{time.monotonic_ns()}")
+
+
+def atomic_write(final: Path, content: bytes | str | Writer) -> None:
+    """Replace `final` atomically and durably: temp file + fsync + os.replace + fsync of the directory.
+
+    `content` is the bytes (or text, UTF-8) to write, or a function that writes the whole file at the temp
+    path it is given. On any failure, a full disk or a SIGTERM included, no temp file is left behind.
+    """
+    final = Path(final)
+    tmp = tmp_path_for(final)
+    try:
+        if callable(content):
+            content(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            data = content.encode() if isinstance(content, str) else content
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+
+
+def remove_stale_tmp(directory: Path) -> int:
+    """Delete temp files a killed writer left in `directory` (only its owner may: it holds the lock)."""
+    n = 0
+    for p in Path(directory).glob(f"*{TMP_MARK}*"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def sha256_stream(f: BinaryIO, chunk: int = 1 << 20) -> str:
+    """SHA-256 of everything left in a binary stream."""
+    h = hashlib.sha256()
+    while block := f.read(chunk):
+        h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a local file (checkpoints, bundles, cache files)."""
+    with open(path, "rb") as f:
+        return sha256_stream(f)
