@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +13,8 @@ import torch
 import yaml
 
 from compress.onnx_export import ParityError, check_parity, session
-from core.atomic_io import file_sha256
 from deploy import metrics
+from deploy.bundle_files import new_version, publish, seal, write_file
 from deploy.choose import STAGE_FILES, choose_stage, rank_within_floor, top1_drop
 from deploy.config import DeployConfig
 
@@ -166,14 +165,13 @@ def run(cfg: DeployConfig) -> DeployResult:
             log.warning("%s: %s; trying the next stage within the floor", student, exc)
     log.info("parity: %s", parity)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(fp32, out / "model.onnx")
-    (out / "model.int8.onnx").unlink(missing_ok=True)  # a bundle dir reused from an int8 stage
+    version = new_version(out)
+    write_file(version / "model.onnx", fp32)
     if int8 is not None:
-        shutil.copy(int8, out / "model.int8.onnx")
-    num_classes = int(session(out / "model.onnx").get_outputs()[0].shape[1])
-    (out / "classes.json").write_text(json.dumps(_classes(cfg, train_cfg, num_classes)))
-    (out / "preprocessing.json").write_text(json.dumps(prep, indent=1))
+        write_file(version / "model.int8.onnx", int8)
+    num_classes = int(session(version / "model.onnx").get_outputs()[0].shape[1])
+    write_file(version / "classes.json", json.dumps(_classes(cfg, train_cfg, num_classes)))
+    write_file(version / "preprocessing.json", json.dumps(prep, indent=1))
     arch = json.loads((train_run / student / "arch.json").read_text())
     cache_dir = Path(arch["cache_dir"])
     manifest = json.loads((cache_dir / "manifest.json").read_text())
@@ -182,12 +180,12 @@ def run(cfg: DeployConfig) -> DeployResult:
                "variant_yaml": (train_run / student / "variant.yaml").read_text(),
                "compression": json.dumps({k: ccfg[k] for k in ("prune", "quantize")}),
                "choice": _choice_text(stage, chosen, rows, notes, cfg.max_top1_drop)}
-    card = out / "model_card.md"
-    card.write_text(model_card(student, rows, lineage, parity, prep))
-    files = {f.name: file_sha256(f) for f in sorted(out.iterdir()) if f.suffix in (".onnx", ".json")}
-    (out / "bundle.json").write_text(json.dumps({"student": student, "stage": stage, "files": files,
-                                                 "max_top1_drop": cfg.max_top1_drop, "refused": notes,
-                                                 "parity": parity}, indent=1))
+    write_file(version / "model_card.md", model_card(student, rows, lineage, parity, prep))
+    seal(version, {"student": student, "stage": stage, "max_top1_drop": cfg.max_top1_drop, "refused": notes,
+                   "parity": parity})
+    publish(out, version, cfg.keep_versions)  # the one step that makes the new bundle visible
+    log.info("bundle %s -> %s", out, version)
     metrics.DURATION.set(time.perf_counter() - t0)
     metrics.PARITY.set(parity["max_abs_logit_diff"])
-    return DeployResult(bundle=out, student=student, parity=parity, card=card, stage=stage, refused=notes)
+    return DeployResult(bundle=out, student=student, parity=parity, card=out / "model_card.md", stage=stage,
+                        refused=notes)
