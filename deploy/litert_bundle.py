@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from compress.litert_stages import LITERT_FILES
+from compress.litert_stages import litert_parity as measure_parity
 from compress.onnx_export import ParityError
 from deploy.choose import FloorError, rank_within_floor, top1_drop
 from deploy.config import DeployConfig
@@ -39,12 +41,10 @@ def litert_parity(cfg: DeployConfig, src: Path, stage: str, images: np.ndarray) 
     import torch
 
     from compress.litert_run import LiteRTModel
-    from compress.litert_stages import LITERT_FILES
-    from compress.litert_stages import litert_parity as measure
 
     fp32_name, int8_name, ts = LITERT_FILES[stage]
     fp32 = src / fp32_name
-    p = measure(torch.jit.load(str(src / ts), map_location="cpu"), fp32, images)
+    p = measure_parity(torch.jit.load(str(src / ts), map_location="cpu"), fp32, images)
     if p["max_abs_logit_diff"] > cfg.litert_parity_atol or p["top1_agreement"] < cfg.litert_min_agreement:
         raise ParityError(f"{fp32}: the LiteRT model differs from PyTorch on {p['samples']} real val images: max "
                           f"|dlogit| {p['max_abs_logit_diff']:.3g} (tolerance deploy.litert_parity_atol = "
@@ -114,8 +114,9 @@ def choose_litert(cfg: DeployConfig, src: Path, rows: list[dict], images: np.nda
             notes.append(f"{row['stage']} refused: {exc}")
             log.warning("LiteRT %s", notes[-1])
             continue
-        name = "model.int8.tflite" if row["stage"].endswith("+int8") else "model.tflite"
-        return LiteRTChoice(row=row, source=Path(row["file"]), name=name, parity=parity,
+        fp32_name, int8_name, _ = LITERT_FILES[row["stage"]]
+        name = "model.int8.tflite" if int8_name else "model.tflite"
+        return LiteRTChoice(row=row, source=src / (int8_name or fp32_name), name=name, parity=parity,
                             io=status.get("io", {}).get(row["stage"], {}), notes=notes)
     return LiteRTChoice(notes=notes, reason="no LiteRT model passed parity: " + "; ".join(notes))
 

@@ -196,7 +196,9 @@ def test_litert_int8_is_calibrated_on_cached_samples_and_reported(bundle, kd_dat
     for r in rows.values():
         assert 0 <= r["val_top1"] <= 1 and r["val_samples"] == 40 and r["latency_b1_ms"] > 0
     assert rows["litert+int8"]["size_mb"] < rows["litert"]["size_mb"] / 2.5
-    # the int8 input range is the range of the cached training views it was calibrated on (64 of them)
+    # the int8 input range is the range of the cached training views it was calibrated on (>= 64 of them), to
+    # within 3 quantization steps (ai-edge-quantizer keeps a moving average of per-sample min/max); random data
+    # would give about [-4, 4]
     root = bundle["root"]
     job = plan_job(TrainConfig.model_validate(yaml.safe_load((root / "students" /
                                                                "train_config.resolved.yaml").read_text())))
@@ -204,7 +206,7 @@ def test_litert_int8_is_calibrated_on_cached_samples_and_reported(bundle, kd_dat
     pixels = np.concatenate(calibration(job, v, 64))
     io = LiteRTModel(root / "compressed" / "res" / "int8.tflite").io_details()["input"]
     lo, hi = (-128 - io["zero_point"]) * io["scale"], (127 - io["zero_point"]) * io["scale"]
-    assert abs(lo - min(pixels.min(), 0)) <= io["scale"] and abs(hi - max(pixels.max(), 0)) <= io["scale"]
+    assert abs(lo - min(pixels.min(), 0)) <= 3 * io["scale"] and abs(hi - max(pixels.max(), 0)) <= 3 * io["scale"]
     assert json.loads((root / "compressed" / "res" / "litert.json").read_text())["calib_samples"] == len(pixels)
     assert "litert+int8" in bundle["compress"].table
 
