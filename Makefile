@@ -64,6 +64,8 @@ bench: $(STAMP)
 	test -d runs/demo/cache || $(MAKE) demo
 	$(BIN)/python bench/student_train.py
 	$(BIN)/distill pipeline --config bench/compress.yaml
+	test -f runs/demo/compressed/report.json || $(MAKE) demo
+	$(BIN)/python bench/litert.py
 
 clean:
 	rm -rf runs/demo

@@ -51,28 +51,30 @@ def main() -> None:
     rows = json.loads((root / "report.json").read_text())
     student = args.student or next(r["student"] for r in rows if r["stage"] == "baseline")
     mine = {r["stage"]: r for r in rows if r["student"] == student}
-    src = root / student
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    ort_int8 = session(src / "int8.onnx", threads=1)
-    lite_int8 = LiteRTModel(src / "int8.tflite", threads=1)
-    x = np.load(src / "val_images.npy")[:1].astype(np.float32)
-    ort_ms, lite_ms = [], []
-    for _ in range(args.rounds):
-        ort_ms.append(1e3 * _median_call(lambda a: ort_int8.run(None, {"input": a})[0], x, args.repeats))
-        lite_ms.append(1e3 * _median_call(lite_int8, x, args.repeats))
-    parent, l8, l32 = mine["baseline"], mine["litert+int8"], mine["litert"]
-    result = {
-        "student": student, "cpu": "one core (sched_setaffinity), 1 thread each",
-        "parent_val_top1": parent["val_top1"], "litert_int8_val_top1": l8["val_top1"],
-        "litert_fp32_val_top1": l32["val_top1"], "onnx_int8_val_top1": mine["int8"]["val_top1"],
-        "drop_pt": 100 * (parent["val_top1"] - l8["val_top1"]),
-        "litert_fp32_bytes": (src / "baseline.tflite").stat().st_size,
-        "litert_int8_bytes": (src / "int8.tflite").stat().st_size,
-        "onnx_int8_bytes": (src / "int8.onnx").stat().st_size,
-        "x_smaller_than_fp32": (src / "baseline.tflite").stat().st_size / (src / "int8.tflite").stat().st_size,
-        "onnx_int8_b1_ms": statistics.median(ort_ms), "litert_int8_b1_ms": statistics.median(lite_ms),
-        "rounds_ms": {"onnxruntime_int8": ort_ms, "litert_int8": lite_ms}}
-    result["litert_vs_onnx_b1"] = result["onnx_int8_b1_ms"] / result["litert_int8_b1_ms"]
+    x = np.load(root / student / "val_images.npy")[:1].astype(np.float32)
+    parent = mine["baseline"]
+    result = {"student": student, "cpu": "one core (sched_setaffinity), 1 thread each",
+              "parent_val_top1": parent["val_top1"], "pairs": {}}
+    # (LiteRT int8 stage, its fp32 .tflite stage, the ONNX Runtime int8 stage of the same model)
+    for lite8, lite32, ort8 in (("litert+int8", "litert", "int8"), ("pruned+litert+int8", "pruned+litert",
+                                                                     "pruned+int8")):
+        if lite8 not in mine:
+            continue
+        ort = session(Path(mine[ort8]["file"]), threads=1)
+        lite = LiteRTModel(Path(mine[lite8]["file"]), threads=1)
+        ort_ms, lite_ms = [], []
+        for _ in range(args.rounds):  # alternating rounds: a noisy neighbour slows both alike
+            ort_ms.append(1e3 * _median_call(lambda a, s=ort: s.run(None, {"input": a})[0], x, args.repeats))
+            lite_ms.append(1e3 * _median_call(lite, x, args.repeats))
+        size = {k: Path(mine[k]["file"]).stat().st_size for k in (lite8, lite32, ort8)}
+        result["pairs"][lite8] = {
+            "val_top1": mine[lite8]["val_top1"], "drop_pt": 100 * (parent["val_top1"] - mine[lite8]["val_top1"]),
+            "fp32_tflite_val_top1": mine[lite32]["val_top1"], "onnx_int8_val_top1": mine[ort8]["val_top1"],
+            "bytes": size, "x_smaller_than_fp32_tflite": size[lite32] / size[lite8],
+            "onnx_int8_b1_ms": statistics.median(ort_ms), "litert_int8_b1_ms": statistics.median(lite_ms),
+            "onnx_over_litert_b1": statistics.median(ort_ms) / statistics.median(lite_ms),
+            "rounds_ms": {"onnxruntime_int8": ort_ms, "litert_int8": lite_ms}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -129,12 +129,13 @@ def litert_card(choice: LiteRTChoice, prep: dict, calib_samples: int | None) -> 
     inp, out = io.get("input", {}), io.get("output", {})
     int8 = inp.get("dtype") == "int8"
     size, ch = prep["input_size"], prep["channels"]
-    quant = (f"full-integer int8 (ai-edge-quantizer static min/max: weights int8 per output channel, activations, "
-             f"input and output int8), calibrated on {calib_samples} cached training views. Input: "
-             f"q = clip(round(x / {inp.get('scale')}) + {inp.get('zero_point')}, -128, 127); output: logits = "
-             f"({out.get('scale')}) * (q - {out.get('zero_point')})." if int8 else "none: float32 throughout.")
-    feed = ("x = np.clip(np.round(x / s) + z, -128, 127).astype(np.int8)  # s, z = inp['quantization']\n"
+    quant = (f"full-integer int8 (ai-edge-quantizer, static min/max: weights int8 per output channel; activations, "
+             f"input and output int8), calibrated on {calib_samples} cached training views. Input: q = clip(round(x / "
+             f"{inp.get('scale'):.6g}) + ({inp.get('zero_point')}), -128, 127); output: logits = "
+             f"{out.get('scale'):.6g} * (q - ({out.get('zero_point')}))." if int8 else "none: float32 throughout.")
+    feed = ("s, z = inp['quantization']; x = np.clip(np.round(x / s) + z, -128, 127).astype(np.int8)\n"
             if int8 else "")
+    read = ("s, z = out['quantization']; logits = s * (logits.astype(np.float32) - z)\n" if int8 else "")
     return [
         "## LiteRT (phones, boards)",
         f"- `{choice.name}`: stage `{r['stage']}`, {r['size_mb']:.3f} MB, val top-1 {r['val_top1']:.4f} in the "
@@ -153,6 +154,6 @@ def litert_card(choice: LiteRTChoice, prep: dict, calib_samples: int | None) -> 
         f"it = Interpreter(model_path='{choice.name}'); it.allocate_tensors()\n"
         "inp, out = it.get_input_details()[0], it.get_output_details()[0]\n"
         "x = preprocessed_chw.transpose(1, 2, 0)[None].astype(np.float32)  # NHWC\n"
-        f"{feed}it.set_tensor(inp['index'], x); it.invoke(); logits = it.get_tensor(out['index'])\n```",
+        f"{feed}it.set_tensor(inp['index'], x); it.invoke(); logits = it.get_tensor(out['index'])\n{read}```",
         *(f"- {n}" for n in choice.notes),
         ""]
