@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,litert]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -64,6 +64,8 @@ bench: $(STAMP)
 	test -d runs/demo/cache || $(MAKE) demo
 	$(BIN)/python bench/student_train.py
 	$(BIN)/distill pipeline --config bench/compress.yaml
+	test -f runs/demo/compressed/report.json || $(MAKE) demo
+	$(BIN)/python bench/litert.py
 
 clean:
 	rm -rf runs/demo

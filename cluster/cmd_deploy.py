@@ -16,7 +16,7 @@ from core.graceful_stop import StopRequested
 @click.command()
 @config_options
 def deploy(config_path: Path | None, overrides: tuple[str, ...]) -> None:
-    """Bundle a compressed student: fp32 + int8 ONNX, preprocessing, classes, model card with its lineage.
+    """Bundle a compressed student: fp32 + int8 ONNX, a LiteRT .tflite, preprocessing, classes, model card.
 
     \b
     Ships the smallest stage (deploy.pick_by: size, or batch-32 latency) on the accuracy/cost Pareto front
@@ -24,7 +24,9 @@ def deploy(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     deploy.stage below the floor is refused with a message naming the floor. In auto mode an int8 stage
     that fails the int8/fp32 agreement check falls back to the next stage within the floor. Re-checks parity on real val
     images (fp32 ONNX vs the PyTorch model: max |dlogit| and top-1 agreement; int8 vs fp32 agreement) and
-    fails beyond tolerance.
+    fails beyond tolerance. Adds the smallest LiteRT model (deploy.litert_stage) within the floor whose fp32
+    .tflite matches PyTorch in the LiteRT interpreter; without one the card says why. The bundle is written
+    to <out_dir>.versions/<time>/ and the link <out_dir> moved to it atomically.
     Example: distill deploy --config examples/demo.yaml
     """
     from deploy.bundle import run
@@ -33,7 +35,8 @@ def deploy(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     cfg = load_config(DeployConfig, config_path, list(overrides), "deploy")
     res = run(cfg)
     click.echo(json.dumps({"bundle": str(res.bundle), "student": res.student, "stage": res.stage,
-                           "refused": res.refused, "parity": res.parity}, indent=1))
+                           "refused": res.refused, "parity": res.parity, "litert": res.litert,
+                           "litert_reason": res.litert_reason}, indent=1))
     click.echo(f"model card: {res.card}\nserve it:   distill serve --bundle {res.bundle}")
 
 

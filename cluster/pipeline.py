@@ -97,7 +97,8 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             from deploy.bundle import run as run_deploy
 
             res = run_deploy(stage_cfg)
-            summary = {"stage": name, "bundle": str(res.bundle), "student": res.student, "parity": res.parity}
+            summary = {"stage": name, "bundle": str(res.bundle), "student": res.student, "parity": res.parity,
+                       "litert": res.litert or f"none: {res.litert_reason}"}
         elif name == "cache":
             from teacher_cache.run import run as run_cache
 

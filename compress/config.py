@@ -40,6 +40,13 @@ class QuantizeConfig(_Strict):
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
 
 
+class LiteRTConfig(_Strict):
+    enabled: bool = Field(True, description="also write fp32 + full-integer int8 .tflite models (LiteRT, for phones "
+                          "and boards), measured in the LiteRT interpreter; needs pip install -e '.[litert]' "
+                          "(without it they are skipped with a note); int8 follows quantize.enabled and its "
+                          "calib_samples")
+
+
 class LatencyConfig(_Strict):
     repeats_b1: int = Field(50, ge=3)
     repeats_b32: int = Field(10, ge=3)
@@ -55,6 +62,7 @@ class CompressConfig(_Strict):
     select: SelectConfig = Field(default_factory=SelectConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    litert: LiteRTConfig = Field(default_factory=LiteRTConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     val_limit: int | None = Field(None, ge=1, description="evaluate on at most this many val samples")
     max_top1_drop: float = Field(0.01, ge=0.0, le=1.0, description="the report's verdict: a stage pays when it "

@@ -1,9 +1,11 @@
-"""Measure a model the way it will be served: ONNX Runtime accuracy on the val split, file size, latency."""
+"""Measure a model the way it will be served: accuracy on the val split, file size, latency (ONNX Runtime here;
+the LiteRT interpreter in compress/litert_run.py)."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,14 @@ from compress.onnx_export import session
 def onnx_accuracy(path: Path, batches: list[dict[str, np.ndarray]], threads: int | None = None) -> dict[str, float]:
     """batches: dicts with `pixels` (N,C,H,W float32), `label` (-1 = none), `teacher_top1` (view 0)."""
     sess = session(path, threads)
+    return accuracy(lambda x: sess.run(None, {"input": x})[0], batches)
+
+
+def accuracy(model: Callable[[np.ndarray], np.ndarray], batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Val top-1/top-5 and teacher agreement of `model` (NCHW float32 batch -> logits) on `batches`."""
     n = labelled = top1 = top5 = agree = 0
     for b in batches:
-        logits = sess.run(None, {"input": b["pixels"].astype(np.float32)})[0]
+        logits = model(b["pixels"].astype(np.float32))
         order = np.argsort(-logits, axis=1)[:, :5]
         has = b["label"] >= 0
         labelled += int(has.sum())

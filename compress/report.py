@@ -11,13 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'student':28s} {'stage':12s} {'top1':>7s} {'d top1':>7s} {'agree':>6s} {'size MB':>8s} "
+    head = (f"{'student':28s} {'stage':18s} {'runtime':11s} {'top1':>7s} {'d top1':>7s} {'agree':>6s} {'size MB':>8s} "
             f"{'x smaller':>9s} {'ms @1':>7s} {'ms @32':>7s} {'speed-up':>8s} {'MMACs':>7s}")
     lines = [head, "-" * len(head)]
     base: dict[str, dict] = {}
     for r in rows:
         b = base.setdefault(r["student"], r)
-        lines.append(f"{r['student'][:28]:28s} {r['stage']:12s} {r['val_top1']:7.4f} "
+        lines.append(f"{r['student'][:28]:28s} {r['stage']:18s} {r.get('runtime', 'onnxruntime'):11s} "
+                     f"{r['val_top1']:7.4f} "
                      f"{100 * (r['val_top1'] - b['val_top1']):+6.2f}pt {r['teacher_agreement']:6.3f} "
                      f"{r['size_mb']:8.3f} {b['size_mb'] / r['size_mb']:8.2f}x {r['latency_b1_ms']:7.3f} "
                      f"{r['latency_b32_ms']:7.2f} {b['latency_b32_ms'] / r['latency_b32_ms']:7.2f}x "
@@ -67,12 +68,14 @@ def pareto_plot(trained: list[dict], compressed: list[dict], path: Path) -> Path
     ax.scatter([r["macs"] / 1e6 for r in done], [r["val_top1"] for r in done], label="trained students", c="tab:blue")
     for r in done:
         ax.annotate(r["variant"], (r["macs"] / 1e6, r["val_top1"]), fontsize=6, alpha=0.7)
-    markers = {"baseline": "o", "int8": "s", "pruned": "^", "pruned+int8": "*"}
+    markers = {"baseline": "o", "int8": "s", "pruned": "^", "pruned+int8": "*", "litert": "D", "litert+int8": "P",
+               "pruned+litert": "v", "pruned+litert+int8": "X"}
     for stage, marker in markers.items():
         pts = [r for r in compressed if r["stage"] == stage]
         if pts:
+            where = "LiteRT" if "litert" in stage else "ONNX Runtime"
             ax.scatter([r["macs"] / 1e6 for r in pts], [r["val_top1"] for r in pts], marker=marker, s=80,
-                       label=f"{stage} (ONNX Runtime)", edgecolors="k")
+                       label=f"{stage} ({where})", edgecolors="k")
             for r in pts:
                 ax.annotate(f"{r['latency_b1_ms']:.2f} ms", (r["macs"] / 1e6, r["val_top1"]), fontsize=6,
                             xytext=(4, -8), textcoords="offset points")

@@ -16,7 +16,8 @@ import yaml
 from compress import metrics
 from compress.config import CompressConfig
 from compress.finetune import finetune_dir, finetune_identity, prune_and_finetune
-from compress.measure import file_mb, onnx_accuracy, onnx_latency
+from compress.litert_stages import Source, litert_stages
+from compress.measure import accuracy, file_mb, onnx_accuracy, onnx_latency
 from compress.onnx_export import check_parity, export_onnx, save_torchscript
 from compress.prune import count_cost
 from compress.quantize import quantize_int8
@@ -80,13 +81,21 @@ def load_student(run_dir: Path, name: str, v: VariantConfig) -> torch.nn.Module:
 
 def _measure(stage: str, name: str, path: Path, vb: list, prep: object, cfg: CompressConfig, macs: int,
              params: int) -> dict:
+    """One report row: accuracy, size and latency @1/@32 in the runtime the file is for (.onnx: ONNX Runtime,
+    .tflite: the LiteRT interpreter)."""
     lat = cfg.latency
-    row = {"student": name, "stage": stage, "onnx": str(path), "size_mb": file_mb(path), "macs": macs,
-           "params": params, **onnx_accuracy(path, vb, lat.threads)}
-    row["latency_b1_ms"] = 1e3 * onnx_latency(path, prep.channels, prep.input_size, 1, lat.repeats_b1, lat.warmup,
-                                              lat.threads)
-    row["latency_b32_ms"] = 1e3 * onnx_latency(path, prep.channels, prep.input_size, 32, lat.repeats_b32,
-                                               lat.warmup, lat.threads)
+    if path.suffix == ".tflite":
+        from compress.litert_run import LiteRTModel, litert_latency
+
+        runtime, acc, latency = "litert", accuracy(LiteRTModel(path, lat.threads), vb), litert_latency
+    else:
+        runtime, acc, latency = "onnxruntime", onnx_accuracy(path, vb, lat.threads), onnx_latency
+    row = {"student": name, "stage": stage, "runtime": runtime, "file": str(path), "size_mb": file_mb(path),
+           "macs": macs, "params": params, **acc}
+    row["latency_b1_ms"] = 1e3 * latency(path, prep.channels, prep.input_size, 1, lat.repeats_b1, lat.warmup,
+                                         lat.threads)
+    row["latency_b32_ms"] = 1e3 * latency(path, prep.channels, prep.input_size, 32, lat.repeats_b32, lat.warmup,
+                                          lat.threads)
     metrics.VAL_TOP1.labels(name, stage).set(row["val_top1"])
     metrics.SIZE.labels(name, stage).set(row["size_mb"] * 1e6)
     metrics.LATENCY.labels(name, stage, "1").set(row["latency_b1_ms"] / 1e3)
@@ -112,6 +121,7 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) ->
     save_torchscript(model, out / "baseline.ts", prep.channels, prep.input_size)
     check_parity(model, base, images)
     rows = [_measure("baseline", name, base, vb, prep, cfg, macs, params)]
+    sources = [Source("", base, model, macs, params)]
     calib = calibration(job, v, cfg.quantize.calib_samples) if cfg.quantize.enabled else []
     if cfg.quantize.enabled:
         q = quantize_int8(base, out / "int8.onnx", iter(calib), cfg.quantize.per_channel, cfg.quantize.method)
@@ -127,11 +137,15 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) ->
         save_torchscript(pruned, out / "pruned.ts", prep.channels, prep.input_size)
         check_parity(pruned, p_path, images)
         rows.append(_measure("pruned", name, p_path, vb, prep, cfg, costs["macs_after"], costs["params_after"]))
+        sources.append(Source("pruned+", p_path, pruned, costs["macs_after"], costs["params_after"]))
         if cfg.quantize.enabled:
             pq_path = quantize_int8(p_path, out / "pruned_int8.onnx", iter(calib), cfg.quantize.per_channel,
                                     cfg.quantize.method)
             rows.append(_measure("pruned+int8", name, pq_path, vb, prep, cfg, costs["macs_after"],
                                  costs["params_after"]))
+    if cfg.litert.enabled:
+        rows += litert_stages(sources, out, lambda stage, path, m, p: _measure(stage, name, path, vb, prep, cfg, m, p),
+                              calib if cfg.quantize.enabled else [], all_pixels[:256], cfg.quantize.enabled)
     (out / "preprocessing.json").write_text(json.dumps(prep.as_dict(), indent=1))
     return rows
 

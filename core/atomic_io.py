@@ -46,8 +46,9 @@ def atomic_write(final: Path, content: bytes | str | Writer) -> None:
     try:
         if callable(content):
             content(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            if not tmp.is_symlink():  # a link has no data of its own: the directory fsync below makes it durable
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
         else:
             data = content.encode() if isinstance(content, str) else content
             with open(tmp, "wb") as f:
@@ -59,6 +60,15 @@ def atomic_write(final: Path, content: bytes | str | Writer) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(final.parent)
+
+
+def atomic_symlink(final: Path, target: str) -> None:
+    """Point the symlink `final` at `target` atomically: readers see the old target or the new one, never none.
+
+    Why: a directory of files (a deploy bundle) cannot be replaced in one step, but a link to it can; `target`
+    is best relative to `final`'s directory so the pair can be moved together.
+    """
+    atomic_write(Path(final), lambda tmp: os.symlink(target, tmp))
 
 
 def remove_stale_tmp(directory: Path) -> int:

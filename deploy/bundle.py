@@ -1,4 +1,4 @@
-"""`distill deploy`: a self-describing bundle (fp32 + int8 ONNX, preprocessing, classes, model card)."""
+"""`distill deploy`: a self-describing bundle (fp32 + int8 ONNX, a LiteRT model, preprocessing, classes, model card)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import torch
 import yaml
 
 from compress.onnx_export import ParityError, check_parity, session
-from core.atomic_io import file_sha256
 from deploy import metrics
+from deploy.bundle_files import new_version, publish, seal, write_file
 from deploy.choose import STAGE_FILES, choose_stage, rank_within_floor, top1_drop
 from deploy.config import DeployConfig
+from deploy.litert_bundle import choose_litert, litert_card
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class DeployResult:
     card: Path
     stage: str = "baseline"
     refused: list[str] = field(default_factory=list)
+    litert: str | None = None  # the .tflite in the bundle
+    litert_reason: str | None = None  # why there is none
 
 
 def _pick(cfg: DeployConfig, rows: list[dict]) -> str:
@@ -71,10 +74,11 @@ def _choice_text(stage: str, chosen: dict, rows: list[dict], notes: list[str], f
 
 def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep: dict) -> str:
     """Markdown: what the model is, where it came from, what was measured and how."""
-    table = ["| stage | val top-1 | teacher agreement | size MB | latency b1 ms | latency b32 ms | MMACs |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| stage | runtime | val top-1 | teacher agreement | size MB | latency b1 ms | latency b32 ms | MMACs |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {r['stage']} | {r['val_top1']:.4f} | {r['teacher_agreement']:.4f} | {r['size_mb']:.3f} | "
+        table.append(f"| {r['stage']} | {r.get('runtime', 'onnxruntime')} | {r['val_top1']:.4f} | "
+                     f"{r['teacher_agreement']:.4f} | {r['size_mb']:.3f} | "
                      f"{r['latency_b1_ms']:.3f} | {r['latency_b32_ms']:.2f} | {r['macs'] / 1e6:.2f} |")
     t = lineage["teacher"]
     return "\n".join([
@@ -86,6 +90,8 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
         "- `model.onnx`: fp32, dynamic batch, input `input` (N, C, H, W float32, normalised), output `logits`.",
         "- `model.int8.onnx` (int8 stages only; `distill serve` then serves it): int8 static quantization "
         "(ONNX Runtime QDQ, per-channel weights), calibrated on cached training views.",
+        "- `model.tflite` or `model.int8.tflite` (when the LiteRT checks passed): the LiteRT model for phones and "
+        "boards, NHWC; see \"LiteRT\" below.",
         "- `preprocessing.json`: decode -> channels -> centre crop (crop_pct of the shorter side) -> resize -> "
         "normalise; `classes.json`: class names by index.",
         "",
@@ -103,7 +109,7 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
         "## Which model this bundle ships",
         lineage["choice"],
         "",
-        "## Measured (ONNX Runtime, CPU, val split)",
+        "## Measured (CPU, val split; runtime: ONNX Runtime, or the LiteRT interpreter with XNNPACK)",
         *table,
         "",
         f"Parity (fp32 ONNX vs PyTorch, {parity['samples']} real val images): max |dlogit| "
@@ -131,63 +137,89 @@ def _parity(cfg: DeployConfig, fp32: Path, int8: Path | None, images: torch.Tens
     return parity
 
 
+def _choose_onnx(cfg: DeployConfig, student: str, onnx_rows: list[dict], src: Path,
+                 images: torch.Tensor) -> tuple[dict, list[str], dict, Path, Path | None]:
+    """The served ONNX stage: within the floor, passing parity; (row, notes, parity, fp32, int8 or None)."""
+    chosen, notes = choose_stage(onnx_rows, student, cfg.stage, cfg.max_top1_drop, cfg.pick_by)
+    for note in notes:
+        log.warning("%s: %s", student, note)
+    rows = [r for r in onnx_rows if r["student"] == student]
+    refused = {n.split(" ", 1)[0] for n in notes}
+    fallbacks = rank_within_floor([r for r in rows if r["stage"] not in refused], cfg.pick_by)
+    for row in [chosen] if cfg.stage != "auto" else fallbacks:
+        fp32_name, int8_name = STAGE_FILES[row["stage"]]
+        fp32, int8 = src / fp32_name, (src / int8_name if int8_name else None)
+        try:
+            return row, notes, _parity(cfg, fp32, int8, images), fp32, int8
+        except ParityError as exc:  # auto: an int8 stage that disagrees with its fp32 model -> next candidate
+            if cfg.stage != "auto" or row is fallbacks[-1]:
+                raise
+            notes.append(f"{row['stage']} refused: {exc}")
+            log.warning("%s: %s; trying the next stage within the floor", student, exc)
+    raise AssertionError("unreachable: the loop returns or raises")
+
+
+def _lineage(cfg: DeployConfig, student: str, src_root: Path, ccfg: dict, choice: str) -> dict:
+    train_run = Path(ccfg["train_run"])
+    arch = json.loads((train_run / student / "arch.json").read_text())
+    cache_dir = Path(arch["cache_dir"])
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    return {"teacher": manifest.get("teacher", {}), "cache_dir": str(cache_dir),
+            "fingerprint": manifest.get("fingerprint"), "train_run": str(train_run),
+            "variant_yaml": (train_run / student / "variant.yaml").read_text(),
+            "compression": json.dumps({k: ccfg[k] for k in ("prune", "quantize", "litert") if k in ccfg}),
+            "choice": choice}
+
+
 def run(cfg: DeployConfig) -> DeployResult:
+    """Choose, check and write one bundle version, then make it the current one in a single atomic step."""
     t0 = time.perf_counter()
     src_root = Path(cfg.compress_dir)
     report = src_root / "report.json"
     if not report.exists():
         raise FileNotFoundError(f"{report} not found: `compress_dir` must be the out_dir of `distill compress`")
     all_rows = json.loads(report.read_text())
-    student = _pick(cfg, all_rows)
+    onnx_rows = [r for r in all_rows if r.get("runtime", "onnxruntime") == "onnxruntime"]
+    student = _pick(cfg, onnx_rows)
     rows = [r for r in all_rows if r["student"] == student]
-    chosen, notes = choose_stage(all_rows, student, cfg.stage, cfg.max_top1_drop, cfg.pick_by)
-    for note in notes:
-        log.warning("%s: %s", student, note)
     src = src_root / student
     ccfg = yaml.safe_load((src_root / "compress_config.resolved.yaml").read_text())
-    train_run = Path(ccfg["train_run"])
-    train_cfg = yaml.safe_load((train_run / "train_config.resolved.yaml").read_text())
+    train_cfg = yaml.safe_load((Path(ccfg["train_run"]) / "train_config.resolved.yaml").read_text())
     prep = json.loads((src / "preprocessing.json").read_text())
     images = torch.from_numpy(_val_images(src, cfg.val_images))
-    refused = {n.split(" ", 1)[0] for n in notes}
-    fallbacks = rank_within_floor([r for r in rows if r["stage"] not in refused], cfg.pick_by)
-    for row in [chosen] if cfg.stage != "auto" else fallbacks:
-        stage = row["stage"]
-        fp32_name, int8_name = STAGE_FILES[stage]
-        fp32, int8 = src / fp32_name, (src / int8_name if int8_name else None)
-        try:
-            parity = _parity(cfg, fp32, int8, images)
-            chosen = row
-            break
-        except ParityError as exc:  # auto: an int8 stage that disagrees with its fp32 model -> next candidate
-            if cfg.stage != "auto" or row is fallbacks[-1]:
-                raise
-            notes.append(f"{stage} refused: {exc}")
-            log.warning("%s: %s; trying the next stage within the floor", student, exc)
+    chosen, notes, parity, fp32, int8 = _choose_onnx(cfg, student, onnx_rows, src, images)
+    stage = chosen["stage"]
     log.info("parity: %s", parity)
+    lite = choose_litert(cfg, src, rows, images.numpy())
+    if lite.row is None:
+        log.warning("%s: the bundle has no LiteRT model: %s", student, lite.reason)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(fp32, out / "model.onnx")
-    (out / "model.int8.onnx").unlink(missing_ok=True)  # a bundle dir reused from an int8 stage
-    if int8 is not None:
-        shutil.copy(int8, out / "model.int8.onnx")
-    num_classes = int(session(out / "model.onnx").get_outputs()[0].shape[1])
-    (out / "classes.json").write_text(json.dumps(_classes(cfg, train_cfg, num_classes)))
-    (out / "preprocessing.json").write_text(json.dumps(prep, indent=1))
-    arch = json.loads((train_run / student / "arch.json").read_text())
-    cache_dir = Path(arch["cache_dir"])
-    manifest = json.loads((cache_dir / "manifest.json").read_text())
-    lineage = {"teacher": manifest.get("teacher", {}), "cache_dir": str(cache_dir),
-               "fingerprint": manifest.get("fingerprint"), "train_run": str(train_run),
-               "variant_yaml": (train_run / student / "variant.yaml").read_text(),
-               "compression": json.dumps({k: ccfg[k] for k in ("prune", "quantize")}),
-               "choice": _choice_text(stage, chosen, rows, notes, cfg.max_top1_drop)}
-    card = out / "model_card.md"
-    card.write_text(model_card(student, rows, lineage, parity, prep))
-    files = {f.name: file_sha256(f) for f in sorted(out.iterdir()) if f.suffix in (".onnx", ".json")}
-    (out / "bundle.json").write_text(json.dumps({"student": student, "stage": stage, "files": files,
-                                                 "max_top1_drop": cfg.max_top1_drop, "refused": notes,
-                                                 "parity": parity}, indent=1))
+    version = new_version(out)
+    try:
+        write_file(version / "model.onnx", fp32)
+        if int8 is not None:
+            write_file(version / "model.int8.onnx", int8)
+        if lite.row is not None:
+            write_file(version / lite.name, lite.source)
+        num_classes = int(session(version / "model.onnx").get_outputs()[0].shape[1])
+        write_file(version / "classes.json", json.dumps(_classes(cfg, train_cfg, num_classes)))
+        write_file(version / "preprocessing.json", json.dumps(prep, indent=1))
+        lineage = _lineage(cfg, student, src_root, ccfg,
+                           _choice_text(stage, chosen, [r for r in onnx_rows if r["student"] == student], notes,
+                                        cfg.max_top1_drop))
+        calib = ccfg.get("quantize", {}).get("calib_samples")
+        write_file(version / "model_card.md", model_card(student, rows, lineage, parity, prep)
+                   + "\n".join(litert_card(lite, prep, calib)))
+        seal(version, {"student": student, "stage": stage, "max_top1_drop": cfg.max_top1_drop, "refused": notes,
+                       "parity": parity, "litert": {"file": lite.name, "stage": (lite.row or {}).get("stage"),
+                                                    "parity": lite.parity, "io": lite.io, "refused": lite.notes,
+                                                    "reason": lite.reason}})
+        publish(out, version, cfg.keep_versions)  # the one step that makes the new bundle visible
+    except BaseException:
+        shutil.rmtree(version, ignore_errors=True)  # never published: nothing points at it
+        raise
+    log.info("bundle %s -> %s", out, version)
     metrics.DURATION.set(time.perf_counter() - t0)
     metrics.PARITY.set(parity["max_abs_logit_diff"])
-    return DeployResult(bundle=out, student=student, parity=parity, card=card, stage=stage, refused=notes)
+    return DeployResult(bundle=out, student=student, parity=parity, card=out / "model_card.md", stage=stage,
+                        refused=notes, litert=lite.name, litert_reason=lite.reason)

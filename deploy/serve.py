@@ -6,9 +6,13 @@ same replay function that produced the cached training views.
 
 Hardening: the body limit is enforced while the (possibly chunked) upload is read, never after buffering it;
 only JPEG/PNG/WebP decoders are tried; the pixel count is checked from the image header before decoding
-(a 400 KB PNG can decode to gigabytes), answered with 413; decoding runs in a worker thread so the event loop
-(and /healthz) stays responsive during a slow decode. Each replica runs one blank image end to end before it
-reports ready, so no client pays for the imports and the model's first run.
+(a 400 KB PNG can decode to gigabytes), answered with 413; decoding and the model's batch run in worker threads
+so the event loop (and /healthz, and the uploads of the next batch) stays responsive during a slow decode or a
+large batch. A replica admits `max_ongoing_requests` (default 2 x max_batch_size) requests at once: Serve's
+default of 5 would cap every batch at 5. Every file is checked against bundle.json's SHA-256 before anything is
+loaded (deploy/bundle_files.py), and every replica loads the version the bundle link pointed to when `distill
+serve` started, so a deploy during serving never mixes two bundles. Each replica runs one blank image end to end
+before it reports ready, so no client pays for the imports and the model's first run.
 
 No `from __future__ import annotations` here: with postponed annotations Serve's class-based FastAPI ingress
 cannot strip `self` from the route signatures and every request gets a 422.
@@ -29,6 +33,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from ray import serve
 
+from deploy.bundle_files import verify
 from deploy.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -92,14 +97,14 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, "status": status})
 
 
-@serve.deployment
-@serve.ingress(api)
-class Classifier:
+class Replica:
+    """One Serve replica's state and routes (plain class: `Classifier` below is its Serve deployment)."""
+
     def __init__(self, bundle: str, model: str, top_k: int, max_bytes: int, max_batch_size: int,
                  batch_wait_ms: float, max_pixels: int = 40_000_000) -> None:
         import onnxruntime as ort
 
-        root = Path(bundle)
+        root, _ = verify(Path(bundle))  # nothing is loaded from a bundle whose files differ from bundle.json
         name = "model.int8.onnx" if model == "int8" and (root / "model.int8.onnx").exists() else "model.onnx"
         self.session = ort.InferenceSession(str(root / name), providers=["CPUExecutionProvider"])
         self.prep = json.loads((root / "preprocessing.json").read_text())
@@ -111,8 +116,16 @@ class Classifier:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _batch(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        logits = self.session.run(None, {"input": np.stack(inputs)})[0]
+        return await self.run_batch(inputs)
+
+    async def run_batch(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """The model on one batch, in a worker thread: a batch of 32 takes milliseconds to seconds, and the
+        event loop must keep reading the next uploads and answering /healthz meanwhile."""
+        logits = await asyncio.to_thread(self._infer, np.stack(inputs))
         return list(logits)
+
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"input": batch})[0]
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -148,13 +161,25 @@ class Classifier:
                                 for i in top]}
 
 
+Classifier = serve.deployment(name="Classifier")(serve.ingress(api)(Replica))
+
+
+def max_ongoing(cfg: ServeConfig) -> int:
+    """Requests a replica admits at once: enough to fill one batch while the previous one runs."""
+    return cfg.max_ongoing_requests or 2 * cfg.max_batch_size
+
+
 def build_app(cfg: ServeConfig) -> Any:
-    bundle = Path(cfg.bundle).resolve()
+    """Verify the bundle here (a clear error at the CLI) and pin its current version for every replica."""
+    if not Path(cfg.bundle).exists():
+        raise FileNotFoundError(f"{cfg.bundle} not found: `bundle` must be the out_dir of `distill deploy`")
+    version, _ = verify(Path(cfg.bundle))
     for needed in ("model.onnx", "preprocessing.json", "classes.json"):
-        if not (bundle / needed).exists():
-            raise FileNotFoundError(f"{bundle / needed} missing: `bundle` must be the out_dir of `distill deploy`")
-    return Classifier.options(num_replicas=cfg.replicas, ray_actor_options={"num_cpus": cfg.cpus_per_replica}).bind(
-        str(bundle), cfg.model, cfg.top_k, cfg.max_bytes, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_pixels)
+        if not (version / needed).exists():
+            raise FileNotFoundError(f"{version / needed} missing: `bundle` must be the out_dir of `distill deploy`")
+    return Classifier.options(num_replicas=cfg.replicas, max_ongoing_requests=max_ongoing(cfg),
+                              ray_actor_options={"num_cpus": cfg.cpus_per_replica}).bind(
+        str(version), cfg.model, cfg.top_k, cfg.max_bytes, cfg.max_batch_size, cfg.batch_wait_ms, cfg.max_pixels)
 
 
 def start(cfg: ServeConfig, blocking: bool = False) -> str:

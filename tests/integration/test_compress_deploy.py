@@ -1,5 +1,9 @@
-"""Compress a real demo-style student from the cache, bundle it, serve it with Ray Serve over real HTTP."""
+"""Compress a real demo-style student from the cache, bundle it, serve it with Ray Serve over real HTTP.
 
+The LiteRT tests need the optional extra (pip install -e '.[litert]'); `make venv` and CI install it.
+"""
+
+import importlib.util
 import json
 import socket
 import urllib.error
@@ -41,7 +45,7 @@ def bundle(kd_data, tmp_path_factory):
 
 
 def test_compress_report(bundle):
-    rows = {r["stage"]: r for r in bundle["compress"].rows}
+    rows = {r["stage"]: r for r in bundle["compress"].rows if r["runtime"] == "onnxruntime"}
     assert set(rows) == {"baseline", "int8", "pruned", "pruned+int8"}
     assert rows["pruned"]["macs"] <= 0.5 * rows["baseline"]["macs"]
     assert rows["int8"]["size_mb"] < rows["baseline"]["size_mb"] / 2
@@ -140,3 +144,150 @@ def test_compress_after_the_parent_was_retrained_finetunes_the_new_parent(bundle
     assert len((new_ft / "step1" / "metrics.csv").read_text().splitlines()) == 2  # header + its own epoch
     after = torch.jit.load(str(out / "pruned.ts")).state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+
+
+needs_litert = pytest.mark.skipif(importlib.util.find_spec("ai_edge_litert") is None,
+                                  reason="LiteRT extra not installed: pip install -e '.[litert]' (make venv does)")
+
+
+def test_deploy_swaps_in_a_new_bundle_version_and_keeps_the_old_one(bundle):
+    """Issue 21.17: deploy used to rewrite the bundle directory in place."""
+    from deploy.bundle_files import verify
+
+    link = bundle["deploy"].bundle
+    assert link.is_symlink()
+    first, manifest = verify(link)
+    assert set(manifest["files"]) >= {"model.onnx", "model.int8.onnx", "classes.json", "model_card.md"}
+    cfg = {"compress_dir": str(bundle["root"] / "compressed"), "out_dir": str(link), "int8_min_agreement": 0.5,
+           "stage": "pruned", "max_top1_drop": None}
+    run_deploy(DeployConfig.model_validate(cfg))
+    second, manifest = verify(link)
+    assert second != first and manifest["stage"] == "pruned" and not (link / "model.int8.onnx").exists()
+    assert verify(first)[1]["stage"] == "pruned+int8"  # the old version is untouched for servers still on it
+
+
+@needs_litert
+def test_litert_student_agrees_with_pytorch_on_real_val_digits(bundle):
+    import torch
+
+    from compress.litert_run import LiteRTModel
+
+    src = bundle["root"] / "compressed" / "res"
+    images = np.load(src / "val_images.npy")  # real val digits, preprocessed as served
+    assert len(images) == 40
+    with torch.no_grad():
+        ref = torch.jit.load(str(src / "baseline.ts")).eval()(torch.from_numpy(images)).numpy()
+    got = LiteRTModel(src / "baseline.tflite")(images)
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    assert np.abs(got - ref).max() <= 1e-3  # deploy.litert_parity_atol's default
+    parity = json.loads((src / "litert.json").read_text())["parity"]["litert"]
+    assert parity["samples"] == 40 and parity["top1_agreement"] >= 0.99
+
+
+@needs_litert
+def test_litert_int8_is_calibrated_on_cached_samples_and_reported(bundle, kd_data):
+    from compress.litert_run import LiteRTModel
+    from compress.run import calibration
+    from student_train.config import TrainConfig, VariantConfig
+    from student_train.job_plan import plan_job
+
+    rows = {r["stage"]: r for r in bundle["compress"].rows if r["runtime"] == "litert"}
+    assert set(rows) == {"litert", "litert+int8", "pruned+litert", "pruned+litert+int8"}
+    for r in rows.values():
+        assert 0 <= r["val_top1"] <= 1 and r["val_samples"] == 40 and r["latency_b1_ms"] > 0
+    assert rows["litert+int8"]["size_mb"] < rows["litert"]["size_mb"] / 2.5
+    # the int8 input range is the range of the cached training views it was calibrated on (>= 64 of them), to
+    # within 3 quantization steps (ai-edge-quantizer keeps a moving average of per-sample min/max); random data
+    # would give about [-4, 4]
+    root = bundle["root"]
+    job = plan_job(TrainConfig.model_validate(yaml.safe_load((root / "students" /
+                                                               "train_config.resolved.yaml").read_text())))
+    v = VariantConfig.model_validate(yaml.safe_load((root / "students" / "res" / "variant.yaml").read_text()))
+    pixels = np.concatenate(calibration(job, v, 64))
+    io = LiteRTModel(root / "compressed" / "res" / "int8.tflite").io_details()["input"]
+    lo, hi = (-128 - io["zero_point"]) * io["scale"], (127 - io["zero_point"]) * io["scale"]
+    assert abs(lo - min(pixels.min(), 0)) <= 3 * io["scale"] and abs(hi - max(pixels.max(), 0)) <= 3 * io["scale"]
+    assert json.loads((root / "compressed" / "res" / "litert.json").read_text())["calib_samples"] == len(pixels)
+    assert "litert+int8" in bundle["compress"].table
+
+
+@needs_litert
+def test_the_bundle_carries_a_litert_model_its_card_names(bundle):
+    b = bundle["deploy"].bundle
+    name = bundle["deploy"].litert
+    assert name in ("model.tflite", "model.int8.tflite") and (b / name).exists()
+    manifest = json.loads((b / "bundle.json").read_text())
+    assert name in manifest["files"] and manifest["litert"]["file"] == name
+    card = (b / "model_card.md").read_text()
+    assert f"`{name}`" in card and "NHWC" in card and "Preprocessing" in card and "Interpreter" in card
+
+
+def _copy_compress(bundle, tmp_path):
+    import shutil
+
+    dst = tmp_path / "compressed"
+    shutil.copytree(bundle["root"] / "compressed", dst)
+    return dst
+
+
+def _deploy_cfg(src, tmp_path, **over):
+    return DeployConfig.model_validate({"compress_dir": str(src), "out_dir": str(tmp_path / "b"),
+                                        "int8_min_agreement": 0.5, "stage": "pruned+int8", "max_top1_drop": None,
+                                        **over})
+
+
+@needs_litert
+def test_deploy_refuses_a_litert_model_that_failed_parity(bundle, tmp_path):
+    """pruned.tflite replaced by another model's (the unpruned one's): it no longer computes what pruned.ts does."""
+    import shutil
+
+    from compress.onnx_export import ParityError
+
+    src = _copy_compress(bundle, tmp_path)
+    shutil.copyfile(src / "res" / "baseline.tflite", src / "res" / "pruned.tflite")
+    with pytest.raises(ParityError, match=r"pruned\.tflite: the LiteRT model differs from PyTorch .* not bundled"):
+        run_deploy(_deploy_cfg(src, tmp_path, litert_stage="pruned+litert"))
+    res = run_deploy(_deploy_cfg(src, tmp_path, litert_stage="auto"))  # auto: the next candidate, never these
+    manifest = json.loads((res.bundle / "bundle.json").read_text())
+    assert manifest["litert"]["stage"] in ("litert", "litert+int8") and (res.bundle / res.litert).exists()
+    refused = manifest["litert"]["refused"]
+    assert any(n.startswith("pruned+litert") and "differs from PyTorch" in n for n in refused), refused
+
+
+@needs_litert
+def test_a_litert_model_below_the_floor_is_refused(bundle, tmp_path):
+    from deploy.choose import FloorError
+
+    src = _copy_compress(bundle, tmp_path)
+    rows = json.loads((src / "report.json").read_text())
+    base = next(r for r in rows if r["stage"] == "baseline")
+    for r in rows:
+        if r["runtime"] == "litert":
+            r["val_top1"] = base["val_top1"] - 0.05  # 5 pt below its parent: beyond a 1-pt floor
+    (src / "report.json").write_text(json.dumps(rows))
+    with pytest.raises(FloorError, match=r"LiteRT stage 'litert\+int8'.*deploy\.max_top1_drop"):
+        run_deploy(_deploy_cfg(src, tmp_path, litert_stage="litert+int8", max_top1_drop=0.01, stage="baseline"))
+    res = run_deploy(_deploy_cfg(src, tmp_path, max_top1_drop=0.01, stage="baseline"))
+    assert res.litert is None and "beyond the floor" in res.litert_reason
+    assert "No LiteRT model in this bundle" in (res.bundle / "model_card.md").read_text()
+
+
+@needs_litert
+def test_a_student_that_does_not_convert_still_ships_its_onnx_bundle(bundle, tmp_path):
+    """litert.json from a real failed conversion (Softplus): deploy ships ONNX and the card names the operator."""
+    import torch
+
+    from compress.litert_stages import Source, litert_stages
+    from compress.onnx_export import export_onnx
+
+    src = _copy_compress(bundle, tmp_path)
+    odd = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Softplus(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 10)).eval()
+    litert_stages([Source("", export_onnx(odd, tmp_path / "odd.onnx", 1, 32), odd, 1, 1)], src / "res",
+                  lambda *a: pytest.fail("nothing converts"), [], np.zeros((2, 1, 32, 32), np.float32))
+    rows = [r for r in json.loads((src / "report.json").read_text()) if r["runtime"] != "litert"]
+    (src / "report.json").write_text(json.dumps(rows))  # what compress reports when the conversion fails
+    res = run_deploy(_deploy_cfg(src, tmp_path))
+    assert res.litert is None and (res.bundle / "model.onnx").exists()
+    assert not list(res.bundle.glob("*.tflite"))
+    assert "operator 'Softplus'" in (res.bundle / "model_card.md").read_text()
