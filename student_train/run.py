@@ -13,6 +13,7 @@ import yaml
 
 from core.devices import resolve_device
 from core.graceful_stop import StopRequested, raise_if_stopping, sigterm_received
+from core.run_phase import begin_work
 from student_train.config import TrainConfig, VariantConfig
 from student_train.job_plan import plan_job
 from student_train.leaderboard import (
@@ -157,9 +158,10 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
     if len(pending) < len(variants):
         log.info("%d variant(s) already done in %s; skipping them", len(variants) - len(pending), run_dir)
     launched = launched_context(cfg.device)
+    if launched is not None and len(variants) != 1:
+        raise ValueError("under torchrun/deepspeed, train one variant: pass --variant NAME")
+    begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
     if launched is not None:
-        if len(variants) != 1:
-            raise ValueError("under torchrun/deepspeed, train one variant: pass --variant NAME")
         run_launched(job, *variants[0], launched)
         if launched.rank != 0:
             return TrainResult(run_dir=run_dir, leaderboard=[], leaderboard_path=run_dir / "leaderboard.parquet",
