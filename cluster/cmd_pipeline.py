@@ -59,6 +59,8 @@ def _print_comparison(results: list[dict]) -> None:
         how = (f"distilled, {pair['delta_top1_vs_twin']:+.2f} pt over its twin {pair['twin']}"
                if pair and pair["delta_top1_vs_twin"] is not None else f"mode {train.get('best_mode')}")
         click.echo(f"winner: {train['best']} ({100 * train['best_val_top1']:.2f}% val top-1; {how})")
+    if train.get("teacher_warning"):
+        click.echo(train["teacher_warning"], err=True)
 
 
 def _print_where(cfg: object) -> None:

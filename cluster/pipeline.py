@@ -120,7 +120,9 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             summary = {"stage": name, "status": res.status, "run_dir": str(res.run_dir),
                        "best": best["variant"] if best else None,
                        "best_val_top1": best["val_top1"] if best else None,
-                       "best_mode": best["mode"] if best else None, "twins": twin_pairs(res.leaderboard)}
+                       "best_mode": best["mode"] if best else None, "twins": twin_pairs(res.leaderboard),
+                       "teacher_val_top1": res.teacher_val_top1[0] if res.teacher_val_top1 else None,
+                       "teacher_warning": res.teacher_warning}
             if res.status == "failure":
                 raise StageFailedError(f"{name} stage: every variant failed; see {res.run_dir}/leaderboard.txt")
         summary["seconds"] = round(time.perf_counter() - t0, 1)
