@@ -246,8 +246,11 @@ def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
     stage = json.loads((runs / "bundle" / "bundle.json").read_text())["stage"]
     assert (runs / "bundle" / "model.onnx").exists()
     assert (runs / "bundle" / "model.int8.onnx").exists() == ("int8" in stage)
-    # Prometheus ingested the cache and training series, with sensible values
-    time.sleep(3)
+    # Prometheus ingested the cache and training series, with sensible values (waits until it answers with them)
+    for query in ("max(max_over_time(distill_cache_images_total[30m]))",
+                  "max by (variant) (max_over_time(distill_train_samples_per_second[30m]))",
+                  "max(max_over_time(distill_compress_duration_seconds[30m]))"):
+        _wait_for(lambda q=query: _prom(ops, q), 120, f"Prometheus to answer {query}")
     images = _prom(ops, "max(max_over_time(distill_cache_images_total[30m]))")
     assert images and 0 < float(images[0]["value"][1]) <= 1200
     rates = _prom(ops, "max by (variant) (max_over_time(distill_train_samples_per_second[30m]))")
