@@ -1,7 +1,10 @@
 """`distill`: one subcommand per stage. Each validates its whole config before doing any work.
 
-Exit codes: 0 success, 2 bad input/config (nothing was done), 3 partial (some shards/variants failed),
-4 failure (nothing succeeded), 143 stopped by SIGTERM (`ray job stop`; finished work is kept, re-run continues).
+Exit codes: 0 success, 2 bad input/config (found before any work; nothing was done), 3 partial (some
+shards/variants failed), 4 failure (every shard/variant of a stage failed), 5 locked by another writer,
+6 failed during the run (after work began; finished work is kept, re-run continues), 143 stopped by SIGTERM
+(`ray job stop`; finished work is kept, re-run continues). An error is printed as one line, without a traceback;
+only an unexpected error before any work began keeps its traceback (exit 1: a bug to report).
 """
 
 from __future__ import annotations
@@ -16,25 +19,33 @@ from typing import Any
 
 import click
 
-from cluster.cli_common import EXIT_BAD_INPUT, user_errors
+from cluster.cli_common import exit_for
+
+log = logging.getLogger("distill")
 
 
 class _Main(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         from core.graceful_stop import EXIT_STOPPED, StopRequested, install_sigterm_handler, sigterm_received
+        from core.run_phase import reset_work, work_begun
 
         install_sigterm_handler()
+        reset_work()
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # usage errors, --help, Ctrl-C at a prompt: click's own handling
         except (StopRequested, Exception) as exc:
             if sigterm_received():  # whatever form the interruption took on its way up
                 click.echo("stopped by SIGTERM: finished work is kept (cache shards in the manifest, variants' epoch "
                            "checkpoints); re-run or re-submit the same command to continue", err=True)
                 sys.exit(EXIT_STOPPED)
-            if isinstance(exc, user_errors()):
-                click.echo(f"error: {exc}", err=True)
-                sys.exit(EXIT_BAD_INPUT)
-            raise
+            outcome = exit_for(exc, work_begun()) if isinstance(exc, Exception) else None
+            if outcome is None:
+                raise
+            log.debug("the error in full", exc_info=exc)
+            click.echo(outcome[1], err=True)
+            sys.exit(outcome[0])
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

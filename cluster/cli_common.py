@@ -16,6 +16,10 @@ EXIT_RUN_FAILED = 6  # the run started (work may be saved) and then failed; re-r
 STATUS_EXIT = {"success": 0, "partial": EXIT_PARTIAL, "failure": EXIT_FAILURE}
 
 
+class StageFailedError(RuntimeError):
+    """A stage ran and every one of its units failed (all shards, all variants): exit 4 with one line."""
+
+
 # (module, class) of every "your input is wrong" exception. Imported lazily and one by one: a stage whose
 # dependencies are missing on this host (onnxruntime, torch_pruning for compress) must not turn every exit of
 # the other stages into a ModuleNotFoundError.
@@ -45,6 +49,25 @@ def user_errors() -> tuple[type[BaseException], ...]:
         except ImportError:
             continue
     return (*found, FileNotFoundError, ValueError)
+
+
+def exit_for(exc: Exception, work_begun: bool) -> tuple[int, str] | None:
+    """(exit code, the line to print) for an error that reached the CLI; None: a bug, keep its traceback.
+
+    The rule: "bad input" (2) only before the command's work began (core/run_phase.py); after that any error is
+    "failed during the run" (6: finished work is kept, a re-run continues). A stage whose every unit failed is 4,
+    another writer holding the cache is 5, wherever they happen.
+    """
+    from teacher_cache.manifest import CacheLockedError
+
+    if isinstance(exc, CacheLockedError):
+        return EXIT_LOCKED, f"refused: {exc}"
+    if isinstance(exc, StageFailedError):
+        return EXIT_FAILURE, f"error: {exc}"
+    if not work_begun:
+        return (EXIT_BAD_INPUT, f"error: {exc}") if isinstance(exc, user_errors()) else None
+    return EXIT_RUN_FAILED, (f"error: failed during the run: {exc.__class__.__name__}: {exc} (finished work is "
+                             "kept; re-run the same command to continue; --log-level DEBUG shows the traceback)")
 
 
 def ray_overrides(no_ray: bool, address: str | None) -> list[str]:

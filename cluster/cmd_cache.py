@@ -62,11 +62,19 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
                           | ({"retried": result.retried, "lost_nodes": result.lost_nodes} if result.retried else {}),
                           indent=1))
     if result.failed:
-        click.echo(f"{len(result.failed)} shard(s) failed; the others are cached. Fix or remove them and re-run:",
-                   err=True)
+        click.echo(failed_shards_line(len(result.failed), len(result.labelled)), err=True)
         for stem, msg in result.failed.items():
             click.echo(f"  {stem}: {msg}", err=True)
     sys.exit(STATUS_EXIT[result.status])
+
+
+def failed_shards_line(failed: int, labelled: int) -> str:
+    """What the run cached beside its failed shards, in words that are true when nothing was."""
+    if labelled == 0:
+        return (f"{failed} shard(s) failed and none was labelled in this run: nothing new is cached. Fix or remove "
+                "them and re-run:")
+    return (f"{failed} shard(s) failed; the other {labelled} labelled in this run are cached. Fix or remove the "
+            "failed ones and re-run:")
 
 
 def _start_metrics(cfg: object) -> None:
@@ -115,7 +123,8 @@ def _check_address(cfg: object) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip checksum verification of the Parquet files.")
 def inspect(directory: str, as_json: bool, no_verify: bool) -> None:
     """Summarise a cache: rows, shards, views, k, bytes per sample-view (with and without the teacher-feature
-    column), feature dim/projection, top-k mass, teacher accuracy, errors.
+    column), feature dim/projection, top-k mass, teacher accuracy, errors, and the shards the last run could not
+    label (in last_run.json's `failed`, with the reason; they are not cached).
 
     DIRECTORY is a fingerprint directory or a cache root (the newest fingerprint is used); an s3:// cache root
     is mirrored to ~/.cache/distill/mirror first ($DISTILL_MIRROR_DIR).

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
 
-from cluster.cli_common import EXIT_RUN_FAILED, config_options
+from cluster.cli_common import EXIT_PARTIAL, EXIT_RUN_FAILED, config_options
 from cluster.config_loading import load_config
 
 
@@ -21,9 +22,13 @@ def pipeline(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     skipped, interrupted ones resume from their last epoch, the cache only labels new/changed shards.
     At the end it prints each distilled student against its undistilled twin (best first) and the winner,
     then where the artefacts are, then the stage summaries as JSON.
+    Exit: 0 every stage complete, 3 a stage was partial (some shards/variants failed; the later stages ran on
+    the rest), 4 a stage failed for every shard/variant (the pipeline stops there), 2 bad config/input (found
+    before any work), 5 the cache is locked by another writer, 6 failed during the run (finished work is kept;
+    re-run continues), 143 stopped by SIGTERM.
     Example: distill pipeline --config examples/demo.yaml --set train.base.epochs=2
     """
-    from cluster.pipeline import PipelineConfig, run_pipeline
+    from cluster.pipeline import PipelineConfig, partial_stages, run_pipeline
     from teacher_cache.run import RunFailedError
 
     cfg = load_config(PipelineConfig, config_path, list(overrides), "pipeline")
@@ -35,6 +40,10 @@ def pipeline(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     _print_comparison(results)
     _print_where(cfg)
     click.echo("\nstages:\n" + json.dumps(results, indent=1))
+    if partial := partial_stages(results):
+        click.echo(f"partial: stage(s) {', '.join(partial)} finished only part of their shards/variants (see "
+                   "`failed` above and the leaderboard); fix them and re-run: exit 3", err=True)
+        sys.exit(EXIT_PARTIAL)
 
 
 def _print_comparison(results: list[dict]) -> None:
@@ -50,6 +59,8 @@ def _print_comparison(results: list[dict]) -> None:
         how = (f"distilled, {pair['delta_top1_vs_twin']:+.2f} pt over its twin {pair['twin']}"
                if pair and pair["delta_top1_vs_twin"] is not None else f"mode {train.get('best_mode')}")
         click.echo(f"winner: {train['best']} ({100 * train['best_val_top1']:.2f}% val top-1; {how})")
+    if train.get("teacher_warning"):
+        click.echo(train["teacher_warning"], err=True)
 
 
 def _print_where(cfg: object) -> None:

@@ -33,12 +33,14 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     Output: <run_dir>/<variant>/{metrics.csv, best.pt, arch.json, ds_ckpt/, status.json}, leaderboard.parquet.
     Re-running skips finished variants and resumes interrupted ones from their last epoch checkpoint.
     Without Ray, one variant on N processes: torchrun --nproc_per_node N $(which distill) train -c X --variant NAME
-    Exit: 0 all variants done, 3 some failed, 4 all failed, 2 bad config/input, 143 stopped by SIGTERM (`ray job
-    stop`: unfinished variants are marked interrupted and resume on the next run).
+    Exit: 0 all variants done, 3 some failed, 4 all failed, 2 bad config/input (found before training began),
+    6 failed during the run (finished epochs are kept; re-run resumes), 143 stopped by SIGTERM (`ray job stop`:
+    unfinished variants are marked interrupted and resume on the next run).
+    The output ends with the cached teacher's val top-1 and a warning when it is below its best student.
     Example: distill train --config examples/demo.yaml --set base.epochs=2
     """
     from student_train.config import TrainConfig
-    from student_train.leaderboard import format_leaderboard, format_twin_comparison, twin_pairs
+    from student_train.leaderboard import format_leaderboard, format_teacher_line, format_twin_comparison, twin_pairs
     from student_train.run import run
 
     sets = list(overrides) + ray_overrides(no_ray, address)
@@ -50,5 +52,8 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
         return
     click.echo(format_twin_comparison(twin_pairs(result.leaderboard)) + "\n")
     click.echo(format_leaderboard(result.leaderboard))
+    click.echo("\n" + format_teacher_line(result.teacher_val_top1))
+    if result.teacher_warning:
+        click.echo(result.teacher_warning, err=True)
     click.echo(f"\nleaderboard: {result.leaderboard_path}\nrun dir:     {result.run_dir}")
     sys.exit(STATUS_EXIT[result.status])

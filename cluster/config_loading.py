@@ -27,15 +27,41 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `a.b.c=value`; a number indexes into a list (`variants.1.temperature=3`: the second variant)."""
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            if not isinstance(node.get(part), dict):
+        if not path:
+            raise ConfigError(f"--set {item!r}: no field named before '='")
+        node: Any = data
+        for depth, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = node[_list_index(node, part, path[:depth + 1], item)]
+                continue
+            if not isinstance(node.get(part), dict | list):
+                if path[depth + 1].lstrip("-").isdigit():
+                    raise ConfigError(f"--set {item!r}: there is no list '{'.'.join(path[:depth + 1])}' in the config "
+                                      "to index; write the list in the YAML file first")
                 node[part] = {}
             node = node[part]
-        node[path[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, path[-1], path, item)] = value
+        else:
+            node[path[-1]] = value
     return data
+
+
+def _list_index(items: list, part: str, at: list[str], item: str) -> int:
+    """`part` as an index into `items` (negative counts from the end), or a ConfigError saying what exists."""
+    where = ".".join(at[:-1])
+    try:
+        i = int(part)
+    except ValueError:
+        raise ConfigError(f"--set {item!r}: {where} is a list; index it with a number (0..{len(items) - 1}), "
+                          f"not '{part}'") from None
+    if not -len(items) <= i < len(items):
+        raise ConfigError(f"--set {item!r}: {where} has {len(items)} entries (indices 0..{len(items) - 1}); "
+                          f"{i} is out of range: add the entry in the YAML file") from None
+    return i
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

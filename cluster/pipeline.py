@@ -2,7 +2,9 @@
 
 shards (skipped when the same config already wrote them) -> teacher (supervised pre-training, finished
 variants skipped) -> cache (incremental) -> train (finished variants skipped, interrupted ones resume).
-Every section is validated before the first stage starts.
+Every section is validated before the first stage starts. A stage whose every shard/variant failed stops the
+pipeline (StageFailedError: exit 4); a partial stage lets the next ones run on what it finished, and the command
+then exits 3 (`partial_stages`), so a nightly job that lost shards or variants is not green.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.cli_common import StageFailedError
 from compress.config import CompressConfig
 from deploy.config import DeployConfig
 from student_train.config import TrainConfig
@@ -74,6 +77,7 @@ def run_compress(cfg: CompressConfig) -> dict:
 def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     """Run the configured stages in order; raise on the first stage that fails outright."""
     from core.ray_cluster import connect_ray
+    from core.run_phase import begin_work
 
     if cfg.metrics.enabled:
         from core.metrics_server import start_metrics_server
@@ -106,7 +110,8 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             summary = {"stage": name, "status": res.status, "cache_dir": res.cache_url or str(res.cache_dir),
                        "labelled": len(res.labelled), "unchanged": len(res.unchanged), "failed": res.failed}
             if res.status == "failure":
-                raise RuntimeError(f"cache stage failed for every shard: {res.failed}")
+                raise StageFailedError("cache stage: every shard to label failed; nothing new was cached: "
+                                       + "; ".join(f"{k}: {v}" for k, v in res.failed.items()))
         else:
             from student_train.leaderboard import twin_pairs
             from student_train.run import run as run_train
@@ -116,10 +121,18 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             summary = {"stage": name, "status": res.status, "run_dir": str(res.run_dir),
                        "best": best["variant"] if best else None,
                        "best_val_top1": best["val_top1"] if best else None,
-                       "best_mode": best["mode"] if best else None, "twins": twin_pairs(res.leaderboard)}
+                       "best_mode": best["mode"] if best else None, "twins": twin_pairs(res.leaderboard),
+                       "teacher_val_top1": res.teacher_val_top1[0] if res.teacher_val_top1 else None,
+                       "teacher_warning": res.teacher_warning}
             if res.status == "failure":
-                raise RuntimeError(f"{name} stage: every variant failed; see {res.run_dir}/leaderboard.txt")
+                raise StageFailedError(f"{name} stage: every variant failed; see {res.run_dir}/leaderboard.txt")
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(summary)
         log.info("stage %s done: %s", name, json.dumps(summary))
+        begin_work()  # a later stage's error is "failed during the run" (6): this stage's work is kept
     return results
+
+
+def partial_stages(results: list[dict]) -> list[str]:
+    """Stages that finished only part of their shards/variants: the pipeline then exits 3."""
+    return [r["stage"] for r in results if r.get("status") == "partial"]

@@ -24,6 +24,7 @@ from compress.quantize import quantize_int8
 from compress.report import format_table, pareto_plot, verdicts
 from compress.select import select_students
 from core.models import create_model
+from core.run_phase import begin_work
 from student_train.config import TrainConfig, VariantConfig
 from student_train.data import JoinedStream, StreamSpec
 from student_train.job_plan import plan_job
@@ -161,6 +162,7 @@ def run(cfg: CompressConfig) -> CompressResult:
     if job.cache_dir is None:
         raise ValueError(f"{run_dir}: trained without a teacher cache; compress fine-tunes from the cache")
     selected = select_students(run_dir, cfg.select.top_n, cfg.select.by)
+    begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
     rows: list[dict] = []
     for r in selected:
         rows.extend(compress_one(cfg, job, run_dir, r["variant"]))

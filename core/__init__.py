@@ -9,4 +9,6 @@ deploy and the CLI (imports point into `core`, never out of it).
 - `metrics_server` a process's Prometheus /metrics endpoint and its file_sd scrape target
 - `object_store`   `s3://` objects through fsspec: listing, reads, conditional writes, the lease lock
 - `atomic_io`      the one crash-safe write (temp + fsync + rename + directory fsync), temp sweeps, checksums
+- `run_phase`      whether a command's work has begun: an error before it is bad input (exit 2), after it a
+                   failure during the run (exit 6)
 """

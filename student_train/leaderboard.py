@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from core.models import count_params, create_model
 from student_train.config import VariantConfig
 from student_train.status import read_status
+from teacher_cache.reader import CacheReader
 
 
 def model_cost(arch: str, arch_kwargs: dict, num_classes: int, in_chans: int, size: int) -> tuple[int, int]:
@@ -40,8 +41,10 @@ def variant_row(run_dir: Path, name: str, v: VariantConfig, num_classes: int, in
     rows = read_metrics(out / "metrics.csv")
     best = max(rows, key=lambda r: (r.get("val_top1") or -1, r.get("val_teacher_agreement") or -1), default={})
     params, macs = model_cost(v.arch, v.arch_kwargs, num_classes, in_chans, size)
-    return {"variant": name, "status": status["status"], "arch": v.arch, "mode": v.mode, "alpha": v.alpha,
-            "temperature": v.temperature, "epochs": len(rows), "val_top1": best.get("val_top1"),
+    return {"variant": name, "status": status["status"], "arch": v.arch, "mode": v.mode,
+            "alpha": v.alpha if v.mode != "none" else None,  # null where the loss does not use it
+            "temperature": v.temperature if v.mode not in ("none", "hard") else None,
+            "epochs": len(rows), "val_top1": best.get("val_top1"),
             "val_top5": best.get("val_top5"), "val_teacher_agreement": best.get("val_teacher_agreement"),
             "val_samples": int(best["val_samples"]) if best.get("val_samples") else None,
             "twin": None, "delta_top1_vs_twin": None, "labelled_samples": per_epoch[0] * len(rows),
@@ -110,6 +113,43 @@ def format_twin_comparison(pairs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def teacher_val_top1(cache_dir: Path | None, val_stems: list[str]) -> tuple[float, int] | None:
+    """(top-1, labelled rows) of the cached teacher on the val shards: its view-0 top-1 class against the label.
+    None without a cache or without labelled val rows."""
+    if cache_dir is None or not val_stems:
+        return None
+    reader = CacheReader(cache_dir, verify=False)  # checked once already by the join check of this run
+    n = correct = 0
+    for stem in val_stems:
+        a = reader.arrays(stem)
+        has = a.labels >= 0
+        n += int(has.sum())
+        correct += int((a.topk_ids[has, 0, 0] == a.labels[has]).sum())
+    return (correct / n, n) if n else None
+
+
+def format_teacher_line(teacher: tuple[float, int] | None) -> str:
+    if teacher is None:
+        return "teacher: val top-1 n/a (no teacher cache, or no labelled val shards in it)"
+    return f"teacher: {100 * teacher[0]:.2f}% val top-1 on {teacher[1]} labelled val images (its cached view 0)"
+
+
+def teacher_warning(teacher: tuple[float, int] | None, rows: list[dict]) -> str | None:
+    """A warning when the teacher's val top-1 is below the best student's by more than one standard error: its soft
+    labels then teach its mistakes, and no distilled student can be expected to gain from it."""
+    done = [r for r in rows if r["status"] == "done" and r["val_top1"] is not None]
+    if teacher is None or not done:
+        return None
+    best = max(done, key=lambda r: r["val_top1"])
+    gap = 100 * (best["val_top1"] - teacher[0])
+    if gap <= (noise_pt(teacher[0], teacher[1]) or 0.0):
+        return None
+    return (f"warning: the teacher ({100 * teacher[0]:.2f}% val top-1 on {teacher[1]} labelled val images) is "
+            f"{gap:.1f} pt below its best student {best['variant']} ({100 * best['val_top1']:.2f}%): distilling "
+            "from it teaches its mistakes. Check the teacher (its training and checkpoint, and for a foreign "
+            "teacher teacher.preprocessing.crop_pct, which decides its evaluation view) before trusting KD here.")
+
+
 def write_leaderboard(run_dir: Path, rows: list[dict]) -> Path:
     rows = sorted(rows, key=lambda r: (r["status"] != "done", -(r["val_top1"] or -1)))
     table = pa.Table.from_pylist(rows, schema=pa.schema([
@@ -135,8 +175,8 @@ def format_leaderboard(rows: list[dict]) -> str:
            f"{'params':>8s} {'MMACs':>7s} {'samp/s':>7s} {'wall s':>7s}"
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["status"] != "done", -(r["val_top1"] or -1))):
-        lines.append(f"{r['variant'][:40]:40s} {r['status'][:8]:8s} {r['mode']:6s} {r['alpha']:4.2f} "
-                     f"{r['temperature']:4.1f} {f(r['val_top1'], '6.4f'):>6s} {f(r['val_top5'], '6.4f'):>6s} "
+        lines.append(f"{r['variant'][:40]:40s} {r['status'][:8]:8s} {r['mode']:6s} {f(r['alpha'], '4.2f'):>4s} "
+                     f"{f(r['temperature'], '4.1f'):>4s} {f(r['val_top1'], '6.4f'):>6s} {f(r['val_top5'], '6.4f'):>6s} "
                      f"{f(r['val_teacher_agreement'], '6.4f'):>6s} {(r.get('twin') or '-')[:22]:22s} "
                      f"{f(r.get('delta_top1_vs_twin'), '+7.2f'):>7s} {f(r.get('labelled_samples'), '9d'):>9s} "
                      f"{f(r.get('unlabelled_samples'), '8d'):>8s} {r['params']:8d} {r['macs'] / 1e6:7.2f} "

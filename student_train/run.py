@@ -13,12 +13,16 @@ import yaml
 
 from core.devices import resolve_device
 from core.graceful_stop import StopRequested, raise_if_stopping, sigterm_received
+from core.run_phase import begin_work
 from student_train.config import TrainConfig, VariantConfig
 from student_train.job_plan import plan_job
 from student_train.leaderboard import (
     add_twin_deltas,
     format_leaderboard,
+    format_teacher_line,
     format_twin_comparison,
+    teacher_val_top1,
+    teacher_warning,
     twin_pairs,
     variant_row,
     write_leaderboard,
@@ -39,6 +43,8 @@ class TrainResult:
     leaderboard: list[dict]
     leaderboard_path: Path
     seconds: float
+    teacher_val_top1: tuple[float, int] | None = None  # (top-1, labelled val rows) of the cached teacher
+    teacher_warning: str | None = None  # the teacher is below its best student beyond noise
 
     @property
     def status(self) -> str:
@@ -153,13 +159,17 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
         (run_dir / name / "variant.yaml").write_text(yaml.safe_dump(v.model_dump(mode="json"), sort_keys=False))
     log.info("training %d variant(s) on %d train shards (%d samples), %d val shards; cache %s", len(variants),
              len(job.train), sum(p.rows for p in job.train), len(job.val), job.cache_dir or "none (supervised)")
+    teacher = teacher_val_top1(job.cache_dir, [p.stem for p in job.val])
+    if teacher is not None:
+        log.info("%s", format_teacher_line(teacher))
     pending = [(n, v) for n, v in variants if not finished(run_dir, n)]
     if len(pending) < len(variants):
         log.info("%d variant(s) already done in %s; skipping them", len(variants) - len(pending), run_dir)
     launched = launched_context(cfg.device)
+    if launched is not None and len(variants) != 1:
+        raise ValueError("under torchrun/deepspeed, train one variant: pass --variant NAME")
+    begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
     if launched is not None:
-        if len(variants) != 1:
-            raise ValueError("under torchrun/deepspeed, train one variant: pass --variant NAME")
         run_launched(job, *variants[0], launched)
         if launched.rank != 0:
             return TrainResult(run_dir=run_dir, leaderboard=[], leaderboard_path=run_dir / "leaderboard.parquet",
@@ -186,6 +196,11 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
                                 samples_per_epoch(job.train, v.mode, job.labelled_passes)))
     rows = add_twin_deltas(rows, pair_twins(variants))
     path = write_leaderboard(run_dir, rows)
-    text = format_twin_comparison(twin_pairs(rows)) + "\n\n" + format_leaderboard(rows) + "\n"
+    warning = teacher_warning(teacher, rows)
+    if warning:
+        log.warning("%s", warning)
+    text = (format_twin_comparison(twin_pairs(rows)) + "\n\n" + format_leaderboard(rows) + "\n\n"
+            + format_teacher_line(teacher) + "\n" + (warning + "\n" if warning else ""))
     (run_dir / "leaderboard.txt").write_text(text)
-    return TrainResult(run_dir=run_dir, leaderboard=rows, leaderboard_path=path, seconds=time.perf_counter() - t0)
+    return TrainResult(run_dir=run_dir, leaderboard=rows, leaderboard_path=path, seconds=time.perf_counter() - t0,
+                       teacher_val_top1=teacher, teacher_warning=warning)

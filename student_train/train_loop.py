@@ -38,6 +38,7 @@ from student_train.data import (
 from student_train.epoch_losses import LOSS_PARTS, EpochLosses
 from student_train.evaluate import evaluate, to_model_input
 from student_train.feature_kd import forward_train, plain_student_state, wrap_student
+from student_train.hold import hold_after_epoch
 from student_train.losses import create_loss
 from student_train.unlabelled import labelled_passes, train_pairs
 from teacher_cache.config import TeacherConfig
@@ -292,6 +293,8 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
             ctx.report({k: val for k, val in row.items() if val is not None}, out if ctx.rank == 0 else None)
         log.info("%s epoch %d/%d: %s", name, epoch + 1, v.epochs,
                  ", ".join(f"{k}={val:.4g}" for k, val in row.items() if isinstance(val, float)))
+        if ctx.rank == 0:
+            hold_after_epoch(out, epoch + 1)  # a test's gate (student_train/hold.py); a no-op otherwise
     return summary
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,19 @@ from core.object_store import is_url
 from teacher_cache.locate import find_cache_dir
 from teacher_cache.reader import CacheReader, read_errors
 from teacher_cache.schema import COL_FEATURES
+
+LAST_RUN = "last_run.json"  # teacher_cache.run.SUMMARY_NAME (not imported: run.py pulls in torch and Ray)
+
+
+def last_run_failures(directory: Path) -> tuple[str | None, dict[str, str]]:
+    """(status, {shard: reason}) of the last `distill cache` run on this directory: its failed shards are listed in
+    no manifest, so only its summary knows them. (None, {}) when there is no readable summary."""
+    try:
+        summary = json.loads((Path(directory) / LAST_RUN).read_text())
+    except (OSError, ValueError):
+        return None, {}
+    failed = summary.get("failed") or {}
+    return summary.get("status"), {str(k): str(v) for k, v in failed.items()} if isinstance(failed, dict) else {}
 
 
 def column_bytes(path: Path, column: str) -> int:
@@ -42,6 +56,7 @@ def inspect_cache(path: Path | str, verify: bool = True) -> dict[str, Any]:
         labelled += int(has.sum())
         correct += int((a.topk_ids[has, 0, 0] == a.labels[has]).sum())
     errors = read_errors(reader.directory)
+    last_status, failed = last_run_failures(reader.directory)
     views = meta.num_views if meta else 0
     return {
         "cache_dir": str(reader.directory),
@@ -65,6 +80,8 @@ def inspect_cache(path: Path | str, verify: bool = True) -> dict[str, Any]:
         "teacher_top1_vs_labels": (correct / labelled) if labelled else None,
         "errors_recorded": len(errors),
         "first_errors": errors[:5],
+        "last_run_status": last_status,
+        "failed_shards": failed,  # shards the last run could not label (not cached), with the reason
     }
 
 
@@ -95,4 +112,8 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"errors       {info['errors_recorded']} samples skipped",
     ]
     lines += [f"  {e['shard']} {e['key']}: {e['reason']}" for e in info["first_errors"]]
+    failed = info.get("failed_shards") or {}
+    lines.append(f"failed       {len(failed)} shard(s) in the last run (status {info.get('last_run_status') or 'n/a'})"
+                 + ("; not cached, re-run `distill cache` after fixing them:" if failed else ""))
+    lines += [f"  {stem}: {reason}" for stem, reason in failed.items()]
     return "\n".join(lines)

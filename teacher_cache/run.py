@@ -16,6 +16,7 @@ from core.atomic_io import atomic_write, remove_stale_tmp
 from core.graceful_stop import StopRequested, sigterm_deferred, sigterm_received
 from core.object_store import ObjectLock, is_url, join
 from core.ray_cluster import InfeasibleResourcesError, connect_ray
+from core.run_phase import begin_work
 from teacher_cache import metrics
 from teacher_cache.config import CacheConfig
 from teacher_cache.features import check_features
@@ -166,6 +167,7 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
         tasks = [ShardTask(stem, path, out_dir, remote.url if remote else None) for stem, path, _ in plan.todo]
         if tasks:
             assert teacher is not None
+            begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
             try:
                 _execute(cfg, fp, teacher, tasks, manifest, out_dir, result, remote, object_lock)
             except InfeasibleResourcesError:  # a config this cluster can never place: bad input, nothing done

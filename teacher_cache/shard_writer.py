@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from core.atomic_io import atomic_write, remove_stale_tmp
+from core.run_phase import begin_work
 from teacher_cache.shards import IMAGE_EXTS
 
 BUILTIN_SOURCES = ("mnist", "digits")
@@ -209,6 +210,7 @@ def run(cfg: ShardsConfig) -> ShardsResult:
     n_val = int(round(len(items) * cfg.val_fraction))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
     remove_stale_tmp(out)  # temp tars of a killed run
     for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")):
         old.unlink()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -176,3 +177,77 @@ def prometheus_server(work: Path, targets: Path) -> Iterator[int]:
 def prom_query(port: int, query: str) -> list:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     return json.loads(urllib.request.urlopen(url, timeout=10).read())["data"]["result"]
+
+
+# --- gates: points where a test holds a stage, whatever the machine's speed (never a sleep racing the work) ------
+
+class PipeGate:
+    """A named pipe that the test keeps open for writing. A reader opens it at once and then blocks in read() until
+    the test writes (`feed`) or lets go (`release`: EOF); the test decides when, whatever the machine's speed."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(self.path)
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_NONBLOCK)  # a writer from now on; never blocks
+        os.set_blocking(self.fd, True)
+
+    def feed(self, data: bytes) -> None:
+        """Write into the pipe (blocks while a reader has not taken what does not fit in the pipe's buffer)."""
+        assert self.fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+    def readers(self) -> list[int]:
+        """PIDs of the processes that have the pipe open now (the test's own excepted)."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                if any(os.readlink(fd) == str(self.path) for fd in (proc / "fd").iterdir()):
+                    found.append(int(proc.name))
+        return found
+
+    def release(self) -> None:
+        """Remove the pipe, then EOF to whoever reads it: nobody can open it afterwards, nobody waits on it."""
+        self.path.unlink(missing_ok=True)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class ShardGate(PipeGate):
+    """A written shard turned into a pipe at the same path: its labeller waits inside that shard until the test
+    feeds the shard's bytes (`feed_all`: the shard is labelled as if read from disk) or releases it (the shard fails
+    as truncated); `restore` puts the real file back for the next run."""
+
+    def __init__(self, path: Path) -> None:
+        self.data = Path(path).read_bytes()
+        Path(path).unlink()
+        super().__init__(path)
+
+    def feed_all(self) -> None:
+        """The whole shard, then EOF, from a thread (the reader takes it at its own pace)."""
+        import threading
+
+        def go() -> None:
+            self.feed(self.data)
+            self.release()
+
+        threading.Thread(target=go, daemon=True).start()
+
+    def restore(self) -> None:
+        self.release()
+        tmp = self.path.with_name(self.path.name + ".restore")
+        tmp.write_bytes(self.data)
+        tmp.replace(self.path)
+
+
+def hold_training_after(variant_dir: Path, epoch: int) -> PipeGate:
+    """The training hold (student_train/hold.py): rank 0 of that variant waits after `epoch` (its checkpoint sealed,
+    its metrics row written) until the gate is released; SIGTERM, SIGKILL or a lost node act on it while it waits."""
+    from student_train.hold import hold_path
+
+    return PipeGate(hold_path(variant_dir, epoch))

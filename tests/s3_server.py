@@ -1,7 +1,9 @@
 """A real S3 API server on 127.0.0.1 for the object-storage tests: moto's server app behind werkzeug.
 
-The only addition is a WSGI wrapper that counts requests (method, bucket, whether an object key was addressed),
-so a test can say "this refresh read 0 shard objects" from what the server actually received.
+The only additions are a WSGI wrapper that counts requests (method, bucket, whether an object key was addressed),
+so a test can say "this refresh read 0 shard objects" from what the server actually received, and gates: a test can
+hold the body of an object's GET (`RequestLog.hold`), so a run waits inside that object for as long as the test
+wants, on a fast machine as on a slow one.
 """
 
 from __future__ import annotations
@@ -21,11 +23,40 @@ from urllib.parse import unquote
 COUNTS_PATH = "_requests"
 
 
+class BodyGate:
+    """Holds the body of every GET of one object: it trickles out one byte every 0.2 s (the client's read timeout
+    never fires) until `release`, then the rest at once. `reached` is set when the first such GET arrives."""
+
+    def __init__(self, object_path: str) -> None:
+        self.object_path = object_path
+        self.reached = threading.Event()
+        self._released = threading.Event()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def stream(self, body: bytes) -> Iterator[bytes]:
+        self.reached.set()
+        sent = 0
+        while sent < len(body) - 1 and not self._released.wait(0.2):
+            yield body[sent:sent + 1]
+            sent += 1
+        yield body[sent:]
+
+
 @dataclass
 class RequestLog:
     counts: Counter = field(default_factory=Counter)  # (method, bucket, "object"|"bucket") -> n
     keys: list[tuple[str, str]] = field(default_factory=list)  # (method, "bucket/key") of object requests
     lock: threading.Lock = field(default_factory=threading.Lock)
+    gates: dict[str, BodyGate] = field(default_factory=dict)  # "bucket/key" -> gate on its GETs
+
+    def hold(self, object_path: str) -> BodyGate:
+        """Hold the body of GETs of `bucket/key` until the returned gate is released."""
+        gate = BodyGate(object_path)
+        with self.lock:
+            self.gates[object_path] = gate
+        return gate
 
     def reset(self) -> None:
         with self.lock:
@@ -62,6 +93,9 @@ class _Counting:
             self.log.counts[(method, bucket, "object" if key else "bucket")] += 1
             if key:
                 self.log.keys.append((method, f"{bucket}/{key}"))
+            gate = self.log.gates.get(f"{bucket}/{key}") if method == "GET" else None
+        if gate is not None:  # the whole answer from moto, its body then held by the gate
+            return gate.stream(b"".join(self.app(environ, start_response)))
         return self.app(environ, start_response)
 
 

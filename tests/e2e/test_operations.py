@@ -22,7 +22,16 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import PROMETHEUS, free_port, mnist_shard, prom_query, prometheus_config, wait_http
+from helpers import (
+    PROMETHEUS,
+    ShardGate,
+    free_port,
+    hold_training_after,
+    mnist_shard,
+    prom_query,
+    prometheus_config,
+    wait_http,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,6 +193,12 @@ def _prom(ops, query: str) -> list:
 @pytest.mark.timeout(2700)  # three submissions of the whole pipeline on 2 cores beside other tests
 def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
     runs = ops["work"] / "runs"
+    # the shards first, as the job's own stage would write them (the job then finds them current), so that the
+    # cache pass can be held: its last shard is a pipe, and the job waits inside it until the test restores it
+    shards = subprocess.run([str(BIN / "distill"), "shards", "--config", str(ops["config"])], env=_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert shards.returncode == 0, shards.stderr[-2000:]
+    gate = ShardGate(sorted((runs / "shards").glob("*.tar"))[-1])
     # 1: kill during the cache pass
     job = _submit(ops)
     _wait_for(lambda: any((runs / "cache").glob("*/*.parquet")) or _ended(ops, job), what="the first cache file")
@@ -194,13 +209,17 @@ def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
     [summary] = list((runs / "cache").glob("*/last_run.json"))
     first = json.loads(summary.read_text())
     assert first["status"] == "stopped" and first["labelled"], (first, _logs(ops, job))
-    # 2: re-submit, kill during training
+    gate.restore()
+    # 2: re-submit, kill during training (every variant waits after its first epoch: the training hold)
+    holds = [hold_training_after(runs / "students" / v["name"], 1) for v in ops["cfg"]["train"]["variants"]]
     job = _submit(ops)
     _wait_for(lambda: any((runs / "students").glob("*/metrics.csv")) or _ended(ops, job),
               what="a student's first epoch")
     assert not _ended(ops, job, fresh=True), _logs(ops, job)
     _job(ops, "stop", "--address", f"http://127.0.0.1:{ops['dash']}", job)
     _wait_for(lambda: _status(ops, job) in ("STOPPED", "FAILED"), 120, "the job to stop")
+    for hold in holds:
+        hold.release()
     states = {d.name: json.loads((d / "status.json").read_text())
               for d in (runs / "students").iterdir() if (d / "status.json").exists()}
     assert states and all(s["status"] in ("interrupted", "done") for s in states.values()), states
@@ -227,8 +246,11 @@ def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
     stage = json.loads((runs / "bundle" / "bundle.json").read_text())["stage"]
     assert (runs / "bundle" / "model.onnx").exists()
     assert (runs / "bundle" / "model.int8.onnx").exists() == ("int8" in stage)
-    # Prometheus ingested the cache and training series, with sensible values
-    time.sleep(3)
+    # Prometheus ingested the cache and training series, with sensible values (waits until it answers with them)
+    for query in ("max(max_over_time(distill_cache_images_total[30m]))",
+                  "max by (variant) (max_over_time(distill_train_samples_per_second[30m]))",
+                  "max(max_over_time(distill_compress_duration_seconds[30m]))"):
+        _wait_for(lambda q=query: _prom(ops, q), 120, f"Prometheus to answer {query}")
     images = _prom(ops, "max(max_over_time(distill_cache_images_total[30m]))")
     assert images and 0 < float(images[0]["value"][1]) <= 1200
     rates = _prom(ops, "max by (variant) (max_over_time(distill_train_samples_per_second[30m]))")
@@ -248,25 +270,22 @@ def test_refresh_lock_refusal_and_noop(ops):
     f = ops["work"] / "refresh.yaml"
     f.write_text(yaml.safe_dump({"cache": cfg}))
     distill = [str(BIN / "distill"), "cache", "refresh", "--config", str(f), "--set", "ray.enabled=false"]
+    # the first refresh holds the lock for as long as the second needs to meet it: it waits inside an extra last
+    # shard, a pipe the test feeds afterwards (a pause at a defined point, whatever the machine's speed)
+    gate = ShardGate(mnist_shard(shards[0].parent / f"train-{n:06d}.tar", 40, offset=40 * n))
     first = subprocess.Popen(distill, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root = Path(cfg["cache_root"])
-    _wait_for(lambda: (any(root.glob("*/.lock")) and any(p.read_text() for p in root.glob("*/.lock")))
-              or first.poll() is not None, 120, "the first refresh to take the lock")
-    assert first.poll() is None, first.communicate()[1][-3000:]
-    # the first refresh holds the lock for as long as the second needs to meet it: paused (SIGSTOP, our own
-    # child, by PID) rather than made slow with extra views, which cost this test ~80 s of CPU
-    os.kill(first.pid, signal.SIGSTOP)
     try:
-        assert first.poll() is None, "the first refresh ended before the second could meet its lock"
-        second = subprocess.run(distill, env=_env(), capture_output=True, text=True, timeout=120)
+        _wait_for(lambda: gate.readers() or first.poll() is not None, 600, "the first refresh to reach its last shard")
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        second = subprocess.run(distill, env=_env(), capture_output=True, text=True, timeout=600)
     finally:
-        os.kill(first.pid, signal.SIGCONT)
-    out, err = first.communicate(timeout=300)
+        gate.feed_all()
+    out, err = first.communicate(timeout=300)  # (the fed pipe is gone: the no-op run reports that shard vanished)
     assert first.returncode == 0, err[-2000:]
     assert second.returncode == 5, second.stderr[-2000:]
     assert "refused:" in second.stderr and "being written by another job" in second.stderr
     summary = json.loads(out)
-    assert summary["new"] == n and summary["status"] == "success"
+    assert summary["new"] == n + 1 and summary["status"] == "success"
     noop = subprocess.run(distill, env=_env(), capture_output=True, text=True, timeout=120)
     assert noop.returncode == 0
     s = json.loads(noop.stdout)

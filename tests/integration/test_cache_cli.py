@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import cache_cfg_dict, mnist_shard, save_teacher
+from helpers import ShardGate, cache_cfg_dict, mnist_shard, save_teacher
 
 from cluster.cli import cli
 from teacher_cache.locate import find_cache_dir
@@ -34,31 +34,54 @@ def _distill(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(DISTILL + list(args), capture_output=True, text=True, timeout=timeout)
 
 
-def test_sigkill_any_moment_then_rerun_gives_every_key_once(tmp_path):
-    for i in range(8):
-        mnist_shard(tmp_path / "in" / f"train-{i:06d}.tar", 50, offset=50 * i)
-    cfg = _write_cfg(tmp_path, batch_size=12)
-    expected = sorted(s.key for i in range(8) for s in ShardReader(tmp_path / "in" / f"train-{i:06d}.tar"))
+def _cache_files(cache: Path) -> int:
+    return len(list(cache.glob("*/*.parquet")))
+
+
+def _wait_for(pred, proc: subprocess.Popen, what: str, timeout: float = 600) -> None:
+    """Until `pred()` holds while the CLI runs (the gates keep it running; the timeout only catches a hang)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_shard_and_between_shards_then_rerun_gives_every_key_once(tmp_path):
+    """SIGKILL the Ray-backed CLI at two points the test holds the run at, whatever the machine's speed: inside a
+    shard (its labeller has read part of it: the test fed half its bytes through a pipe) and right after a cache
+    file appeared (the last shard is a pipe nobody feeds, so the run cannot end first). Then a plain run finishes
+    and every key is cached exactly once, with no temp file left."""
+    shards = [mnist_shard(tmp_path / "in" / f"train-{i:06d}.tar", 50, offset=50 * i) for i in range(8)]
+    expected = sorted(s.key for p in shards for s in ShardReader(p))
+    later = {p: p.read_bytes() for p in shards[4:]}  # the nightly grows: shards 4-7 arrive for the second run
+    for p in shards[4:]:
+        p.unlink()
+    cfg = _write_cfg(tmp_path, batch_size=12, shards=[str(tmp_path / "in" / "*.tar")])
     cache = tmp_path / "cache"
-    kills = 0
-    for delay in (4.0, None, 0.3, None):  # None: kill as soon as a new cache file appears (mid-run)
-        before = len(list(cache.glob("*/*.parquet")))
-        proc = subprocess.Popen(DISTILL + ["cache", "-c", str(cfg)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        t0 = time.monotonic()
-        while proc.poll() is None and time.monotonic() - t0 < 60:
-            if delay is not None and time.monotonic() - t0 >= delay:
-                break
-            if delay is None and len(list(cache.glob("*/*.parquet"))) > before:
-                break
-            time.sleep(0.02)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
-    assert kills >= 2, "the job finished before it could be killed; the test did not test anything"
-    done = _distill("cache", "-c", str(cfg))
-    assert done.returncode == 0, done.stderr
+
+    # 1: killed inside shard 3, half of which its labeller has been given
+    gate = ShardGate(shards[3])
+    proc = subprocess.Popen(DISTILL + ["cache", "-c", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: gate.readers(), proc, "a labeller to open shard 3")
+    gate.feed(gate.data[: len(gate.data) // 2])  # (fits in the pipe's buffer: the labeller reads it at its pace)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gate.restore()
+
+    # 2: killed as soon as a new cache file appears, with shard 7 held open
+    for p, data in later.items():
+        p.write_bytes(data)
+    gate = ShardGate(shards[7])
+    before = _cache_files(cache)
+    proc = subprocess.Popen(DISTILL + ["cache", "-c", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: _cache_files(cache) > before, proc, "a new cache file")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gate.restore()
+
+    done = _distill("cache", "-c", str(cfg), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     reader = CacheReader(find_cache_dir(cache))
     keys = sorted(k for s in reader.shards for k in reader.arrays(s).keys)
     assert keys == expected  # every key exactly once
@@ -84,7 +107,7 @@ def test_bad_input_fails_before_any_work_with_one_line(tmp_path):
         assert expected in r.stderr, (expected, r.stderr[-2000:])
         assert "Traceback" not in r.stderr and isinstance(r.exception, SystemExit), (expected, r.exception)
         assert not (tmp_path / "cache").exists(), f"work was done before failing on: {expected}"
-    # the happy path works (in-process; the embedded-Ray path is the SIGKILL test's) and inspect reports on it
+    # the happy path works (in-process; the subprocess path is the SIGKILL test's) and inspect reports on it
     ok = CliRunner().invoke(cli, ["cache", "-c", str(cfg), "--no-ray"])
     assert ok.exit_code == 0, ok.output[-2000:]
     info = CliRunner().invoke(cli, ["cache", "inspect", str(tmp_path / "cache"), "--json"])

@@ -234,7 +234,11 @@ def test_lost_progress_channel_is_lost_progress_not_a_failure(ray_local):
     progress.end("s0", 0, keep=False)  # the shard died: its images are taken back
     assert seen == [5, -5]
     ray_local.kill(q.actor)
-    time.sleep(0.5)
+    while True:  # until Ray reports the actor dead (was: sleep 0.5 s and hope it had died by then)
+        try:
+            ray_local.get(q.actor.qsize.remote())
+        except ray_local.exceptions.RayActorError:
+            break
     progress.drain()  # must not raise
     assert report.progress_lost and progress.queue is None
 

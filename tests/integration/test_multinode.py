@@ -22,7 +22,9 @@ import yaml
 from conftest import train_cfg
 from helpers import (
     PROMETHEUS,
+    ShardGate,
     cache_cfg_dict,
+    hold_training_after,
     mnist_shard,
     prom_query,
     prometheus_server,
@@ -81,6 +83,23 @@ def _kill_node(node) -> None:
             p.send_signal(signal.SIGKILL)
 
 
+def _pids_under(node) -> set[int]:
+    """The node's raylet and every process under it (its workers and actors)."""
+    import psutil
+
+    raylet = psutil.Process(_raylet_pid(node))
+    return {raylet.pid} | {p.pid for p in raylet.children(recursive=True)}
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _runs(node, actor_class: str) -> bool:
     """Ray names an actor's worker process `ray::<Class>...` once the actor is created on that node."""
     import psutil
@@ -103,34 +122,39 @@ def test_node_lost_mid_cache_retries_its_shard_and_finishes(tmp_path, cluster):
                          ray={"enabled": True, "num_actors": 2, "cpus_per_actor": 1.0, "max_shard_retries": 2,
                               "actor_start_timeout_s": 300})
     (tmp_path / "cache.yaml").write_text(yaml.safe_dump(cfg))
+    expected = [s.key for i in range(N_SHARDS) for s in ShardReader(tmp_path / "in" / f"train-{i:06d}.tar")]
+    # the last shard is a pipe the test feeds: the actor that takes it waits inside it, and that actor's node is
+    # the one killed, so its shard is in flight at the kill whatever the machine's speed
+    gate = ShardGate(tmp_path / "in" / f"train-{N_SHARDS - 1:06d}.tar")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
     proc = subprocess.Popen([*DISTILL, "cache", "-c", str(tmp_path / "cache.yaml"), "--address", c.address],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.monotonic() + 420  # a loaded 2-core machine: actor start-up alone can take a minute
-    # kill a node that holds an actor (both do, unless the second actor is still starting on a loaded machine:
-    # then the last actor dies and the pool must start a new one on the node left)
-    while shards_in_manifest(tmp_path / "cache") < 2 or not (with_actor := [n for n in nodes[::-1]
-                                                                          if _runs(n, "TeacherActor")]):
+    deadline = time.monotonic() + 600  # only against a hang (a loaded 2-core machine starts actors slowly)
+    while not (readers := gate.readers()) or shards_in_manifest(tmp_path / "cache") < 2:
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail(f"no shard finished in time:\n{proc.communicate()[0][-3000:]}")
+            pytest.fail(f"no actor reached the last shard:\n{proc.communicate()[0][-3000:]}")
         time.sleep(0.2)
-    victim = with_actor[0]
+    [victim] = [n for n in nodes if set(readers) & _pids_under(n)]
     victim_id = victim.node_id
     _kill_node(victim)
-    out, _ = proc.communicate(timeout=420)
+    while any(_alive(pid) for pid in readers):  # gone before the shard's bytes go in: the retry reads them all
+        time.sleep(0.05)
+    gate.feed_all()  # the retry, on the node left, gets the whole shard
+    out, _ = proc.communicate(timeout=600)
+    gate.restore()
     assert proc.returncode == 0, out[-4000:]
 
     cache_dir = find_cache_dir(tmp_path / "cache")
     reader = CacheReader(cache_dir)
     keys = [k for i in range(N_SHARDS) for k in reader.arrays(f"train-{i:06d}").keys]
-    expected = [s.key for i in range(N_SHARDS) for s in ShardReader(tmp_path / "in" / f"train-{i:06d}.tar")]
     assert sorted(keys) == sorted(expected) and len(set(keys)) == len(keys)  # every key exactly once
     summary = json.loads((cache_dir / "last_run.json").read_text())
     assert summary["status"] == "success" and summary["images"] == len(expected)  # no overcount
     assert summary["lost_nodes"] == [victim_id], (summary["lost_nodes"], victim_id, out[-2000:])
-    assert summary["retried"] and set(summary["retried"]) <= {f"train-{i:06d}" for i in range(N_SHARDS)}
+    assert f"train-{N_SHARDS - 1:06d}" in summary["retried"]  # the shard in flight on the killed node
+    assert set(summary["retried"]) <= {f"train-{i:06d}" for i in range(N_SHARDS)}
 
 
 def test_one_variant_trains_with_a_worker_on_each_node(tmp_path, cluster, kd_data):
@@ -157,9 +181,23 @@ def _train_on_two_nodes(tmp_path, c, nodes, kd_data, run_dir, prom: int | None) 
                     tune={"max_concurrent": 1, "cpus_per_trial": 0.05})
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
-    done = subprocess.run([*DISTILL, "train", "-c", str(tmp_path / "train.yaml"), "--address", c.address],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    # while Prometheus is to scrape both ranks, the variant waits after epoch 1 (it could end between two scrapes)
+    hold = hold_training_after(run_dir / "dp2", 1) if prom is not None else None
+    proc = subprocess.Popen([*DISTILL, "train", "-c", str(tmp_path / "train.yaml"), "--address", c.address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 600  # only against a hang
+        query = 'max by (node, rank) (max_over_time(up{variant="dp2"}[30m]))'
+        while hold is not None and len({r["metric"].get("node") for r in prom_query(prom, query)
+                                         if r["value"][1] == "1"}) < 2:
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "Prometheus never scraped both ranks"
+            time.sleep(0.5)
+    finally:
+        if hold is not None:
+            hold.release()
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-4000:]
     status = json.loads((run_dir / "dp2" / "status.json").read_text())
     assert status["status"] == "done", status
     epochs = pd.read_csv(run_dir / "dp2" / "metrics.csv")["epoch"].tolist()
@@ -181,8 +219,10 @@ def cluster_with_driver_node():
     c.shutdown()
 
 
-def _train_until_first_epoch(tmp_path, c, kd_data, run_dir, epochs: int, tune: dict) -> subprocess.Popen:
-    """`distill train` of one variant with two 0.9-CPU ranks, by GCS address; returns once epoch 1 is logged."""
+def _train_until_first_epoch(tmp_path, c, kd_data, run_dir, epochs: int, tune: dict):
+    """`distill train` of one variant with two 0.9-CPU ranks, by GCS address; returns (process, hold) once epoch 1
+    is logged. The variant waits there (the training hold) until the caller releases it: the node it kills is
+    killed mid-run, never after a run that ended first."""
     import pandas as pd
 
     cfg = train_cfg(kd_data, run_dir, ray={"enabled": True}, metrics_port=0,
@@ -191,17 +231,18 @@ def _train_until_first_epoch(tmp_path, c, kd_data, run_dir, epochs: int, tune: d
                     variants=[{"name": "dp2", "mode": "soft", "alpha": 0.5, "temperature": 2}], tune=tune)
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
+    hold = hold_training_after(run_dir / "dp2", 1)
     proc = subprocess.Popen([*DISTILL, "train", "-c", str(tmp_path / "train.yaml"), "--address", c.address],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     metrics = run_dir / "dp2" / "metrics.csv"
-    deadline = time.monotonic() + 420
+    deadline = time.monotonic() + 600  # only against a hang
     while not (metrics.exists() and len(pd.read_csv(metrics)) >= 1):
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"no epoch finished in time:\n{proc.communicate()[0][-3000:]}")
         time.sleep(0.2)
-    return proc
+    return proc, hold
 
 
 def test_node_lost_mid_training_restores_the_worker_group_and_finishes(tmp_path, cluster_with_driver_node, kd_data):
@@ -213,8 +254,8 @@ def test_node_lost_mid_training_restores_the_worker_group_and_finishes(tmp_path,
     c, nodes = cluster_with_driver_node
     run_dir = tmp_path / "runs"
     epochs = 4
-    proc = _train_until_first_epoch(tmp_path, c, kd_data, run_dir, epochs,
-                                    {"max_concurrent": 1, "cpus_per_trial": 0.05, "max_failures": 2})
+    proc, hold = _train_until_first_epoch(tmp_path, c, kd_data, run_dir, epochs,
+                                          {"max_concurrent": 1, "cpus_per_trial": 0.05, "max_failures": 2})
     metrics = run_dir / "dp2" / "metrics.csv"
     ranks = {r: json.loads((run_dir / "metrics_targets" / f"dp2-rank{r}.json").read_text())[0]["labels"]["node"]
              for r in (0, 1)}
@@ -223,6 +264,7 @@ def test_node_lost_mid_training_restores_the_worker_group_and_finishes(tmp_path,
     [victim] = [by_id[n] for n in ranks.values() if n in by_id and not _runs(by_id[n], "TrainController")][:1]
     killed_at = time.monotonic()
     _kill_node(victim)
+    hold.release()  # the restarted worker group resumes after epoch 1 and is never held
     out, _ = proc.communicate(timeout=600)
     ended_at = time.monotonic()
     assert proc.returncode == 0, out[-4000:]
@@ -254,11 +296,13 @@ def test_node_lost_with_no_capacity_left_fails_the_variant_with_the_reason(tmp_p
 
     c, nodes = cluster
     run_dir = tmp_path / "runs"
-    proc = _train_until_first_epoch(tmp_path, c, kd_data, run_dir, 4, {"max_concurrent": 1, "cpus_per_trial": 0.05,
-                                                                       "max_failures": 1, "start_timeout_s": 15})
+    proc, hold = _train_until_first_epoch(tmp_path, c, kd_data, run_dir, 4,
+                                          {"max_concurrent": 1, "cpus_per_trial": 0.05, "max_failures": 1,
+                                           "start_timeout_s": 15})
     [driver_node] = [n for n in nodes if _runs(n, "TrainController")]
     [victim] = [n for n in nodes if n is not driver_node]
     _kill_node(victim)
+    hold.release()
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0, out[-3000:]  # the job ends (the variant failed), it does not wait forever
     status = json.loads((run_dir / "dp2" / "status.json").read_text())

@@ -1,6 +1,7 @@
 """Shards and the cache in object storage, against a real S3 API server on 127.0.0.1 (moto's server, started and
 stopped by the fixture): label, no-op refresh with 0 shard-object reads (counted at the server), a changed object,
-a killed run, two refreshes racing for the lock.
+a killed run, a refresh holding the lock against two others. Where a run must be caught in the middle, the server
+holds back the body of one shard object (a gate the test releases), never a moment picked by the machine's speed.
 """
 
 from __future__ import annotations
@@ -137,22 +138,33 @@ def _cli(tmp_path, name: str, cfg: CacheConfig, command: tuple[str, ...] = ("cac
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
 
 
-def test_two_refreshes_race_for_the_lock_one_labels_the_other_is_refused(tmp_path, s3):
+def _wait_for(event: threading.Event, proc: subprocess.Popen, what: str) -> None:
+    """Until the server saw what the test waits for, while the job runs (the timeout only catches a hang)."""
+    deadline = time.monotonic() + 600
+    while not event.wait(0.1):
+        assert proc.poll() is None, f"the job ended before {what}:\n{proc.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+
+
+def test_a_refresh_holding_the_lock_refuses_both_commands_then_labels_everything(tmp_path, s3):
     _upload_shards(tmp_path, 6)
-    # two machines: each its own staging directory, so only the lock object in the store can keep them apart
-    # `distill cache` and `distill cache refresh`: both exit 5 when refused
-    procs = [_cli(tmp_path, f"job{i}", _cfg(tmp_path, staging=f"staging{i}"), cmd)
-             for i, cmd in enumerate([("cache",), ("cache", "refresh")])]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    codes = sorted(p.returncode for p in procs)
-    assert codes in ([0, 5], [0, 0]), (codes, [o[-1500:] for o in outs])  # 5: locked by the other job
-    if codes == [0, 5]:  # the usual case: they overlapped, and the lock object refused the second
-        loser = outs[[p.returncode for p in procs].index(5)]
-        assert "is being written by another job" in loser and "lease until" in loser, loser[-1500:]
-    # either way no shard was labelled twice: the `new` counts of the runs that got the lock add up to 6
-    # (on a machine slow enough to start one job after the other finished, the second finds all unchanged)
-    labelled = [int(m.group(1)) for o in outs for m in [re.search(r'"(?:new|labelled)": (\d+)', o)] if m]
-    assert sum(labelled) == 6, (labelled, [o[-1500:] for o in outs])
+    # the first job holds the lock while it reads the last shard, whose body the server holds back; two more
+    # machines (each its own staging directory: only the lock object in the store keeps them apart) meet it
+    gate = s3.hold("shards/train/train-000005.tar")
+    holder = _cli(tmp_path, "holder", _cfg(tmp_path, staging="staging0"))
+    try:
+        _wait_for(gate.reached, holder, "the holder to read its last shard")
+        refused = [_cli(tmp_path, f"job{i}", _cfg(tmp_path, staging=f"staging{i}"), cmd)
+                   for i, cmd in ((1, ("cache",)), (2, ("cache", "refresh")))]
+        outs = [p.communicate(timeout=600)[0] for p in refused]
+    finally:
+        gate.release()
+    out = holder.communicate(timeout=600)[0]
+    assert holder.returncode == 0, out[-3000:]
+    for p, o in zip(refused, outs, strict=True):  # `distill cache` and `distill cache refresh` both exit 5
+        assert p.returncode == 5, o[-1500:]
+        assert "is being written by another job" in o and "lease until" in o, o[-1500:]
+    assert re.search(r'"labelled": 6', out), out[-1500:]  # the holder labelled every shard, nobody else any
     cache_dir = find_cache_dir(ROOT)
     assert len(CacheReader(cache_dir).shards) == 6
 
@@ -160,31 +172,23 @@ def test_two_refreshes_race_for_the_lock_one_labels_the_other_is_refused(tmp_pat
 def test_killed_run_keeps_what_the_manifest_lists_and_the_next_run_breaks_the_expired_lock(tmp_path, s3):
     local = _upload_shards(tmp_path, 8, per_shard=40)
     cfg = _cfg(tmp_path, lock_lease_s=15.0)
+    gate = s3.hold("shards/train/train-000007.tar")  # the run waits inside its last shard until it is killed
     proc = _cli(tmp_path, "killed", cfg)
-    deadline = time.monotonic() + 300
-    fp = None
-    while True:
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "no shard reached the manifest in time"
-        found = object_store.filesystem().glob(f"{ROOT}/*/manifest.json")
-        if found:
-            fp = found[0].rsplit("/", 2)[-2]
-            if len(_remote_manifest(fp)["shards"]) >= 2:
-                break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    try:
+        _wait_for(gate.reached, proc, "the run to read its last shard")
+        fp = object_store.filesystem().glob(f"{ROOT}/*/manifest.json")[0].rsplit("/", 2)[-2]
+        cfg2 = _cfg(tmp_path, staging="staging-elsewhere", lock_lease_s=15.0)  # resumed on another machine
+        with pytest.raises(CacheLockedError, match="is being written by another job"):
+            run(cfg2)  # the lease is honoured while its holder lives (it renews it while it waits)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        gate.release()
     kept = _remote_manifest(fp)["shards"]
     assert 2 <= len(kept) < 8
     assert object_store.get_bytes(f"{ROOT}/{fp}/.lock") is not None  # a SIGKILL releases nothing
 
-    cfg2 = _cfg(tmp_path, staging="staging-elsewhere", lock_lease_s=15.0)  # resumed on another machine
-    expires = json.loads(object_store.get_bytes(f"{ROOT}/{fp}/.lock"))["expires"]
-    if time.time() < expires - 2:  # (a very slow machine may get here after the lease ran out)
-        with pytest.raises(CacheLockedError, match="is being written by another job"):
-            run(cfg2)  # the lease is honoured while it runs
-    time.sleep(max(0.0, expires - time.time()) + 0.5)
-    resumed = run(cfg2)
+    resumed = run(cfg2, wait_for_lock=True)  # waits for the dead holder's lease to run out, then breaks the lock
     assert resumed.status == "success"
     assert sorted(resumed.labelled) == sorted(set(f"train-{i:06d}" for i in range(8)) - set(kept))
     m = _remote_manifest(fp)

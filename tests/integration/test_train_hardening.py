@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import pandas as pd
@@ -96,17 +95,16 @@ def test_torchrun_rank_local_failure_ends_with_status(kd_data, tmp_path):
     f = tmp_path / "train.yaml"
     f.write_text(yaml.safe_dump(cfg))
     distill = shutil.which("distill", path=os.path.dirname(sys.executable))
-    t0 = time.monotonic()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", "29583", distill, "train", "-c", str(f), "--variant", "ddp"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    # the job must end (a hang here is a failure the timeout turns into an error, not a speed limit)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0
     st = read_status(tmp_path / "run", "ddp")
     assert st["status"] == "failed" and st["reason"].startswith("rank 0: IsADirectoryError"), (st, r.stderr[-2000:])
-    assert time.monotonic() - t0 < 240
     # the next launch resumes both ranks from the epoch-1 checkpoint (one tag agreed by all ranks)
     (tmp_path / "run" / "ddp" / "metrics.csv").rmdir()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert read_status(tmp_path / "run", "ddp")["status"] == "done"
     assert pd.read_csv(tmp_path / "run" / "ddp" / "metrics.csv")["epoch"].tolist() == [2, 3]
@@ -141,34 +139,23 @@ def test_infeasible_resources_fail_fast(kd_data, tmp_path, ray_local):
             return True
 
     cfg = cache_cfg_dict(kd_data["train"], str(tmp_path / "cache"), kd_data["teacher"]["checkpoint"])
-    cfg["ray"] = {**cfg.get("ray", {}), "enabled": True, "gpus_per_actor": 1}
-    out = {}
-
-    def go():
-        try:
-            cache_run(CacheConfig.model_validate(cfg))
-        except Exception as exc:  # noqa: BLE001 - the test inspects it
-            out["exc"] = exc
-
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    t.join(timeout=60)
-    assert not t.is_alive(), "an infeasible actor request is still waiting after 60 s"
-    assert isinstance(out.get("exc"), InfeasibleResourcesError), out
-    assert "needs CPU=1, GPU=1" in str(out["exc"]) and "GPU=0 in total" in str(out["exc"])
+    # refused without waiting: the start deadline is far beyond the test's timeout, so only the feasibility check
+    # (not a deadline, not the machine's speed) can end this call in time
+    cfg["ray"] = {**cfg.get("ray", {}), "enabled": True, "gpus_per_actor": 1, "actor_start_deadline_s": 86400}
+    with pytest.raises(InfeasibleResourcesError) as info:
+        cache_run(CacheConfig.model_validate(cfg))
+    assert "needs CPU=1, GPU=1" in str(info.value) and "GPU=0 in total" in str(info.value)
 
     # feasible on paper but never placed (another job holds the CPUs): a deadline, not an endless wait
-    deadline = time.monotonic() + 60  # actors of earlier tests may still be exiting; placement groups must not stay
+    deadline = time.monotonic() + 600  # actors of earlier tests may still be exiting; placement groups must not stay
     while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray_local.available_resources().get("CPU", 0) == 2, "an earlier test left CPUs reserved"
     hog = ray_local.remote(num_cpus=2)(Hog).remote()
-    ray_local.get(hog.ping.remote(), timeout=120)
+    ray_local.get(hog.ping.remote(), timeout=600)
     cfg["ray"] = {**cfg["ray"], "gpus_per_actor": 0, "cpus_per_actor": 1, "actor_start_deadline_s": 5}
     try:
-        t0 = time.monotonic()
         res = cache_run(CacheConfig.model_validate(cfg))
-        assert time.monotonic() - t0 < 60
         assert res.status == "failure" and res.failed
         assert all("none started within 5 s (ray.actor_start_deadline_s)" in m for m in res.failed.values())
     finally:
@@ -176,8 +163,7 @@ def test_infeasible_resources_fail_fast(kd_data, tmp_path, ray_local):
 
     tcfg = train_cfg(kd_data, tmp_path / "run", ray={"enabled": True},
                      base={"arch": "cnn_small", "epochs": 1, "num_workers": 1, "cpus_per_worker": 0.5,
-                           "gpus_per_worker": 1})
-    t0 = time.monotonic()
+                           "gpus_per_worker": 1},
+                     tune={"start_timeout_s": 86400})  # as above: only the feasibility check ends it in time
     with pytest.raises(InfeasibleResourcesError, match="variant .* needs .*GPU=1"):
         run(TrainConfig.model_validate(tcfg))
-    assert time.monotonic() - t0 < 60

@@ -44,3 +44,23 @@ def test_section_and_overrides(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(CacheConfig, tmp_path / "nope.yaml", [], "cache")
+
+
+def test_set_indexes_into_lists_and_says_what_exists(tmp_path):
+    """`--set variants.1.temperature=3` sets the second variant's field (it failed with "Input should be a valid
+    list": the override turned the list into a dict keyed "1"); a bad index names the list and its length."""
+    from student_train.config import TrainConfig
+
+    f = tmp_path / "train.yaml"
+    f.write_text("train:\n  run_dir: r\n  data: {train_shards: [a.tar]}\n"
+                 "  variants: [{name: a, mode: none}, {name: b, temperature: 2}]\n")
+    cfg = load_config(TrainConfig, f, ["variants.1.temperature=3", "variants.-1.alpha=0.25", "variants.0.epochs=2"],
+                      "train")
+    variants = dict(cfg.expand())
+    assert variants["b"].temperature == 3.0 and variants["b"].alpha == 0.25 and variants["a"].epochs == 2
+    with pytest.raises(ConfigError, match=r"variants has 2 entries \(indices 0\.\.1\); 2 is out of range"):
+        load_config(TrainConfig, f, ["variants.2.temperature=3"], "train")
+    with pytest.raises(ConfigError, match="variants is a list; index it with a number"):
+        load_config(TrainConfig, f, ["variants.b.temperature=3"], "train")
+    with pytest.raises(ConfigError, match="there is no list 'grid' in the config to index"):
+        load_config(TrainConfig, f, ["grid.0.lr=0.1"], "train")

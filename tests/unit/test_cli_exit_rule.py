@@ -1,0 +1,56 @@
+"""The CLI's exit code for an error: "bad input" (2) only before the command's work began; after that "failed during
+the run" (6); every unit of a stage failed: 4; the cache locked by another writer: 5. One line, no traceback."""
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from cluster.cli import _Main
+from cluster.cli_common import StageFailedError
+from core.object_store import CacheLockedError
+from core.run_phase import begin_work
+
+
+@click.group(cls=_Main)
+def cli() -> None:
+    """The real `distill` group class, with commands that fail at chosen points."""
+
+
+@cli.command()
+@click.argument("what")
+@click.option("--after-work-began", is_flag=True)
+def fail(what: str, after_work_began: bool) -> None:
+    if after_work_began:
+        begin_work()
+    raise {"value": ValueError("bad value"), "missing": FileNotFoundError("no such file: x.tar"),
+           "runtime": RuntimeError("a stage broke"), "locked": CacheLockedError("cache held by pid 7"),
+           "stage": StageFailedError("cache stage: every shard to label failed")}[what]
+
+
+@pytest.mark.parametrize("what,began,code,line", [
+    ("value", False, 2, "error: bad value"),
+    ("missing", False, 2, "error: no such file: x.tar"),
+    ("value", True, 6, "error: failed during the run: ValueError: bad value (finished work is kept"),
+    ("missing", True, 6, "error: failed during the run: FileNotFoundError: no such file: x.tar"),
+    ("runtime", True, 6, "error: failed during the run: RuntimeError: a stage broke"),
+    ("stage", True, 4, "error: cache stage: every shard to label failed"),
+    ("stage", False, 4, "error: cache stage: every shard to label failed"),
+    ("locked", True, 5, "refused: cache held by pid 7"),
+    ("locked", False, 5, "refused: cache held by pid 7"),
+])
+def test_exit_code_and_one_line(what, began, code, line):
+    r = CliRunner().invoke(cli, ["fail", what] + (["--after-work-began"] if began else []))
+    assert r.exit_code == code, (r.output, r.exception)
+    assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output
+    assert r.stderr.startswith(line) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_an_unexpected_error_before_any_work_keeps_its_traceback():
+    r = CliRunner().invoke(cli, ["fail", "runtime"])  # a bug, not bad input: not hidden behind one line
+    assert isinstance(r.exception, RuntimeError) and r.exit_code == 1
+
+
+def test_each_command_starts_before_work():
+    runner = CliRunner()
+    assert runner.invoke(cli, ["fail", "value", "--after-work-began"]).exit_code == 6
+    assert runner.invoke(cli, ["fail", "value"]).exit_code == 2  # the flag does not leak into the next command
