@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from compress.onnx_export import ParityError, check_parity, session
+from core.run_phase import begin_work
 from deploy import metrics
 from deploy.bundle_files import new_version, publish, seal, write_file
 from deploy.choose import STAGE_FILES, choose_stage, rank_within_floor, top1_drop
@@ -194,6 +195,7 @@ def run(cfg: DeployConfig) -> DeployResult:
     if lite.row is None:
         log.warning("%s: the bundle has no LiteRT model: %s", student, lite.reason)
     out = Path(cfg.out_dir)
+    begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
     version = new_version(out)
     try:
         write_file(version / "model.onnx", fp32)
