@@ -77,7 +77,6 @@ def run_compress(cfg: CompressConfig) -> dict:
 def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     """Run the configured stages in order; raise on the first stage that fails outright."""
     from core.ray_cluster import connect_ray
-    from core.run_phase import begin_work
 
     if cfg.metrics.enabled:
         from core.metrics_server import start_metrics_server
@@ -86,6 +85,20 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     if any(s is not None and s.ray.enabled for s in (cfg.teacher, cfg.cache, cfg.train)):
         connect_ray(cfg.ray_address)
     results: list[dict] = []
+    try:
+        _run_stages(cfg, results)
+    finally:  # a batch job is not scraped reliably: its last values go to the Pushgateway too
+        if cfg.metrics.enabled and cfg.metrics.pushgateway:
+            from core.metrics_server import push_final_metrics
+
+            push_final_metrics(cfg.metrics.pushgateway, job="distill_pipeline")
+    return results
+
+
+def _run_stages(cfg: PipelineConfig, results: list[dict]) -> None:
+    """Each configured stage in order; `results` gets each finished stage's summary."""
+    from core.run_phase import begin_work
+
     stages = [("shards", cfg.shards), ("teacher", cfg.teacher), ("cache", cfg.cache), ("train", cfg.train),
               ("compress", cfg.compress), ("deploy", cfg.deploy)]
     for name, stage_cfg in stages:
@@ -130,7 +143,6 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
         results.append(summary)
         log.info("stage %s done: %s", name, json.dumps(summary))
         begin_work()  # a later stage's error is "failed during the run" (6): this stage's work is kept
-    return results
 
 
 def partial_stages(results: list[dict]) -> list[str]:

@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, push_to_gateway, start_http_server
 
 from core.atomic_io import atomic_write
 
@@ -37,3 +37,17 @@ def start_metrics_server(host: str = "127.0.0.1", port: int = 0, targets_file: P
     if targets_file is not None:
         publish_target(Path(targets_file), host, bound, {"job": job, "pid": str(os.getpid())})
     return bound
+
+
+def push_final_metrics(gateway: str, job: str) -> bool:
+    """Push this process's metrics (every stage's) to a Pushgateway once, at the end of a batch job.
+
+    Why: a job that exits seconds after its last stage may never be scraped at its final values (compress and
+    deploy durations, the cache's totals). Best effort: an unreachable gateway is logged, never fails the job.
+    """
+    try:
+        push_to_gateway(gateway, job=job, registry=REGISTRY, timeout=10)
+    except OSError as exc:
+        log.warning("could not push the final metrics to %s: %s", gateway, exc)
+        return False
+    return True

@@ -102,7 +102,8 @@ class MetricsConfig(_Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 = any free port (logged)")
-    pushgateway: str | None = Field(None, description="Pushgateway URL: `cache refresh` pushes its summary there")
+    pushgateway: str | None = Field(None, description="Pushgateway URL: `cache refresh` pushes its summary there, "
+                             "`pipeline` its final metrics")
     targets_file: Path | None = Field(None, description="write this process's scrape target here (file_sd)")
 
 
