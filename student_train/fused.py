@@ -112,7 +112,10 @@ def check_fused(fused: nn.Module, models: list[nn.Module], probe: torch.Tensor) 
     for m in models:
         m.eval()
     with torch.no_grad():
-        out = fused(probe.repeat(1, len(models), *([1] * (probe.ndim - 2)))).reshape(len(probe), len(models), -1)
+        try:
+            out = fused(probe.repeat(1, len(models), *([1] * (probe.ndim - 2)))).reshape(len(probe), len(models), -1)
+        except RuntimeError as exc:  # shapes that only work per student (a forward that mixes channels)
+            raise NotFusableError(f"the fused model does not reproduce its students ({exc})") from None
         for k, m in enumerate(models):
             want = m(probe)
             if out[:, k].shape != want.shape or not torch.allclose(out[:, k], want, rtol=1e-3, atol=1e-4):
@@ -128,12 +131,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         vs = [s.v for s in students]
         self.kind, self.n, self.decay = vs[0].optimizer, len(vs), decay
         dev = params[0].device
+        f64 = {"dtype": torch.float64, "device": dev}  # per-student scalars in double, as torch's Python floats
         self.base_lr = torch.tensor([v.lr for v in vs], dtype=torch.float64)
-        self.lr = self.base_lr.to(dev, torch.float32)
-        self.wd = torch.tensor([v.weight_decay for v in vs], device=dev)
-        self.mom = torch.tensor([v.momentum for v in vs], device=dev)
+        self.lr = self.base_lr.clone().to(**f64)  # set by the schedule; base_lr stays
+        self.wd = torch.tensor([v.weight_decay for v in vs], **f64)
+        self.mom = torch.tensor([v.momentum for v in vs], **f64)
         self.clip = torch.tensor([v.clip_grad or math.inf for v in vs], device=dev)
-        self.steps = torch.zeros(self.n, device=dev)  # updates applied per student (bias correction, SGD start)
+        self.steps = torch.zeros(self.n, **f64)  # updates applied per student (bias correction, SGD start)
         self.mask = torch.ones(self.n, dtype=torch.bool, device=dev)  # students that step now (set by the unit)
 
     def _slot(self, p: torch.Tensor, name: str) -> torch.Tensor:
@@ -149,32 +153,36 @@ class FusedOptimizer(torch.optim.Optimizer):
         norm = torch.as_tensor(norm2, device=self.mask.device).sqrt()
         ok = self.mask & torch.isfinite(norm)
         coef = torch.clamp(self.clip / (norm + 1e-6), max=1.0)
-        self.steps += ok.float()
+        self.steps += ok.double()
         for p, decay in zip(self.param_groups[0]["params"], self.decay, strict=True):
             if p.grad is not None:
                 self._update(p, decay, coef, ok)
 
     def _update(self, p: torch.Tensor, decay: bool, coef: torch.Tensor, ok: torch.Tensor) -> None:
+        """torch's AdamW / SGD(nesterov) arithmetic, vectorised over the student axis (factors per student)."""
         col = (self.n, 1)
         w = p.reshape(self.n, -1)
         g = p.grad.reshape(self.n, -1) * coef.reshape(col)
-        lr = self.lr.reshape(col)
-        wd = (self.wd if decay else torch.zeros_like(self.wd)).reshape(col)
+        lr = self.lr
+        wd = self.wd if decay else torch.zeros_like(self.wd)
         keep = ok.reshape(col)
         if self.kind == "adamw":
             m, v = self._slot(p, "exp_avg").reshape(self.n, -1), self._slot(p, "exp_avg_sq").reshape(self.n, -1)
-            m_new, v_new = m.lerp(g, 0.1), v * 0.999 + 0.001 * g * g
-            step = self.steps.reshape(col)
-            denom = v_new.sqrt() / (1 - 0.999 ** step).sqrt() + 1e-8
-            w_new = w * (1 - lr * wd) - (lr / (1 - 0.9 ** step)) * m_new / denom
+            m_new, v_new = m.lerp(g, 0.1), v * 0.999 + g * g * (1 - 0.999)
+            step = self.steps.clamp_min(1)
+            shrink = (1 - lr * wd).float().reshape(col)
+            step_size = (lr / (1 - 0.9 ** step)).float().reshape(col)
+            bc2_sqrt = (1 - 0.999 ** step).sqrt().float().reshape(col)
+            denom = v_new.sqrt() / bc2_sqrt + 1e-8
+            w_new = w * shrink - step_size * m_new / denom
             m.copy_(torch.where(keep, m_new, m))
             v.copy_(torch.where(keep, v_new, v))
         else:
             buf = self._slot(p, "momentum_buffer").reshape(self.n, -1)
-            d = g + wd * w
-            mom = self.mom.reshape(col)
+            d = g + wd.float().reshape(col) * w
+            mom = self.mom.float().reshape(col)
             buf_new = torch.where(self.steps.reshape(col) <= 1, d, buf * mom + d)
-            w_new = w - lr * (d + mom * buf_new)
+            w_new = w - lr.float().reshape(col) * (d + mom * buf_new)
             buf.copy_(torch.where(keep, buf_new, buf))
         w.copy_(torch.where(keep, w_new, w))
 
@@ -208,7 +216,7 @@ class FusedSchedule:
         return float(self.opt.base_lr[k]) * self.fns[k](self.taken[k])
 
     def _apply(self) -> None:
-        lrs = torch.tensor([self.lr(k) for k in range(len(self.fns))], dtype=torch.float32)
+        lrs = torch.tensor([self.lr(k) for k in range(len(self.fns))], dtype=torch.float64)
         self.opt.lr.copy_(lrs.to(self.opt.lr.device, non_blocking=True))
 
     def step(self) -> None:  # DeepSpeed calls this after each optimizer step

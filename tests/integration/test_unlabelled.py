@@ -49,7 +49,8 @@ def test_sweep_with_an_unlabelled_pool_trains(kd_data, tmp_path):
     twin_v = tc.expand()[0][1].model_copy(update={"mode": "none"})
     own = [p for p in job.train if not p.unlabelled]
     passes = JoinedStream(_spec(job, Stream(twin_v, 4, job.num_views, 0), own, 1, True, WorkerContext()))
-    plain = [JoinedStream(_spec(job, Stream(twin_v, 1, job.num_views, 0), own, e, True, WorkerContext())) for e in range(4, 8)]
+    one = Stream(twin_v, 1, job.num_views, 0)
+    plain = [JoinedStream(_spec(job, one, own, e, True, WorkerContext())) for e in range(4, 8)]
 
     def rows(stream):  # (label, the replayed view's pixel sum) per row: same order and same view, or not equal
         return [(int(lab), round(float(px.sum()), 2)) for b in stream
@@ -57,7 +58,7 @@ def test_sweep_with_an_unlabelled_pool_trains(kd_data, tmp_path):
 
     got, want = rows(passes), [r for s in plain for r in rows(s)]
     assert len(got) == 240 and got == want and all(lab >= 0 for lab, _ in got)
-    assert got[:60] != rows(JoinedStream(_spec(job, Stream(twin_v, 1, job.num_views, 0), own, 1, True, WorkerContext())))
+    assert got[:60] != rows(JoinedStream(_spec(job, one, own, 1, True, WorkerContext())))
 
     res = run(tc)
     assert res.status == "success", res.leaderboard

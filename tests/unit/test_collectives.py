@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from student_train.evaluate import evaluate
 from student_train.collectives import any_rank_bad
+from student_train.evaluate import evaluate
 
 
 def _batch(logits_rows: list[int], labels: list[int], teacher: list[int], weight: list[float]) -> dict:
