@@ -77,7 +77,7 @@ def model_dtype(v: VariantConfig) -> torch.dtype:
     return torch.bfloat16 if v.precision == "bf16" else torch.float32
 
 
-@dataclass
+@dataclass(eq=False)  # one object per student: compared by identity
 class StudentRun:
     """A student's own bookkeeping in a group: its loss, epoch state (the checkpoint's client state), status."""
 

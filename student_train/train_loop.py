@@ -37,7 +37,7 @@ from student_train.epoch_losses import LOSS_PARTS
 from student_train.evaluate import evaluate_many
 from student_train.job import JobSpec, NonFiniteLossError, WorkerContext, data_seed, student_prep
 from student_train.losses import create_loss
-from student_train.status import write_status
+from student_train.status import read_status, write_status
 from student_train.student import (
     StepInputs,
     StudentRun,
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["JobSpec", "NonFiniteLossError", "WorkerContext", "student_prep", "train_group", "train_variant"]
 Unit = Any  # LoopedUnit or fused_unit.FusedUnit: train_step, logits, lr, best_state, save, drop, train
+ENDED = ("done", "stopped", "failed")
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
     `model` replaces the architecture built from `v.arch` (compress fine-tunes a pruned model this way).
     """
     [s] = train_group([(name, v)], replace(job, asha=None), ctx, models={name: model} if model is not None else None,
-                      isolate=False).values()
+                      isolate=False, skip_ended=False).values()
     if s.status == "failed":
         raise NonFiniteLossError(s.reason)
     return s.summary
@@ -128,11 +129,14 @@ def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
 
 def train_group(members: list[tuple[str, VariantConfig]], job: JobSpec, ctx: WorkerContext,
                 models: dict[str, torch.nn.Module] | None = None, group: str | None = None,
-                fused: list[list[str]] | None = None, isolate: bool = True) -> dict[str, StudentRun]:
+                fused: list[list[str]] | None = None, isolate: bool = True,
+                skip_ended: bool = True) -> dict[str, StudentRun]:
     """Train (or resume) students that share one data stream; returns each student's final bookkeeping.
 
     `fused`: sets of member names trained as one fused model (fused.py; same architecture). `isolate`: a
-    student whose set-up raises is marked failed and the others go on (else the exception propagates)."""
+    student whose set-up raises is marked failed and the others go on (else the exception propagates).
+    `skip_ended`: students whose status already says done, stopped or failed are left alone (a group restarted by
+    Ray Train after a lost worker must not train again a student ASHA stopped or a NaN failed in this run)."""
     lead = members[0][1]
     st = Stream(lead, labelled_passes(job.train, lead.mode, job.labelled_passes),
                 min(lead.views or job.num_views, job.num_views), 0)
@@ -145,6 +149,10 @@ def train_group(members: list[tuple[str, VariantConfig]], job: JobSpec, ctx: Wor
     for s in students:
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / f"worker-rank{ctx.rank}.pid").write_text(str(os.getpid()))  # for operators (and the tests)
+        if skip_ended:  # rank 0's view of the status, so that every rank leaves out the same students
+            ended = ctx.rank == 0 and read_status(job.run_dir, s.name).get("status") in ENDED
+            if broadcast_int(int(ended), ctx.world, ctx.device):
+                s.status = "ended"
     if ctx.in_ray and job.metrics_port is not None:
         m.serve_worker_metrics(job.metrics_targets_dir or job.run_dir / "metrics_targets", gid,
                                [n for n, _ in members], ctx.rank, job.metrics_port, job.metrics_host)
@@ -203,8 +211,9 @@ def _build_units(students: list[StudentRun], job: JobSpec, ctx: WorkerContext, m
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     storage: dict[str, Storage] = {s.name: probe_storage(s.out / "ds_ckpt", ctx.rank, ctx.world, local, ctx.device)
-                                   for s in students}
+                                   for s in students if s.live}
     by_name = {s.name: s for s in students}
+    fused = [f for f in ([n for n in names if by_name[n].live] for names in fused) if len(f) > 1]
     units: list[Unit] = []
     for names in fused:
         group = [by_name[n] for n in names]
@@ -215,7 +224,7 @@ def _build_units(students: list[StudentRun], job: JobSpec, ctx: WorkerContext, m
             fused = [f for f in fused if f is not names]
     in_fused = {n for f in fused for n in f}
     for s in students:
-        if s.name in in_fused:
+        if s.name in in_fused or not s.live:
             continue
         try:
             model = seeded_model(s, job, ctx.device, models.get(s.name))
