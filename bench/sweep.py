@@ -11,7 +11,8 @@ Workloads (teachers with random weights: speed does not depend on them):
   (mlp, hidden 16, on the 224-px input).
 Students: K variants of one architecture, an alpha x temperature x lr sweep (one data stream).
 
-Per workload and K, all in this process, in this order, on the same cores:
+Per workload (after one discarded warm-up run: imports, first engine, cache checks) and K, all in this process, in
+this order, on the same cores:
 - group:   `distill train --no-ray` with train.fuse auto (one loader, K students): the epoch's wall time
            (metrics.csv epoch_seconds) and the whole run's;
 - loader:  the group's loader alone over the same epoch (decode + view replay + cache join, no model);
@@ -209,6 +210,7 @@ def main() -> None:
     rows = []
     for workload in args.workloads:
         data = digits_data(args.work) if workload == "digits" else photos_data(args.work, args.photos)
+        timed_run(train_config(data, workload, args.work / workload / "warm-up", 2))  # first-run costs, discarded
         for k in args.k:
             base = args.work / workload / f"k{k}"
             row = {"workload": workload, "k": k, "student": STUDENTS[workload]}

@@ -143,7 +143,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _slot(self, p: torch.Tensor, name: str) -> torch.Tensor:
         st = self.state[p]
         if name not in st:
-            st[name] = torch.zeros_like(p)
+            st[name] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)  # contiguous: rows are students
         return st[name]
 
     @torch.no_grad()
@@ -161,7 +161,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _update(self, p: torch.Tensor, decay: bool, coef: torch.Tensor, ok: torch.Tensor) -> None:
         """torch's AdamW / SGD(nesterov) arithmetic, vectorised over the student axis (factors per student)."""
         col = (self.n, 1)
-        w = p.reshape(self.n, -1)
+        w = p.detach().reshape(self.n, -1)  # a copy if p is not contiguous (channels_last): written back below
         g = p.grad.reshape(self.n, -1) * coef.reshape(col)
         lr = self.lr
         wd = self.wd if decay else torch.zeros_like(self.wd)
@@ -184,7 +184,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             buf_new = torch.where(self.steps.reshape(col) <= 1, d, buf * mom + d)
             w_new = w - lr.float().reshape(col) * (d + mom * buf_new)
             buf.copy_(torch.where(keep, buf_new, buf))
-        w.copy_(torch.where(keep, w_new, w))
+        p.detach().copy_(torch.where(keep, w_new, w).reshape(p.shape))
 
     def student_state(self, k: int, names: dict[torch.Tensor, str], shapes: dict[str, torch.Size]) -> dict:
         out = {}
