@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/teacher_cache.py
 	test -d runs/demo/cache || $(MAKE) demo
 	$(BIN)/python bench/student_train.py
+	PYTHONPATH=. $(BIN)/python -m bench.sweep
 	$(BIN)/distill pipeline --config bench/compress.yaml
 	test -f runs/demo/compressed/report.json || $(MAKE) demo
 	$(BIN)/python bench/litert.py

@@ -68,7 +68,7 @@ def loader_rate(shards: list[Path], cache_dir: Path, px: int, procs: int) -> flo
     pairs = [ShardPair(s.stem, s, reader.manifest.shards[s.stem].rows) for s in shards]
     prep = Preprocessing(px, 0.875, (0.5,) * 3, (0.5,) * 3, "bilinear", 3)
     spec = StreamSpec(cache_dir=cache_dir, pairs=pairs, student=prep, teacher=None, num_classes=1000,
-                      temperature=4.0, views=1, train=True, batch_size=64, shuffle_buffer=64, seed=0, epoch=0,
+                      views=1, train=True, batch_size=64, shuffle_buffer=64, seed=0, epoch=0,
                       rank=0, world=1, loader_workers=procs)
     loader = torch.utils.data.DataLoader(JoinedStream(spec), batch_size=None, num_workers=procs,
                                          prefetch_factor=4)

@@ -14,9 +14,9 @@ from core.metrics_server import start_metrics_server
 
 @click.command()
 @config_options
-@click.option("--no-ray", is_flag=True, help="Run the variants one after another in this process (1 worker each).")
+@click.option("--no-ray", is_flag=True, help="Train the groups one after another in this process (1 worker each).")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster).")
-@click.option("--variant", "only", default=None, help="Train only this variant (required under torchrun).")
+@click.option("--variant", "only", default=None, help="Train only this variant, alone (a group of one).")
 def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, address: str | None,
           only: str | None) -> None:
     """Train student variants with DeepSpeed (Ray Tune runs them in parallel) and print a leaderboard.
@@ -30,9 +30,14 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     `twins: false`; the leaderboard shows Δ top-1 against it. `data.unlabelled_shards`: a cached pool whose
     rows teach distilled variants through the KD term only; beside it a mode-none variant makes several passes
     over the labelled shards per epoch, so a twin takes the same optimizer steps (`data.labelled_passes`).
+    Groups: variants that share a data stream (shards + pool as their mode reads them, passes, views, batch,
+    epochs, data seed, input preprocessing, ranks) train in one group: one loader, each batch read once for all;
+    every student keeps its own optimizer, schedule, loss, checkpoints and files. The plan is printed first
+    (<run_dir>/plan.txt); `fuse: auto|off|N` (N = at most N per group), `horizontal: auto|on|off` (students of
+    one architecture as one fused model; auto = on CUDA). A Ray Tune trial is a group.
     Output: <run_dir>/<variant>/{metrics.csv, best.pt, arch.json, ds_ckpt/, status.json}, leaderboard.parquet.
     Re-running skips finished variants and resumes interrupted ones from their last epoch checkpoint.
-    Without Ray, one variant on N processes: torchrun --nproc_per_node N $(which distill) train -c X --variant NAME
+    Without Ray, on N processes: torchrun --nproc_per_node N $(which distill) train -c X [--variant NAME]
     Exit: 0 all variants done, 3 some failed, 4 all failed, 2 bad config/input (found before training began),
     6 failed during the run (finished epochs are kept; re-run resumes), 143 stopped by SIGTERM (`ray job stop`:
     unfinished variants are marked interrupted and resume on the next run).

@@ -1,12 +1,19 @@
-"""DeepSpeed epoch checkpoints that survive crashes and cannot run code when loaded.
+"""DeepSpeed epoch checkpoints that survive crashes, node-local disks, and cannot run code when loaded.
 
-- Save: DeepSpeed writes the tag directory (without its own `latest`); then rank 0 fsyncs every file, records
-  their SHA-256 in `<tag>/distill_digests.json`, and only then points `latest` at the tag (atomic rename). Older
-  tags beyond `keep` are deleted, so disk use stays bounded.
-- Resume: the newest tag whose files match their recorded digests on every rank is loaded; a damaged last tag
-  (a crash mid-save, a full disk) falls back to the previous good one instead of stopping resume for good.
+- Storage: before the first save, the ranks find out which of them see the same checkpoint directory (each
+  writes a probe file, each reports which probes it sees). One directory for all (a shared filesystem) or one
+  per node (node-local disks) both work: on node-local disks DeepSpeed writes the model states on every node
+  (`use_node_local_storage`) and each node's lowest rank seals what its disk holds. Anything else (ranks of one
+  node seeing different directories, or two nodes sharing one) is refused with what to do.
+- Save: DeepSpeed writes the tag directory (without its own `latest`); then one rank per directory (the "sealer")
+  fsyncs every file, records their SHA-256 in `<tag>/distill_digests.json`, and only then points `latest` at the
+  tag (atomic rename). Older tags beyond `keep` are deleted, so disk use stays bounded.
+- Resume: the newest tag that every rank has intact (its files match their recorded digests in that rank's own
+  directory) is loaded; a damaged last tag (a crash mid-save, a full disk, a node whose disk lost it) falls back
+  to the previous good one instead of stopping resume for good.
 - Every file is loaded with `torch.load(weights_only=True)`, allowing only the few plain DeepSpeed types its
   ZeRO optimizer states hold: a planted pickle that would run code is refused, never executed.
+- Every collective uses a tensor on the worker's device (student_train.collectives): NCCL accepts no others.
 """
 
 from __future__ import annotations
@@ -18,19 +25,21 @@ import os
 import pickle
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from core.atomic_io import atomic_write, fsync_dir
+from student_train.collectives import all_ranks_ok, broadcast_int, gather_ints, sync
 
 log = logging.getLogger(__name__)
 
 DIGESTS = "distill_digests.json"
+FUSED_FILE = "fused_student.pt"  # a student trained fused with others (fused_unit.py) writes this, not DeepSpeed's
 _TAG = re.compile(r"^epoch(\d+)$")
 
 
@@ -60,15 +69,62 @@ def _seal(tag_dir: Path) -> None:
     atomic_write(tag_dir / DIGESTS, json.dumps(digests, indent=1))
 
 
-def save(engine: Any, ckpt_dir: Path, epoch: int, client_state: dict, keep: int, rank: int) -> None:
+@dataclass(frozen=True)
+class Storage:
+    """How the ranks see a checkpoint directory: `shared` (one directory for all ranks) or one per node."""
+
+    shared: bool = True
+    sealer: bool = True  # this rank seals (and prunes) the tags of the directory it sees
+
+    def ds_config(self) -> dict[str, Any]:
+        """DeepSpeed's checkpoint section: on node-local disks every node writes the model states it loads."""
+        return {"use_node_local_storage": not self.shared}
+
+
+def probe_storage(ckpt_dir: Path, rank: int, world: int, local_rank: int, device: torch.device) -> Storage:
+    """Find out which ranks see the same `ckpt_dir` (call on every rank, before the engine is built)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if world == 1:
+        return Storage()
+    nonce = broadcast_int(int.from_bytes(os.urandom(7), "little"), world, device)
+    mine = ckpt_dir / f".storage-probe-{nonce:x}-rank{rank}"
+    mine.write_text(str(rank))
+    sync(world, device)
+    seen = [q for q in range(world) if (ckpt_dir / f".storage-probe-{nonce:x}-rank{q}").exists()]
+    views = gather_ints(seen, world, device)
+    local_ranks = [r[0] for r in gather_ints([local_rank], world, device)]
+    sync(world, device)  # every rank has looked before any probe goes
+    mine.unlink(missing_ok=True)
+    groups = {tuple(v) for v in views}
+    if any(r not in v for r, v in enumerate(views)) or sorted(q for g in groups for q in g) != list(range(world)):
+        raise CheckpointError(f"{ckpt_dir}: the ranks see this directory inconsistently ({views}); put run_dir on "
+                              "storage every node sees, or on a disk local to each node")
+    if len(groups) > 1:
+        writers = [[q for q in g if local_ranks[q] == 0] for g in sorted(groups)]
+        if any(len(w) != 1 for w in writers):
+            raise CheckpointError(
+                f"{ckpt_dir}: ranks {sorted(groups)} share checkpoint directories that do not match nodes "
+                f"(local ranks {local_ranks}); use one directory every node sees (a shared filesystem) or one "
+                "disk per node, not a mix")
+        log.info("checkpoints of %s are node-local (ranks by directory: %s): each node keeps its own copy",
+                 ckpt_dir, sorted(groups))
+    return Storage(shared=len(groups) == 1, sealer=rank == min(views[rank]))
+
+
+def save(engine: Any, ckpt_dir: Path, epoch: int, client_state: dict, keep: int, storage: Storage) -> None:
     """Save epoch `epoch`; `latest` moves only once the tag is complete and sealed. Call on every rank."""
     tag = tag_for(epoch)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)  # ends in a barrier
-    if rank == 0:
-        _seal(ckpt_dir / tag)
-        fsync_dir(ckpt_dir)
-        atomic_write(ckpt_dir / "latest", tag)
-        _prune(ckpt_dir, keep)
+    if storage.sealer:
+        seal_tag(ckpt_dir, tag, keep)
+
+
+def seal_tag(ckpt_dir: Path, tag: str, keep: int) -> None:
+    """Seal a complete tag directory, point `latest` at it, prune old tags (one rank per directory)."""
+    _seal(ckpt_dir / tag)
+    fsync_dir(ckpt_dir)
+    atomic_write(ckpt_dir / "latest", tag)
+    _prune(ckpt_dir, keep)
 
 
 def _epochs(ckpt_dir: Path) -> list[int]:
@@ -107,36 +163,38 @@ def verify(tag_dir: Path) -> str:
     return ""
 
 
-def _agree(ok: bool, world: int) -> bool:
-    """True only if every rank says ok (all ranks must load the same tag)."""
-    if world == 1:
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+def resume_tag(ckpt_dir: Path, world: int, device: torch.device, load: Callable[[Path], Any]) -> Any:
+    """`load(tag_dir)` of the newest tag every rank has intact, or None when there is none. Call on every rank.
 
-
-def resume(engine: Any, ckpt_dir: Path, rank: int, world: int) -> dict | None:
-    """Load the newest intact tag; its client state, or None when there is none. Call on every rank."""
-    epochs = _epochs(ckpt_dir)
-    if world > 1:  # one candidate list for all ranks (a rank may still see a tag another one is deleting)
-        box = [epochs]
-        dist.broadcast_object_list(box, src=0)
-        epochs = box[0]
+    Each rank lists and verifies the tags in the directory it sees (on node-local disks, its own node's copy)."""
+    epochs = sorted({e for mine in gather_ints(_epochs(ckpt_dir), world, device) for e in mine}, reverse=True)
     for e in epochs:
         tag_dir = ckpt_dir / tag_for(e)
-        problem = verify(tag_dir)
-        if not _agree(not problem, world):
+        problem = verify(tag_dir) if tag_dir.is_dir() else "missing in the directory this rank sees"
+        if not all_ranks_ok(not problem, world, device):
             log.warning("checkpoint %s skipped: %s; trying the previous one", tag_dir,
-                        problem or "damaged on another rank")
+                        problem or "damaged or missing on another rank")
             continue
-        with weights_only_loads(engine):
-            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag_for(e))
+        out = load(tag_dir)
         log.info("resuming from checkpoint %s", tag_dir)
-        return client or {}
+        return out
     if epochs:
-        log.warning("no intact checkpoint in %s; training this variant from the start", ckpt_dir)
+        log.warning("no checkpoint in %s is intact on every rank; training from the start", ckpt_dir)
     return None
+
+
+def resume(engine: Any, ckpt_dir: Path, world: int, device: torch.device) -> dict | None:
+    """Load the newest tag every rank has intact into the engine; its client state, or None. Call on every rank."""
+    def load(tag_dir: Path) -> dict:
+        if (tag_dir / FUSED_FILE).exists():
+            raise CheckpointError(f"{tag_dir} was written by a fused group (students of one architecture as one "
+                                  "model), but this student now trains on its own engine; re-run with "
+                                  f"train.horizontal: on, or delete {ckpt_dir} to start it again")
+        with weights_only_loads(engine):
+            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag_dir.name)
+        return client or {}
+
+    return resume_tag(ckpt_dir, world, device, load)
 
 
 def _allowed_globals() -> list[Any]:

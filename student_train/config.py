@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from student_train.twins import add_twins
 from student_train.variant import Mode, VariantConfig
@@ -83,6 +83,15 @@ class TrainConfig(_Strict):
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="cartesian product over base fields")
     twins: bool = Field(True, description="add an undistilled twin (same recipe, mode: none) for every distilled "
                         "recipe that has none, named <arch>-noKD (see student_train/twins.py)")
+    fuse: Literal["auto", "off"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="students that share a data stream (shards + pool as their mode reads them, passes, "
+        "views, batch, epochs, data seed, input preprocessing, ranks, online teacher) train in one group: one "
+        "loader, every batch read once for all of them. auto = one group per stream; off = each student alone; "
+        "N = at most N students per group")
+    horizontal: Literal["auto", "on", "off"] = Field(
+        "auto", description="inside a group, train students of one architecture and set-up (precision, ZeRO 0, "
+        "optimizer, grad_accum, no feature KD) as one fused model (grouped convolutions, HFTA). auto = on CUDA; "
+        "on the CPU the students loop over the shared batch instead (measured: fusing does not pay there)")
     tune: TuneConfig = Field(default_factory=TuneConfig)
     ray: RayTrainConfig = Field(default_factory=RayTrainConfig)
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="without Ray (in-process / torchrun): "
@@ -95,6 +104,14 @@ class TrainConfig(_Strict):
                               "clusters (the target file then names the node's address)")
     metrics_targets_dir: Path | None = Field(None, description="where workers publish file_sd scrape targets "
                                              "(default: <run_dir>/metrics_targets)")
+
+    @field_validator("fuse", "horizontal", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads a bare on/off as true/false (fuse: on = auto)."""
+        if isinstance(value, bool):
+            return ("auto" if info.field_name == "fuse" else "on") if value else "off"
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

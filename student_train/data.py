@@ -33,7 +33,6 @@ from teacher_cache.shards import (
     shard_stem,
 )
 from teacher_cache.teacher import Preprocessing
-from teacher_cache.topk import rebuild_log_probs
 from teacher_cache.views import normalize, replay_view
 
 
@@ -161,7 +160,6 @@ class StreamSpec:
     student: Preprocessing  # size / mean / std / interpolation / channels of the student input
     teacher: Preprocessing | None  # set for online KD: the live teacher's own input
     num_classes: int
-    temperature: float
     views: int  # cycle through views 0..views-1
     train: bool
     batch_size: int
@@ -299,13 +297,14 @@ class JoinedStream(IterableDataset):
         ids = torch.from_numpy(np.stack([it["ids"] for it in items]).astype(np.int64))
         if s.cache_dir is None:
             ids = torch.zeros(len(items), 1, dtype=torch.int64)
-        vals = torch.from_numpy(np.stack([it["vals"] for it in items]).astype(np.float32))
-        tail = torch.from_numpy(np.stack([it["tail"] for it in items]).astype(np.float32))
         batch = {
             "pixels": normalize(torch.stack([it["pixels"] for it in items]), s.student.mean, s.student.std),
             "label": torch.tensor([it["label"] for it in items], dtype=torch.int64),
-            "teacher_logp": (rebuild_log_probs(ids, vals, tail, s.num_classes, s.temperature) if s.cache_dir
-                             else torch.zeros(len(items), s.num_classes)),
+            # the teacher as cached (k ids + logits + tail), not a distribution at one temperature: every
+            # student of a group rebuilds it at its own T on the device (teacher_log_probs)
+            "topk_ids": ids,
+            "topk_logits": torch.from_numpy(np.stack([it["vals"] for it in items]).astype(np.float32)),
+            "tail_lse": torch.from_numpy(np.stack([it["tail"] for it in items]).astype(np.float32)),
             "teacher_top1": ids[:, 0].clone(),
             "teacher_top1_view0": torch.tensor([it["teacher_top1_view0"] for it in items], dtype=torch.int64),
             "weight": torch.ones(len(items)),
@@ -357,7 +356,8 @@ def placeholder_batch(spec: StreamSpec) -> dict[str, torch.Tensor]:
     """A one-row, zero-weight batch for a rank whose slot got no shard this epoch (it still joins collectives)."""
     p = spec.student
     batch = {"pixels": torch.zeros(1, p.channels, p.input_size, p.input_size), "label": torch.full((1,), -1),
-             "teacher_logp": torch.full((1, spec.num_classes), -math.log(spec.num_classes)),
+             "topk_ids": torch.zeros(1, 1, dtype=torch.int64), "topk_logits": torch.zeros(1, 1),
+             "tail_lse": torch.full((1,), -math.inf),
              "teacher_top1": torch.zeros(1, dtype=torch.int64), "teacher_top1_view0": torch.full((1,), -1),
              "weight": torch.zeros(1)}
     if spec.teacher is not None:

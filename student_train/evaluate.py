@@ -42,21 +42,32 @@ def _accumulate(sums: torch.Tensor, logits: torch.Tensor, b: dict[str, torch.Ten
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict[str, torch.Tensor]],
              device: torch.device, dtype: torch.dtype) -> dict[str, float | None]:
     """`forward(x) -> logits`; every rank passes its own (padded) batches; totals are all-reduced on `device`."""
-    # labelled, top1, top5, ce_sum, n, agree, with_teacher; float64 where the device has it (MPS has not)
-    sums = torch.zeros(7, dtype=torch.float64, device=device)
+    def one(b: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [forward(to_model_input(b["pixels"], device, dtype))]
+
+    return evaluate_many(one, 1, batches, device)[0]
+
+
+def evaluate_many(forward_all: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]], n: int,
+                  batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> list[dict[str, float | None]]:
+    """`forward_all(batch) -> n logits` (the students of a group on one batch); one all-reduce on `device` for all."""
+    # per student: labelled, top1, top5, ce_sum, n, agree, with_teacher; float64 where the device has it (MPS not)
+    sums = torch.zeros(n, 7, dtype=torch.float64, device=device)
     keys = ("weight", "label", "teacher_top1_view0")
     with torch.no_grad():
         for b in batches:
-            x = to_model_input(b["pixels"], device, dtype)
-            logits = forward(x).float()
-            _accumulate(sums, logits, {k: b[k].to(device, non_blocking=True) for k in keys})
+            targets = {k: b[k].to(device, non_blocking=True) for k in keys}
+            for i, logits in enumerate(forward_all(b)):
+                _accumulate(sums[i], logits.float(), targets)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
-    labelled, top1, top5, ce, n, agree, with_teacher = sums.tolist()  # the one host sync
-    return {
-        "val_top1": top1 / labelled if labelled else None,
-        "val_top5": top5 / labelled if labelled else None,
-        "val_loss": ce / labelled if labelled else None,
-        "val_teacher_agreement": agree / with_teacher if with_teacher else None,
-        "val_samples": n,
-    }
+    out = []
+    for labelled, top1, top5, ce, seen, agree, with_teacher in sums.tolist():  # the one host sync
+        out.append({
+            "val_top1": top1 / labelled if labelled else None,
+            "val_top5": top5 / labelled if labelled else None,
+            "val_loss": ce / labelled if labelled else None,
+            "val_teacher_agreement": agree / with_teacher if with_teacher else None,
+            "val_samples": seen,
+        })
+    return out

@@ -12,7 +12,7 @@ from core.object_store import is_url
 from student_train.config import TrainConfig
 from student_train.data import DataJoinError, ShardPair, count_samples, resolve_split
 from student_train.feature_kd import cache_feature_dim
-from student_train.train_loop import JobSpec
+from student_train.job import AshaRule, JobSpec
 from student_train.unlabelled import train_pairs
 from teacher_cache.config import TeacherConfig
 from teacher_cache.locate import find_cache_dir
@@ -154,5 +154,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
                    train_crop_scale=tuple(cfg.data.train_crop_scale),
                    train_crop_ratio=tuple(cfg.data.train_crop_ratio), train_flip=cfg.data.train_flip,
                    train_rotate=cfg.data.train_rotate,
-                   feature_dim=feature_dim)
+                   feature_dim=feature_dim,
+                   asha=AshaRule(max(v.epochs for _, v in variants), cfg.tune.asha_grace_epochs,
+                                 cfg.tune.asha_reduction_factor) if cfg.tune.asha else None)
 

@@ -41,7 +41,8 @@ def variant_row(run_dir: Path, name: str, v: VariantConfig, num_classes: int, in
     rows = read_metrics(out / "metrics.csv")
     best = max(rows, key=lambda r: (r.get("val_top1") or -1, r.get("val_teacher_agreement") or -1), default={})
     params, macs = model_cost(v.arch, v.arch_kwargs, num_classes, in_chans, size)
-    return {"variant": name, "status": status["status"], "arch": v.arch, "mode": v.mode,
+    return {"variant": name, "status": status["status"], "group": status.get("group"), "arch": v.arch,
+            "mode": v.mode,
             "alpha": v.alpha if v.mode != "none" else None,  # null where the loss does not use it
             "temperature": v.temperature if v.mode not in ("none", "hard") else None,
             "epochs": len(rows), "val_top1": best.get("val_top1"),
@@ -153,7 +154,8 @@ def teacher_warning(teacher: tuple[float, int] | None, rows: list[dict]) -> str 
 def write_leaderboard(run_dir: Path, rows: list[dict]) -> Path:
     rows = sorted(rows, key=lambda r: (r["status"] != "done", -(r["val_top1"] or -1)))
     table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("variant", pa.string()), ("status", pa.string()), ("arch", pa.string()), ("mode", pa.string()),
+        ("variant", pa.string()), ("status", pa.string()), ("group", pa.string()), ("arch", pa.string()),
+        ("mode", pa.string()),
         ("alpha", pa.float64()), ("temperature", pa.float64()), ("epochs", pa.int64()), ("val_top1", pa.float64()),
         ("val_top5", pa.float64()), ("val_samples", pa.int64()), ("val_teacher_agreement", pa.float64()),
         ("twin", pa.string()),
@@ -172,7 +174,7 @@ def format_leaderboard(rows: list[dict]) -> str:
 
     head = f"{'variant':40s} {'status':8s} {'mode':6s} {'a':>4s} {'T':>4s} {'top1':>6s} {'top5':>6s} " \
            f"{'agree':>6s} {'twin':22s} {'vs twin':>7s} {'labelled':>9s} {'unlab.':>8s} " \
-           f"{'params':>8s} {'MMACs':>7s} {'samp/s':>7s} {'wall s':>7s}"
+           f"{'params':>8s} {'MMACs':>7s} {'samp/s':>7s} {'wall s':>7s} {'group':5s}"
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["status"] != "done", -(r["val_top1"] or -1))):
         lines.append(f"{r['variant'][:40]:40s} {r['status'][:8]:8s} {r['mode']:6s} {f(r['alpha'], '4.2f'):>4s} "
@@ -180,7 +182,8 @@ def format_leaderboard(rows: list[dict]) -> str:
                      f"{f(r['val_teacher_agreement'], '6.4f'):>6s} {(r.get('twin') or '-')[:22]:22s} "
                      f"{f(r.get('delta_top1_vs_twin'), '+7.2f'):>7s} {f(r.get('labelled_samples'), '9d'):>9s} "
                      f"{f(r.get('unlabelled_samples'), '8d'):>8s} {r['params']:8d} {r['macs'] / 1e6:7.2f} "
-                     f"{f(r['samples_per_s'], '7.1f'):>7s} {f(r['wall_seconds'], '7.1f'):>7s}")
+                     f"{f(r['samples_per_s'], '7.1f'):>7s} {f(r['wall_seconds'], '7.1f'):>7s} "
+                     f"{(r.get('group') or '-')[:5]:5s}")
         if r["reason"]:
             lines.append(f"    reason: {r['reason']}")
     return "\n".join(lines)

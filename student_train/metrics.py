@@ -3,7 +3,9 @@
 Each training worker (a Ray Train worker, a torchrun rank, or the CLI process) serves its own /metrics and
 writes a Prometheus file_sd target file into the targets directory
 (default <run_dir>/metrics_targets/), so Prometheus discovers workers
-wherever Ray places them. Labels: variant and rank only (bounded).
+wherever Ray places them. Series labels: variant and rank only (bounded). A process that trains a group of
+students serves the series of all of them; its target file is named after the group (after the student when it
+trains alone) and carries the group id (and the variant, for a student alone).
 """
 
 from __future__ import annotations
@@ -39,15 +41,20 @@ def _ray_node_id() -> str | None:
         return None
 
 
-def serve_worker_metrics(targets: Path, variant: str, rank: int, port: int, host: str = "127.0.0.1") -> int:
-    """Start this process's exporter once and publish it as a file_sd target (atomic write)."""
+def serve_worker_metrics(targets: Path, group: str, variants: list[str], rank: int, port: int,
+                         host: str = "127.0.0.1") -> int:
+    """Start this process's exporter once and publish it as a file_sd target (atomic write): one target for the
+    group (`group` label, plus `variant` when the group is one student, as before groups existed)."""
     if "port" not in _served:
         _served["port"] = start_metrics_server(host, port)
     bound = _served["port"]
-    labels = {"job": "distill_train", "variant": variant, "rank": str(rank), "host": socket.gethostname()}
+    labels = {"job": "distill_train", "group": group, "rank": str(rank), "host": socket.gethostname()}
+    if len(variants) == 1:
+        labels["variant"] = variants[0]
     node = _ray_node_id()
     if node:
         labels["node"] = node  # several Ray nodes can share one host (and one host name)
-    publish_target(Path(targets) / f"{variant}-rank{rank}.json", host, bound, labels)
-    log.info("training metrics of %s rank %d at http://%s:%d/metrics", variant, rank, host, bound)
+    name = variants[0] if len(variants) == 1 else group
+    publish_target(Path(targets) / f"{name}-rank{rank}.json", host, bound, labels)
+    log.info("training metrics of %s rank %d at http://%s:%d/metrics", ", ".join(variants), rank, host, bound)
     return bound

@@ -1,23 +1,25 @@
-"""Thin Ray wrapper: Ray Tune runs the variants; each trial builds and fits one TorchTrainer running DeepSpeed.
+"""Thin Ray wrapper: Ray Tune runs the groups; each trial builds and fits one TorchTrainer running DeepSpeed.
 
-The trial is the V2 pattern (a function that fits a TorchTrainer), not the deprecated Trainer-in-Tuner API.
-Worker reports reach Tune through TuneReportCallback, so ASHA can stop weak variants on val top-1.
+A trial is a group of students that share a data stream (groups.py): its workers train every student of the group
+from one loader (train_loop.train_group), sized for the group (the most any member asks for per rank);
+`tune.max_concurrent` and `cpus_per_trial` count trials, as before. The trial is the V2 pattern (a function that
+fits a TorchTrainer), not the deprecated Trainer-in-Tuner API. ASHA stops weak students inside their group
+(asha.py), so Tune runs without a scheduler; the workers' reports reach Tune's progress table.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-
 from core.graceful_stop import StopRequested, first_on_sigterm, sigterm_received
 from student_train.config import TrainConfig, VariantConfig
+from student_train.groups import Group
+from student_train.job import JobSpec, WorkerContext
 from student_train.status import mark_stopped, note_stop
-from student_train.train_loop import JobSpec, WorkerContext, train_variant
+from student_train.train_loop import train_group
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ def _worker_fn(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint report is noise here
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is noise here
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ctx_ray = ray.train.get_context()
     # Ray Train's own choice: the GPU it assigned to this worker (gpus_per_worker > 0), else the CPU
@@ -37,62 +39,56 @@ def _worker_fn(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)
 
     def report(metrics: dict[str, Any], out: Path | None) -> None:
-        if out is not None and (out / "arch.json").exists():
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "arch.json").write_text((out / "arch.json").read_text())
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        ray.train.report(metrics)
 
     ctx = WorkerContext(rank=ctx_ray.get_world_rank(), world=ctx_ray.get_world_size(), device=device,
                         report=report, in_ray=True)
-    v = VariantConfig.model_validate(config["variant"])
-    train_variant(config["name"], v, config["job"], ctx)
+    members = [(n, VariantConfig.model_validate(v)) for n, v in config["members"]]
+    train_group(members, config["job"], ctx, group=config["group"], fused=config["fused"])
 
 
 def _trial_fn(config: dict[str, Any]) -> None:
-    """One Tune trial = one variant = one TorchTrainer.fit(); failures become a status, not a crash."""
+    """One Tune trial = one group = one TorchTrainer.fit(); failures become statuses, not a crash."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from student_train.status import epochs_logged, read_status, stop_requested, write_status
 
-    name, job, v = config["name"], config["job"], VariantConfig.model_validate(config["variant"])
+    gid, job = config["group"], config["job"]
+    members = [(n, VariantConfig.model_validate(v)) for n, v in config["members"]]
+    lead = members[0][1]
     # Ray Train passes this to its controller: a worker group that cannot be placed (no capacity left after a node
     # loss) fails the attempt after this long instead of waiting forever; the attempts are bounded below
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(config["start_timeout_s"])
-    use_gpu = v.gpus_per_worker > 0
-    resources = _worker_bundle(v)
+    resources = config["resources"]
+    use_gpu = resources.get("GPU", 0) > 0
     trainer = TorchTrainer(
         _worker_fn,
-        train_loop_config={"name": name, "variant": v.model_dump(mode="json"), "job": job},
-        scaling_config=ScalingConfig(num_workers=v.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        train_loop_config={"group": gid, "members": config["members"], "fused": config["fused"], "job": job},
+        scaling_config=ScalingConfig(num_workers=lead.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(name=name, storage_path=str(Path(job.run_dir).resolve() / "ray_results"),
+        run_config=RunConfig(name=gid if len(members) > 1 else members[0][0],
+                             storage_path=str(Path(job.run_dir).resolve() / "ray_results"),
                              failure_config=FailureConfig(max_failures=config["max_failures"],
                                                           controller_failure_limit=config["max_failures"]),
                              callbacks=[TuneReportCallback()]))
-    write_status(job.run_dir, name, "running")
+    for name, _ in members:
+        write_status(job.run_dir, name, "running", group=gid)
     try:
         trainer.fit()
     except Exception as exc:  # TrainingFailedError wraps the worker's exception; keep its first line as reason
         if stop_requested(job.run_dir):  # the job is winding down after SIGTERM: interrupted, not failed
             return
         reason = _root_reason(exc)
-        if read_status(job.run_dir, name).get("status") == "stopped":  # ASHA's early stop is not a failure
-            return
-        if epochs_logged(job.run_dir, name) >= v.epochs:  # ASHA ends a trial at max_t too, killing its workers
-            write_status(job.run_dir, name, "done")
-            return
-        write_status(job.run_dir, name, "failed", reason)
-        log.error("variant %s failed: %s", name, reason)
-        return
-    write_status(job.run_dir, name, "done")
-
-
-def _worker_bundle(v: VariantConfig) -> dict[str, float]:
-    return {"CPU": v.cpus_per_worker} | ({"GPU": v.gpus_per_worker} if v.gpus_per_worker > 0 else {})
+        for name, v in members:  # students that ended (done, failed, stopped by ASHA) keep their own status
+            if read_status(job.run_dir, name).get("status") != "running":
+                continue
+            if epochs_logged(job.run_dir, name) >= v.epochs:
+                write_status(job.run_dir, name, "done")
+                continue
+            write_status(job.run_dir, name, "failed", reason)
+        log.error("group %s failed: %s", gid, reason)
 
 
 def _root_reason(exc: BaseException) -> str:
@@ -116,52 +112,49 @@ def _root_reason(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {first}"[:400]
 
 
-def run_with_ray(cfg: TrainConfig, job: JobSpec, variants: list[tuple[str, VariantConfig]]) -> None:
+def run_with_ray(cfg: TrainConfig, job: JobSpec, groups: list[Group]) -> None:
     from ray import tune
 
     from core.ray_cluster import check_fits, connect_ray
     from student_train.status import settle_trials
 
     connect_ray(cfg.ray.address)
-    space = {"trial": tune.grid_search([{"name": n, "variant": v.model_dump(mode="json")} for n, v in variants])}
+    space = {"trial": tune.grid_search([
+        {"group": g.id, "members": [(n, v.model_dump(mode="json")) for n, v in g.members], "fused": g.fused,
+         "resources": g.resources()} for g in groups])}
 
     def trial(config: dict[str, Any]) -> None:
         _trial_fn({**config["trial"], "job": job, "max_failures": cfg.tune.max_failures,
                    "start_timeout_s": cfg.tune.start_timeout_s})
 
-    scheduler = None
-    if cfg.tune.asha:
-        # a variant that fails before its first epoch reports nothing; ASHA must not abort the sweep for it
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        epochs = {n: v.epochs for n, v in variants}
-        scheduler = _RecordingASHA(job.run_dir, epochs, max_t=max(epochs.values()),
-                                   grace_period=cfg.tune.asha_grace_epochs,
-                                   reduction_factor=cfg.tune.asha_reduction_factor)
-    for name, v in variants:  # a trial that can never be placed would wait forever
-        check_fits([{"CPU": cfg.tune.cpus_per_trial}] + [_worker_bundle(v)] * v.num_workers, f"variant {name}")
+    for g in groups:  # a trial that can never be placed would wait forever
+        what = f"variant {g.names[0]}" if len(g.members) == 1 else f"group {g.id} ({', '.join(g.names)})"
+        check_fits([{"CPU": cfg.tune.cpus_per_trial}] + [g.resources()] * g.members[0][1].num_workers, what)
     tuner = tune.Tuner(
         tune.with_resources(trial, {"CPU": cfg.tune.cpus_per_trial}),
         param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent, scheduler=scheduler),
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent),
         run_config=tune.RunConfig(name="tune", storage_path=str(Path(job.run_dir).resolve() / "ray_results"),
                                   verbose=1))
+    members = [(n, v.epochs) for g in groups for n, v in g.members]
     before = live_placement_groups()
     try:
         with first_on_sigterm(lambda: note_stop(job.run_dir)):  # before Tune tears its trials down
             grid = tuner.fit()
     except BaseException:
         if sigterm_received():  # bookkeeping first: `ray job stop` sends SIGKILL some seconds after SIGTERM
-            mark_stopped(job.run_dir, [(n, v.epochs) for n, v in variants], "the job was stopped by SIGTERM")
+            mark_stopped(job.run_dir, members, "the job was stopped by SIGTERM")
             raise StopRequested("stopped by SIGTERM") from None
         raise
     finally:
         release_placement_groups(live_placement_groups() - before)
     errors = {}
+    by_id = {g.id: g for g in groups}
     for result in grid:
-        name = (result.config or {}).get("trial", {}).get("name")
-        if name and result.error is not None:
-            errors[name] = _root_reason(result.error)
-    settle_trials(job.run_dir, [(n, v.epochs) for n, v in variants], errors)
+        gid = (result.config or {}).get("trial", {}).get("group")
+        if gid in by_id and result.error is not None:
+            errors.update({n: _root_reason(result.error) for n in by_id[gid].names})
+    settle_trials(job.run_dir, members, errors)
 
 
 def live_placement_groups() -> set[str]:
@@ -195,21 +188,3 @@ def release_placement_groups(pgs: set[str], wait_s: float = 10.0) -> None:
     deadline = time.monotonic() + wait_s
     while live_placement_groups() & pgs and time.monotonic() < deadline:
         time.sleep(0.2)
-
-
-class _RecordingASHA(ASHAScheduler):
-    """ASHA that writes "stopped" into the status of each trial it stops early: only the scheduler knows."""
-
-    def __init__(self, run_dir: Path, epochs: dict[str, int], **kw: Any) -> None:
-        super().__init__(time_attr="epoch", metric="val_top1", mode="max", **kw)
-        self.run_dir, self.epochs = run_dir, epochs
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        from student_train.status import write_status
-
-        decision = super().on_trial_result(tune_controller, trial, result)
-        name = trial.config.get("trial", {}).get("name")
-        epoch = int(result.get("epoch", 0))
-        if decision == TrialScheduler.STOP and name in self.epochs and epoch < self.epochs[name]:
-            write_status(self.run_dir, name, "stopped", f"stopped early by ASHA after {epoch} epoch(s)")
-        return decision

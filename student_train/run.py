@@ -11,10 +11,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from core.atomic_io import atomic_write
 from core.devices import resolve_device
 from core.graceful_stop import StopRequested, raise_if_stopping, sigterm_received
 from core.run_phase import begin_work
+from student_train.asha import clear as clear_asha
 from student_train.config import TrainConfig, VariantConfig
+from student_train.groups import Group, format_plan, plan_groups
+from student_train.job import JobSpec, WorkerContext, student_prep
 from student_train.job_plan import plan_job
 from student_train.leaderboard import (
     add_twin_deltas,
@@ -27,8 +31,8 @@ from student_train.leaderboard import (
     variant_row,
     write_leaderboard,
 )
-from student_train.status import clear_stop, finished, mark_stopped, write_status
-from student_train.train_loop import JobSpec, NonFiniteLossError, WorkerContext, student_prep, train_variant
+from student_train.status import clear_stop, finished, mark_stopped, read_status, write_status
+from student_train.train_loop import train_group
 from student_train.twins import pair_twins
 from student_train.unlabelled import samples_per_epoch
 
@@ -56,29 +60,66 @@ class TrainResult:
         return max(done, key=lambda r: r["val_top1"] or -1) if done else None
 
 
-def run_in_process(job: JobSpec, variants: list[tuple[str, VariantConfig]], device: str = "auto") -> None:
-    """Every variant one after another in this process (world size 1): debugging, GPU hosts without Ray."""
+def run_in_process(job: JobSpec, groups: list[Group], device: str = "auto") -> None:
+    """Every group one after another in this process (world size 1): debugging, GPU hosts without Ray."""
     ctx = WorkerContext(device=_set_device(resolve_device(device)))  # type: ignore[arg-type]
-    for name, v in variants:
-        if v.num_workers > 1:
-            log.warning("%s: num_workers=%d needs Ray or torchrun; running 1 worker in-process", name, v.num_workers)
-        write_status(job.run_dir, name, "running")
+    for g in groups:
+        for name, v in g.members:
+            if v.num_workers > 1:
+                log.warning("%s: num_workers=%d needs Ray or torchrun; running 1 worker in-process", name,
+                            v.num_workers)
+            write_status(job.run_dir, name, "running", group=g.id)
         try:
-            train_variant(name, v.model_copy(update={"num_workers": 1}), job, ctx)
-            write_status(job.run_dir, name, "done")
-        except NonFiniteLossError as exc:
-            write_status(job.run_dir, name, "failed", str(exc))
-            log.error("%s", exc)
-        except Exception as exc:  # one broken variant must not stop the others; the reason is kept
+            train_group([(n, v.model_copy(update={"num_workers": 1})) for n, v in g.members], job, ctx, group=g.id,
+                        fused=g.fused)
+        except Exception as exc:  # one broken group must not stop the others; the reason is kept
             raise_if_stopping()  # SIGTERM surfacing as another exception (inside a C call): a stop, not a failure
-            write_status(job.run_dir, name, "failed", f"{exc.__class__.__name__}: {exc}".splitlines()[0])
-            log.error("variant %s failed:\n%s", name, traceback.format_exc())
+            _fail_unfinished(job, g, f"{exc.__class__.__name__}: {exc}".splitlines()[0])
+            log.error("group %s failed:\n%s", g.id, traceback.format_exc())
+
+
+def _fail_unfinished(job: JobSpec, g: Group, reason: str) -> None:
+    """The group died: each of its students that had not ended yet is failed with the reason."""
+    for name in g.names:
+        if read_status(job.run_dir, name).get("status") in ("running", "unknown", None):
+            write_status(job.run_dir, name, "failed", reason, group=g.id)
 
 
 def _set_device(device: torch.device) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # DeepSpeed and NCCL use the current device
     return device
+
+
+def _pending(run_dir: Path, groups: list[Group]) -> list[Group]:
+    """The groups with unfinished students, each holding only those (finished ones are skipped, not retrained)."""
+    out = []
+    for g in groups:
+        members = [(n, v) for n, v in g.members if not finished(run_dir, n)]
+        if members:
+            keep = {n for n, _ in members}
+            out.append(Group(g.id, members, [[n for n in f if n in keep] for f in g.fused if len(keep & set(f)) > 1]))
+    return out
+
+
+def _train_pending(cfg: TrainConfig, job: JobSpec, pending: list[Group], variants: list[tuple[str, VariantConfig]]) \
+        -> None:
+    clear_stop(job.run_dir)
+    clear_asha(job.run_dir)
+    try:
+        if cfg.ray.enabled:
+            from student_train.ray_runner import run_with_ray
+
+            run_with_ray(cfg, job, pending)
+        else:
+            run_in_process(job, pending, cfg.device)
+    except BaseException:
+        if not sigterm_received():
+            raise
+        # idempotent: ray_runner has settled its trials already (only "running" ones change)
+        names = {n for g in pending for n in g.names}
+        mark_stopped(job.run_dir, [(n, v.epochs) for n, v in variants if n in names], "the job was stopped by SIGTERM")
+        raise StopRequested("stopped by SIGTERM") from None
 
 
 def launched_context(device: str = "auto") -> WorkerContext | None:
@@ -92,48 +133,41 @@ def launched_context(device: str = "auto") -> WorkerContext | None:
     return WorkerContext(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]), device=device)
 
 
-def run_launched(job: JobSpec, name: str, v: VariantConfig, ctx: WorkerContext) -> None:
-    """One variant, this process being one rank of a torchrun/deepspeed launch.
+def run_launched(job: JobSpec, groups: list[Group], ctx: WorkerContext) -> None:
+    """The groups one after another, this process being one rank of a torchrun/deepspeed launch.
 
-    A failure every rank agrees on (non-finite loss) ends the group together. Any other exception is this
-    rank's alone (a bad shard, a full disk): its peers may be blocked in a collective it will never join, so a
-    barrier here would deadlock. That rank writes the failed status and exits at once; its peers' collectives
-    then fail or torchrun stops them.
+    A failure every rank agrees on (a non-finite loss) ends that student on every rank; the others go on. Any
+    other exception is this rank's alone (a bad shard, a full disk): its peers may be blocked in a collective it
+    will never join, so a barrier here would deadlock. That rank writes the failed status and exits at once; its
+    peers' collectives then fail or torchrun stops them.
     """
     import torch.distributed as dist
 
-    if ctx.rank == 0:
-        write_status(job.run_dir, name, "running")
-    try:
-        train_variant(name, v.model_copy(update={"num_workers": ctx.world}), job, ctx)
-    except NonFiniteLossError as exc:  # raised on every rank at the same step (an all-reduced flag)
+    for g in groups:
         if ctx.rank == 0:
-            write_status(job.run_dir, name, "failed", str(exc))
-        log.error("%s", exc)
-    except Exception as exc:
-        if ctx.world == 1 or not dist.is_initialized():
-            raise
-        _abort_rank(job, name, ctx, exc)
-    else:
-        if ctx.rank == 0:
-            write_status(job.run_dir, name, "done")
+            for name in g.names:
+                write_status(job.run_dir, name, "running", group=g.id)
+        try:
+            train_group([(n, v.model_copy(update={"num_workers": ctx.world})) for n, v in g.members], job, ctx,
+                        group=g.id, fused=g.fused)
+        except Exception as exc:
+            if ctx.world == 1 or not dist.is_initialized():
+                raise
+            _abort_rank(job, g, ctx, exc)
     if dist.is_initialized():  # every rank leaves together; a rank exiting first aborts gloo's threads
         dist.barrier()
         dist.destroy_process_group()
 
 
-def _abort_rank(job: JobSpec, name: str, ctx: WorkerContext, exc: BaseException) -> None:
+def _abort_rank(job: JobSpec, g: Group, ctx: WorkerContext, exc: BaseException) -> None:
     """Record a rank-local failure (the first one wins: a peer's follow-up error is not the cause) and exit."""
     import os
     import sys
 
-    from student_train.status import read_status
-
     reason = f"rank {ctx.rank}: {exc.__class__.__name__}: {exc}".splitlines()[0][:400]
-    log.error("variant %s failed on rank %d:\n%s", name, ctx.rank, traceback.format_exc())
+    log.error("group %s failed on rank %d:\n%s", g.id, ctx.rank, traceback.format_exc())
     try:
-        if read_status(job.run_dir, name).get("status") != "failed":
-            write_status(job.run_dir, name, "failed", reason)
+        _fail_unfinished(job, g, reason)
     finally:
         logging.shutdown()
         sys.stdout.flush()
@@ -142,7 +176,8 @@ def _abort_rank(job: JobSpec, name: str, ctx: WorkerContext, exc: BaseException)
 
 
 def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
-    """Train every variant (or only the named one); under torchrun, this process is one rank of it."""
+    """Train every variant (or only the named one) in groups that share a data stream; under torchrun, this
+    process is one rank of each group."""
     t0 = time.perf_counter()
     variants = cfg.expand()
     if only is not None:
@@ -157,38 +192,32 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
     for name, v in variants:
         (run_dir / name).mkdir(parents=True, exist_ok=True)
         (run_dir / name / "variant.yaml").write_text(yaml.safe_dump(v.model_dump(mode="json"), sort_keys=False))
-    log.info("training %d variant(s) on %d train shards (%d samples), %d val shards; cache %s", len(variants),
-             len(job.train), sum(p.rows for p in job.train), len(job.val), job.cache_dir or "none (supervised)")
-    teacher = teacher_val_top1(job.cache_dir, [p.stem for p in job.val])
-    if teacher is not None:
-        log.info("%s", format_teacher_line(teacher))
-    pending = [(n, v) for n, v in variants if not finished(run_dir, n)]
-    if len(pending) < len(variants):
-        log.info("%d variant(s) already done in %s; skipping them", len(variants) - len(pending), run_dir)
     launched = launched_context(cfg.device)
-    if launched is not None and len(variants) != 1:
-        raise ValueError("under torchrun/deepspeed, train one variant: pass --variant NAME")
+    device_type = launched.device.type if launched else (None if cfg.ray.enabled else resolve_device(cfg.device).type)
+    groups = plan_groups(variants, job, cfg.fuse, cfg.horizontal, device_type)
+    plan = format_plan(groups, job, cfg.fuse)
+    teacher = teacher_val_top1(job.cache_dir, [p.stem for p in job.val])
+    if launched is None or launched.rank == 0:
+        log.info("training %d variant(s) on %d train shards (%d samples), %d val shards; cache %s\n%s",
+                 len(variants), len(job.train), sum(p.rows for p in job.train), len(job.val),
+                 job.cache_dir or "none (supervised)", plan)
+        if teacher is not None:
+            log.info("%s", format_teacher_line(teacher))
+        atomic_write(run_dir / "plan.txt", plan + "\n")
     begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
-    if launched is not None:
-        run_launched(job, *variants[0], launched)
+    if launched is not None:  # every rank trains every group (finished students resume at their end: no steps)
+        if launched.rank == 0:
+            clear_asha(run_dir)
+        run_launched(job, groups, launched)
         if launched.rank != 0:
             return TrainResult(run_dir=run_dir, leaderboard=[], leaderboard_path=run_dir / "leaderboard.parquet",
                                seconds=time.perf_counter() - t0)
-    elif pending:
-        clear_stop(run_dir)
-        try:
-            if cfg.ray.enabled:
-                from student_train.ray_runner import run_with_ray
-
-                run_with_ray(cfg, job, pending)
-            else:
-                run_in_process(job, pending, cfg.device)
-        except BaseException:
-            if not sigterm_received():
-                raise
-            # idempotent: ray_runner has settled its trials already (only "running" ones change)
-            mark_stopped(run_dir, [(n, v.epochs) for n, v in pending], "the job was stopped by SIGTERM")
-            raise StopRequested("stopped by SIGTERM") from None
+    else:
+        pending = _pending(run_dir, groups)
+        if skipped := len(variants) - sum(len(g.members) for g in pending):
+            log.info("%d variant(s) already done in %s; skipping them", skipped, run_dir)
+        if pending:
+            _train_pending(cfg, job, pending, variants)
     rows = []
     for name, v in variants:
         prep = student_prep(v, job.teacher_prep)

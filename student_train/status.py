@@ -21,10 +21,13 @@ STOP_MARKER = ".stop_requested"  # in the run dir while a stopped job winds down
 
 
 def write_status(run_dir: Path, name: str, status: str, reason: str = "", **extra: object) -> None:
+    """Replace the status; the student's group id (`group`) is kept from the last status unless given."""
     out = Path(run_dir) / name
     out.mkdir(parents=True, exist_ok=True)
+    if "group" not in extra and (group := read_status(run_dir, name).get("group")):
+        extra["group"] = group
     atomic_write(out / "status.json",
-                      json.dumps({"status": status, "reason": reason, "time": time.time(), **extra}))
+                 json.dumps({"status": status, "reason": reason, "time": time.time(), **extra}))
 
 
 def read_status(run_dir: Path, name: str) -> dict:

@@ -1,31 +1,29 @@
-"""Train one student variant with DeepSpeed; the same function runs under Ray Train, torchrun or in-process.
+"""Train a group of students that share one data stream; the same function runs under Ray Train, torchrun or
+in-process (a student alone is a group of one).
 
-Per epoch: stream shard + cache batches, KD loss, DeepSpeed step; evaluate; DeepSpeed checkpoint (resume
-point); best plain state dict + architecture info for later stages; one metrics row.
+Per epoch: one loader streams shard + cache batches (each image decoded, replayed and joined with the cache once)
+and every student of the group steps on each batch; one validation pass scores every student; then each student
+writes its own best.pt, checkpoint (resume point) and metrics row. A student whose loss goes non-finite is marked
+failed and one that ASHA stops leaves with the reason; the others go on. A killed group resumes each student from
+its own last intact epoch.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from core.atomic_io import atomic_write
-from core.models import create_model
-from student_train import checkpoints
 from student_train import metrics as m
-from student_train.config import VariantConfig
+from student_train.asha import asha_decisions
+from student_train.checkpoints import Storage, probe_storage
+from student_train.collectives import any_rank_flags, broadcast_int
 from student_train.data import (
     JoinedStream,
     ShardPair,
@@ -35,98 +33,41 @@ from student_train.data import (
     placeholder_batch,
     steps_per_epoch,
 )
-from student_train.epoch_losses import LOSS_PARTS, EpochLosses
-from student_train.evaluate import evaluate, to_model_input
-from student_train.feature_kd import forward_train, plain_student_state, wrap_student
+from student_train.epoch_losses import LOSS_PARTS
+from student_train.evaluate import evaluate_many
 from student_train.hold import hold_after_epoch
+from student_train.job import JobSpec, NonFiniteLossError, WorkerContext, data_seed, student_prep
 from student_train.losses import create_loss
+from student_train.status import read_status, write_status
+from student_train.student import (
+    StepInputs,
+    StudentRun,
+    build_looped,
+    epoch_score,
+    is_better,
+    save_best,
+    seeded_model,
+    write_row,
+)
 from student_train.unlabelled import labelled_passes, train_pairs
-from teacher_cache.config import TeacherConfig
-from teacher_cache.teacher import Preprocessing, load_teacher
+from student_train.variant import VariantConfig
+from teacher_cache.teacher import load_teacher
 
 log = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; the variant is marked failed (retrying would fail the same way)."""
-
-
-@dataclass
-class JobSpec:
-    """What every worker of every variant shares (picklable, sent to Ray workers)."""
-
-    run_dir: Path
-    cache_dir: Path
-    train: list[ShardPair]
-    val: list[ShardPair]
-    num_classes: int
-    num_views: int
-    teacher_prep: Preprocessing
-    teacher: TeacherConfig | None = None
-    shuffle_buffer: int = 256
-    interleave_shards: int = 1
-    loader_workers: int = 1
-    log_every: int = 20
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    metrics_targets_dir: Path | None = None
-    train_crop_scale: tuple[float, float] = (0.35, 1.0)
-    keep_checkpoints: int = 2
-    feature_dim: int | None = None  # teacher feature dim of the cache (set when a variant uses feature KD)
-    train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    train_flip: bool = True
-    train_rotate: float = 0.0
-    cache_root_url: str | None = None  # the cache lives in object storage; cache_dir is the driver's mirror
-    labelled_passes: int | None = None  # mode none beside an unlabelled pool: passes per epoch (None: equal steps)
+__all__ = ["JobSpec", "NonFiniteLossError", "WorkerContext", "student_prep", "train_group", "train_variant"]
+Unit = Any  # LoopedUnit or fused_unit.FusedUnit: train_step, logits, lr, best_state, save, drop, train
+ENDED = ("done", "stopped", "failed")
 
 
-@dataclass
-class WorkerContext:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    report: Callable[[dict[str, Any], Path | None], None] | None = None
-    in_ray: bool = False
+@dataclass(frozen=True)
+class Stream:
+    """The data stream a group shares (every member's stream fields are equal: groups.stream_key)."""
 
-
-def student_prep(v: VariantConfig, teacher: Preprocessing) -> Preprocessing:
-    """The student's input: its own size/normalisation after the replayed crop (teacher's by default)."""
-    return Preprocessing(input_size=v.input_size or teacher.input_size, crop_pct=teacher.crop_pct,
-                         mean=tuple(v.mean or teacher.mean), std=tuple(v.std or teacher.std),
-                         interpolation=teacher.interpolation, channels=teacher.channels)
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """Linear warmup then cosine decay to min_ratio, per optimizer step."""
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
-def ds_config(v: VariantConfig) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": v.batch_size,
-        "gradient_accumulation_steps": v.grad_accum,
-        "zero_optimization": {"stage": v.zero_stage, "stage3_gather_16bit_weights_on_model_save": True},
-        "bf16": {"enabled": v.precision == "bf16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if v.clip_grad:
-        cfg["gradient_clipping"] = v.clip_grad
-    return cfg
-
-
-def _optimizer(model: torch.nn.Module, v: VariantConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": v.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if v.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=v.lr, momentum=v.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=v.lr)
+    lead: VariantConfig
+    passes: int
+    views: int
+    workers: int
 
 
 def _init_distributed(ctx: WorkerContext) -> None:
@@ -149,21 +90,22 @@ def _init_distributed(ctx: WorkerContext) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
-def _spec(job: JobSpec, v: VariantConfig, pairs: list[ShardPair], epoch: int, train: bool, ctx: WorkerContext,
-          workers: int, views: int, passes: int = 1) -> StreamSpec:
-    online = job.teacher_prep if (v.mode == "online" and train) else None
+def _spec(job: JobSpec, st: Stream, pairs: list[ShardPair], epoch: int, train: bool, ctx: WorkerContext) -> StreamSpec:
+    v = st.lead
     return StreamSpec(cache_dir=job.cache_dir, cache_root_url=job.cache_root_url, pairs=pairs,
-                      student=student_prep(v, job.teacher_prep), teacher=online,
-                      num_classes=job.num_classes, temperature=v.temperature, views=views, train=train,
-                      batch_size=v.batch_size, shuffle_buffer=job.shuffle_buffer, seed=v.seed, epoch=epoch,
-                      rank=ctx.rank, world=ctx.world, loader_workers=workers, crop_scale=job.train_crop_scale,
-                      crop_ratio=job.train_crop_ratio, flip=job.train_flip, rotate=job.train_rotate, passes=passes,
-                      interleave=job.interleave_shards)
+                      student=student_prep(v, job.teacher_prep),
+                      teacher=job.teacher_prep if (v.mode == "online" and train) else None,
+                      num_classes=job.num_classes, views=st.views if train else 1, train=train,
+                      batch_size=v.batch_size, shuffle_buffer=job.shuffle_buffer, seed=data_seed(v), epoch=epoch,
+                      rank=ctx.rank, world=ctx.world, loader_workers=st.workers if train else 0,
+                      crop_scale=job.train_crop_scale, crop_ratio=job.train_crop_ratio, flip=job.train_flip,
+                      rotate=job.train_rotate, passes=st.passes if train else 1, interleave=job.interleave_shards)
 
 
-def _train_steps(job: JobSpec, v: VariantConfig, epoch: int, passes: int, world: int, workers: int) -> int:
-    return sum(steps_per_epoch(job.train, e, v.seed, world, workers, v.batch_size, True, job.interleave_shards)
-               for e in pass_epochs(epoch, passes))
+def _train_steps(job: JobSpec, st: Stream, epoch: int, world: int) -> int:
+    v = st.lead
+    return sum(steps_per_epoch(job.train, e, data_seed(v), world, st.workers, v.batch_size, True,
+                               job.interleave_shards) for e in pass_epochs(epoch, st.passes))
 
 
 def _loader(spec: StreamSpec, device: torch.device) -> DataLoader:
@@ -173,202 +115,268 @@ def _loader(spec: StreamSpec, device: torch.device) -> DataLoader:
                       pin_memory=device.type == "cuda")
 
 
-def _any_rank_bad(bad: torch.Tensor, ctx: WorkerContext) -> bool:
-    """One collective on the device flag, so every rank stops on the same step (a lone stop would deadlock)."""
-    flag = bad.detach().clone().float().reshape(1)
-    if ctx.world > 1:
-        dist.all_reduce(flag)
-    return bool(flag.item() > 0)  # host sync: only at log points and at epoch end
-
-
-def _write_row(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
-def epoch_score(row: dict[str, Any]) -> tuple[str, float]:
-    """(what, score) of an epoch for best.pt; higher is better. Val top-1, else teacher agreement, else -train loss."""
-    for k in ("val_top1", "val_teacher_agreement"):
-        if row.get(k) is not None:
-            return k, float(row[k])
-    return "neg_train_loss", -float(row["train_loss"])
-
-
-def is_better(score: float, best: float | None) -> bool:
-    """The first epoch always wins (best is None): a variant that trained always has a best.pt."""
-    return best is None or score > best
-
-
-def _save_best(engine: Any, v: VariantConfig, job: JobSpec, out: Path, ctx: WorkerContext, row: dict) -> None:
-    state = engine._zero3_consolidated_16bit_state_dict() if v.zero_stage == 3 else engine.module.state_dict()
-    if ctx.rank != 0:
-        return
-    state = plain_student_state(state)  # feature KD's projector is a training aid: never exported
-    state = {k: t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu() for k, t in state.items()}
-    atomic_write(out / "best.pt", lambda tmp: torch.save(state, tmp))
-    sp = student_prep(v, job.teacher_prep)
-    what, score = epoch_score(row)
-    info = {"arch": v.arch, "arch_kwargs": v.arch_kwargs, "num_classes": job.num_classes, "in_chans": sp.channels,
-            "preprocessing": sp.as_dict(), "epoch": row["epoch"], "val_top1": row.get("val_top1"),
-            "best_by": what, "best_score": score, "cache_dir": str(job.cache_dir), "mode": v.mode}
-    atomic_write(out / "arch.json", json.dumps(info, indent=1))
-
-
 def train_variant(name: str, v: VariantConfig, job: JobSpec, ctx: WorkerContext,
                   model: torch.nn.Module | None = None) -> dict[str, Any]:
-    """Train (or resume) one variant; returns its final summary. Raises NonFiniteLossError on NaN/inf.
+    """Train (or resume) one student alone; returns its last epoch's row. Raises NonFiniteLossError on NaN/inf.
 
     `model` replaces the architecture built from `v.arch` (compress fine-tunes a pruned model this way).
     """
-    import deepspeed
+    [s] = train_group([(name, v)], replace(job, asha=None), ctx, models={name: model} if model is not None else None,
+                      isolate=False, skip_ended=False).values()
+    if s.status == "failed":
+        raise NonFiniteLossError(s.reason)
+    return s.summary
 
-    passes = labelled_passes(job.train, v.mode, job.labelled_passes)  # > 1: mode none beside an unlabelled pool
-    job = replace(job, train=train_pairs(job.train, v.mode))  # mode none skips the unlabelled pool
+
+def train_group(members: list[tuple[str, VariantConfig]], job: JobSpec, ctx: WorkerContext,
+                models: dict[str, torch.nn.Module] | None = None, group: str | None = None,
+                fused: list[list[str]] | None = None, isolate: bool = True,
+                skip_ended: bool = True) -> dict[str, StudentRun]:
+    """Train (or resume) students that share one data stream; returns each student's final bookkeeping.
+
+    `fused`: sets of member names trained as one fused model (fused.py; same architecture). `isolate`: a
+    student whose set-up raises is marked failed and the others go on (else the exception propagates).
+    `skip_ended`: students whose status already says done, stopped or failed are left alone (a group restarted by
+    Ray Train after a lost worker must not train again a student ASHA stopped or a NaN failed in this run)."""
+    lead = members[0][1]
+    st = Stream(lead, labelled_passes(job.train, lead.mode, job.labelled_passes),
+                min(lead.views or job.num_views, job.num_views), 0)
+    job = replace(job, train=train_pairs(job.train, lead.mode))  # mode none skips the unlabelled pool
+    st = replace(st, workers=min(job.loader_workers, max(1, len(job.train) // ctx.world)))
     _init_distributed(ctx)
-    torch.manual_seed(v.seed)
-    out = Path(job.run_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
+    gid = group or members[0][0]
+    students = [StudentRun(n, v, job.run_dir / n, create_loss(v.mode, v.alpha, v.temperature, v.beta,
+                                                              v.feature_loss)) for n, v in members]
+    for s in students:
+        s.out.mkdir(parents=True, exist_ok=True)
+        (s.out / f"worker-rank{ctx.rank}.pid").write_text(str(os.getpid()))  # for operators (and the tests)
+        if skip_ended:  # rank 0's view of the status, so that every rank leaves out the same students
+            ended = ctx.rank == 0 and read_status(job.run_dir, s.name).get("status") in ENDED
+            if broadcast_int(int(ended), ctx.world, ctx.device):
+                s.status = "ended"
     if ctx.in_ray and job.metrics_port is not None:
-        m.serve_worker_metrics(job.metrics_targets_dir or job.run_dir / "metrics_targets", name, ctx.rank,
-                               job.metrics_port, job.metrics_host)
-    (out / f"worker-rank{ctx.rank}.pid").write_text(str(os.getpid()))  # for operators (and the resume test)
-    prep = student_prep(v, job.teacher_prep)
-    if model is None:
-        model = create_model(v.arch, num_classes=job.num_classes, in_chans=prep.channels, **v.arch_kwargs)
-    model = wrap_student(model, v.beta, job.feature_dim, name)  # + feature-KD projector when beta > 0
-    views = min(v.views or job.num_views, job.num_views)
-    workers = min(job.loader_workers, max(1, len(job.train) // ctx.world))
-    train_steps = _train_steps(job, v, 0, passes, ctx.world, workers)
-    opt_steps = max(1, v.epochs * train_steps // v.grad_accum)
-    optimizer = _optimizer(model, v)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(opt_steps, int(v.warmup_epochs * train_steps / v.grad_accum), v.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched, config=ds_config(v))
-    dtype = torch.bfloat16 if v.precision == "bf16" else torch.float32
-    if v.precision == "bf16":  # DeepSpeed casts parameters, not buffers; CPU batch_norm wants them to match
-        for buf in engine.module.buffers():
-            if buf.is_floating_point():
-                buf.data = buf.data.to(torch.bfloat16)
-    ckpt_dir = out / "ds_ckpt"
-    state: dict[str, Any] = {"epoch": -1, "best": None, "wall": 0.0}
-    client = checkpoints.resume(engine, ckpt_dir, ctx.rank, ctx.world)
-    if client is not None:
-        state.update({k: client[k] for k in state if k in client})  # ours only, not DeepSpeed's keys
-        log.info("%s: resumed after epoch %d", name, state["epoch"])
+        m.serve_worker_metrics(job.metrics_targets_dir or job.run_dir / "metrics_targets", gid,
+                               [n for n, _ in members], ctx.rank, job.metrics_port, job.metrics_host)
+    units = _build_units(students, job, ctx, models or {}, fused or [], _train_steps(job, st, 0, ctx.world), isolate,
+                         gid)
     teacher = None
-    if v.mode == "online" and job.teacher:
+    if any(s.v.mode == "online" and s.live for s in students) and job.teacher:
         teacher = load_teacher(job.teacher).model.to(ctx.device)
         if ctx.device.type == "cuda":
             teacher = teacher.to(memory_format=torch.channels_last)
-    loss_fn = create_loss(v.mode, v.alpha, v.temperature, v.beta, v.feature_loss)
-    summary: dict[str, Any] = {}
-    for epoch in range(state["epoch"] + 1, v.epochs):
-        row = _train_epoch(engine, loss_fn, teacher, job, v, name, epoch, ctx, workers, views, dtype, passes)
-        val_steps = steps_per_epoch(job.val, epoch, v.seed, ctx.world, 0, v.batch_size, False) if job.val else 0
-        if val_steps:
-            engine.eval()
-            spec = _spec(job, v, job.val, epoch, False, ctx, 0, 1)
-            batches = padded(iter(_loader(spec, ctx.device)), val_steps, placeholder_batch(spec))
-            row.update(evaluate(engine, batches, ctx.device, dtype))
-            engine.train()
-        state["wall"] += row["epoch_seconds"]
-        _, score = epoch_score(row)
-        if is_better(score, state["best"]):
-            state["best"] = score
-            _save_best(engine, v, job, out, ctx, row)
-        state["epoch"] = epoch
-        checkpoints.save(engine, ckpt_dir, epoch, dict(state), job.keep_checkpoints, ctx.rank)
-        row["wall_seconds"] = state["wall"]
-        if ctx.rank == 0:
-            _write_row(out / "metrics.csv", row)
-        if row.get("val_top1") is not None:
-            m.VAL_TOP1.labels(name).set(row["val_top1"])
-        m.EPOCH.labels(name).set(epoch + 1)
-        summary = row
+    for epoch in range(lead.epochs):
+        active = [s for s in students if s.live and s.state["epoch"] < epoch]
+        if not active:
+            continue
+        seconds = _train_epoch(units, active, job, st, epoch, ctx, teacher, gid)
+        live = [s for s in active if s.live]
+        rows = {s.name: _row(s, epoch, seconds, _unit_of(units, s)) for s in live}
+        for s, val in zip(live, _validate(units, live, job, st, epoch, ctx), strict=True):
+            rows[s.name].update(val)
+        for s in live:
+            _finish_epoch(s, _unit_of(units, s), rows[s.name], job, ctx, gid)
+        _asha(live, rows, units, job, ctx, gid)
         if ctx.report is not None:
-            ctx.report({k: val for k, val in row.items() if val is not None}, out if ctx.rank == 0 else None)
-        log.info("%s epoch %d/%d: %s", name, epoch + 1, v.epochs,
-                 ", ".join(f"{k}={val:.4g}" for k, val in row.items() if isinstance(val, float)))
+            ctx.report({"epoch": epoch + 1, "students": sum(s.live for s in students),
+                        **{f"val_top1/{n}": r["val_top1"] for n, r in rows.items() if r.get("val_top1") is not None}},
+                       None)
         if ctx.rank == 0:
-            hold_after_epoch(out, epoch + 1)  # a test's gate (student_train/hold.py); a no-op otherwise
-    return summary
+            for s in live:  # a test's gate (student_train/hold.py); a no-op otherwise
+                if s.live:
+                    hold_after_epoch(s.out, epoch + 1)
+    for s in students:
+        if s.live:
+            s.status = "done"
+            _status(job, ctx, s, gid)
+    return {s.name: s for s in students}
 
 
-def _train_epoch(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None, job: JobSpec, v: VariantConfig,
-                 name: str, epoch: int, ctx: WorkerContext, workers: int, views: int, dtype: torch.dtype,
-                 passes: int = 1) -> dict:
-    """One epoch. Loss sums and the NaN flag stay on the device; the host syncs every log_every steps and at the end.
+def _unit_of(units: list[Unit], s: StudentRun) -> Unit:
+    return next(u for u in units if s in u.students)
 
-    A non-finite loss is therefore noticed up to log_every steps late (the variant fails either way, and no
-    checkpoint is written after it); in exchange the GPU never waits for Python inside the step loop.
-    """
-    steps = _train_steps(job, v, epoch, passes, ctx.world, workers)
-    spec = _spec(job, v, job.train, epoch, True, ctx, workers, views, passes)
+
+def _status(job: JobSpec, ctx: WorkerContext, s: StudentRun, gid: str) -> None:
+    if ctx.rank == 0:
+        write_status(job.run_dir, s.name, s.status, s.reason, group=gid)
+
+
+def _fail(s: StudentRun, unit: Unit, reason: str, job: JobSpec, ctx: WorkerContext, gid: str,
+          status: str = "failed") -> None:
+    """The student leaves the group with its reason; the others go on."""
+    s.status, s.reason = status, reason
+    unit.drop(s)
+    _status(job, ctx, s, gid)
+    (log.error if status == "failed" else log.warning)("%s", reason)
+
+
+def _build_units(students: list[StudentRun], job: JobSpec, ctx: WorkerContext, models: dict[str, torch.nn.Module],
+                 fused: list[list[str]], train_steps: int, isolate: bool, gid: str) -> list[Unit]:
+    """Each student's engine (or one fused engine per fused set), resumed from its own checkpoints."""
+    from student_train.fused_unit import NotFusableError, build_fused
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    storage: dict[str, Storage] = {s.name: probe_storage(s.out / "ds_ckpt", ctx.rank, ctx.world, local, ctx.device)
+                                   for s in students if s.live}
+    by_name = {s.name: s for s in students}
+    fused = [f for f in ([n for n in names if by_name[n].live] for names in fused) if len(f) > 1]
+    units: list[Unit] = []
+    for names in fused:
+        group = [by_name[n] for n in names]
+        try:
+            units.append(build_fused(group, job, ctx.world, ctx.device, [storage[n] for n in names], train_steps))
+        except NotFusableError as exc:  # the same everywhere (a property of the architecture): loop instead
+            log.warning("%s: not fused (%s); these students loop over the shared batch instead", gid, exc)
+            fused = [f for f in fused if f is not names]
+    in_fused = {n for f in fused for n in f}
+    for s in students:
+        if s.name in in_fused or not s.live:
+            continue
+        try:
+            model = seeded_model(s, job, ctx.device, models.get(s.name))
+            units.append(build_looped(s, job, ctx.world, ctx.device, model, storage[s.name], train_steps))
+        except Exception as exc:  # a set-up error of one student (e.g. feature KD on a cache without features)
+            if not isolate:
+                raise
+            s.status, s.reason = "failed", f"{exc.__class__.__name__}: {exc}".splitlines()[0][:400]
+            _status(job, ctx, s, gid)
+            log.exception("student %s failed to start", s.name)
+    for s in students:
+        if s.state["epoch"] >= 0:
+            log.info("%s: resumed after epoch %d", s.name, s.state["epoch"] + 1)
+    return units
+
+
+def _train_epoch(units: list[Unit], active: list[StudentRun], job: JobSpec, st: Stream, epoch: int,
+                 ctx: WorkerContext, teacher: torch.nn.Module | None, gid: str) -> float:
+    """One epoch of the shared stream. Loss sums and NaN flags stay on the device; the host syncs every log_every
+    steps and at the end (a NaN is noticed up to log_every steps late; no checkpoint is written after it)."""
+    steps = _train_steps(job, st, epoch, ctx.world)
+    spec = _spec(job, st, job.train, epoch, True, ctx)
     batches = padded(iter(_loader(spec, ctx.device)), steps, placeholder_batch(spec))
+    for s in active:
+        s.begin_epoch(ctx.device)
+    names = {s.name for s in active}
+    stepping = [u for u in units if any(s.name in names for s in u.students)]
     t0 = t_log = time.perf_counter()
-    acc = EpochLosses(ctx.device)
-    bad = torch.zeros((), device=ctx.device)
-    n_log = 0.0
-    rank = str(ctx.rank)
+    n_log, rank = 0.0, str(ctx.rank)
     for step, batch in enumerate(batches):
-        ts = time.perf_counter()
-        losses = _step(engine, loss_fn, teacher, batch, v, ctx, dtype)
+        inputs = StepInputs(batch, ctx.device, job.num_classes, teacher)
+        for u in stepping:
+            u.train_step(inputs, names)
         w_host = float(batch["weight"].sum())  # a host tensor from the loader: no device sync
-        detached = acc.add(losses, batch)
-        bad += (~torch.isfinite(detached)).any().float()
         n_log += w_host
-        m.STEP_SECONDS.labels(name).observe(time.perf_counter() - ts)
-        m.SAMPLES.labels(name, rank).inc(w_host)
+        for s in active:
+            if s.live:
+                m.SAMPLES.labels(s.name, rank).inc(w_host)
         if (step + 1) % job.log_every == 0 or step + 1 == steps:
-            if _any_rank_bad(bad, ctx):
-                raise NonFiniteLossError(f"variant {name}: non-finite loss by epoch {epoch + 1} step {step + 1} "
-                                         f"(lr={v.lr}); lower lr or warm up longer (warmup_epochs), use precision fp32 "
-                                         "instead of bf16, or check the inputs/labels for NaN or out-of-range values")
+            _check_finite(units, active, job, ctx, gid, f"by epoch {epoch + 1} step {step + 1}")
             now = time.perf_counter()
-            rate = n_log / max(1e-9, now - t_log)
-            m.SAMPLES_PER_S.labels(name, rank).set(rate)
-            last = torch.stack([losses[k].detach().float() for k in LOSS_PARTS]).tolist()
-            for part, val in zip(LOSS_PARTS, last, strict=True):
-                m.LOSS.labels(name, rank, part).set(val)
-            if ctx.rank == 0:
-                log.info("[%s] epoch %d step %d/%d loss %.4f %.1f samples/s", name, epoch + 1, step + 1, steps,
-                         last[0], rate * ctx.world)
+            _log_progress(active, gid, epoch, step, steps, n_log / max(1e-9, now - t_log), ctx)
             t_log, n_log = now, 0.0
-    if _any_rank_bad(bad, ctx):  # steps == 0 never reaches the in-loop check
-        raise NonFiniteLossError(f"variant {name}: non-finite loss in epoch {epoch + 1} (lr={v.lr})")
-    if ctx.world > 1:
-        dist.all_reduce(acc.sums)
-    seconds = time.perf_counter() - t0
-    means = acc.means()
-    return {"epoch": epoch + 1, **means, "samples_per_s": means["train_samples"] / seconds,
-            "epoch_seconds": seconds, "lr": float(engine.get_lr()[0])}
+    _check_finite(units, active, job, ctx, gid, f"in epoch {epoch + 1}")  # steps == 0 never reached the loop's
+    live = [s for s in active if s.live]
+    if ctx.world > 1 and live:
+        sums = torch.stack([s.acc.sums for s in live])
+        dist.all_reduce(sums)
+        for s, row in zip(live, sums, strict=True):
+            s.acc.sums = row
+    return time.perf_counter() - t0
 
 
-def _step(engine: Any, loss_fn: Callable, teacher: torch.nn.Module | None, batch: dict[str, torch.Tensor],
-          v: VariantConfig, ctx: WorkerContext, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Forward, loss, backward, optimizer step; everything on the device, nothing read back to the host."""
-    x = to_model_input(batch["pixels"], ctx.device, dtype)
-    targets = {k: t.to(ctx.device, non_blocking=True) for k, t in batch.items()
-               if k not in ("pixels", "teacher_pixels")}
-    if teacher is not None:  # online KD: the teacher's log-softmax stays on the device
-        with torch.no_grad(), _autocast(ctx.device):
-            z = teacher(to_model_input(batch["teacher_pixels"], ctx.device, torch.float32)).float()
-        targets["teacher_logp"] = torch.log_softmax(z / v.temperature, dim=1)
-    logits = forward_train(engine, x, targets, v.beta > 0)
-    losses = loss_fn(logits, targets)
-    engine.backward(losses["loss"])
-    engine.step()
-    return losses
+def _check_finite(units: list[Unit], active: list[StudentRun], job: JobSpec, ctx: WorkerContext, gid: str,
+                  when: str) -> None:
+    """One collective over every live student's NaN flag: all ranks drop the same students at the same step."""
+    live = [s for s in active if s.live]
+    if not live:
+        return
+    for s, bad in zip(live, any_rank_flags(torch.stack([s.bad for s in live]), ctx.world), strict=True):
+        if bad:
+            _fail(s, _unit_of(units, s), f"variant {s.name}: non-finite loss {when} (lr={s.v.lr}); lower lr or warm "
+                  "up longer (warmup_epochs), use precision fp32 instead of bf16, or check the inputs/labels for "
+                  "NaN or out-of-range values", job, ctx, gid)
 
 
-def _autocast(device: torch.device) -> Any:
-    """bf16 autocast for the online teacher on CUDA (2x its fp32 rate on recent GPUs); a no-op on the CPU."""
-    import contextlib
+def _log_progress(active: list[StudentRun], gid: str, epoch: int, step: int, steps: int, rate: float,
+                  ctx: WorkerContext) -> None:
+    rank, parts = str(ctx.rank), []
+    for s in active:
+        if not s.live or s.last is None:
+            continue
+        last = torch.stack([s.last[k].detach().float() for k in LOSS_PARTS]).tolist()
+        for part, val in zip(LOSS_PARTS, last, strict=True):
+            m.LOSS.labels(s.name, rank, part).set(val)
+        m.SAMPLES_PER_S.labels(s.name, rank).set(rate)
+        parts.append(f"{s.name} {last[0]:.4f}")
+    if ctx.rank == 0 and parts:
+        log.info("[%s] epoch %d step %d/%d %.1f samples/s | loss %s", gid, epoch + 1, step + 1, steps,
+                 rate * ctx.world, " | ".join(parts))
 
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+
+def _row(s: StudentRun, epoch: int, seconds: float, unit: Unit) -> dict[str, Any]:
+    means = s.acc.means()
+    return {"epoch": epoch + 1, **means, "samples_per_s": means["train_samples"] / seconds, "epoch_seconds": seconds,
+            "step_seconds": s.step_seconds, "lr": unit.lr(s)}
+
+
+def _validate(units: list[Unit], live: list[StudentRun], job: JobSpec, st: Stream, epoch: int,
+              ctx: WorkerContext) -> list[dict[str, Any]]:
+    """One validation pass for the whole group; every student scored on the same batches."""
+    val_steps = steps_per_epoch(job.val, epoch, data_seed(st.lead), ctx.world, 0, st.lead.batch_size, False) \
+        if job.val and live else 0
+    if not val_steps:
+        return [{} for _ in live]
+    spec = _spec(job, st, job.val, epoch, False, ctx)
+    batches = padded(iter(_loader(spec, ctx.device)), val_steps, placeholder_batch(spec))
+    wanted = {s.name for s in live}
+    order = [s for u in units for s in u.students if s.name in wanted]
+
+    def forward_all(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        inputs = StepInputs(batch, ctx.device, job.num_classes)
+        out: list[torch.Tensor] = []
+        for u in units:
+            out += [lg for s, lg in zip(u.students, u.logits(inputs), strict=True) if s.name in wanted]
+        return out
+
+    for u in units:
+        u.train(False)
+    try:
+        results = dict(zip([s.name for s in order], evaluate_many(forward_all, len(order), batches, ctx.device),
+                           strict=True))
+    finally:
+        for u in units:
+            u.train(True)
+    return [results[s.name] for s in live]
+
+
+def _finish_epoch(s: StudentRun, unit: Unit, row: dict[str, Any], job: JobSpec, ctx: WorkerContext, gid: str) -> None:
+    """The student's own epoch end: best.pt when it improved, its checkpoint, its metrics row and series."""
+    epoch = row["epoch"] - 1
+    s.state["wall"] += row["epoch_seconds"]
+    what, score = epoch_score(row)
+    if is_better(score, s.state["best"]):
+        s.state["best"] = score
+        state = unit.best_state(s)  # every rank (ZeRO-3 gathers)
+        if ctx.rank == 0:
+            save_best(state, s.v, job, s.out, row, what, score)
+    s.state["epoch"] = epoch
+    unit.save(s, epoch)
+    row["wall_seconds"] = s.state["wall"]
+    if ctx.rank == 0:
+        write_row(s.out / "metrics.csv", row)
+    if row.get("val_top1") is not None:
+        m.VAL_TOP1.labels(s.name).set(row["val_top1"])
+    m.EPOCH.labels(s.name).set(epoch + 1)
+    s.summary = row
+    log.info("%s epoch %d/%d: %s", s.name, epoch + 1, s.v.epochs,
+             ", ".join(f"{k}={val:.4g}" for k, val in row.items() if isinstance(val, float)))
+
+
+def _asha(live: list[StudentRun], rows: dict[str, dict], units: list[Unit], job: JobSpec, ctx: WorkerContext,
+          gid: str) -> None:
+    """ASHA's rule per student (rank 0 decides from the run's shared rung records; every rank follows)."""
+    if job.asha is None or not live:
+        return
+    reasons = asha_decisions(job.run_dir, job.asha, [(s.name, rows[s.name]) for s in live]) if ctx.rank == 0 else {}
+    for s in live:
+        if broadcast_int(int(s.name in reasons), ctx.world, ctx.device):
+            _fail(s, _unit_of(units, s), reasons.get(s.name, "stopped early by ASHA"), job, ctx, gid, "stopped")

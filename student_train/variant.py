@@ -44,6 +44,9 @@ class VariantConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0.0)
     gpus_per_worker: float = Field(0.0, ge=0.0)
     seed: int = 0
+    data_seed: int | None = Field(None, description="seed of the data order and views (default: seed); "
+                                  "students of one data seed share a data stream (train.fuse), so a seed "
+                                  "sweep with a fixed data_seed varies only the initial weights")
 
     @model_validator(mode="after")
     def _feature_kd_needs_teacher(self) -> VariantConfig:

@@ -64,7 +64,7 @@ def rebuild_log_probs(
         per_class_tail = tail - math.log(num_classes - k)
         dense = per_class_tail[:, None].expand(n, num_classes).clone()
     else:
-        dense = torch.full((n, num_classes), float("-inf"))
+        dense = torch.full((n, num_classes), float("-inf"), device=vals.device)
     dense.scatter_(1, ids.long(), vals)
     return torch.log_softmax(dense / temperature, dim=1)
 

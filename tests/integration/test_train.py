@@ -139,8 +139,10 @@ def test_ray_tune_two_variants_one_nan(kd_data, tmp_path, ray_local):
     assert res.status == "partial"
     metrics = pd.read_csv(tmp_path / "run" / "good" / "metrics.csv")
     assert (metrics["train_samples"] == 240).all()
+    # one trial for both (one stream): one scrape target per rank of the group, the series carry each variant
+    assert board["good"]["group"] == board["nan"]["group"] == "g1"
     targets = sorted(p.name for p in (tmp_path / "run" / "metrics_targets").iterdir())
-    assert "good-rank0.json" in targets and "good-rank1.json" in targets
+    assert "g1-rank0.json" in targets and "g1-rank1.json" in targets
 
 
 def test_ray_resume_after_worker_killed(kd_data, tmp_path, ray_local):

@@ -12,7 +12,7 @@ from student_train.config import TrainConfig
 from student_train.data import JoinedStream, steps_per_epoch
 from student_train.job_plan import plan_job
 from student_train.run import run
-from student_train.train_loop import WorkerContext, _spec
+from student_train.train_loop import Stream, WorkerContext, _spec
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def test_sweep_with_an_unlabelled_pool_trains(kd_data, tmp_path):
     pool = [p for p in job.train if p.unlabelled]
     assert len(pool) == 3 and all(p.labelled == 0 for p in pool)
     # the pool's shards carry .cls files, yet their rows reach the loss unlabelled
-    spec = _spec(job, tc.expand()[0][1], pool[:1], 0, True, WorkerContext(), 0, 1)
+    spec = _spec(job, Stream(tc.expand()[0][1], 1, 1, 0), pool[:1], 0, True, WorkerContext())
     labels = [int(x) for b in JoinedStream(spec) for x in b["label"]]
     assert len(labels) == 60 and set(labels) == {-1}
     # training reads its slot's shards 4 at a time, rows mixed: the labelled shard's rows are spread over the
@@ -39,7 +39,7 @@ def test_sweep_with_an_unlabelled_pool_trains(kd_data, tmp_path):
     blocks = {}
     for k in (1, 4):
         mixed_job = replace(job, interleave_shards=k)
-        batches = list(JoinedStream(_spec(mixed_job, kd_v, job.train, 0, True, WorkerContext(), 0, 1)))
+        batches = list(JoinedStream(_spec(mixed_job, Stream(kd_v, 1, 1, 0), job.train, 0, True, WorkerContext())))
         assert len(batches) == steps_per_epoch(job.train, 0, kd_v.seed, 1, 0, kd_v.batch_size, True, k)
         assert sum(len(b["label"]) for b in batches) == 240
         blocks[k] = sum(bool((b["label"] >= 0).any()) for b in batches)
@@ -48,8 +48,9 @@ def test_sweep_with_an_unlabelled_pool_trains(kd_data, tmp_path):
     # of one plain epoch: epoch 1 of the twin is plain epochs 4..7
     twin_v = tc.expand()[0][1].model_copy(update={"mode": "none"})
     own = [p for p in job.train if not p.unlabelled]
-    passes = JoinedStream(_spec(job, twin_v, own, 1, True, WorkerContext(), 0, job.num_views, passes=4))
-    plain = [JoinedStream(_spec(job, twin_v, own, e, True, WorkerContext(), 0, job.num_views)) for e in range(4, 8)]
+    passes = JoinedStream(_spec(job, Stream(twin_v, 4, job.num_views, 0), own, 1, True, WorkerContext()))
+    one = Stream(twin_v, 1, job.num_views, 0)
+    plain = [JoinedStream(_spec(job, one, own, e, True, WorkerContext())) for e in range(4, 8)]
 
     def rows(stream):  # (label, the replayed view's pixel sum) per row: same order and same view, or not equal
         return [(int(lab), round(float(px.sum()), 2)) for b in stream
@@ -57,7 +58,7 @@ def test_sweep_with_an_unlabelled_pool_trains(kd_data, tmp_path):
 
     got, want = rows(passes), [r for s in plain for r in rows(s)]
     assert len(got) == 240 and got == want and all(lab >= 0 for lab, _ in got)
-    assert got[:60] != rows(JoinedStream(_spec(job, twin_v, own, 1, True, WorkerContext(), 0, job.num_views)))
+    assert got[:60] != rows(JoinedStream(_spec(job, one, own, 1, True, WorkerContext())))
 
     res = run(tc)
     assert res.status == "success", res.leaderboard

@@ -2,13 +2,13 @@
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from student_train.config import VariantConfig
-from student_train.train_loop import JobSpec, WorkerContext, _save_best, epoch_score, is_better
+from student_train.job import JobSpec
+from student_train.student import epoch_score, is_better, save_best
 from teacher_cache.teacher import Preprocessing
 
 
@@ -25,9 +25,7 @@ def test_without_validation_first_epoch_writes_best(tmp_path, loss):
     what, score = epoch_score(row)
     assert what == "neg_train_loss" and score == -loss
     assert is_better(score, None)
-    # DeepSpeed's engine is not needed to save a state dict: `_save_best` only reads `engine.module`
-    engine = SimpleNamespace(module=torch.nn.Linear(3, 10))
-    _save_best(engine, VariantConfig(), _job(tmp_path), tmp_path, WorkerContext(), row)
+    save_best(torch.nn.Linear(3, 10).state_dict(), VariantConfig(), _job(tmp_path), tmp_path, row, what, score)
     assert set(torch.load(tmp_path / "best.pt", weights_only=True)) == {"weight", "bias"}
     info = json.loads((tmp_path / "arch.json").read_text())
     assert info["val_top1"] is None and info["best_by"] == "neg_train_loss" and info["best_score"] == -loss
@@ -39,8 +37,7 @@ def test_with_validation_the_score_is_val_top1(tmp_path, loss):
     row = {"epoch": 1, "train_loss": loss, "val_top1": 0.3, "val_teacher_agreement": 0.9}
     assert epoch_score(row) == ("val_top1", 0.3)
     assert is_better(0.3, None) and is_better(0.31, 0.3) and not is_better(0.3, 0.3)
-    engine = SimpleNamespace(module=torch.nn.Linear(3, 10))
-    _save_best(engine, VariantConfig(), _job(tmp_path), tmp_path, WorkerContext(), row)
+    save_best(torch.nn.Linear(3, 10).state_dict(), VariantConfig(), _job(tmp_path), tmp_path, row, "val_top1", 0.3)
     assert json.loads((tmp_path / "arch.json").read_text())["val_top1"] == 0.3
 
 

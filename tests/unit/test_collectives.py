@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from student_train.collectives import any_rank_bad
 from student_train.evaluate import evaluate
-from student_train.train_loop import WorkerContext, _any_rank_bad
 
 
 def _batch(logits_rows: list[int], labels: list[int], teacher: list[int], weight: list[float]) -> dict:
@@ -34,9 +34,8 @@ def _worker(rank: int, port: int, out: dict) -> None:
         else:  # 1 right, 1 unlabelled, 1 padding row (weight 0, must not count)
             batches = [_batch([5, 6, 7], [5, -1, 7], [5, -1, 0], [1, 1, 0])]
         res = evaluate(_forward, batches, torch.device("cpu"), torch.float32)
-        ctx = WorkerContext(rank=rank, world=2)
-        bad_none = _any_rank_bad(torch.zeros(()), ctx)
-        bad_one = _any_rank_bad(torch.tensor(1.0 if rank == 1 else 0.0), ctx)
+        bad_none = any_rank_bad(torch.zeros(()), 2)
+        bad_one = any_rank_bad(torch.tensor(1.0 if rank == 1 else 0.0), 2)
         out[rank] = (res, bad_none, bad_one)
     finally:
         dist.destroy_process_group()
