@@ -75,7 +75,8 @@ class JobSpec:
     train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     train_flip: bool = True
     train_rotate: float = 0.0
-    cache_root_url: str | None = None  # the cache lives in object storage; cache_dir is the driver's mirror
+    cache_location: str | None = None  # the fingerprint directory in its store (local path or s3://); cache_dir
+    # is what the planner read (for object storage, its mirror of one manifest version)
     labelled_passes: int | None = None  # mode none beside an unlabelled pool: passes per epoch (None: equal steps)
 
 
@@ -151,7 +152,7 @@ def _init_distributed(ctx: WorkerContext) -> None:
 def _spec(job: JobSpec, v: VariantConfig, pairs: list[ShardPair], epoch: int, train: bool, ctx: WorkerContext,
           workers: int, views: int, passes: int = 1) -> StreamSpec:
     online = job.teacher_prep if (v.mode == "online" and train) else None
-    return StreamSpec(cache_dir=job.cache_dir, cache_root_url=job.cache_root_url, pairs=pairs,
+    return StreamSpec(cache_dir=job.cache_dir, cache_location=job.cache_location, pairs=pairs,
                       student=student_prep(v, job.teacher_prep), teacher=online,
                       num_classes=job.num_classes, temperature=v.temperature, views=views, train=train,
                       batch_size=v.batch_size, shuffle_buffer=job.shuffle_buffer, seed=v.seed, epoch=epoch,

@@ -1,7 +1,9 @@
 """A real S3 API server on 127.0.0.1 for the object-storage tests: moto's server app behind werkzeug.
 
 The only addition is a WSGI wrapper that counts requests (method, bucket, whether an object key was addressed),
-so a test can say "this refresh read 0 shard objects" from what the server actually received.
+so a test can say "this refresh read 0 shard objects" from what the server actually received, and lets a test
+put gates on requests (`RequestLog.before` / `after`: block a request until the test releases it, answer 503, or
+change what the server sees, e.g. a store that ignores a header), or stop the server (`RequestLog.stop`).
 """
 
 from __future__ import annotations
@@ -21,11 +23,25 @@ from urllib.parse import unquote
 COUNTS_PATH = "_requests"
 
 
+class Refuse(Exception):
+    """Raised by a `before` hook: the server answers this HTTP status instead of handling the request."""
+
+    def __init__(self, status: str = "503 Service Unavailable") -> None:
+        super().__init__(status)
+        self.status = status
+
+
+Hook = Callable[[str, str, dict], None]  # (method, "bucket/key", WSGI environ)
+
+
 @dataclass
 class RequestLog:
     counts: Counter = field(default_factory=Counter)  # (method, bucket, "object"|"bucket") -> n
     keys: list[tuple[str, str]] = field(default_factory=list)  # (method, "bucket/key") of object requests
     lock: threading.Lock = field(default_factory=threading.Lock)
+    before: list[Hook] = field(default_factory=list)  # before the server handles a request (may block/refuse/edit)
+    after: list[Hook] = field(default_factory=list)  # after it handled it, before the response leaves
+    stop: Callable[[], None] | None = None  # close the server: later requests meet a refused connection
 
     def reset(self) -> None:
         with self.lock:
@@ -62,7 +78,20 @@ class _Counting:
             self.log.counts[(method, bucket, "object" if key else "bucket")] += 1
             if key:
                 self.log.keys.append((method, f"{bucket}/{key}"))
-        return self.app(environ, start_response)
+        try:
+            for hook in list(self.log.before):
+                hook(method, path, environ)
+        except Refuse as exc:
+            start_response(exc.status, [("Content-Type", "text/plain")])
+            return [b"refused by the test"]
+        if not self.log.after:
+            return self.app(environ, start_response)
+        captured: list = []
+        body = b"".join(self.app(environ, lambda *a: captured.append(a) or (lambda _b: None)))
+        for hook in list(self.log.after):
+            hook(method, path, environ)
+        start_response(*captured[0])
+        return [body]
 
 
 @contextmanager
@@ -81,10 +110,16 @@ def s3_server() -> Iterator[tuple[str, RequestLog]]:
     # moto keeps its buckets per process: start every server empty (its documented reset endpoint)
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).read()
     log.reset()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    log.stop = stop
     try:
         yield endpoint, log
     finally:
-        server.shutdown()
+        stop()
         thread.join(timeout=10)
 
 
