@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from core.devices import resolve_device
-from core.storage import Store
+from core.storage import Store, open_store
 from teacher_cache.cache_file import publish_cache_file, shard_stats
 from teacher_cache.config import CacheConfig
 from teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
@@ -42,6 +42,10 @@ class ShardTask:
     stem: str
     path: ShardPath
     store: Store  # the fingerprint directory (local, or an object-store prefix) the cache file is published to
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.store, Store):  # a local directory given as a path
+            self.store = open_store(self.store)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "last_run.json"
+_NO_ERRORS = ShardEntry("", 0, 0, "", "", 0, "", 0, errors=0)
 
 
 class RunFailedError(RuntimeError):
@@ -57,6 +58,7 @@ class CacheResult:
     decode_errors: int = 0
     seconds: float = 0.0
     teacher_seconds: float = 0.0
+    label_seconds: float = 0.0  # inside the labeller (on actors with Ray); the driver's own share is the rest
 
     @property
     def status(self) -> str:
@@ -134,9 +136,13 @@ def _plan_and_label(cfg: CacheConfig, fp: str, teacher: LoadedTeacher | None, sh
                     store: Store, writer: ManifestWriter, result: CacheResult, t0: float) -> None:
     """Under the lock: recover the manifest, remove orphans, plan, label. Everything is written via `store`."""
     manifest = writer.open(fp)
-    listed = {e.file for e in manifest.shards.values()} if manifest is not None else set()
-    if (n := store.sweep(listed, ".parquet")):
-        log.info("removed %d file(s) no manifest lists (left by an interrupted run)", n)
+    shards_now = manifest.shards if manifest is not None else {}
+    n = store.sweep({e.file for e in shards_now.values()}, ".parquet")
+    stale = [f"{ERRORS_DIR}/{name}" for name in store.child(ERRORS_DIR).listing(".jsonl")
+             if not shards_now.get(name.removesuffix(".jsonl"), _NO_ERRORS).errors]
+    store.remove(stale)  # error files of shards no record lists with errors (written before a kill)
+    if n + len(stale):
+        log.info("removed %d file(s) no manifest lists (left by an interrupted run)", n + len(stale))
     sizes = store.listing(".parquet")  # one listing: what a no-op refresh checks of the cache files
 
     def check(entry: ShardEntry) -> str | None:
@@ -221,7 +227,7 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
         ident = complete_identity(r.identity, paths[r.stem], before.get(r.stem))
         with sigterm_deferred():  # the manifest and the summary agree on what was done, even on `ray job stop`
             previous = writer.manifest.shards.get(r.stem)
-            _save_errors(store, r, had_errors=previous is None or previous.errors > 0)
+            _save_errors(store, r, had_errors=previous is not None and previous.errors > 0)
             writer.put(r.stem, ShardEntry(
                 source=r.source, size=ident.size, mtime_ns=ident.mtime_ns,
                 content_sha256=ident.sha256 or "", file=r.file, file_bytes=r.file_bytes,
@@ -233,6 +239,7 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
         metrics.IMAGES.inc(r.rows)
         metrics.DECODE_ERRORS.inc(len(r.error_records))
         result.teacher_seconds += r.teacher_seconds
+        result.label_seconds += r.seconds
         metrics.SHARDS.labels("done").inc()
         metrics.BYTES_WRITTEN.inc(r.file_bytes)
 
