@@ -144,9 +144,11 @@ class ManifestWriter:
         self.store = store
         self.journal = store.journal(MANIFEST_NAME)
         self.manifest: Manifest | None = None
+        self.snapshot_entries = 0  # shards in the last snapshot written or read
 
     def open(self, fingerprint: str) -> Manifest | None:
         self.manifest = Manifest.read(self.journal, f"{self.store.location}/{MANIFEST_NAME}", fingerprint)
+        self.snapshot_entries = len(self.manifest.shards) if self.manifest is not None else 0
         if self.journal.pending:  # a run that ended without compacting (killed): fold its records in first
             self.compact()
         return self.manifest
@@ -160,12 +162,13 @@ class ManifestWriter:
         assert self.manifest is not None, "open() or start() first"
         self.manifest.shards[stem] = entry
         self.journal.append({"shard": stem, "entry": asdict(entry)})
-        if should_compact(self.journal.pending, len(self.manifest.shards)):
+        if should_compact(self.journal.pending, self.snapshot_entries):
             self.compact()
 
     def compact(self) -> None:
         assert self.manifest is not None
         self.journal.compact(self.manifest.snapshot())
+        self.snapshot_entries = len(self.manifest.shards)
 
     def flush(self) -> None:
         self.journal.flush()
