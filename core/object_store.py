@@ -95,6 +95,15 @@ def list_dir(url: str) -> dict[str, ObjectInfo]:
     return {i.url: i for e in entries if e.get("type") == "file" for i in [_info(e)]}
 
 
+def walk(url: str) -> dict[str, ObjectInfo]:
+    """Every object under a prefix, at any depth (one paginated LIST without a delimiter)."""
+    try:
+        found = filesystem().find(url.rstrip("/"), detail=True)
+    except FileNotFoundError:
+        return {}
+    return {i.url: i for e in found.values() if e.get("type", "file") == "file" for i in [_info(e)]}
+
+
 def glob(pattern: str) -> dict[str, ObjectInfo]:
     """Objects matching a glob (``root/*/manifest.json``): LIST requests only."""
     return {i.url: i for e in filesystem().glob(pattern, detail=True).values() if e.get("type") == "file"

@@ -137,16 +137,16 @@ def _plan_and_label(cfg: CacheConfig, fp: str, teacher: LoadedTeacher | None, sh
     """Under the lock: recover the manifest, remove orphans, plan, label. Everything is written via `store`."""
     manifest = writer.open(fp)
     shards_now = manifest.shards if manifest is not None else {}
-    n = store.sweep({e.file for e in shards_now.values()}, ".parquet")
-    stale = [f"{ERRORS_DIR}/{name}" for name in store.child(ERRORS_DIR).listing(".jsonl")
-             if not shards_now.get(name.removesuffix(".jsonl"), _NO_ERRORS).errors]
-    store.remove(stale)  # error files of shards no record lists with errors (written before a kill)
-    if n + len(stale):
-        log.info("removed %d file(s) no manifest lists (left by an interrupted run)", n + len(stale))
-    sizes = store.listing(".parquet")  # one listing: what a no-op refresh checks of the cache files
+    files = store.walk()  # one listing: orphans to remove, and what a no-op refresh checks of the cache files
+    listed = {e.file for e in shards_now.values()}
+    orphans = [n for n in files if n.endswith(".parquet") and "/" not in n and n not in listed]
+    orphans += [n for n in files if n.startswith(f"{ERRORS_DIR}/") and n.endswith(".jsonl") and not  # written
+                shards_now.get(n[len(ERRORS_DIR) + 1:-len(".jsonl")], _NO_ERRORS).errors]  # before a kill
+    if (n := store.sweep(orphans)):
+        log.info("removed %d file(s) no manifest lists (left by an interrupted run)", n)
 
     def check(entry: ShardEntry) -> str | None:
-        size = sizes.get(entry.file)
+        size = files.get(entry.file)
         if size is None:
             return f"{store.location}/{entry.file} is missing"
         return None if size == entry.file_bytes else f"{entry.file}: {size} bytes, the manifest says {entry.file_bytes}"

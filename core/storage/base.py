@@ -147,6 +147,10 @@ class Store(ABC):
         """Files directly in this directory whose names end with `suffix` -> their sizes (no file is read)."""
 
     @abstractmethod
+    def walk(self) -> dict[str, int]:
+        """Every file under this directory, at any depth (``errors/s.jsonl``) -> its size: one listing."""
+
+    @abstractmethod
     def find(self, pattern: str) -> dict[str, int]:
         """Files matching a glob relative to this directory (``*/manifest.json``) -> modification time (ns)."""
 
@@ -160,9 +164,9 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def sweep(self, keep: set[str], suffix: str) -> int:
-        """Delete files ending with `suffix` that `keep` does not name, and temp files of killed writers.
-        Only the lock holder may call it, before its labellers start. Returns how many were deleted."""
+    def sweep(self, orphans: list[str]) -> int:
+        """Delete `orphans` (files no record names) and the temp files of killed writers. Only the lock holder
+        may call it, before its labellers start (their uploads are not listed yet). Returns how many went."""
 
     @abstractmethod
     def lock(self, wait: bool = False, lease_s: float = 120.0) -> Lock:

@@ -190,6 +190,16 @@ class LocalStore(Store):
                     out[e.name] = e.stat().st_size
         return out
 
+    def walk(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for directory, _, names in os.walk(self.path):
+            for name in names:
+                if TMP_MARK not in name:
+                    p = Path(directory) / name
+                    with contextlib.suppress(FileNotFoundError):
+                        out[str(p.relative_to(self.path))] = p.stat().st_size
+        return out
+
     def find(self, pattern: str) -> dict[str, int]:
         return {str(p.relative_to(self.path)): p.stat().st_mtime_ns for p in self.path.glob(pattern) if p.is_file()}
 
@@ -199,10 +209,9 @@ class LocalStore(Store):
         atomic_write(final, writer)
         return name, final.stat().st_size, file_sha256(final)
 
-    def sweep(self, keep: set[str], suffix: str) -> int:
+    def sweep(self, orphans: list[str]) -> int:
         self.fence()
         n = remove_stale_tmp(self.path) if self.path.exists() else 0
-        orphans = [name for name in self.listing(suffix) if name not in keep]
         self.remove(orphans)
         return n + len(orphans)
 

@@ -48,23 +48,33 @@ class ObjectJournal(Journal):
         return object_store.join(self.store.url, f"{Path(self.name).stem}.{generation}.journal")
 
     def load(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The snapshot, then the journal objects in order: each is named by the number of its first record, so
+        the next one's name is known and no LIST is needed (a clean cache: one GET that finds nothing)."""
         url = object_store.join(self.store.url, self.name)
         for _ in range(5):  # compacted while we read: read again
             got = object_store.get_with_etag(url)
             raw = _json_object(got[0], url) if got is not None else None
             snapshot, generation = split_generation(raw)
-            keys = sorted(object_store.list_dir(self.prefix(generation)))
-            records: list[dict[str, Any]] = []
-            for key in keys:
-                data = object_store.get_bytes(key)
-                if data is None:
-                    break
-                records += decode_records(data)[0]
-            else:
-                if object_store.head_etag(url) == (got[1] if got is not None else None):
-                    self.generation, self._count, self._keys, self._loaded = generation, len(records), keys, True
-                    return snapshot, records
+            keys, records = self._chain(generation)
+            if object_store.head_etag(url) == (got[1] if got is not None else None):
+                self.generation, self._count, self._keys, self._loaded = generation, len(records), keys, True
+                return snapshot, records
         raise OSError(f"{url}: replaced on every read (another writer without the lock?)")
+
+    def _chain(self, generation: int) -> tuple[list[str], list[dict[str, Any]]]:
+        """The journal objects of a generation and their records, following the names (no LIST)."""
+        keys: list[str] = []
+        records: list[dict[str, Any]] = []
+        while (data := object_store.get_bytes(self._key(generation, len(records)))) is not None:
+            batch = decode_records(data)[0]
+            if not batch:
+                break
+            keys.append(self._key(generation, len(records)))
+            records += batch
+        return keys, records
+
+    def _key(self, generation: int, first: int) -> str:
+        return object_store.join(self.prefix(generation), f"{first:012d}.jsonl")
 
     def append(self, record: dict[str, Any]) -> None:
         self._raise_flush_error()
@@ -93,16 +103,19 @@ class ObjectJournal(Journal):
 
     def flush(self) -> None:
         with self._flushing:
-            with self._cond:
-                batch, self._buffer = self._buffer, []
-            if not batch:
-                self._raise_flush_error()
-                return
-            self.store.fence()  # on failure the batch is dropped: its shards' files are orphans, relabelled
-            key = object_store.join(self.prefix(self.generation), f"{self._count:012d}.jsonl")
-            object_store.put_bytes(key, b"".join(batch))
-            self._keys.append(key)
-            self._count += len(batch)
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._cond:
+            batch, self._buffer = self._buffer, []
+        if not batch:
+            self._raise_flush_error()
+            return
+        self.store.fence()  # on failure the batch is dropped: its shards' files are orphans, relabelled
+        key = self._key(self.generation, self._count)
+        object_store.put_bytes(key, b"".join(batch))
+        self._keys.append(key)
+        self._count += len(batch)
 
     def _raise_flush_error(self) -> None:
         if self._error is not None:
@@ -110,15 +123,16 @@ class ObjectJournal(Journal):
             raise err
 
     def compact(self, snapshot: dict[str, Any]) -> None:
-        self.flush()
-        self.store.fence()
-        if not self._loaded:
-            self.load()
-        old, stale = self.generation, list(self._keys)
-        object_store.put_bytes(object_store.join(self.store.url, self.name), with_generation(snapshot, old + 1))
-        stale += object_store.list_dir(self.prefix(old - 1)) if old > 0 else []  # a crash's leftovers
-        object_store.delete_many(stale)
-        self.generation, self._count, self._keys = old + 1, 0, []
+        with self._flushing:  # no batch lands in the old generation after its objects are listed for deletion
+            self._flush()
+            self.store.fence()
+            if not self._loaded:
+                self.load()
+            old, stale = self.generation, list(self._keys)
+            object_store.put_bytes(object_store.join(self.store.url, self.name), with_generation(snapshot, old + 1))
+            stale += self._chain(old - 1)[0] if old > 0 else []  # a crash's leftovers (never read: old generation)
+            object_store.delete_many(stale)
+            self.generation, self._count, self._keys = old + 1, 0, []
 
     def close(self) -> None:
         try:
@@ -189,6 +203,9 @@ class ObjectStore(Store):
         return {u.rsplit("/", 1)[-1]: i.size for u, i in object_store.list_dir(self.url).items()
                 if u.endswith(suffix)}
 
+    def walk(self) -> dict[str, int]:
+        return {u.removeprefix(self.url + "/"): i.size for u, i in object_store.walk(self.url).items()}
+
     def find(self, pattern: str) -> dict[str, int]:
         return {u.removeprefix(self.url + "/"): i.mtime_ns for u, i in object_store.glob(self._url(pattern)).items()}
 
@@ -204,10 +221,9 @@ class ObjectStore(Store):
             tmp.unlink(missing_ok=True)
         return stored, size, digest
 
-    def sweep(self, keep: set[str], suffix: str) -> int:
+    def sweep(self, orphans: list[str]) -> int:
         self.fence()
         n = remove_stale_tmp(self.staging) if self.staging.exists() else 0
-        orphans = [name for name in self.listing(suffix) if name not in keep]
         self.remove(orphans)
         return n + len(orphans)
 
