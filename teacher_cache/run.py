@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -109,9 +110,10 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     config. ``last_run.json`` is written while the lock is held, so it always describes the last writer.
     """
     t0 = time.perf_counter()
-    shards = map_shards(cfg.shards)
     teacher: LoadedTeacher | None = None
     fp = recall_fingerprint(cfg)
+    walk = _prefetch(open_store(cfg.cache_root, cfg.staging_dir).child(fp).walk) if fp is not None else None
+    shards = map_shards(cfg.shards)  # (listing the shards while the cache directory is listed)
     if fp is None:
         teacher, fp = prepare(cfg)
     store = open_store(cfg.cache_root, cfg.staging_dir).child(fp)
@@ -119,7 +121,7 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     with store.lock(wait_for_lock, cfg.lock_lease_s):
         writer = ManifestWriter(store)
         try:
-            _plan_and_label(cfg, fp, teacher, shards, store, writer, result, t0)
+            _plan_and_label(cfg, fp, teacher, shards, store, writer, result, t0, walk or store.walk)
         except BaseException:
             writer.abandon()  # what is journalled stays; nothing is written once the lock is lost
             raise
@@ -132,12 +134,40 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     return result
 
 
+def _prefetch(fn: Callable[[], dict[str, int]]) -> Callable[[], dict[str, int]]:
+    """Start `fn` in a daemon thread; the getter returns its result (or raises its error) when needed."""
+    out: list = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the getter
+            out.append(exc)
+
+    thread = threading.Thread(target=target, name="list-cache-dir", daemon=True)
+    thread.start()
+
+    def get() -> dict[str, int]:
+        thread.join()
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0]
+
+    return get
+
+
 def _plan_and_label(cfg: CacheConfig, fp: str, teacher: LoadedTeacher | None, shards: dict[str, ShardPath],
-                    store: Store, writer: ManifestWriter, result: CacheResult, t0: float) -> None:
-    """Under the lock: recover the manifest, remove orphans, plan, label. Everything is written via `store`."""
+                    store: Store, writer: ManifestWriter, result: CacheResult, t0: float,
+                    walk: Callable[[], dict[str, int]]) -> None:
+    """Under the lock: recover the manifest, remove orphans, plan, label. Everything is written via `store`.
+
+    `walk` lists the cache directory (started before the lock, beside the shard listing): a file it missed
+    (written by a writer that finished just before we got the lock) is relabelled, and a file it saw that the
+    manifest read under the lock does not list was never committed by anyone, so removing it is safe.
+    """
     manifest = writer.open(fp)
     shards_now = manifest.shards if manifest is not None else {}
-    files = store.walk()  # one listing: orphans to remove, and what a no-op refresh checks of the cache files
+    files = walk()  # one listing: orphans to remove, and what a no-op refresh checks of the cache files
     listed = {e.file for e in shards_now.values()}
     orphans = [n for n in files if n.endswith(".parquet") and "/" not in n and n not in listed]
     orphans += [n for n in files if n.startswith(f"{ERRORS_DIR}/") and n.endswith(".jsonl") and not  # written
