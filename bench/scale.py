@@ -4,10 +4,11 @@
 
 Tiny one-sample shards (an 8x8 PNG each) and a trivial teacher (an `mlp` with 8 hidden units at 8 px, 1 view,
 in-process, decode in the labelling thread), so what is measured is the per-shard machinery: expand, plan,
-read + hash, label, write + checksum + publish, the manifest. For each size: a full pass (the driver's seconds per
-shard), the no-op refresh that follows (stage seconds, best of 3), and `distill train` planning over every shard
-(`plan_job`: the join check of each shard against the cache, checksums, label counts). On S3 (moto's server in
-its own process) every request the server receives is counted: requests per shard labelled, and for the no-op.
+read + hash, label, write + checksum + publish, the manifest. For each size: a full pass (seconds per shard, and
+the share outside the labeller: what the driver itself spends), the no-op refresh that follows (stage seconds,
+best of 3), `distill train` planning over every shard (`plan_job`: the join check of each shard against the
+cache, checksums, label counts) and `distill cache inspect`. On S3 (moto's server in its own process) every
+request the server receives is counted: requests per shard labelled, and for the no-op.
 Goals (issue 23): marginal cost per shard from 5,000 to 20,000 <= 1.3 x that from 1,000 to 5,000 and <= 5 ms;
 no-op refresh of 20,000 local shards <= 2 s, of 5,000 S3 objects <= 3 s; <= 3 S3 requests per shard labelled.
 """
@@ -105,6 +106,13 @@ def measure(n: int, shards: str, root: str, ckpt: Path, work: Path, requests: ob
         plans.append(time.perf_counter() - t0)
         assert len(job.train) == n
     out["plan_first_s"], out["plan_s"] = plans
+    from teacher_cache.inspect_cache import inspect_cache
+
+    for verify in (False, True):  # `distill cache inspect` (--no-verify, then with the checksums)
+        t0 = time.perf_counter()
+        info = inspect_cache(f"{root}-{repeats - 1}", verify=verify)
+        out[f"inspect_{'verify' if verify else 'noverify'}_s"] = time.perf_counter() - t0
+        assert info["shards"] == n and info["labelled_rows"] == n
     return out
 
 
@@ -143,7 +151,8 @@ def fmt(r: dict, where: str) -> str:
     n = r["n"]
     s = (f"{where:5s} {n:>6,d} shards: full pass {r['full_s']:7.1f} s ({r['full_s'] / n * 1e3:5.2f} ms/shard, "
          f"outside the labeller {r['driver_s'] / n * 1e3:4.2f}), no-op refresh {r['noop_s']:5.2f} s, "
-         f"train planning {r['plan_s']:5.2f} s (first {r['plan_first_s']:.2f} s)")
+         f"train planning {r['plan_s']:5.2f} s (first {r['plan_first_s']:.2f} s), cache inspect "
+         f"{r['inspect_noverify_s']:.2f} s ({r['inspect_verify_s']:.2f} s with checksums)")
     if len(r["all_full_s"]) > 1:
         s += f", passes {', '.join(f'{x:.1f}' for x in r['all_full_s'])} s"
     if r.get("requests_full"):
