@@ -107,8 +107,9 @@ class CacheConfig(_Strict):
     staging_dir: Path | None = Field(None, description="s3:// cache_root only: local directory where a labeller "
                                      "writes a cache file before uploading it (default "
                                      "~/.cache/distill/staging/<bucket_prefix>)")
-    lock_lease_s: float = Field(120.0, ge=5.0, description="s3:// cache_root only: lease of the lock object; a "
-                                "killed run's lock is broken this long after its last renewal")
+    lock_lease_s: float = Field(120.0, ge=5.0, description="s3:// cache_root only: lease of the lock object, "
+                                "renewed every third of it; the holder writes nothing once its last renewal is 3/4 "
+                                "of it old, and the next run breaks a lock it saw unchanged this long")
     teacher: TeacherConfig
     topk: int = Field(10, ge=1)
     views: ViewsConfig = Field(default_factory=ViewsConfig)
