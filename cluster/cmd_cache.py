@@ -35,7 +35,8 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
     """Run the teacher ONCE over the shards and write sparse soft labels to Parquet (incremental).
 
     \b
-    Output: <cache_root>/<fingerprint>/<shard>.parquet + manifest.json + errors/ + last_run.json.
+    Output: <cache_root>/<fingerprint>/<shard>.parquet + manifest.json (+ its journal while a run is on) +
+    errors/ + last_run.json.
     Unchanged shards (same size+mtime+ctime+inode, or same content hash) with the same teacher are skipped.
     --set features.enabled=true also stores the teacher's penultimate embedding per view (schema v2, feature
     KD; features.dim=D projects it down with a seeded random matrix): a different fingerprint directory.
@@ -127,7 +128,9 @@ def inspect(directory: str, as_json: bool, no_verify: bool) -> None:
     label (in last_run.json's `failed`, with the reason; they are not cached).
 
     DIRECTORY is a fingerprint directory or a cache root (the newest fingerprint is used); an s3:// cache root
-    is mirrored to ~/.cache/distill/mirror first ($DISTILL_MIRROR_DIR).
+    is mirrored to ~/.cache/distill/mirror/.../<fingerprint>/<manifest version> first ($DISTILL_MIRROR_DIR).
+    Rows, labels and teacher accuracy come from the manifest (no file is decoded for caches written by this
+    build); --no-verify also skips the checksums.
     """
     from teacher_cache.inspect_cache import format_inspect, inspect_cache
 

@@ -43,7 +43,7 @@ class CompressResult:
 
 def _stream(job: JobSpec, v: VariantConfig, train: bool, batch: int) -> JoinedStream:
     pairs = job.train if train else job.val
-    spec = StreamSpec(cache_dir=job.cache_dir, cache_root_url=job.cache_root_url, pairs=pairs,
+    spec = StreamSpec(cache_dir=job.cache_dir, cache_location=job.cache_location, pairs=pairs,
                       student=student_prep(v, job.teacher_prep), teacher=None,
                       num_classes=job.num_classes, views=job.num_views if train else 1,
                       train=train, batch_size=batch, shuffle_buffer=1, seed=0, epoch=0, rank=0, world=1,

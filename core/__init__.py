@@ -7,7 +7,10 @@ deploy and the CLI (imports point into `core`, never out of it).
 - `graceful_stop`  SIGTERM (`ray job stop`, `kubectl delete`) as an exception every stage unwinds through
 - `ray_cluster`    joining a Ray cluster (or a local one on loopback), and refusing requests it can never place
 - `metrics_server` a process's Prometheus /metrics endpoint and its file_sd scrape target
-- `object_store`   `s3://` objects through fsspec: listing, reads, conditional writes, the lease lock
+- `storage`        one storage layer for every stage: a local directory or an `s3://` prefix behind one `Store`
+                   (publish by rename or content-addressed upload, flock or a fenced lease lock, the manifest's
+                   journal, a verified mirror per manifest version), and input files wherever they are
+- `object_store`   the `s3://` requests themselves (fsspec/s3fs): listing, single-GET reads, conditional writes
 - `atomic_io`      the one crash-safe write (temp + fsync + rename + directory fsync), temp sweeps, checksums
 - `run_phase`      whether a command's work has begun: an error before it is bad input (exit 2), after it a
                    failure during the run (exit 6)

@@ -92,3 +92,32 @@ def file_sha256(path: Path) -> str:
     """SHA-256 of a local file (checkpoints, bundles, cache files)."""
     with open(path, "rb") as f:
         return sha256_stream(f)
+
+
+# (resolved path, expected checksum) -> (size, mtime, ctime, inode) when its checksum last matched in this process
+_VERIFIED: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+
+
+def _stat_identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def is_verified(path: Path, sha256: str) -> bool:
+    """This process already saw `path` hash to `sha256`, and its size/mtime/ctime/inode have not moved since."""
+    return _VERIFIED.get((str(Path(path).resolve()), sha256)) == _stat_identity(Path(path))
+
+
+def checksum_matches(path: Path, sha256: str) -> bool:
+    """The file's SHA-256 is `sha256`; hashed once per process while its size/mtime/ctime/inode stay the same."""
+    if is_verified(path, sha256):
+        return True
+    if file_sha256(Path(path)) != sha256:
+        return False
+    remember_verified(path, sha256)
+    return True
+
+
+def remember_verified(path: Path, sha256: str) -> None:
+    """The caller has just written `path` from bytes whose SHA-256 it checked: no need to hash the file again."""
+    _VERIFIED[(str(Path(path).resolve()), sha256)] = _stat_identity(Path(path))

@@ -1,35 +1,26 @@
-"""Object storage (`s3://` URLs) for input shards and the cache, through fsspec's s3fs.
+"""Object storage (`s3://` URLs) through fsspec's s3fs: the requests themselves, one per call where S3 allows it.
 
 Credentials, region and endpoint come from the usual AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, instance roles; ``AWS_ENDPOINT_URL`` for S3-compatible stores such as MinIO), never from a
 config file. Ray actors on other nodes read them from their own environment.
 
-What object stores lack and how the cache copes (see teacher_cache/remote_cache.py):
-
-- no rename: cache files are written under their final, content-addressed name; the manifest object (one PUT,
-  atomic per object) is replaced last, and readers trust only what it lists;
-- no flock: `ObjectLock` creates a lock object with a conditional PUT (``If-None-Match: *``), holding an owner
-  and a lease that the holder renews (``If-Match``); an expired lease is broken with a conditional DELETE.
+Stage code does not call this module: `core.storage` puts a local directory and an object-store prefix behind one
+interface (content-addressed names instead of rename, a lease lock instead of flock). Reads are single GETs
+(s3fs's own `open`/`cat_file` add a HEAD per object), so labelling a shard costs one request to read it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
-import logging
+import io
 import os
 import posixpath
-import socket
-import threading
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import braceexpand
 
-log = logging.getLogger(__name__)
 SCHEMES = ("s3://",)
 MAGIC = "*?["
 
@@ -63,6 +54,11 @@ def filesystem() -> Any:
 def reset_filesystem() -> None:
     """Forget the filesystem (e.g. after AWS_ENDPOINT_URL or the credentials changed in this process)."""
     _FS.clear()
+
+
+def endpoint() -> str:
+    """Which store this process talks to (for messages and per-store memos)."""
+    return os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
 
 
 @dataclass(frozen=True)
@@ -99,6 +95,21 @@ def list_dir(url: str) -> dict[str, ObjectInfo]:
     return {i.url: i for e in entries if e.get("type") == "file" for i in [_info(e)]}
 
 
+def walk(url: str) -> dict[str, ObjectInfo]:
+    """Every object under a prefix, at any depth (one paginated LIST without a delimiter)."""
+    try:
+        found = filesystem().find(url.rstrip("/"), detail=True)
+    except FileNotFoundError:
+        return {}
+    return {i.url: i for e in found.values() if e.get("type", "file") == "file" for i in [_info(e)]}
+
+
+def glob(pattern: str) -> dict[str, ObjectInfo]:
+    """Objects matching a glob (``root/*/manifest.json``): LIST requests only."""
+    return {i.url: i for e in filesystem().glob(pattern, detail=True).values() if e.get("type") == "file"
+            for i in [_info(e)]}
+
+
 def expand(patterns: list[str]) -> tuple[dict[str, ObjectInfo], list[str]]:
     """Brace patterns and globs over object URLs -> ({url: info}, patterns that matched nothing).
 
@@ -113,8 +124,7 @@ def expand(patterns: list[str]) -> tuple[dict[str, ObjectInfo], list[str]]:
         for expanded in braceexpand.braceexpand(pattern):
             directory, name = posixpath.split(expanded)
             if any(c in directory for c in MAGIC):
-                hits = {i.url: i for e in filesystem().glob(expanded, detail=True).values()
-                        if e.get("type") == "file" for i in [_info(e)]}
+                hits = glob(expanded)
             else:
                 if directory not in listings:
                     listings[directory] = {posixpath.basename(u): i for u, i in list_dir(directory).items()}
@@ -132,49 +142,139 @@ def expand(patterns: list[str]) -> tuple[dict[str, ObjectInfo], list[str]]:
     return found, missing
 
 
-def open_read(url: str) -> BinaryIO:
-    """A sequential reader (read-ahead blocks): shards are streamed once, front to back."""
-    return filesystem().open(url, "rb", block_size=8 << 20, cache_type="readahead")
-
-
-def get_bytes(url: str) -> bytes | None:
-    """The object's bytes, or None when it does not exist."""
-    try:
-        return filesystem().cat_file(url)
-    except FileNotFoundError:
-        return None
-
-
-def put_bytes(url: str, data: bytes) -> None:
-    """One PUT: readers see the old object or the new one, never a mix."""
-    filesystem().pipe_file(url, data)
-
-
-def put_file(local: str | os.PathLike, url: str) -> None:
-    filesystem().put_file(str(local), url)
-
-
-def delete(url: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        filesystem().rm_file(url)
-
-
 def _bucket_key(url: str) -> tuple[str, str]:
     bucket, _, key = url.removeprefix("s3://").partition("/")
     return bucket, key
 
 
-def _precondition_failed(exc: OSError) -> bool:
+def _sync(coro_fn: Any, *args: Any) -> Any:
+    from fsspec.asyn import sync
+
+    return sync(filesystem().loop, coro_fn, *args)
+
+
+class _ObjectStream(io.RawIOBase):
+    """The body of one GET, read as it arrives (one request per object, however it is read)."""
+
+    def __init__(self, url: str, etag: str | None) -> None:
+        super().__init__()
+        self.url, self._etag, self._body = url, etag, None
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self) -> Any:
+        bucket, key = _bucket_key(self.url)
+        kw = {"IfMatch": f'"{self._etag}"'} if self._etag else {}
+        try:
+            out = filesystem().call_s3("get_object", Bucket=bucket, Key=key, **kw)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{self.url}: no such object (check the bucket, the key and "
+                                    "AWS_ENDPOINT_URL)") from None
+        except OSError as exc:
+            if _precondition_failed(exc):
+                raise OSError(f"{self.url}: replaced since it was listed (ETag {self._etag}); re-run") from None
+            raise
+        return out["Body"]
+
+    def readinto(self, buffer: Any) -> int:
+        if self._body is None:
+            self._body = self._open()
+        try:
+            data = _sync(self._body.read, len(buffer))
+        except Exception as exc:  # noqa: BLE001 - aiohttp's payload errors are not OSError; the shard fails alone
+            raise OSError(f"{self.url}: read failed mid-object ({exc.__class__.__name__}: {exc})") from exc
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self._body is not None:
+            with contextlib.suppress(Exception):
+                self._body.close()
+            self._body = None
+        super().close()
+
+
+def open_read(url: str, etag: str | None = None) -> BinaryIO:
+    """A sequential reader over one GET (with ``If-Match`` when the listing's ETag is known: a shard replaced
+    between listing and reading fails instead of pairing the new bytes with the old identity)."""
+    return io.BufferedReader(_ObjectStream(url, etag), buffer_size=8 << 20)  # type: ignore[return-value]
+
+
+def get_bytes(url: str) -> bytes | None:
+    """The object's bytes (one GET), or None when it does not exist."""
+    got = get_with_etag(url)
+    return None if got is None else got[0]
+
+
+def get_with_etag(url: str) -> tuple[bytes, str] | None:
+    """The object's bytes and the ETag of exactly those bytes (one GET), or None when it does not exist."""
+    fs = filesystem()
+    bucket, key = _bucket_key(url)
+
+    async def get() -> tuple[bytes, str] | None:
+        try:
+            out = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return None
+        try:
+            return await out["Body"].read(), str(out["ETag"]).strip('"')
+        finally:
+            out["Body"].close()
+
+    return _sync(get)
+
+
+def head_etag(url: str) -> str | None:
+    """The object's ETag (one HEAD), or None when it does not exist."""
+    bucket, key = _bucket_key(url)
+    try:
+        out = filesystem().call_s3("head_object", Bucket=bucket, Key=key)
+    except FileNotFoundError:
+        return None
+    return str(out["ETag"]).strip('"')
+
+
+def put_bytes(url: str, data: bytes) -> str:
+    """One PUT: readers see the old object or the new one, never a mix. Returns the new ETag."""
+    bucket, key = _bucket_key(url)
+    return str(filesystem().call_s3("put_object", Bucket=bucket, Key=key, Body=data)["ETag"]).strip('"')
+
+
+def put_file(local: str | os.PathLike, url: str) -> None:
+    """One PUT for a small file (s3fs switches to a multipart upload above 5 GiB by itself)."""
+    filesystem().put_file(str(local), url)
+
+
+def delete(url: str) -> None:
+    bucket, key = _bucket_key(url)
+    with contextlib.suppress(FileNotFoundError):
+        filesystem().call_s3("delete_object", Bucket=bucket, Key=key)
+
+
+def delete_many(urls: list[str]) -> None:
+    """DeleteObjects: one request per 1,000 keys of one bucket (missing keys are fine)."""
+    by_bucket: dict[str, list[str]] = {}
+    for url in urls:
+        bucket, key = _bucket_key(url)
+        by_bucket.setdefault(bucket, []).append(key)
+    for bucket, keys in by_bucket.items():
+        for i in range(0, len(keys), 1000):
+            objects = [{"Key": k} for k in keys[i:i + 1000]]
+            filesystem().call_s3("delete_objects", Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+
+
+def _precondition_failed(exc: BaseException) -> bool:
     """The store refused a conditional request (HTTP 412), as opposed to any other error.
 
     s3fs maps several error codes to the same OSError; the botocore error it was made from says which one.
     """
     if isinstance(exc, FileExistsError):  # s3fs's own mapping of a failed If-None-Match
         return True
-    response = getattr(exc.__cause__, "response", None) or {}
+    response = getattr(exc.__cause__, "response", None) or getattr(exc, "response", None) or {}
     code = str(response.get("Error", {}).get("Code", ""))
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return code in ("PreconditionFailed", "412") or status == 412
+    return code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (409, 412)
 
 
 def put_if_absent(url: str, data: bytes) -> str | None:
@@ -212,99 +312,3 @@ def delete_if_match(url: str, etag: str) -> bool:
             return False
         raise
     return True
-
-
-def get_with_etag(url: str) -> tuple[bytes, str] | None:
-    """The object's bytes and the ETag of exactly those bytes (one GET), or None when it does not exist."""
-    from fsspec.asyn import sync
-
-    fs = filesystem()
-    bucket, key = _bucket_key(url)
-
-    async def get() -> tuple[bytes, str] | None:
-        try:
-            out = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-        except FileNotFoundError:
-            return None
-        return await out["Body"].read(), str(out["ETag"]).strip('"')
-
-    return sync(fs.loop, get)
-
-
-class CacheLockedError(RuntimeError):
-    """Another job is writing this cache (a local directory's flock, or an object-store prefix's lock object)."""
-
-
-class ObjectLock:
-    """Exclusive lock on an object-store prefix: ``<prefix>/.lock`` created with a conditional PUT.
-
-    The object holds the owner (host, pid, a random id) and a lease expiry. The holder renews the lease every
-    third of it; a job that dies without releasing leaves a lease that expires, and the next job breaks it with
-    a conditional DELETE (If-Match the ETag it read), so a lock taken in the meantime is never deleted. Stores
-    without conditional writes cannot give this guarantee: run refreshes of one cache from one scheduler there.
-    """
-
-    def __init__(self, prefix: str, lease_s: float = 120.0, wait: bool = False) -> None:
-        self.url = join(prefix, ".lock")
-        self.lease_s = lease_s
-        self.wait = wait
-        self.owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
-        self.etag: str | None = None
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "expires": time.time() + self.lease_s,
-                           "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
-
-    def __enter__(self) -> ObjectLock:
-        while True:
-            etag = put_if_absent(self.url, self._body())
-            if etag is not None:
-                self.etag = etag
-                break
-            held = get_with_etag(self.url)
-            if held is None:
-                continue  # released between our PUT and our GET: try again
-            data, held_etag = held
-            try:
-                info = json.loads(data)
-                expires, owner = float(info["expires"]), str(info.get("owner", "unknown"))
-            except (ValueError, KeyError, TypeError):
-                expires, owner = 0.0, "unreadable lock object"
-            if time.time() > expires:
-                log.warning("breaking the expired lock of %s (held by %s)", self.url, owner)
-                delete_if_match(self.url, held_etag)
-                continue
-            if not self.wait:
-                raise CacheLockedError(
-                    f"{self.url.rsplit('/', 1)[0]} is being written by another job ({owner}, lease until "
-                    f"{time.strftime('%H:%M:%S', time.localtime(expires))}); wait for it to finish or stop it "
-                    "(a killed job's lock expires with its lease: cache.lock_lease_s)")
-            time.sleep(min(2.0, self.lease_s / 4))
-        self._thread = threading.Thread(target=self._renew, name="object-lock-renew", daemon=True)
-        self._thread.start()
-        return self
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.lease_s / 3):
-            assert self.etag is not None
-            try:
-                etag = put_if_match(self.url, self._body(), self.etag)
-            except OSError as exc:  # a transient store error: try again at the next tick, the lease still runs
-                log.warning("could not renew the lock %s: %s", self.url, exc)
-                continue
-            if etag is None:
-                self.lost = True
-                log.error("lost the lock %s (its lease expired and another job took it)", self.url)
-                return
-            self.etag = etag
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        if self.etag is not None and not self.lost:
-            delete_if_match(self.url, self.etag)
-        self.etag = None

@@ -124,7 +124,7 @@ def count_samples(path: ShardPath) -> tuple[int, int]:
     images: set[str] = set()
     labels: set[str] = set()
     try:
-        with open_shard(path) as raw, tarfile.open(fileobj=raw) as tar:
+        with open_shard(path, seekable=True) as raw, tarfile.open(fileobj=raw) as tar:
             for member in tar:
                 key, ext = split_member_name(member.name)
                 if ext in IMAGE_EXTS:
@@ -136,19 +136,17 @@ def count_samples(path: ShardPath) -> tuple[int, int]:
     return len(images), len(images & labels)
 
 
-def _cache_dir_here(cache_dir: Path, root_url: str | None) -> Path:
-    """The cache directory on this node: the driver's mirror, or (a worker on another node, object-store cache)
-    a mirror made here, with the same checksum checks: once per process, not once per shard."""
-    if root_url is None or (cache_dir / "manifest.json").exists():
-        return cache_dir
-    return _mirrored_here(root_url, cache_dir.name)
+def _cache_dir_here(cache_dir: Path, location: str | None) -> Path:
+    """The cache directory on this node: the planner's (a shared filesystem, or the driver's mirror), else a mirror
+    of the same manifest version made here, checksums checked: once per process and version, not per shard."""
+    return _mirrored_here(cache_dir, location)
 
 
 @functools.cache
-def _mirrored_here(root_url: str, fingerprint: str) -> Path:
-    from teacher_cache.remote_cache import mirror
+def _mirrored_here(cache_dir: Path, location: str | None) -> Path:
+    from teacher_cache.locate import cache_dir_here
 
-    return mirror(root_url, fingerprint)
+    return cache_dir_here(cache_dir, location)
 
 
 @dataclass
@@ -174,7 +172,8 @@ class StreamSpec:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
     rotate: float = 0.0  # live rotations of ±rotate degrees when there is no cache
-    cache_root_url: str | None = None  # object-store cache: a worker on another node mirrors it itself
+    cache_location: str | None = None  # the cache's fingerprint directory in its store (local path or s3://):
+    # a worker that does not see cache_dir mirrors the same version (cache_dir's name) from there
     passes: int = 1  # passes over `pairs` in this epoch, each its own shard order and view (see pass_epochs)
     interleave: int = 1  # training reads this many shards of its slot at a time, rows mixed (see `mixed`)
 
@@ -248,8 +247,8 @@ class JoinedStream(IterableDataset):
         if s.cache_dir is None:
             yield from self._uncached(pair)
             return
-        cache_dir = _cache_dir_here(s.cache_dir, s.cache_root_url)
-        reader = CacheReader(cache_dir, verify=False)
+        cache_dir = _cache_dir_here(s.cache_dir, s.cache_location)
+        reader = CacheReader.shared(cache_dir)  # the manifest once per process, not once per shard
         arrays = reader.arrays(pair.stem)
         index = {k: i for i, k in enumerate(arrays.keys)}
         skipped = {e["key"] for e in read_shard_errors(cache_dir, pair.stem)}

@@ -53,7 +53,8 @@ class JobSpec:
     train_crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     train_flip: bool = True
     train_rotate: float = 0.0
-    cache_root_url: str | None = None  # the cache lives in object storage; cache_dir is the driver's mirror
+    cache_location: str | None = None  # the fingerprint directory in its store (local path or s3://); cache_dir
+    # is what the planner read (for object storage, its mirror of one manifest version)
     labelled_passes: int | None = None  # mode none beside an unlabelled pool: passes per epoch (None: equal steps)
     asha: AshaRule | None = None  # stop weak students early (tune.asha)
 

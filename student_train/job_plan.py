@@ -7,19 +7,17 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from core import object_store
-from core.object_store import is_url
+from core.storage import read_sibling
 from student_train.config import TrainConfig
 from student_train.data import DataJoinError, ShardPair, count_samples, resolve_split
 from student_train.feature_kd import cache_feature_dim
 from student_train.job import AshaRule, JobSpec
 from student_train.unlabelled import train_pairs
 from teacher_cache.config import TeacherConfig
-from teacher_cache.locate import find_cache_dir
+from teacher_cache.locate import find_cache, teachers_newest_first
 from teacher_cache.reader import CacheError, CacheReader
-from teacher_cache.remote_cache import remote_teachers_newest_first
 from teacher_cache.schema import COL_LABEL
-from teacher_cache.shards import ObjectShard, expand_shard_patterns, shard_stem
+from teacher_cache.shards import expand_shard_patterns, shard_stem
 from teacher_cache.teacher import Preprocessing, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -35,24 +33,19 @@ def teacher_identity(teacher: TeacherConfig) -> dict[str, str]:
     return {"arch": str(teacher.arch or Path(path).name), "weights_sha256": weights_sha256(Path(path))}
 
 
-def find_teacher_cache(cfg: TrainConfig) -> Path:
-    """The cache directory to train from: the named fingerprint, else the newest one written by our teacher."""
-    root = Path(cfg.data.cache_root) if not is_url(cfg.data.cache_root) else str(cfg.data.cache_root)
+def find_teacher_cache(cfg: TrainConfig) -> tuple[Path, str]:
+    """The cache to train from: the named fingerprint, else the newest one written by our teacher. Returns the
+    local directory to read (for object storage, a verified mirror of the current manifest version) and the
+    fingerprint directory's location in its store (what a worker on another machine mirrors the same version
+    from)."""
+    root = cfg.data.cache_root
     if cfg.data.fingerprint or cfg.teacher is None:
-        return find_cache_dir(root, cfg.data.fingerprint)
+        return find_cache(root, cfg.data.fingerprint)
     want = teacher_identity(cfg.teacher)
-    if isinstance(root, str):  # object storage: the same choice over the store's manifests, then a local mirror
-        try:
-            written = remote_teachers_newest_first(root)
-        except FileNotFoundError as exc:
-            raise CacheError(str(exc)) from exc
-    else:
-        written = [(m.parent.name, json.loads(m.read_text()).get("teacher", {}))
-                   for m in sorted(root.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime, reverse=True)]
     found = []
-    for fp, teacher in written:
+    for fp, teacher in teachers_newest_first(root):
         if all(teacher.get(k) == val for k, val in want.items()):
-            return find_cache_dir(root, fp) if isinstance(root, str) else root / fp
+            return find_cache(root, fp)
         found.append(f"{fp} ({teacher.get('arch')}, weights {str(teacher.get('weights_sha256'))[:12]})")
     raise CacheError(f"{root}: no cache written by the configured teacher ({want['arch']}, weights "
                      f"{want.get('weights_sha256', '?')[:12]}); found: {', '.join(found) or 'none'}. "
@@ -69,8 +62,13 @@ def _uncached_split(patterns: list[str]) -> tuple[list[ShardPair], int]:
 
 
 def _with_label_counts(reader: CacheReader, pairs: list[ShardPair]) -> list[ShardPair]:
-    return [replace(p, labelled=p.rows - reader.table(p.stem, columns=[COL_LABEL]).column(0).null_count)
-            for p in pairs]
+    """Labelled rows per shard: from the manifest (no file read), or from the label column of shards cached by
+    builds that did not count them."""
+    def count(p: ShardPair) -> int:
+        n = reader.manifest.shards[p.stem].labelled
+        return n if n is not None else p.rows - reader.table(p.stem, columns=[COL_LABEL]).column(0).null_count
+
+    return [replace(p, labelled=count(p)) for p in pairs]
 
 
 def _unlabelled_pool(cfg: TrainConfig, reader: CacheReader, train: list[ShardPair]) -> list[ShardPair]:
@@ -87,11 +85,8 @@ def _num_classes(cfg: TrainConfig) -> int:
     if cfg.data.num_classes:
         return cfg.data.num_classes
     for path in expand_shard_patterns(cfg.data.train_shards)[:1]:
-        if isinstance(path, ObjectShard):
-            if (raw := object_store.get_bytes(object_store.join(path.parent_url, "classes.json"))) is not None:
-                return len(json.loads(raw))
-        elif (classes := path.parent / "classes.json").exists():
-            return len(json.loads(classes.read_text()))
+        if (raw := read_sibling(path, "classes.json")) is not None:
+            return len(json.loads(raw))
     raise ValueError("cannot tell the number of classes without a cache: set data.num_classes "
                      "(or keep the classes.json that `distill shards` writes beside the shards)")
 
@@ -113,9 +108,9 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
         prep = Preprocessing(input_size=p.input_size or 224, crop_pct=p.crop_pct or 0.875,
                              mean=tuple(p.mean or (0.485, 0.456, 0.406)), std=tuple(p.std or (0.229, 0.224, 0.225)),
                              interpolation=p.interpolation or "bilinear", channels=p.channels or 3)
-        cache_dir, num_classes, num_views, feature_dim = None, _num_classes(cfg), 1, None
+        cache_dir, cache_location, num_classes, num_views, feature_dim = None, None, _num_classes(cfg), 1, None
     else:
-        cache_dir = find_teacher_cache(cfg)
+        cache_dir, cache_location = find_teacher_cache(cfg)
         reader = CacheReader(cache_dir, expect_fingerprint=cfg.data.fingerprint)
         train = resolve_split(cfg.data.train_shards, reader, "train")
         val = resolve_split(cfg.data.val_shards, reader, "val") if cfg.data.val_shards else []
@@ -141,7 +136,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
     if labelled < sum(p.rows for p in train):
         log.info("%d of %d train samples are labelled", labelled, sum(p.rows for p in train))
     return JobSpec(run_dir=Path(cfg.run_dir).resolve(), cache_dir=cache_dir.resolve() if cache_dir else None,
-                   cache_root_url=str(cfg.data.cache_root) if cache_dir and is_url(cfg.data.cache_root) else None,
+                   cache_location=cache_location,
                    train=train, val=val, num_classes=num_classes,
                    num_views=num_views, teacher_prep=prep, teacher=cfg.teacher,
                    shuffle_buffer=cfg.data.shuffle_buffer,

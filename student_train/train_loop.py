@@ -92,7 +92,7 @@ def _init_distributed(ctx: WorkerContext) -> None:
 
 def _spec(job: JobSpec, st: Stream, pairs: list[ShardPair], epoch: int, train: bool, ctx: WorkerContext) -> StreamSpec:
     v = st.lead
-    return StreamSpec(cache_dir=job.cache_dir, cache_root_url=job.cache_root_url, pairs=pairs,
+    return StreamSpec(cache_dir=job.cache_dir, cache_location=job.cache_location, pairs=pairs,
                       student=student_prep(v, job.teacher_prep),
                       teacher=job.teacher_prep if (v.mode == "online" and train) else None,
                       num_classes=job.num_classes, views=st.views if train else 1, train=train,

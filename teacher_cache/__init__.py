@@ -6,6 +6,6 @@ a cached view), `decode`, `topk` (pack, and rebuild at any temperature), `teache
 `shards` (strict WebDataset reading, shard identity), `features` (teacher embeddings, schema v2).
 
 The stage: `run` (plan the incremental refresh, label, keep the manifest), `labeler` (one shard, pure), `ray_pool`
-+ `actor_pool` (teacher actors that may die), `decode_pool`, `cache_file`, `manifest`, `remote_cache` (an s3://
-cache root), `fingerprint_memo`, `inspect_cache`, `metrics`, and `shard_writer` (`distill shards`).
++ `actor_pool` (teacher actors that may die), `decode_pool`, `cache_file`, `manifest` (snapshot + journal,
+through core.storage), `fingerprint_memo`, `inspect_cache`, `metrics`, and `shard_writer` (`distill shards`).
 """

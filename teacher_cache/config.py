@@ -7,17 +7,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from core.object_store import is_url
+from core.storage import parse_location
 
-
-def _path_or_url(value: object) -> object:
-    """`s3://bucket/prefix` stays a URL string (a Path would fold its `//`); anything else becomes a Path."""
-    if isinstance(value, str) and is_url(value):
-        return value.rstrip("/")
-    return Path(value) if isinstance(value, str) else value
-
-
-PathOrURL = Annotated[Path | str, BeforeValidator(_path_or_url)]
+PathOrURL = Annotated[Path | str, BeforeValidator(parse_location)]  # s3:// stays a URL string, the rest a Path
 
 
 class _Strict(BaseModel):
@@ -113,10 +105,12 @@ class CacheConfig(_Strict):
     shards: list[str] = Field(..., min_length=1, description="shard paths, globs or brace patterns")
     cache_root: PathOrURL = Field(..., description="the cache goes to <cache_root>/<fingerprint>/; a local "
                                   "directory or an s3:// prefix (credentials from the AWS environment)")
-    staging_dir: Path | None = Field(None, description="s3:// cache_root only: local working directory "
-                                     "(default ~/.cache/distill/staging/<bucket_prefix>)")
-    lock_lease_s: float = Field(120.0, ge=5.0, description="s3:// cache_root only: lease of the lock object; a "
-                                "killed run's lock is broken this long after its last renewal")
+    staging_dir: Path | None = Field(None, description="s3:// cache_root only: local directory where a labeller "
+                                     "writes a cache file before uploading it (default "
+                                     "~/.cache/distill/staging/<bucket_prefix>)")
+    lock_lease_s: float = Field(120.0, ge=5.0, description="s3:// cache_root only: lease of the lock object, "
+                                "renewed every third of it; the holder writes nothing once its last renewal is 3/4 "
+                                "of it old, and the next run breaks a lock it saw unchanged this long")
     teacher: TeacherConfig
     topk: int = Field(10, ge=1)
     views: ViewsConfig = Field(default_factory=ViewsConfig)

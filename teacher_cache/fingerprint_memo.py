@@ -3,7 +3,8 @@
 Key = hash of the fingerprint-relevant config (teacher block, top-k, views, schema version) plus the size,
 mtime, ctime and inode of the teacher's files (size+mtime alone is fooled by a retrained teacher copied with
 `cp -p` / `rsync -t`: ctime cannot be set from user space, and a replaced file gets a new inode).
-A teacher without a local file (hub `pretrained`) is never memoised.
+A teacher without a local file (hub `pretrained`) is never memoised. The memo lives in the cache root itself
+(a local directory or an object-store prefix), beside the fingerprint directories it points to.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from core.atomic_io import atomic_write
-from core.object_store import is_url
+from core.storage import Store, open_store
 from teacher_cache.config import CacheConfig
-from teacher_cache.remote_cache import staging_root
 from teacher_cache.schema import SCHEMA_VERSION
 
 MEMO_NAME = ".fingerprints.json"
@@ -43,26 +42,25 @@ def _memo_key(cfg: CacheConfig) -> str | None:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _root(cfg: CacheConfig) -> Path:
-    """The memo lives beside the cache, or in the staging directory of an object-store cache root."""
-    if is_url(cfg.cache_root):
-        return staging_root(str(cfg.cache_root), cfg.staging_dir)
-    return Path(cfg.cache_root)
+def _root(cfg: CacheConfig) -> Store:
+    return open_store(cfg.cache_root, cfg.staging_dir)
 
 
-def _load(root: Path) -> dict[str, str]:
+def _load(root: Store) -> dict[str, str]:
     try:
-        return json.loads((root / MEMO_NAME).read_text())
-    except (OSError, ValueError):
+        memo = json.loads(root.read(MEMO_NAME) or b"{}")
+    except ValueError:
         return {}
+    return memo if isinstance(memo, dict) else {}
 
 
 def recall_fingerprint(cfg: CacheConfig) -> str | None:
     key = _memo_key(cfg)
     if key is None:
         return None
-    fp = _load(_root(cfg)).get(key)
-    if fp is not None and not (_root(cfg) / fp / "manifest.json").exists():
+    root = _root(cfg)
+    fp = _load(root).get(key)
+    if fp is not None and not root.child(fp).exists("manifest.json"):
         return None
     return fp
 
@@ -72,7 +70,7 @@ def remember_fingerprint(cfg: CacheConfig, fp: str) -> None:
     if key is None:
         return
     root = _root(cfg)
-    root.mkdir(parents=True, exist_ok=True)
     memo = _load(root)
-    memo[key] = fp
-    atomic_write(root / MEMO_NAME, json.dumps(memo, indent=1).encode())
+    if memo.get(key) != fp:
+        memo[key] = fp
+        root.write(MEMO_NAME, json.dumps(memo, indent=1).encode())

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from core.object_store import is_url
 from teacher_cache.locate import find_cache_dir
 from teacher_cache.reader import CacheReader, read_errors
 from teacher_cache.schema import COL_FEATURES
@@ -35,26 +34,37 @@ def column_bytes(path: Path, column: str) -> int:
                for j in range(rg.num_columns) if rg.column(j).path_in_schema.split(".")[0] == column)
 
 
+def _from_file(reader: CacheReader, stem: str) -> tuple[float, int, int]:
+    """(top-k mass, labelled rows, teacher top-1 hits) read from the file (shards labelled by older builds)."""
+    a = reader.arrays(stem)
+    has = a.labels >= 0
+    return (float(np.exp(a.topk_logits.astype(np.float32)).sum(-1).sum()), int(has.sum()),
+            int((a.topk_ids[has, 0, 0] == a.labels[has]).sum()))
+
+
 def inspect_cache(path: Path | str, verify: bool = True) -> dict[str, Any]:
-    """Summary of one fingerprint directory (or the newest one under a cache root)."""
-    reader = CacheReader(find_cache_dir(path if is_url(path) else Path(path)), verify=verify)
-    rows = bytes_total = feature_bytes = 0
+    """Summary of one fingerprint directory (or the newest one under a cache root).
+
+    Rows, labels, teacher hits and top-k mass come from the manifest (kept per shard since this build), so a
+    cache of 20,000 shards is summarised without decoding 20,000 files; only shards labelled by older builds are
+    read, and files with features for their column's size. `verify` checksums every listed file and reads its
+    schema version from its footer; without it, the first file's version stands for all.
+    """
+    reader = CacheReader(find_cache_dir(path), verify=verify)
+    rows = bytes_total = feature_bytes = labelled = correct = 0
     versions: set[int] = set()
     mass_sum = 0.0
-    labelled = correct = 0
-    meta = None
+    meta = reader.meta(reader.shards[0]) if reader.shards else None
     for stem in reader.shards:
-        a = reader.arrays(stem)
-        meta = reader.meta(stem)
-        versions.add(meta.schema_version)
-        rows += len(a.keys)
-        bytes_total += reader.manifest.shards[stem].file_bytes
-        if meta.feature_dim is not None:
-            feature_bytes += column_bytes(reader.path(stem), COL_FEATURES)
-        mass_sum += float(np.exp(a.topk_logits.astype(np.float32)).sum(-1).sum())
-        has = a.labels >= 0
-        labelled += int(has.sum())
-        correct += int((a.topk_ids[has, 0, 0] == a.labels[has]).sum())
+        entry = reader.manifest.shards[stem]
+        rows, bytes_total = rows + entry.rows, bytes_total + entry.file_bytes
+        if verify or stem == reader.shards[0]:
+            versions.add(reader.meta(stem).schema_version)  # the footer (and, with verify, the checksum)
+        if meta is not None and meta.feature_dim is not None:
+            feature_bytes += column_bytes(reader.check(stem), COL_FEATURES)
+        numbers = (entry.topk_mass, entry.labelled, entry.top1_correct)
+        mass, n_labelled, hits = _from_file(reader, stem) if None in numbers else numbers
+        mass_sum, labelled, correct = mass_sum + mass, labelled + n_labelled, correct + hits
     errors = read_errors(reader.directory)
     last_status, failed = last_run_failures(reader.directory)
     views = meta.num_views if meta else 0

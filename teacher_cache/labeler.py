@@ -17,17 +17,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from core.devices import resolve_device
-from teacher_cache.cache_file import write_cache_file
+from core.storage import Store, open_store
+from teacher_cache.cache_file import publish_cache_file, shard_stats
 from teacher_cache.config import CacheConfig
 from teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
 from teacher_cache.decode_pool import DecodePool, default_processes
 from teacher_cache.features import FeatureExtractor, teacher_forward
-from teacher_cache.remote_cache import publish_cache_file
 from teacher_cache.schema import SCHEMA_VERSION, CacheMeta
 from teacher_cache.shards import ShardError, ShardIdentity, ShardPath, ShardReader
 from teacher_cache.teacher import LoadedTeacher, load_teacher, resolve_precision, view_policy
@@ -42,8 +41,11 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class ShardTask:
     stem: str
     path: ShardPath
-    out_dir: Path  # local: the cache directory, or the staging directory of an object-store cache
-    publish_to: str | None = None  # object-store cache: upload the file here under its content-addressed name
+    store: Store  # the fingerprint directory (local, or an object-store prefix) the cache file is published to
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.store, Store):  # a local directory given as a path
+            self.store = open_store(self.store)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class ShardResult:
     file_bytes: int = 0
     file_sha256: str | None = None
     identity: ShardIdentity | None = None
+    stats: dict = field(default_factory=dict)  # labelled rows, teacher top-1 hits, top-k mass (the manifest's)
     seconds: float = 0.0
     teacher_seconds: float = 0.0
 
@@ -163,17 +166,13 @@ class Labeler:
             meta = CacheMeta(SCHEMA_VERSION, self.fingerprint, self.cfg.topk, self.policy.num_views,
                              self.teacher.num_classes, self.prep.as_dict(), self.teacher.info, task.stem,
                              self.policy.as_dict(), self.features.spec.as_dict() if self.features else None)
-            final = task.out_dir / f"{task.stem}.parquet"
-            final.parent.mkdir(parents=True, exist_ok=True)  # a staging directory on another node
-            nbytes, digest = write_cache_file(final, rows, meta)
-            name = final.name
-            if task.publish_to is not None:
-                name = publish_cache_file(final, task.publish_to, task.stem, digest)
+            name, nbytes, digest = publish_cache_file(task.store, task.stem, rows, meta)
         except (ShardError, OSError) as exc:
             result.message = str(exc)
             result.seconds = time.perf_counter() - t0
             return result
         result.ok, result.rows, result.error_records = True, len(rows["key"]), errors
+        result.stats = shard_stats(rows)
         result.file, result.file_bytes, result.file_sha256 = name, nbytes, digest
         result.identity = dataclasses.replace(identity, sha256=reader.sha256)
         result.seconds = time.perf_counter() - t0

@@ -1,28 +1,37 @@
 """The manifest: which shard produced which cache file, from which input identity, with which checksum.
 
-Written only by the driver (one writer), atomically (temp file + fsync + rename + directory fsync) after each
-cache file is renamed into place. A reader accepts only files listed here whose checksum matches, so a file
-left by a killed job is never read as complete.
+Written only by the driver (one writer, under the store's lock) through the storage layer's journal: a finished
+shard costs one record (an appended, fsynced line locally; a share of one small object in object storage), not a
+rewrite of the whole manifest. The snapshot (`manifest.json`) is rewritten only when the journal has grown as
+long as it (so O(1) per shard), at the end of a run, and by the next writer after a crash. Readers read the
+snapshot plus the journal, so they see every finished shard; a reader accepts only files listed here whose
+checksum matches, so a file left by a killed job (or named by a torn record) is never read as complete.
+
+`manifest.json` keeps its old format; this build adds the top-level keys ``journal_generation`` and
+``shard_stats`` (per shard: labelled rows, teacher top-1 hits, top-k mass), which older builds ignore. Older
+builds read only the snapshot, so during a run they see the shards of its last compaction.
 """
 
 from __future__ import annotations
 
-import fcntl
+import hashlib
 import json
-import os
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from core.atomic_io import atomic_write
-from core.object_store import CacheLockedError  # noqa: F401 - raised here, re-exported
+from core.storage import CacheLockedError, Journal, Store, open_store  # noqa: F401 - CacheLockedError re-exported
+from core.storage.journal import should_compact
+from core.storage.local import DirectoryLock  # noqa: F401 - re-exported (tests take the lock of a directory)
 from teacher_cache.schema import SCHEMA_VERSION
 from teacher_cache.shards import ShardIdentity, ShardPath, file_sha256
 
+log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
-LOCK_NAME = ".lock"
+STATS = ("labelled", "top1_correct", "topk_mass")  # in `shard_stats` of the snapshot, beside the old entries
 
 
 @dataclass
@@ -40,6 +49,9 @@ class ShardEntry:
     ctime_ns: int | None = None  # absent in manifests written before ctime/inode joined the identity
     inode: int | None = None
     etag: str | None = None  # input shards in object storage: the ETag their listing reported
+    labelled: int | None = None  # rows with a label (None: written before the manifest counted them)
+    top1_correct: int | None = None  # labelled rows whose view-0 teacher top-1 is the label
+    topk_mass: float | None = None  # sum over rows and views of the probability the stored top-k holds
 
     def identity(self) -> ShardIdentity:
         return ShardIdentity(self.size, self.mtime_ns, self.content_sha256, self.ctime_ns, self.inode, self.etag)
@@ -50,6 +62,14 @@ class ShardEntry:
         self.etag = ident.etag
         self.source = source
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardEntry:
+        """From a snapshot or a record; fields a newer build added are ignored, not an error."""
+        return cls(**{k: v for k, v in d.items() if k in _FIELDS})
+
+
+_FIELDS = {f.name for f in fields(ShardEntry)}
+
 
 @dataclass
 class Manifest:
@@ -59,55 +79,115 @@ class Manifest:
     shards: dict[str, ShardEntry] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, directory: Path, fingerprint: str | None = None) -> Manifest | None:
-        path = directory / MANIFEST_NAME
-        if not path.exists():
+    def from_parts(cls, snapshot: dict[str, Any] | None, records: list[dict[str, Any]], where: str,
+                   fingerprint: str | None = None) -> Manifest | None:
+        """The snapshot with the journal's records applied in order (the last record of a shard wins)."""
+        if snapshot is None and not records:
             return None
         try:
-            raw = json.loads(path.read_text())
-            shards = {k: ShardEntry(**v) for k, v in raw.get("shards", {}).items()}
-            m = cls(fingerprint=raw["fingerprint"], teacher=raw.get("teacher", {}),
-                    schema_version=int(raw["schema_version"]), shards=shards)
+            if snapshot is None:
+                raise KeyError("the journal has records but there is no snapshot")
+            stats = snapshot.get("shard_stats", {})
+            shards = {k: ShardEntry.from_dict({**v, **stats.get(k, {})}) for k, v in snapshot.get("shards", {}).items()}
+            for r in records:
+                shards[str(r["shard"])] = ShardEntry.from_dict(r["entry"])
+            m = cls(fingerprint=snapshot["fingerprint"], teacher=snapshot.get("teacher", {}),
+                    schema_version=int(snapshot["schema_version"]), shards=shards)
         except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path}: damaged manifest ({exc}); delete the directory to rebuild the cache") from exc
+            raise ValueError(f"{where}: damaged manifest ({exc}); delete the directory to rebuild the cache") from exc
         if fingerprint is not None and m.fingerprint != fingerprint:
-            raise ValueError(f"{path}: manifest is for fingerprint {m.fingerprint}, expected {fingerprint}")
+            raise ValueError(f"{where}: manifest is for fingerprint {m.fingerprint}, expected {fingerprint}")
         return m
 
-    def save(self, directory: Path) -> None:
-        data = {"schema_version": self.schema_version, "fingerprint": self.fingerprint, "teacher": self.teacher,
-                "shards": {k: asdict(v) for k, v in sorted(self.shards.items())}}
-        atomic_write(directory / MANIFEST_NAME, json.dumps(data, indent=1).encode())
-
-
-class DirectoryLock:
-    """Exclusive flock on <dir>/.lock: never two writers on one cache. Released by the kernel if we die."""
-
-    def __init__(self, directory: Path, wait: bool = False) -> None:
-        self.path = directory / LOCK_NAME
-        self.wait = wait
-        self._fd: int | None = None
-
-    def __enter__(self) -> DirectoryLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    @classmethod
+    def read(cls, journal: Journal, where: str, fingerprint: str | None = None) -> Manifest | None:
+        """Snapshot + journal through `journal`; None when there is no manifest."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise CacheLockedError(f"{self.path.parent} is being written by another job ({holder}); wait for it "
-                                   "to finish or stop it (a killed job releases the lock)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {os.uname().nodename} since {time.strftime('%H:%M:%S')}".encode())
-        self._fd = fd
-        return self
+            snapshot, records = journal.load()
+        except ValueError as exc:
+            raise ValueError(f"{where}: damaged manifest ({exc}); delete the directory to rebuild the cache") from exc
+        return cls.from_parts(snapshot, records, where, fingerprint)
 
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+    @classmethod
+    def load(cls, where: Path | Store, fingerprint: str | None = None) -> Manifest | None:
+        """Snapshot + journal of a directory (local or a store); None when there is no manifest."""
+        store = where if isinstance(where, Store) else open_store(where)
+        return cls.read(store.journal(MANIFEST_NAME), f"{store.location}/{MANIFEST_NAME}", fingerprint)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The snapshot as written: old readers' format (entries without the new fields) + `shard_stats`."""
+        shards, stats = {}, {}
+        for k, v in sorted(self.shards.items()):
+            d = asdict(v)
+            stats[k] = {s: d.pop(s) for s in STATS}
+            shards[k] = d
+        return {"schema_version": self.schema_version, "fingerprint": self.fingerprint, "teacher": self.teacher,
+                "shards": shards, "shard_stats": stats}
+
+    def version(self) -> str:
+        """A hash of everything the manifest says: names one state of the cache (a reader's mirror, a job)."""
+        return hashlib.sha256(json.dumps(self.snapshot(), sort_keys=True).encode()).hexdigest()[:20]
+
+    def save(self, where: Path | Store) -> None:
+        """Write the whole manifest as the new snapshot (the journal it includes is dropped)."""
+        store = where if isinstance(where, Store) else open_store(where)
+        journal = store.journal(MANIFEST_NAME)
+        journal.compact(self.snapshot())
+        journal.close()
+
+
+class ManifestWriter:
+    """The lock holder's manifest: `put` journals one shard (O(1)); the snapshot is rewritten when the journal
+    has grown as long as it, at `finish`, and on `open` when a killed run left records behind."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.journal = store.journal(MANIFEST_NAME)
+        self.manifest: Manifest | None = None
+        self.snapshot_entries = 0  # shards in the last snapshot written or read
+
+    def open(self, fingerprint: str) -> Manifest | None:
+        self.manifest = Manifest.read(self.journal, f"{self.store.location}/{MANIFEST_NAME}", fingerprint)
+        self.snapshot_entries = len(self.manifest.shards) if self.manifest is not None else 0
+        if self.journal.pending:  # a run that ended without compacting (killed): fold its records in first
+            self.compact()
+        return self.manifest
+
+    def start(self, manifest: Manifest) -> None:
+        """Begin with `manifest` (a new cache, or identities of touched shards updated): write it once."""
+        self.manifest = manifest
+        self.compact()
+
+    def put(self, stem: str, entry: ShardEntry) -> None:
+        assert self.manifest is not None, "open() or start() first"
+        self.manifest.shards[stem] = entry
+        self.journal.append({"shard": stem, "entry": asdict(entry)})
+        if should_compact(self.journal.pending, self.snapshot_entries):
+            self.compact()
+
+    def compact(self) -> None:
+        assert self.manifest is not None
+        self.journal.compact(self.manifest.snapshot())
+        self.snapshot_entries = len(self.manifest.shards)
+
+    def flush(self) -> None:
+        self.journal.flush()
+
+    def finish(self) -> None:
+        """Compact if anything was journalled, and release the journal."""
+        try:
+            if self.journal.pending:
+                self.compact()
+        finally:
+            self.journal.close()
+
+    def abandon(self) -> None:
+        """After a failure: keep what can be kept without raising over the failure (a lost lock writes nothing;
+        journalled records stay and the next writer folds them in)."""
+        try:
+            self.finish()
+        except Exception as exc:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning("manifest not compacted after the failure (%s); the next run does it", exc)
 
 
 PARQUET_MAGIC = b"PAR1"

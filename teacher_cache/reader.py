@@ -2,6 +2,8 @@
 
 Verification costs one checksum per file per process (remembered by the file's size, mtime, ctime and inode);
 every open also checks the recorded size and the Parquet footer, which is what `verify=False` keeps.
+The manifest is the snapshot plus its journal (see teacher_cache/manifest.py); `CacheReader.shared` reads it
+once per process while it stays unchanged (two stats to tell), however many shards a loader opens.
 
     reader = CacheReader(cache_root / fingerprint)
     for stem in reader.shards:
@@ -20,7 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from teacher_cache.manifest import Manifest, cache_file_problem
+from core.atomic_io import file_sha256, is_verified, remember_verified
+from core.storage import open_store
+from teacher_cache.manifest import MANIFEST_NAME, Manifest, cache_file_problem
 from teacher_cache.schema import (
     COL_CROP,
     COL_FEATURES,
@@ -34,7 +38,6 @@ from teacher_cache.schema import (
     CacheMeta,
     SchemaError,
 )
-from teacher_cache.shards import file_sha256
 from teacher_cache.views import ViewParams
 
 
@@ -44,29 +47,20 @@ class CacheError(RuntimeError):
 
 ERRORS_DIR = "errors"  # errors/<shard>.jsonl: the samples a cache file deliberately lacks, and why
 FIX_DAMAGED = "delete it and re-run `distill cache` (it relabels that shard)"
-# (resolved path, manifest checksum) -> (size, mtime, ctime, inode) when its checksum last matched in this process
-_VERIFIED: dict[tuple[str, str], tuple[int, int, int, int]] = {}
 
 
-def _stat_identity(path: Path) -> tuple[int, int, int, int]:
-    st = path.stat()
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+_SHARED: dict[tuple[str, bool], CacheReader] = {}
 
 
 def checksum_matches(path: Path, sha256: str) -> bool:
-    """The file's SHA-256 is `sha256`; hashed once per process while its size/mtime/ctime/inode stay the same."""
-    key, ident = (str(path.resolve()), sha256), _stat_identity(path)
-    if _VERIFIED.get(key) == ident:
+    """The file's SHA-256 is `sha256`; hashed once per process while its size/mtime/ctime/inode stay the same
+    (the memo is shared with the object-store mirror, which checks what it downloads)."""
+    if is_verified(path, sha256):
         return True
     if file_sha256(path) != sha256:
         return False
-    _VERIFIED[key] = ident
+    remember_verified(path, sha256)
     return True
-
-
-def remember_verified(path: Path, sha256: str) -> None:
-    """The caller has just written `path` from bytes whose SHA-256 it checked: no need to hash the file again."""
-    _VERIFIED[(str(path.resolve()), sha256)] = _stat_identity(path)
 
 
 @dataclass
@@ -111,7 +105,8 @@ class CacheReader:
 
     def __init__(self, directory: Path, verify: bool = True, expect_fingerprint: str | None = None) -> None:
         self.directory = Path(directory)
-        manifest = Manifest.load(self.directory)
+        self._journal = open_store(self.directory).journal(MANIFEST_NAME)
+        manifest = Manifest.read(self._journal, str(self.directory / MANIFEST_NAME))
         if manifest is None:
             raise CacheError(f"{self.directory}: no cache here (no manifest.json); run `distill cache` first")
         if expect_fingerprint is not None and manifest.fingerprint != expect_fingerprint:
@@ -120,6 +115,17 @@ class CacheReader:
         self.manifest = manifest
         self.verify = verify
         self._meta: dict[str, CacheMeta] = {}
+
+    @classmethod
+    def shared(cls, directory: Path, verify: bool = False) -> CacheReader:
+        """This process's reader of `directory`, read again only when its manifest changed: a loader opening
+        shard after shard pays for the manifest once, not once per shard (20,000 shards: 20,000 x 10 MB)."""
+        key = (str(Path(directory).resolve()), verify)
+        reader = _SHARED.get(key)
+        if reader is None or reader._journal.loaded_stamp is None or \
+                reader._journal.stamp() != reader._journal.loaded_stamp:
+            reader = _SHARED[key] = cls(directory, verify=verify)
+        return reader
 
     @property
     def fingerprint(self) -> str:

@@ -5,37 +5,32 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
 from tqdm import tqdm
 
-from core.atomic_io import atomic_write, remove_stale_tmp
 from core.graceful_stop import StopRequested, sigterm_deferred, sigterm_received
-from core.object_store import ObjectLock, is_url, join
 from core.ray_cluster import InfeasibleResourcesError, connect_ray
 from core.run_phase import begin_work
+from core.storage import Store, open_store
 from teacher_cache import metrics
 from teacher_cache.config import CacheConfig
 from teacher_cache.features import check_features
 from teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
-from teacher_cache.manifest import (
-    MANIFEST_NAME,
-    DirectoryLock,
-    Manifest,
-    ShardEntry,
-    plan_refresh,
-)
+from teacher_cache.manifest import Manifest, ManifestWriter, ShardEntry, plan_refresh
 from teacher_cache.reader import ERRORS_DIR
-from teacher_cache.remote_cache import RemoteCacheDir, staging_root
 from teacher_cache.shards import ShardIdentity, ShardPath, expand_shard_patterns, shard_stem
 from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "last_run.json"
+_NO_ERRORS = ShardEntry("", 0, 0, "", "", 0, "", 0, errors=0)
 
 
 class RunFailedError(RuntimeError):
@@ -47,9 +42,9 @@ class RunFailedError(RuntimeError):
 
 @dataclass
 class CacheResult:
-    cache_dir: Path  # local; for an object-store cache_root, the staging directory
+    cache_dir: Path  # local: the cache directory; for an object-store cache_root, where uploads wait (staging)
     fingerprint: str
-    cache_url: str | None = None  # the object-store directory readers use (cache_root is an s3:// prefix)
+    cache_url: str | None = None  # the fingerprint directory readers use: a local path or an s3:// prefix
     labelled: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
@@ -65,6 +60,7 @@ class CacheResult:
     decode_errors: int = 0
     seconds: float = 0.0
     teacher_seconds: float = 0.0
+    label_seconds: float = 0.0  # inside the labeller (on actors with Ray); the driver's own share is the rest
 
     @property
     def status(self) -> str:
@@ -115,95 +111,135 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     config. ``last_run.json`` is written while the lock is held, so it always describes the last writer.
     """
     t0 = time.perf_counter()
-    shards = map_shards(cfg.shards)
     teacher: LoadedTeacher | None = None
     fp = recall_fingerprint(cfg)
+    early = fp is not None and not wait_for_lock  # a run that waits for the lock lists after getting it
+    walk = _prefetch(open_store(cfg.cache_root, cfg.staging_dir).child(fp).walk) if early else None
+    shards = map_shards(cfg.shards)  # (listing the shards while the cache directory is listed)
     if fp is None:
         teacher, fp = prepare(cfg)
-    remote: RemoteCacheDir | None = None
-    if is_url(cfg.cache_root):
-        out_dir = staging_root(str(cfg.cache_root), cfg.staging_dir) / fp
-        remote = RemoteCacheDir(join(str(cfg.cache_root), fp), out_dir)
-    else:
-        out_dir = Path(cfg.cache_root) / fp
-    result = CacheResult(cache_dir=out_dir, fingerprint=fp, cache_url=remote.url if remote else None)
-    with contextlib.ExitStack() as locks:
-        locks.enter_context(DirectoryLock(out_dir, wait=wait_for_lock))
-        object_lock = locks.enter_context(ObjectLock(remote.url, cfg.lock_lease_s, wait_for_lock)) if remote else None
-        if (n := remove_stale_tmp(out_dir)):
-            log.info("removed %d temp files left by an interrupted run", n)
-        if remote is not None:
-            remote.pull_manifest()
-        manifest = Manifest.load(out_dir, fp)
-        if remote is not None and (n := remote.remove_orphans(manifest)):
-            log.info("removed %d cache object(s) no manifest lists (left by an interrupted run)", n)
-        plan = plan_refresh(manifest, shards, out_dir, cache_file_check=remote.check if remote else None)
-        if plan.todo and teacher is None:
-            teacher, fp2 = prepare(cfg)
-            if fp2 != fp:  # the memo was stale (files rewritten with the same mtime): start over, correctly
-                raise RunFailedError(f"teacher fingerprint changed during the run ({fp} -> {fp2}); re-run")
-        if manifest is None:
-            assert teacher is not None  # every shard is new, so the teacher was loaded above
-            manifest = Manifest(fingerprint=fp, teacher=teacher.info)
-        for stem, ident in plan.touched.items():  # same content, moved cheap identity: remember the new one
-            manifest.shards[stem].update_identity(ident, str(shards[stem]))
-        manifest.save(out_dir)
-        atomic_write(out_dir / "cache_config.resolved.yaml",
-                           yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
-        if remote is not None:
-            remote.push("cache_config.resolved.yaml")
-            if plan.touched or MANIFEST_NAME not in remote.sizes():
-                remote.push(MANIFEST_NAME)
-        result.unchanged, result.touched, result.vanished = plan.unchanged, sorted(plan.touched), plan.vanished
-        result.new = [stem for stem, _, why in plan.todo if why == "new"]
-        result.changed = [stem for stem, _, why in plan.todo if why != "new"]
-        for decision, n in (("label", len(plan.todo)), ("unchanged", len(plan.unchanged)),
-                            ("vanished", len(plan.vanished))):
-            metrics.SHARDS_PLANNED.labels(decision).set(n)
-        if plan.vanished:
-            log.warning("%d cached shards are no longer in the input: %s", len(plan.vanished),
-                        ", ".join(plan.vanished[:5]))
-        log.info("cache %s: %d shards to label (%d unchanged)", out_dir, len(plan.todo), len(plan.unchanged))
-        tasks = [ShardTask(stem, path, out_dir, remote.url if remote else None) for stem, path, _ in plan.todo]
-        if tasks:
-            assert teacher is not None
-            begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
-            try:
-                _execute(cfg, fp, teacher, tasks, manifest, out_dir, result, remote, object_lock)
-            except InfeasibleResourcesError:  # a config this cluster can never place: bad input, nothing done
-                raise
-            except BaseException as exc:  # noqa: BLE001 - re-raised with what it means; nothing is swallowed
-                if sigterm_received():  # record what was done before the lock is released (SIGKILL may follow)
-                    result.stopped, result.seconds = True, time.perf_counter() - t0
-                    _write_summary(out_dir, result, remote)
-                    log.warning("stopped after %d of %d shards; they are cached, a re-run labels the rest",
-                                len(result.labelled), len(tasks))
-                    raise StopRequested("stopped by SIGTERM") from None
-                if not isinstance(exc, Exception):
-                    raise
-                raise RunFailedError(f"{exc.__class__.__name__}: {exc} (after {len(result.labelled)} of "
-                                     f"{len(tasks)} shards were cached; they are kept, re-run to continue)") from exc
+    store = open_store(cfg.cache_root, cfg.staging_dir).child(fp)
+    result = CacheResult(cache_dir=store.workdir, fingerprint=fp, cache_url=store.location)
+    with store.lock(wait_for_lock, cfg.lock_lease_s):
+        writer = ManifestWriter(store)
+        try:
+            _plan_and_label(cfg, fp, teacher, shards, store, writer, result, t0, walk or store.walk)
+        except BaseException:
+            writer.abandon()  # what is journalled stays; nothing is written once the lock is lost
+            raise
+        writer.finish()  # the journal folded into the snapshot
         result.seconds = time.perf_counter() - t0
-        _write_summary(out_dir, result, remote)
+        _write_summary(store, result)
     metrics.RUN_SECONDS.set(result.seconds)
     if result.status == "success":
         metrics.LAST_SUCCESS.set_to_current_time()
     return result
 
 
-def _write_summary(out_dir: Path, result: CacheResult, remote: RemoteCacheDir | None) -> None:
-    atomic_write(out_dir / SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
-    if remote is not None:
-        remote.push(SUMMARY_NAME)
+def _prefetch(fn: Callable[[], dict[str, int]]) -> Callable[[], dict[str, int]]:
+    """Start `fn` in a daemon thread; the getter returns its result (or raises its error) when needed."""
+    out: list = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the getter
+            out.append(exc)
+
+    thread = threading.Thread(target=target, name="list-cache-dir", daemon=True)
+    thread.start()
+
+    def get() -> dict[str, int]:
+        thread.join()
+        if isinstance(out[0], BaseException):
+            raise out[0]
+        return out[0]
+
+    return get
 
 
-def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[ShardTask], manifest: Manifest,
-             out_dir: Path, result: CacheResult, remote: RemoteCacheDir | None = None,
-             object_lock: ObjectLock | None = None) -> None:
+def _plan_and_label(cfg: CacheConfig, fp: str, teacher: LoadedTeacher | None, shards: dict[str, ShardPath],
+                    store: Store, writer: ManifestWriter, result: CacheResult, t0: float,
+                    walk: Callable[[], dict[str, int]]) -> None:
+    """Under the lock: recover the manifest, remove orphans, plan, label. Everything is written via `store`.
+
+    `walk` lists the cache directory (started before the lock, beside the shard listing): a file it missed
+    (written by a writer that finished just before we got the lock) is relabelled, and a file it saw that the
+    manifest read under the lock does not list was never committed by anyone, so removing it is safe.
+    """
+    manifest = writer.open(fp)
+    shards_now = manifest.shards if manifest is not None else {}
+    files = walk()  # one listing: orphans to remove, and what a no-op refresh checks of the cache files
+    listed = {e.file for e in shards_now.values()}
+    orphans = [n for n in files if n.endswith(".parquet") and "/" not in n and n not in listed]
+    orphans += [n for n in files if n.startswith(f"{ERRORS_DIR}/") and n.endswith(".jsonl") and not  # written
+                shards_now.get(n[len(ERRORS_DIR) + 1:-len(".jsonl")], _NO_ERRORS).errors]  # before a kill
+    if (n := store.sweep(orphans)):
+        log.info("removed %d file(s) no manifest lists (left by an interrupted run)", n)
+
+    def check(entry: ShardEntry) -> str | None:
+        size = files.get(entry.file)
+        if size is None:
+            return f"{store.location}/{entry.file} is missing"
+        return None if size == entry.file_bytes else f"{entry.file}: {size} bytes, the manifest says {entry.file_bytes}"
+
+    plan = plan_refresh(manifest, shards, store.workdir, cache_file_check=check)
+    if plan.todo and teacher is None:
+        teacher, fp2 = prepare(cfg)
+        if fp2 != fp:  # the memo was stale (files rewritten with the same mtime): start over, correctly
+            raise RunFailedError(f"teacher fingerprint changed during the run ({fp} -> {fp2}); re-run")
+    if manifest is None:
+        assert teacher is not None  # every shard is new, so the teacher was loaded above
+        writer.start(Manifest(fingerprint=fp, teacher=teacher.info))
+    for stem, ident in plan.touched.items():  # same content, moved cheap identity: remember the new one
+        entry = writer.manifest.shards[stem]
+        entry.update_identity(ident, str(shards[stem]))
+        writer.put(stem, entry)
+    store.write("cache_config.resolved.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode())
+    result.unchanged, result.touched, result.vanished = plan.unchanged, sorted(plan.touched), plan.vanished
+    result.new = [stem for stem, _, why in plan.todo if why == "new"]
+    result.changed = [stem for stem, _, why in plan.todo if why != "new"]
+    for decision, n in (("label", len(plan.todo)), ("unchanged", len(plan.unchanged)),
+                        ("vanished", len(plan.vanished))):
+        metrics.SHARDS_PLANNED.labels(decision).set(n)
+    if plan.vanished:
+        log.warning("%d cached shards are no longer in the input: %s", len(plan.vanished),
+                    ", ".join(plan.vanished[:5]))
+    log.info("cache %s: %d shards to label (%d unchanged)", store.location, len(plan.todo), len(plan.unchanged))
+    tasks = [ShardTask(stem, path, store) for stem, path, _ in plan.todo]
+    if not tasks:
+        return
+    assert teacher is not None
+    begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
+    try:
+        _execute(cfg, fp, teacher, tasks, writer, store, result)
+    except InfeasibleResourcesError:  # a config this cluster can never place: bad input, nothing done
+        raise
+    except BaseException as exc:  # noqa: BLE001 - re-raised with what it means; nothing is swallowed
+        if sigterm_received():  # record what was done before the lock is released (SIGKILL may follow)
+            writer.finish()
+            result.stopped, result.seconds = True, time.perf_counter() - t0
+            _write_summary(store, result)
+            log.warning("stopped after %d of %d shards; they are cached, a re-run labels the rest",
+                        len(result.labelled), len(tasks))
+            raise StopRequested("stopped by SIGTERM") from None
+        if not isinstance(exc, Exception):
+            raise
+        raise RunFailedError(f"{exc.__class__.__name__}: {exc} (after {len(result.labelled)} of "
+                             f"{len(tasks)} shards were cached; they are kept, re-run to continue)") from exc
+
+
+def _write_summary(store: Store, result: CacheResult) -> None:
+    store.write(SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
+
+
+def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[ShardTask], writer: ManifestWriter,
+             store: Store, result: CacheResult) -> None:
     before = {}  # full stat of each shard before it is handed out (see complete_identity)
     for task in tasks:
         with contextlib.suppress(OSError):  # a vanished file is reported by the labeller as a failed shard
             before[task.stem] = ShardIdentity.stat(task.path)
+    paths = {task.stem: task.path for task in tasks}
     disable = not cfg.progress
     shard_bar = tqdm(total=len(tasks), desc="shards", unit="shard", position=0, disable=disable)
     image_bar = tqdm(desc="images", unit="img", position=1, disable=disable)
@@ -221,27 +257,22 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
             log.error("shard failed: %s", r.message)
             return
         assert r.identity is not None and r.file is not None and r.file_sha256 is not None
-        ident = complete_identity(r.identity, r.source, before.get(r.stem))
-        if object_lock is not None and object_lock.lost:  # another job owns the prefix now: publish nothing more
-            raise RunFailedError(f"lost the lock of {remote.url if remote else out_dir} (its lease of "
-                                 f"{cfg.lock_lease_s:g} s expired); raise cache.lock_lease_s and re-run")
+        ident = complete_identity(r.identity, paths[r.stem], before.get(r.stem))
         with sigterm_deferred():  # the manifest and the summary agree on what was done, even on `ray job stop`
-            manifest.shards[r.stem] = ShardEntry(
+            previous = writer.manifest.shards.get(r.stem)
+            _save_errors(store, r, had_errors=previous is not None and previous.errors > 0)
+            writer.put(r.stem, ShardEntry(
                 source=r.source, size=ident.size, mtime_ns=ident.mtime_ns,
                 content_sha256=ident.sha256 or "", file=r.file, file_bytes=r.file_bytes,
                 file_sha256=r.file_sha256, rows=r.rows, errors=len(r.error_records),
-                ctime_ns=ident.ctime_ns, inode=ident.inode, etag=ident.etag)
-            _save_errors(out_dir, r)
-            manifest.save(out_dir)
-            if remote is not None:  # the cache file is up already (the labeller put it); the manifest goes last
-                remote.push_errors(r.stem)
-                remote.push(MANIFEST_NAME)
+                ctime_ns=ident.ctime_ns, inode=ident.inode, etag=ident.etag, **r.stats))
             result.labelled.append(r.stem)
             result.images += r.rows
             result.decode_errors += len(r.error_records)
         metrics.IMAGES.inc(r.rows)
         metrics.DECODE_ERRORS.inc(len(r.error_records))
         result.teacher_seconds += r.teacher_seconds
+        result.label_seconds += r.seconds
         metrics.SHARDS.labels("done").inc()
         metrics.BYTES_WRITTEN.inc(r.file_bytes)
 
@@ -257,38 +288,44 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
                 log.warning("lost Ray node(s) %s; shards labelled again elsewhere: %s", ", ".join(report.lost_nodes),
                             ", ".join(sorted(report.retried)) or "none")
         else:
-            labeler = Labeler(cfg, fp, teacher)
-            try:
-                for task in tasks:
-                    shown = 0
-
-                    def counted(ev: ProgressEvent) -> None:
-                        nonlocal shown
-                        shown += ev.images
-                        on_progress(ev)
-
-                    r = labeler.label_shard(task, counted)
-                    if not r.ok and shown:  # a shard that broke half-way gives its images back
-                        on_progress(ProgressEvent(images=-shown))
-                    on_result(r)
-            finally:
-                labeler.close()
+            _label_in_process(cfg, fp, teacher, tasks, on_result, on_progress)
     finally:
         image_bar.close()
         shard_bar.close()
 
 
-def complete_identity(ident: ShardIdentity, source: str, before: ShardIdentity | None) -> ShardIdentity:
+def _label_in_process(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[ShardTask],
+                      on_result: Callable[[ShardResult], None],
+                      on_progress: Callable[[ProgressEvent], None]) -> None:
+    labeler = Labeler(cfg, fp, teacher)
+    try:
+        for task in tasks:
+            shown = 0
+
+            def counted(ev: ProgressEvent) -> None:
+                nonlocal shown
+                shown += ev.images
+                on_progress(ev)
+
+            r = labeler.label_shard(task, counted)
+            if not r.ok and shown:  # a shard that broke half-way gives its images back
+                on_progress(ProgressEvent(images=-shown))
+            on_result(r)
+    finally:
+        labeler.close()
+
+
+def complete_identity(ident: ShardIdentity, path: ShardPath, before: ShardIdentity | None) -> ShardIdentity:
     """Fill ctime/inode when the labeller reported only size+mtime+hash.
 
     ``before`` is the full stat taken just before the shard was handed out. If a stat now is identical to it
     (ctime included, which every write moves), the file did not change while it was read, so its ctime and
     inode belong to the hashed content. Otherwise leave them unknown: the next refresh hashes the shard once.
     """
-    if (ident.ctime_ns is not None and ident.inode is not None) or ident.etag is not None or is_url(source):
+    if (ident.ctime_ns is not None and ident.inode is not None) or ident.etag is not None:
         return ident  # complete already, or an object (its listed identity is all there is)
     try:
-        now = ShardIdentity.stat(Path(source))
+        now = ShardIdentity.stat(path)
     except OSError:
         return ident
     if before is not None and now.same_cheap(before) and (now.size, now.mtime_ns) == (ident.size, ident.mtime_ns):
@@ -296,11 +333,11 @@ def complete_identity(ident: ShardIdentity, source: str, before: ShardIdentity |
     return ident
 
 
-def _save_errors(out_dir: Path, r: ShardResult) -> None:
-    """Per-shard error files, replaced when a shard is relabelled, so records never duplicate."""
-    path = out_dir / ERRORS_DIR / f"{r.stem}.jsonl"
-    path.parent.mkdir(exist_ok=True)
+def _save_errors(store: Store, r: ShardResult, had_errors: bool) -> None:
+    """Per-shard error files, replaced when a shard is relabelled, so records never duplicate. A clean shard whose
+    last labelling was clean too costs no request (the manifest says how many errors it had)."""
+    name = f"{ERRORS_DIR}/{r.stem}.jsonl"
     if r.error_records:
-        atomic_write(path, "".join(json.dumps(e) + "\n" for e in r.error_records).encode())
-    else:
-        path.unlink(missing_ok=True)
+        store.write(name, "".join(json.dumps(e) + "\n" for e in r.error_records).encode())
+    elif had_errors:
+        store.remove([name])

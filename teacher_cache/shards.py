@@ -9,7 +9,6 @@ hashed while they stream so an incremental refresh never reads a shard twice.
 from __future__ import annotations
 
 import bz2
-import glob
 import gzip
 import hashlib
 import lzma
@@ -21,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-import braceexpand
-
-from core import object_store
+from core import storage
 from core.atomic_io import sha256_stream
+from core.storage import ObjectLocation
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -33,31 +31,7 @@ class ShardError(RuntimeError):
     """A whole shard cannot be read (truncated, not a tar, duplicate key); names the shard."""
 
 
-@dataclass(frozen=True)
-class ObjectShard:
-    """A shard in object storage (``s3://bucket/key``), with the identity its listing reported (no extra request).
-
-    Quacks like the `Path` of a local shard where the code needs it: ``name`` and ``str()``.
-    """
-
-    url: str
-    listed: ShardIdentity | None = None
-
-    @property
-    def name(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
-
-    @property
-    def parent_url(self) -> str:
-        return self.url.rsplit("/", 1)[0]
-
-    def __str__(self) -> str:
-        return self.url
-
-    def __fspath__(self) -> str:  # never a local file: fail loudly where code would open it as one
-        raise TypeError(f"{self.url} is an object URL, not a local path")
-
-
+ObjectShard = ObjectLocation  # a shard in object storage, with the identity its listing reported
 ShardPath = Path | ObjectShard
 
 
@@ -67,29 +41,7 @@ def expand_shard_patterns(patterns: list[str]) -> list[ShardPath]:
     Local paths and ``s3://`` URLs (listed once per directory, identity from the listing) may be mixed.
     Raises FileNotFoundError listing every pattern that matched nothing.
     """
-    found: dict[str, ShardPath] = {}
-    missing: list[str] = []
-    urls = [p for p in patterns if object_store.is_url(p)]
-    if urls:
-        listed, missing = object_store.expand(urls)
-        for url, info in listed.items():
-            found[url] = ObjectShard(url, ShardIdentity.of_object(info))
-    for pattern in (p for p in patterns if not object_store.is_url(p)):
-        matched = False
-        for expanded in braceexpand.braceexpand(pattern):
-            hits = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else (
-                [expanded] if os.path.exists(expanded) else [])
-            for hit in hits:
-                found[str(Path(hit).resolve())] = Path(hit).resolve()
-                matched = True
-            if not hits and not glob.has_magic(expanded):
-                missing.append(expanded)
-        if not matched and pattern not in missing:
-            missing.append(pattern)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"no shard file matches: {shown}; check the paths in `shards`")
-    return [found[k] for k in sorted(found)]
+    return storage.expand(patterns)
 
 
 SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
@@ -124,15 +76,8 @@ class ShardIdentity:
     @classmethod
     def stat(cls, path: ShardPath) -> ShardIdentity:
         """A local file's stat; an object's listed identity (or one HEAD request if it was not listed)."""
-        if isinstance(path, ObjectShard):
-            return path.listed if path.listed is not None else cls.of_object(object_store.stat(path.url))
-        st = path.stat()
-        return cls(size=st.st_size, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, inode=st.st_ino)
-
-    @classmethod
-    def of_object(cls, info: object_store.ObjectInfo) -> ShardIdentity:
-        """What a listing (or a HEAD) reports: size, last-modified and ETag."""
-        return cls(size=info.size, mtime_ns=info.mtime_ns, etag=info.etag)
+        i = storage.stat(path)
+        return cls(size=i.size, mtime_ns=i.mtime_ns, ctime_ns=i.ctime_ns, inode=i.inode, etag=i.etag)
 
     def cheap(self) -> tuple[int, int, int | str | None, int | None]:
         if self.etag is not None:
@@ -144,11 +89,9 @@ class ShardIdentity:
         return None not in self.cheap() and self.cheap() == other.cheap()
 
 
-def open_shard(path: ShardPath) -> BinaryIO:
-    """A binary reader for a local shard or a shard object (streamed, read-ahead)."""
-    if isinstance(path, ObjectShard):
-        return object_store.open_read(path.url)
-    return open(path, "rb")
+def open_shard(path: ShardPath, seekable: bool = False) -> BinaryIO:
+    """A binary reader for a local shard or a shard object (one streamed GET; `seekable` for tar headers only)."""
+    return storage.open_read(path, seekable=seekable)
 
 
 def file_sha256(path: ShardPath) -> str:

@@ -110,11 +110,13 @@ def wait_healthy(url: str, timeout: float) -> None:
 
 
 def shards_in_manifest(cache_root: Path) -> int:
-    """How many shards the cache's manifest lists right now (0 while there is none or it is being replaced)."""
+    """How many shards the cache's manifest (snapshot + journal, as readers see it) lists right now."""
+    from teacher_cache.manifest import Manifest
+
     for m in Path(cache_root).glob("*/manifest.json"):
         try:
-            return len(json.loads(m.read_text())["shards"])
-        except (ValueError, KeyError):
+            return len(Manifest.load(m.parent).shards)
+        except (ValueError, OSError):
             return 0
     return 0
 

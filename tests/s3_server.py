@@ -3,7 +3,9 @@
 The only additions are a WSGI wrapper that counts requests (method, bucket, whether an object key was addressed),
 so a test can say "this refresh read 0 shard objects" from what the server actually received, and gates: a test can
 hold the body of an object's GET (`RequestLog.hold`), so a run waits inside that object for as long as the test
-wants, on a fast machine as on a slow one.
+wants, on a fast machine as on a slow one; put hooks on requests (`RequestLog.before` / `after`: block a request
+until the test releases it, answer 503, or change what the server sees, e.g. a store that ignores a header); or stop
+the server (`RequestLog.stop`).
 """
 
 from __future__ import annotations
@@ -44,12 +46,26 @@ class BodyGate:
         yield body[sent:]
 
 
+class Refuse(Exception):
+    """Raised by a `before` hook: the server answers this HTTP status instead of handling the request."""
+
+    def __init__(self, status: str = "503 Service Unavailable") -> None:
+        super().__init__(status)
+        self.status = status
+
+
+Hook = Callable[[str, str, dict], None]  # (method, "bucket/key", WSGI environ)
+
+
 @dataclass
 class RequestLog:
     counts: Counter = field(default_factory=Counter)  # (method, bucket, "object"|"bucket") -> n
     keys: list[tuple[str, str]] = field(default_factory=list)  # (method, "bucket/key") of object requests
     lock: threading.Lock = field(default_factory=threading.Lock)
     gates: dict[str, BodyGate] = field(default_factory=dict)  # "bucket/key" -> gate on its GETs
+    before: list[Hook] = field(default_factory=list)  # before the server handles a request (may block/refuse/edit)
+    after: list[Hook] = field(default_factory=list)  # after it handled it, before the response leaves
+    stop: Callable[[], None] | None = None  # close the server: later requests meet a refused connection
 
     def hold(self, object_path: str) -> BodyGate:
         """Hold the body of GETs of `bucket/key` until the returned gate is released."""
@@ -94,9 +110,22 @@ class _Counting:
             if key:
                 self.log.keys.append((method, f"{bucket}/{key}"))
             gate = self.log.gates.get(f"{bucket}/{key}") if method == "GET" else None
-        if gate is not None:  # the whole answer from moto, its body then held by the gate
-            return gate.stream(b"".join(self.app(environ, start_response)))
-        return self.app(environ, start_response)
+        try:
+            for hook in list(self.log.before):
+                hook(method, path, environ)
+        except Refuse as exc:
+            start_response(exc.status, [("Content-Type", "text/plain")])
+            return [b"refused by the test"]
+        if not self.log.after:
+            if gate is not None:  # the whole answer from moto, its body then held by the gate
+                return gate.stream(b"".join(self.app(environ, start_response)))
+            return self.app(environ, start_response)
+        captured: list = []
+        body = b"".join(self.app(environ, lambda *a: captured.append(a) or (lambda _b: None)))
+        for hook in list(self.log.after):
+            hook(method, path, environ)
+        start_response(*captured[0])
+        return gate.stream(body) if gate is not None else [body]
 
 
 @contextmanager
@@ -115,10 +144,16 @@ def s3_server() -> Iterator[tuple[str, RequestLog]]:
     # moto keeps its buckets per process: start every server empty (its documented reset endpoint)
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).read()
     log.reset()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+
+    log.stop = stop
     try:
         yield endpoint, log
     finally:
-        server.shutdown()
+        stop()
         thread.join(timeout=10)
 
 

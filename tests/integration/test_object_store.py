@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 
 import pytest
 import yaml
@@ -21,9 +22,10 @@ from helpers import cache_cfg_dict, mnist_shard, save_teacher
 from s3_server import S3_ENV, s3_server
 
 from core import object_store
+from core.storage import open_store
 from teacher_cache.config import CacheConfig
 from teacher_cache.locate import find_cache_dir
-from teacher_cache.manifest import CacheLockedError
+from teacher_cache.manifest import CacheLockedError, Manifest
 from teacher_cache.reader import CacheReader
 from teacher_cache.run import run
 from teacher_cache.shards import ShardReader
@@ -65,6 +67,12 @@ def _cfg(tmp_path, staging: str = "staging", **over) -> CacheConfig:
 
 
 def _remote_manifest(fp: str) -> dict:
+    """The manifest as readers see it (snapshot + journal), in the snapshot's JSON shape."""
+    m = Manifest.load(open_store(f"{ROOT}/{fp}"))
+    return {"shards": {k: asdict(v) for k, v in m.shards.items()} if m is not None else {}}
+
+
+def _raw_manifest(fp: str) -> dict:
     return json.loads(object_store.get_bytes(f"{ROOT}/{fp}/manifest.json"))
 
 
@@ -229,7 +237,7 @@ def test_training_reads_shards_and_cache_from_object_storage(tmp_path, s3):
 
     driver_mirror = find_cache_dir(ROOT)
     os.environ["DISTILL_MIRROR_DIR"] = str(tmp_path / "other-node")
-    here = _cache_dir_here(tmp_path / "gone" / driver_mirror.name, ROOT)
+    here = _cache_dir_here(tmp_path / "gone" / driver_mirror.name, f"{ROOT}/{driver_mirror.parent.name}")
     assert here.is_relative_to(tmp_path / "other-node") and here.name == driver_mirror.name
     assert CacheReader(here, verify=True).shards == CacheReader(driver_mirror).shards
 
@@ -254,7 +262,7 @@ def test_a_reader_whose_file_was_replaced_mid_copy_reads_the_new_manifest(tmp_pa
     _upload_shards(tmp_path, 2)
     first = run(_cfg(tmp_path))
     fp = first.fingerprint
-    old = _remote_manifest(fp)
+    old = _raw_manifest(fp)
     gone = old["shards"]["train-000001"]["file"]
     stale = json.loads(json.dumps(old))
     stale["shards"]["train-000001"]["file"] = "train-000001-0000000000000000.parquet"  # a name since deleted

@@ -1,0 +1,44 @@
+"""One storage layer for every stage: shards, cache files, the manifest and its journal, error files, locks, staging.
+
+    store = open_store(cfg.cache_root, staging_dir=cfg.staging_dir).child(fingerprint)
+    with store.lock(wait, lease_s):            # flock, or a lease object fenced on our clock
+        snapshot, records = store.journal("manifest.json").load()
+        name, size, sha = store.publish("s.parquet", writer)   # rename, or a content-addressed upload
+        store.journal("manifest.json").append(record)           # fsynced line, or a batched object
+    directory = store.view(build)              # the directory itself, or a verified mirror per version
+
+`base` says what differs between a local directory and an object-store prefix and where; `locations` does the
+same for input files (shards).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core import object_store
+from core.storage.base import (
+    CacheLockedError,
+    FileInfo,
+    Journal,
+    Lock,
+    LockLostError,
+    Store,
+    UnsupportedStoreError,
+    View,
+)
+from core.storage.locations import Location, ObjectLocation, expand, open_read, parse_location, read_sibling, stat
+
+__all__ = ["CacheLockedError", "FileInfo", "Journal", "Location", "Lock", "LockLostError", "ObjectLocation",
+           "Store", "UnsupportedStoreError", "View", "expand", "open_read", "open_store", "parse_location",
+           "read_sibling", "stat"]
+
+
+def open_store(location: str | Path, staging_dir: Path | None = None) -> Store:
+    """The store at a local path or an ``s3://`` prefix (`staging_dir`: where files wait before an upload)."""
+    if object_store.is_url(location):
+        from core.storage.objects import ObjectStore
+
+        return ObjectStore(str(location), staging_dir)
+    from core.storage.local import LocalStore
+
+    return LocalStore(Path(location))

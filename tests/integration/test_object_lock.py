@@ -1,0 +1,261 @@
+"""The object-storage lock, fencing, capability probe and per-version mirror (issue 21, items 1-5 and 8), against
+moto's S3 server on 127.0.0.1. Nothing here races the machine's speed: the test stops the server, holds a request
+or its response until it releases it, refuses renewals, or drives the breaker's clock itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import yaml
+from helpers import cache_cfg_dict, mnist_shard, save_teacher
+from s3_server import S3_ENV, Refuse, s3_server
+
+from core import object_store
+from core.storage import CacheLockedError, LockLostError, UnsupportedStoreError, open_store
+from core.storage.lease import LeaseLock, missing_conditional_parameters
+from teacher_cache.config import CacheConfig
+from teacher_cache.locate import cache_dir_here, find_cache
+from teacher_cache.manifest import Manifest
+from teacher_cache.reader import CacheError, CacheReader
+from teacher_cache.run import run
+from teacher_cache.shards import ShardReader
+
+pytestmark = pytest.mark.integration
+DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+SHARDS, ROOT = "s3://shards/train", "s3://cache/root"
+
+
+@pytest.fixture()
+def s3(monkeypatch, tmp_path):
+    with s3_server() as (endpoint, requests):
+        for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "DISTILL_MIRROR_DIR": str(tmp_path / "mirror")}.items():
+            monkeypatch.setenv(k, v)
+        object_store.reset_filesystem()
+        object_store.filesystem().mkdir("s3://shards")
+        object_store.filesystem().mkdir("s3://cache")
+        yield endpoint, requests
+        requests.before.clear()
+        requests.after.clear()
+        object_store.reset_filesystem()
+
+
+def _upload(tmp_path, n: int, per_shard: int = 16, offset: int = 0) -> list:
+    out = []
+    for i in range(n):
+        p = mnist_shard(tmp_path / "local" / f"train-{i:06d}.tar", per_shard, offset=offset + per_shard * i)
+        object_store.put_file(p, f"{SHARDS}/{p.name}")
+        out.append(p)
+    return out
+
+
+def _cfg(tmp_path, staging: str = "staging", **over) -> CacheConfig:
+    ckpt = tmp_path / "t.pt"
+    if not ckpt.exists():
+        save_teacher(ckpt)
+    return CacheConfig.model_validate(cache_cfg_dict([f"{SHARDS}/train-*.tar"], ROOT, ckpt,
+                                                     staging_dir=str(tmp_path / staging), **over))
+
+
+def _renewals(caplog) -> int:
+    return sum("could not renew" in r.getMessage() for r in caplog.records)
+
+
+def test_item1_the_renewal_thread_outlives_an_unreachable_store_and_the_holder_fences_itself(s3, caplog):
+    """An unreachable endpoint raises botocore's EndpointConnectionError (not an OSError): the renewal thread must
+    log it and keep trying, and the holder must refuse to write once its last renewal is lease - margin old."""
+    _, requests = s3
+    caplog.set_level(logging.WARNING, logger="core.storage.lease")
+    now = [0.0]  # the holder's monotonic clock, driven by the test
+    lock = LeaseLock("s3://cache/t1/.lock", lease_s=6.0, clock=lambda: now[0])
+    with lock:
+        lock.fence()
+        requests.stop()  # the store is gone: every request meets a refused connection
+        deadline = time.monotonic() + 300
+        while _renewals(caplog) < 2:
+            assert lock._thread is not None and lock._thread.is_alive(), "the renewal thread died: " + caplog.text
+            assert time.monotonic() < deadline, "no renewal was attempted"
+            time.sleep(0.1)
+        assert "EndpointConnectionError" in caplog.text and lock._thread.is_alive()
+        lock.fence()  # no time has passed on the holder's clock: still its lock
+        now[0] = 6.0 * 3 / 4 + 0.01  # a quarter of the lease before a breaker could take it
+        with pytest.raises(LockLostError, match=r"last renewed 5 s ago .* renewal\(s\) failed"):
+            lock.fence()
+
+
+def test_item2_a_writer_whose_renewals_fail_publishes_nothing_after_its_lease_and_the_next_run_finishes(
+        tmp_path, s3):
+    """`distill cache` whose lock renewals are refused while it reads a shard: once its lease has run out it must
+    not add the shard to the manifest (a breaker may already own the prefix); the next run labels the rest."""
+    _, requests = s3
+    local = _upload(tmp_path, 3)
+    cfg = _cfg(tmp_path, lock_lease_s=6.0)
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    gate_on, release, refused = threading.Event(), threading.Event(), []
+
+    def hold_second_shard(method: str, key: str, environ: dict) -> None:
+        if method == "GET" and key == "shards/train/train-000001.tar" and not release.is_set():
+            gate_on.set()  # shard 0 is published; from now on the lock cannot be renewed
+            release.wait(300)
+
+    def refuse_renewals(method: str, key: str, environ: dict) -> None:
+        if gate_on.is_set() and method == "PUT" and key.endswith("/.lock") and environ.get("HTTP_IF_MATCH"):
+            refused.append(key)
+            raise Refuse()
+
+    requests.before += [hold_second_shard, refuse_renewals]
+    proc = subprocess.Popen([*DISTILL, "cache", "-c", str(path), "--no-ray"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    try:
+        assert gate_on.wait(300), "the run never asked for the second shard"
+        t0 = time.monotonic()
+        deadline = t0 + 300
+        while not refused or time.monotonic() < t0 + 6.5:  # a refused renewal, and a whole lease since the last
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+    finally:
+        release.set()
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 6, out[-3000:]  # failed during the run: finished shards kept, re-run continues
+    assert "writes nothing more" in out, out[-3000:]
+    fp = object_store.glob(f"{ROOT}/*/manifest.json").popitem()[0].rsplit("/", 2)[-2]
+    assert sorted(Manifest.load(open_store(f"{ROOT}/{fp}")).shards) == ["train-000000"]
+    requests.before.clear()
+    again = run(_cfg(tmp_path, staging="staging-b", lock_lease_s=6.0))
+    assert again.status == "success" and sorted(again.labelled) == ["train-000001", "train-000002"]
+    m = Manifest.load(open_store(f"{ROOT}/{fp}"))
+    stored = set(open_store(f"{ROOT}/{fp}").listing(".parquet"))
+    assert stored == {e.file for e in m.shards.values()}  # the fenced writer's upload was swept, nothing else
+    reader = CacheReader(find_cache(ROOT)[0], verify=True)
+    keys = [k for s in reader.shards for k in reader.arrays(s).keys]
+    assert sorted(keys) == sorted(s.key for p in local for s in ShardReader(p)) and len(set(keys)) == len(keys)
+
+
+def _lock_body(owner: str, expires: float, n: int = 0) -> bytes:
+    return json.dumps({"owner": owner, "lease_s": 6.0, "expires": expires, "renewal": n}).encode()
+
+
+def test_item3_a_live_holder_whose_clock_is_an_hour_behind_is_not_broken(s3):
+    """The holder's lease looks expired by our wall clock, but it renews (each time we look, in this test):
+    the breaker must see the ETag move on its own clock and refuse, not delete the lock."""
+    endpoint, requests = s3
+    url = "s3://cache/skew/.lock"
+    owner = "pid 1 on a host whose clock is an hour behind"
+    assert object_store.put_if_absent(url, _lock_body(owner, time.time() - 3600)) is not None
+    import botocore.session
+
+    client = botocore.session.get_session().create_client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    renewals = [0]
+
+    def holder_renews(method: str, key: str, environ: dict) -> None:
+        if method == "GET" and key == "cache/skew/.lock":
+            renewals[0] += 1
+            client.put_object(Bucket="cache", Key="skew/.lock",
+                              Body=_lock_body(owner, time.time() - 3600 + 6, renewals[0]))
+
+    requests.before.append(holder_renews)
+    with pytest.raises(CacheLockedError, match="renewed its lease while we watched"):
+        LeaseLock(url, lease_s=6.0).__enter__()
+    assert json.loads(object_store.get_bytes(url))["owner"] == owner
+
+
+def test_item3_a_dead_holder_whose_clock_is_an_hour_ahead_is_broken_after_one_lease_on_our_clock(s3):
+    url = "s3://cache/ahead/.lock"
+    assert object_store.put_if_absent(url, _lock_body("a killed job", time.time() + 3600)) is not None
+    now = [100.0]
+
+    def sleep(s: float) -> None:  # the breaker's clock, advanced by its own waits
+        now[0] += s
+
+    lock = LeaseLock(url, lease_s=6.0, clock=lambda: now[0], sleep=sleep)
+    with lock:
+        assert json.loads(object_store.get_bytes(url))["owner"] == lock.owner
+        assert 106.0 <= now[0] < 110.0  # it watched the unchanged ETag for one lease, not until the holder's clock
+
+
+def test_a_lock_that_plainly_looks_live_is_refused_at_once(s3):
+    url = "s3://cache/live/.lock"
+    object_store.put_if_absent(url, _lock_body("another job", time.time() + 6))
+    with pytest.raises(CacheLockedError, match="lease until"):
+        LeaseLock(url, lease_s=6.0, sleep=lambda s: pytest.fail("waited for a lock whose lease runs")).__enter__()
+
+
+def test_item4_a_renewal_in_flight_at_exit_leaves_no_lock_behind(s3):
+    """The store applied a renewal, but its response is still on the way when the holder exits: the lock must
+    still be deleted (before, exit waited 10 s for the renewal thread, then deleted with the old ETag: 412)."""
+    _, requests = s3
+    url = "s3://cache/t4/.lock"
+    arrived, release = threading.Event(), threading.Event()
+
+    def hold_response(method: str, key: str, environ: dict) -> None:
+        if method == "PUT" and key == "cache/t4/.lock" and environ.get("HTTP_IF_MATCH") and not release.is_set():
+            arrived.set()
+            release.wait(300)
+
+    requests.after.append(hold_response)
+    lock = LeaseLock(url, lease_s=6.0)
+    lock.__enter__()
+    assert arrived.wait(300), "no renewal was sent"
+    exiting = threading.Thread(target=lock.__exit__, args=(None, None, None))
+    exiting.start()
+    exiting.join(120)
+    release.set()
+    assert not exiting.is_alive()
+    assert object_store.get_bytes(url) is None, "a fresh lock was left behind"
+
+
+def test_item5_a_store_that_ignores_if_match_on_delete_is_refused_before_any_work(tmp_path, s3):
+    _, requests = s3
+    _upload(tmp_path, 1)
+
+    def ignore_if_match_on_delete(method: str, key: str, environ: dict) -> None:
+        if method == "DELETE":
+            environ.pop("HTTP_IF_MATCH", None)
+
+    requests.before.append(ignore_if_match_on_delete)
+    with pytest.raises(UnsupportedStoreError, match="ignores If-Match on DELETE"):
+        run(_cfg(tmp_path))
+    assert not [u for u in object_store.glob(f"{ROOT}/**") if not u.endswith(".fingerprints.json")]
+
+
+def test_item5_the_botocore_floor_is_checked():
+    members = {"IfMatch", "IfNoneMatch", "Body"}
+    assert missing_conditional_parameters(members, {"IfMatch"}) == []
+    assert missing_conditional_parameters({"Body", "IfNoneMatch"}, set()) == ["PutObject.IfMatch",
+                                                                             "DeleteObject.IfMatch"]
+    from core.storage.lease import check_client
+
+    check_client()  # the installed botocore has them (pyproject pins the floor)
+
+
+def test_item8_a_mirror_per_manifest_version_survives_a_refresh_and_workers_never_read_another(tmp_path, s3):
+    _upload(tmp_path, 2)
+    cfg = _cfg(tmp_path)
+    run(cfg)
+    job1, location = find_cache(ROOT)  # the directory a job planned with, and where its store is
+    m1 = Manifest.load(job1)
+    before = {e.file: (job1 / e.file).read_bytes() for e in m1.shards.values()}
+    time.sleep(1.1)  # last-modified has 1 s resolution: the replaced object must differ anyway
+    changed = mnist_shard(tmp_path / "local2" / "train-000001.tar", 16, offset=900)
+    object_store.put_file(changed, f"{SHARDS}/train-000001.tar")
+    assert run(cfg).labelled == ["train-000001"]
+    job2, _ = find_cache(ROOT)
+    assert job2 != job1 and job2.parent == job1.parent
+    assert {f: (job1 / f).read_bytes() for f in before} == before  # the running job's files are untouched
+    assert CacheReader(job1, verify=True).arrays("train-000001").keys == \
+        [s.key for s in ShardReader(tmp_path / "local" / "train-000001.tar")]
+    # a worker on a machine without the planner's mirror
+    os.environ["DISTILL_MIRROR_DIR"] = str(tmp_path / "other-node")
+    with pytest.raises(CacheError, match="refreshed since the job was planned"):
+        cache_dir_here(tmp_path / "gone" / job1.parent.name / job1.name, location)  # the job planned v1
+    here = cache_dir_here(tmp_path / "gone" / job2.parent.name / job2.name, location)
+    assert here.is_relative_to(tmp_path / "other-node") and here.name == job2.name
+    assert CacheReader(here, verify=True).arrays("train-000001").keys == [s.key for s in ShardReader(changed)]
