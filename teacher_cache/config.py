@@ -96,6 +96,11 @@ class RayConfig(_Strict):
                                          "while others work is dropped; the run goes on with the actors it has")
     actor_start_deadline_s: float = Field(1800.0, gt=0.0, description="with no actor started, give up after this "
                                           "(the request fits the cluster, but other jobs hold the resources)")
+    shard_timeout_s: float = Field(600.0, gt=0.0, description="a shard with no result after this + "
+                                   "shard_timeout_s_per_mb x its MB x views is hung (a stuck decode or read): its "
+                                   "actor is killed and the shard retried (counts against max_shard_retries)")
+    shard_timeout_s_per_mb: float = Field(10.0, ge=0.0, description="seconds added to a shard's deadline per MB "
+                                          "of shard and per view (10: ~100 JPEGs of ImageNet size per MB)")
 
 
 class MetricsConfig(_Strict):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from core.devices import resolve_device
+from teacher_cache import fault_injection
 from teacher_cache.cache_file import write_cache_file
 from teacher_cache.config import CacheConfig
 from teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
@@ -155,6 +156,7 @@ class Labeler:
         """Label every sample of one shard and write its cache file; a broken shard returns ok=False."""
         t0 = time.perf_counter()
         result = ShardResult(stem=task.stem, source=str(task.path), ok=False)
+        fault_injection.check_labeller()  # off unless a test switched it on
         try:
             identity = ShardIdentity.stat(task.path)
             reader = ShardReader(task.path)
