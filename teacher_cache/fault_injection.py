@@ -4,8 +4,8 @@ this machine lacks (a GPU whose context breaks) or what no sample we could ship 
 Off unless a `DISTILL_TEST_*` environment variable is set; nothing in a config can switch them on. The Ray
 pool forwards these variables to its actors (`forwarded_env`), so a test can set them after Ray started.
 
-- `DISTILL_TEST_BREAK_LABELLER=PATH`: the first labeller that starts a shard while PATH exists takes the file
-  away (an atomic rename, so exactly one labeller gets it) and is broken from then on: it raises a CUDA-style
+- `DISTILL_TEST_BREAK_LABELLER=PATH`: the first labeller that starts a shard while PATH exists deletes the file
+  (one unlink succeeds, so exactly one labeller gets it) and is broken from then on: it raises a CUDA-style
   RuntimeError on that shard and on every later one, as a labeller with a sticky CUDA error does.
 - `DISTILL_TEST_CRASH_DECODER=MARKER`: a CPU decode process that is given a sample whose image bytes contain
   MARKER kills itself with SIGSEGV before decoding it, as a crashing image codec would.
@@ -34,7 +34,7 @@ def check_labeller() -> None:
     gate = os.environ.get(BREAK_LABELLER)
     if gate and not _broken:
         try:
-            os.rename(gate, f"{gate}.taken-by-{os.getpid()}")
+            os.unlink(gate)
             _broken = True
         except OSError:  # absent, or another labeller took it
             pass

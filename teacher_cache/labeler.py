@@ -27,11 +27,12 @@ from teacher_cache.cache_file import write_cache_file
 from teacher_cache.config import CacheConfig
 from teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
 from teacher_cache.decode_pool import DecodePool, default_processes
-from teacher_cache.features import FeatureExtractor, teacher_forward
+from teacher_cache.features import FeatureExtractor, Fp32Head, teacher_forward
+from teacher_cache.placement import resolve_placement
 from teacher_cache.remote_cache import publish_cache_file
 from teacher_cache.schema import SCHEMA_VERSION, CacheMeta
 from teacher_cache.shards import ShardError, ShardIdentity, ShardPath, ShardReader
-from teacher_cache.teacher import LoadedTeacher, load_teacher, resolve_precision, view_policy
+from teacher_cache.teacher import LoadedTeacher, load_teacher, view_policy
 from teacher_cache.topk import pack_topk
 from teacher_cache.views import normalize
 
@@ -77,32 +78,35 @@ class Labeler:
 
     def __init__(self, cfg: CacheConfig, fingerprint: str, teacher: LoadedTeacher | None = None,
                  labellers_on_node: int = 1) -> None:
+        cfg = resolve_placement(cfg, in_this_process=True)  # a no-op on the driver's resolved config (Ray actors)
         self.cfg = cfg
         self.fingerprint = fingerprint
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.teacher = teacher or load_teacher(cfg.teacher)
         self.device = resolve_device(cfg.device)
-        self.dtype = _DTYPES[resolve_precision(cfg)]
+        self.dtype = _DTYPES[cfg.precision]
         self.model = self.teacher.model.to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.head = Fp32Head.install(self.model) if self.dtype != torch.float32 else None
+        self.head_precision = "fp32" if self.head is not None or self.dtype == torch.float32 else cfg.precision
         self.prep = self.teacher.preprocessing
         self.policy = view_policy(cfg, self.prep)
         self.spec = DecodeSpec(self.prep.channels, self.prep.input_size, self.prep.interpolation, self.policy,
                                self.teacher.num_classes, cfg.max_image_pixels)
-        self.gpu_decode = cfg.decode_backend == "gpu" or (cfg.decode_backend == "auto" and self.device.type == "cuda")
-        if self.gpu_decode and self.device.type != "cuda":
-            raise ValueError("decode_backend: gpu needs the teacher on CUDA (device: cuda or auto on a GPU host)")
+        self.gpu_decode = cfg.decode_backend == "gpu"
         processes = 0 if self.gpu_decode else default_processes(cfg.decode_processes, labellers_on_node)
         self.pool = DecodePool(self.spec, processes)
-        log.info("labeller: %s %s, decode %s", self.device, self.dtype,
+        log.info("labeller: %s %s (head %s), decode %s", self.device, self.dtype, self.head_precision,
                  "nvjpeg on the device" if self.gpu_decode else f"Pillow in {processes} process(es)")
         f = cfg.features
         self.features = FeatureExtractor(self.model, f.dim, f.seed, f.projection) if f.enabled else None
 
     def close(self) -> None:
         self.pool.close()
+        if self.head is not None:
+            self.head.remove()
 
     def _decoded(self, reader: ShardReader) -> Iterator[tuple[str, DecodedSample | str]]:
         """(key, decoded sample or reason), in shard order, from the chosen backend."""
@@ -164,7 +168,8 @@ class Labeler:
             rows = self._run_teacher(task, reader, errors, progress, result)
             meta = CacheMeta(SCHEMA_VERSION, self.fingerprint, self.cfg.topk, self.policy.num_views,
                              self.teacher.num_classes, self.prep.as_dict(), self.teacher.info, task.stem,
-                             self.policy.as_dict(), self.features.spec.as_dict() if self.features else None)
+                             self.policy.as_dict(), self.features.spec.as_dict() if self.features else None,
+                             self.cfg.precision, self.head_precision, self.cfg.decode_backend)
             final = task.out_dir / f"{task.stem}.parquet"
             final.parent.mkdir(parents=True, exist_ok=True)  # a staging directory on another node
             nbytes, digest = write_cache_file(final, rows, meta)

@@ -13,6 +13,7 @@ from teacher_cache.actor_pool import MAX_STARTS_IN_A_ROW, PoolReport, ShardSched
 from teacher_cache.config import CacheConfig
 from teacher_cache.fault_injection import forwarded_env
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
+from teacher_cache.placement import resolve_placement
 from teacher_cache.shards import ShardIdentity
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
                    ) -> PoolReport:
     """Schedule whole shards onto live actors; a dead actor's shard is retried elsewhere (see actor_pool)."""
     check_fits([{"CPU": cfg.ray.cpus_per_actor, "GPU": cfg.ray.gpus_per_actor}], "a teacher actor (ray.*_per_actor)")
+    cfg = resolve_placement(cfg)  # decided here, once: the actors never resolve `auto` themselves
     pool = _PoolRun(cfg, fingerprint, tasks, on_result, on_progress)
     try:
         pool.run()

@@ -28,6 +28,7 @@ from teacher_cache.manifest import (
     ShardEntry,
     plan_refresh,
 )
+from teacher_cache.placement import resolve_placement
 from teacher_cache.reader import ERRORS_DIR
 from teacher_cache.remote_cache import RemoteCacheDir, staging_root
 from teacher_cache.shards import ShardIdentity, ShardPath, expand_shard_patterns, shard_stem
@@ -114,6 +115,7 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     config. ``last_run.json`` is written while the lock is held, so it always describes the last writer.
     """
     t0 = time.perf_counter()
+    cfg = resolve_placement(cfg)  # device, precision, decode backend: once, where the labellers will run
     shards = map_shards(cfg.shards)
     teacher: LoadedTeacher | None = None
     fp = recall_fingerprint(cfg)

@@ -40,7 +40,7 @@ def test_a_broken_labeller_is_replaced_and_its_shard_retried(tmp_path, ray_local
     gate.write_text("")
     monkeypatch.setenv(fault_injection.BREAK_LABELLER, str(gate))
     res = run(_ray_cfg(tmp_path))
-    assert not gate.exists() and len(list(tmp_path.glob("break-the-first-labeller.taken-by-*"))) == 1
+    assert not gate.exists()  # one labeller took it and broke
     assert res.status == "success", res.failed
     assert sorted(res.labelled) == ["s0", "s1", "s2"] and sum(res.retried.values()) == 1
 
