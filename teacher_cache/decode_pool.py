@@ -1,8 +1,7 @@
 """Run the CPU decode backend in worker processes (out of the GIL's reach), in order, with bounded read-ahead.
 
-How many processes: ``decode_processes_for`` divides a node's CPUs between the labellers (Ray actors) on it;
-each labeller keeps one core for its own thread (reading the tar, feeding the model) and gives the rest to
-decode processes. 0 processes = decode in the calling thread (tiny jobs, tests, debugging).
+How many processes: ``teacher_cache.layout`` decides from the labeller's share of its node's CPUs (measured).
+0 processes = decode in the calling thread (labellers with 2 CPUs or fewer, tests, debugging).
 
 A decode process that dies (a codec crash, an OOM kill) never takes the labeller with it: the chunk it held is
 decoded again one sample at a time in a fresh process, and a sample that kills that process too is recorded
@@ -32,31 +31,6 @@ from teacher_cache.shards import RawSample
 log = logging.getLogger(__name__)
 _Packed = tuple[str, object, tuple[int, int], list, np.ndarray] | str
 CRASHED = "the decode process died on this sample (a crash in the image decoder); skipped"
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (cgroup/affinity aware where the OS says so)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def decode_processes_for(node_cpus: int, labellers_on_node: int) -> int:
-    """Decode processes per labeller = node CPUs / labellers on the node, minus the labeller's own core."""
-    share = node_cpus // max(1, labellers_on_node)
-    return max(0, share - 1)
-
-
-def labellers_per_node(node_cpus: float, node_gpus: float, cpus_per_actor: float, gpus_per_actor: float,
-                       num_actors: int) -> int:
-    """How many actors Ray can place on one node: GPUs bind first (GPU actors), then CPUs; at most num_actors."""
-    fits = [num_actors]
-    if gpus_per_actor > 0:
-        fits.append(int(node_gpus // gpus_per_actor))
-    if cpus_per_actor > 0:
-        fits.append(int(node_cpus // cpus_per_actor))
-    return max(1, min(fits))
 
 
 def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
@@ -172,11 +146,3 @@ class DecodePool:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-
-
-def default_processes(requested: int | None, labellers_on_node: int = 1) -> int:
-    """`decode_processes` from the config, or the node's share when it is left empty."""
-    if requested is not None:
-        return requested
-    return decode_processes_for(available_cpus(), labellers_on_node)
-

@@ -26,8 +26,9 @@ from teacher_cache import fault_injection
 from teacher_cache.cache_file import write_cache_file
 from teacher_cache.config import CacheConfig
 from teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
-from teacher_cache.decode_pool import DecodePool, default_processes
+from teacher_cache.decode_pool import DecodePool
 from teacher_cache.features import FeatureExtractor, Fp32Head, teacher_forward
+from teacher_cache.layout import available_cpus, labeller_split
 from teacher_cache.placement import resolve_placement
 from teacher_cache.remote_cache import publish_cache_file
 from teacher_cache.schema import SCHEMA_VERSION, CacheMeta
@@ -81,8 +82,12 @@ class Labeler:
         cfg = resolve_placement(cfg, in_this_process=True)  # a no-op on the driver's resolved config (Ray actors)
         self.cfg = cfg
         self.fingerprint = fingerprint
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        self.gpu_decode = cfg.decode_backend == "gpu"
+        processes, threads = labeller_split(available_cpus() // max(1, labellers_on_node), cfg.device == "cuda")
+        processes = 0 if self.gpu_decode else (cfg.decode_processes if cfg.decode_processes is not None else processes)
+        self._threads_before = torch.get_num_threads()  # given back on close(): the process may go on training
+        if threads := cfg.torch_threads or threads:
+            torch.set_num_threads(threads)
         self.teacher = teacher or load_teacher(cfg.teacher)
         self.device = resolve_device(cfg.device)
         self.dtype = _DTYPES[cfg.precision]
@@ -95,16 +100,16 @@ class Labeler:
         self.policy = view_policy(cfg, self.prep)
         self.spec = DecodeSpec(self.prep.channels, self.prep.input_size, self.prep.interpolation, self.policy,
                                self.teacher.num_classes, cfg.max_image_pixels)
-        self.gpu_decode = cfg.decode_backend == "gpu"
-        processes = 0 if self.gpu_decode else default_processes(cfg.decode_processes, labellers_on_node)
         self.pool = DecodePool(self.spec, processes)
-        log.info("labeller: %s %s (head %s), decode %s", self.device, self.dtype, self.head_precision,
+        log.info("labeller: %s %s (head %s), %d torch thread(s), decode %s", self.device, self.dtype,
+                 self.head_precision, torch.get_num_threads(),
                  "nvjpeg on the device" if self.gpu_decode else f"Pillow in {processes} process(es)")
         f = cfg.features
         self.features = FeatureExtractor(self.model, f.dim, f.seed, f.projection) if f.enabled else None
 
     def close(self) -> None:
         self.pool.close()
+        torch.set_num_threads(self._threads_before)
         if self.head is not None:
             self.head.remove()
 

@@ -13,6 +13,7 @@ from teacher_cache.actor_pool import MAX_STARTS_IN_A_ROW, PoolReport, ShardSched
 from teacher_cache.config import CacheConfig
 from teacher_cache.fault_injection import forwarded_env
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
+from teacher_cache.layout import default_actors
 from teacher_cache.placement import resolve_placement
 from teacher_cache.shards import ShardIdentity
 
@@ -22,11 +23,11 @@ log = logging.getLogger(__name__)
 def _labellers_on_this_node(cfg: CacheConfig) -> int:
     """How many labeller actors share this actor's node, from the node's Ray resources (GPUs bind first).
 
-    The node's CPUs are then divided between them for decode processes (see decode_pool.decode_processes_for).
+    The node's CPUs are then divided between them (see teacher_cache/layout.py).
     """
     import ray
 
-    from teacher_cache.decode_pool import labellers_per_node
+    from teacher_cache.layout import labellers_per_node
 
     node_id = ray.get_runtime_context().get_node_id()
     node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
@@ -132,8 +133,8 @@ def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
                    on_result: Callable[[ShardResult], None], on_progress: Callable[[ProgressEvent], None]
                    ) -> PoolReport:
     """Schedule whole shards onto live actors; a dead actor's shard is retried elsewhere (see actor_pool)."""
+    cfg = resolve_placement(_with_actor_defaults(cfg))  # decided here, once: actors never resolve `auto` themselves
     check_fits([{"CPU": cfg.ray.cpus_per_actor, "GPU": cfg.ray.gpus_per_actor}], "a teacher actor (ray.*_per_actor)")
-    cfg = resolve_placement(cfg)  # decided here, once: the actors never resolve `auto` themselves
     pool = _PoolRun(cfg, fingerprint, tasks, on_result, on_progress)
     try:
         pool.run()
@@ -142,6 +143,21 @@ def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
     report = pool.sched.report
     report.lost_nodes = sorted(n for n in set(report.lost_nodes) if _node_lost(n))
     return report
+
+
+def _with_actor_defaults(cfg: CacheConfig) -> CacheConfig:
+    """Fill `ray.num_actors` / `ray.cpus_per_actor` left empty from the cluster as it is now (layout.py)."""
+    import ray
+
+    if cfg.ray.num_actors is not None and cfg.ray.cpus_per_actor is not None:
+        return cfg
+    node_cpus = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    num, cpus = default_actors(cfg.ray.gpus_per_actor, node_cpus, ray.cluster_resources().get("GPU", 0.0))
+    ray_cfg = cfg.ray.model_copy(update={"num_actors": cfg.ray.num_actors or num,
+                                         "cpus_per_actor": cfg.ray.cpus_per_actor if cfg.ray.cpus_per_actor is not None
+                                         else cpus})
+    log.info("teacher actors: %d x %g CPU, %g GPU", ray_cfg.num_actors, ray_cfg.cpus_per_actor, ray_cfg.gpus_per_actor)
+    return cfg.model_copy(update={"ray": ray_cfg})
 
 
 class _PoolRun:
