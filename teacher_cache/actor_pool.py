@@ -5,11 +5,17 @@ real actors. The rules:
 
 - a shard whose actor died (node lost, OOM, killed) goes back to the FRONT of the queue and is retried on a
   live actor, up to `max_retries` times; then it fails with the reason;
-- a shard whose labeller raised (the actor is alive) fails at once: the same input would fail again;
-- one replacement is started per dead actor while work remains; an actor that is not placed (and loaded)
-  within the deadline while other actors work is dropped, and the run finishes with the actors it has;
-  after `MAX_STARTS_IN_A_ROW` starts in a row that failed or were dropped, no more replacements are tried
-  while other actors still work;
+- a shard whose labeller raised something other than a shard error (a sticky CUDA error, OOM: the labeller
+  catches shard errors itself) retires its actor, which may be broken for good, and is retried the same way;
+- a shard past its deadline (`deadline_of(task)` seconds after it was handed out: a hung decode or read)
+  retires its actor (the caller kills it) and is retried the same way;
+- one replacement is started per retired actor while work remains; an actor that is not placed (and loaded)
+  within the start timeout while other actors work is dropped, and the run finishes with the actors it has.
+  The timeout counts from the later of its start and the last time an actor became ready: while actors keep
+  arriving (an autoscaling cluster adding nodes one by one) the cluster is still growing, so the others are
+  not dropped the moment the first one is ready. Actors dropped in one check count as one failed round (they
+  waited for the same capacity); after `MAX_STARTS_IN_A_ROW` rounds of starts that failed or were dropped, no
+  more replacements are tried while other actors still work;
 - when the last actor dies, one is always started again (the cluster has room now, unless the node went with
   it) and waited for up to `alone_deadline_s`; only when it cannot start (constructor errors in a row, or the
   deadline) do the remaining shards fail, with one clear reason.
@@ -18,12 +24,13 @@ real actors. The rules:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 A = TypeVar("A")  # an actor handle (opaque here)
 T = TypeVar("T")  # a task (anything with a `stem`)
-MAX_STARTS_IN_A_ROW = 3  # failed or dropped actor starts before the pool stops asking for replacements
+MAX_STARTS_IN_A_ROW = 3  # failed starts, or rounds of dropped starts, before the pool stops asking for more
 
 
 @dataclass
@@ -34,6 +41,8 @@ class PoolReport:
     lost_nodes: list[str] = field(default_factory=list)  # nodes whose actors died with them
     actors_died: int = 0
     actors_dropped: int = 0  # replacements never placed within the deadline
+    actors_retired: int = 0  # alive but replaced: the labeller raised (maybe broken for good) or a shard hung
+    timed_out: dict[str, int] = field(default_factory=dict)  # stem -> attempts that passed the shard deadline
     progress_lost: bool = False  # the progress channel died; counts come from finished shards anyway
 
 
@@ -43,31 +52,42 @@ class _Starting(Generic[A]):
     since: float
 
 
+@dataclass
+class _Busy(Generic[A, T]):
+    actor: A
+    task: T
+    attempt: int
+    deadline: float  # monotonic time after which the shard counts as hung
+
+
 class ShardScheduler(Generic[A, T]):
     """Which shard goes to which actor, and what a death or a deadline means."""
 
     def __init__(self, tasks: list[T], max_retries: int, start_timeout_s: float,
-                 alone_deadline_s: float = float("inf")) -> None:
+                 alone_deadline_s: float = float("inf"), deadline_of: Callable[[T], float] | None = None) -> None:
         self.todo: deque[tuple[T, int]] = deque((t, 0) for t in tasks)
         self.max_retries = max_retries
         self.start_timeout_s = start_timeout_s
         self.alone_deadline_s = alone_deadline_s
+        self.deadline_of = deadline_of  # seconds one attempt at a task may take; None = no deadline
         self.idle: list[A] = []
-        self.busy: dict[int, tuple[A, T, int]] = {}  # id(actor) -> (actor, task, attempt)
+        self.busy: dict[int, _Busy[A, T]] = {}  # id(actor) -> what it labels
         self.starting: dict[int, _Starting[A]] = {}
         self.report = PoolReport()
         self.failed_starts = 0  # in a row: the constructor raised or the node died before it was ready
-        self.dropped_starts = 0  # in a row: not placed within start_timeout_s while other actors worked
+        self.dropped_starts = 0  # rounds in a row: not placed within start_timeout_s while other actors worked
         self.gave_up_waiting = False  # alone, and no actor was placed within alone_deadline_s
+        self.last_ready = float("-inf")  # when an actor last became ready: the cluster was growing then
 
     # actor lifecycle -------------------------------------------------------------------------------------
     def started(self, actor: A, now: float) -> None:
         self.starting[id(actor)] = _Starting(actor, now)
 
-    def ready(self, actor: A) -> None:
+    def ready(self, actor: A, now: float) -> None:
         if self.starting.pop(id(actor), None) is not None:
             self.idle.append(actor)
             self.failed_starts = self.dropped_starts = 0
+            self.last_ready = max(self.last_ready, now)
 
     def start_failed(self, actor: A) -> None:
         """The actor died before it was ready (its node went away, or its constructor raised)."""
@@ -76,47 +96,74 @@ class ShardScheduler(Generic[A, T]):
             self.failed_starts += 1
 
     def overdue(self, now: float) -> list[A]:
-        """Starting actors past the deadline while others work: dropped (the caller kills them).
+        """Starting actors past the start timeout while others work: dropped (the caller kills them).
 
-        With no live actor there is nothing to go on with: keep waiting (a busy cluster places them later; an
-        infeasible request is refused before the run by the resource check), up to `alone_deadline_s`.
+        The timeout runs from the later of the actor's start and the last time any actor became ready, so a
+        cluster that is still adding nodes is not cut off when its first node arrives. With no live actor
+        there is nothing to go on with: keep waiting (a busy cluster places them later; an infeasible
+        request is refused before the run by the resource check), up to `alone_deadline_s` from its start.
         """
         alone = not (self.idle or self.busy)
-        limit = self.alone_deadline_s if alone else self.start_timeout_s
-        late = [s.actor for s in self.starting.values() if now - s.since > limit]
+        if alone:
+            late = [s.actor for s in self.starting.values() if now - s.since > self.alone_deadline_s]
+        else:
+            late = [s.actor for s in self.starting.values()
+                    if now - max(s.since, self.last_ready) > self.start_timeout_s]
         for actor in late:
             del self.starting[id(actor)]
             self.report.actors_dropped += 1
-        self.dropped_starts += len(late)
+        self.dropped_starts += bool(late)  # one round: they all waited for the same capacity
         self.gave_up_waiting = self.gave_up_waiting or bool(late and alone)
         return late
 
     # work ------------------------------------------------------------------------------------------------
-    def assignments(self) -> list[tuple[A, T]]:
+    def assignments(self, now: float) -> list[tuple[A, T, int]]:
+        """(actor, task, attempt) for every idle actor that gets a queued task now."""
         out = []
         while self.idle and self.todo:
             actor = self.idle.pop()
             task, attempt = self.todo.popleft()
-            self.busy[id(actor)] = (actor, task, attempt)
-            out.append((actor, task))
+            limit = self.deadline_of(task) if self.deadline_of is not None else float("inf")
+            self.busy[id(actor)] = _Busy(actor, task, attempt, now + limit)
+            out.append((actor, task, attempt))
         return out
 
     def finished(self, actor: A) -> T:
         """The shard came back (ok or not, from the labeller itself): the actor is free again."""
-        _, task, _ = self.busy.pop(id(actor))
+        task = self.busy.pop(id(actor)).task
         self.idle.append(actor)
         return task
 
     def actor_died(self, actor: A) -> tuple[T, bool]:
         """The actor died while labelling: (its task, whether that task was queued again)."""
-        _, task, attempt = self.busy.pop(id(actor))
         self.report.actors_died += 1
-        if attempt < self.max_retries:
-            self.todo.appendleft((task, attempt + 1))
-            stem = task.stem  # type: ignore[attr-defined]
+        return self._retry(self.busy.pop(id(actor)))
+
+    def actor_broken(self, actor: A) -> tuple[T, bool]:
+        """The labeller raised something other than a shard error: the actor may be broken for good (a sticky
+        CUDA error, OOM), so it is retired (the caller kills it) and its shard retried on another actor."""
+        self.report.actors_retired += 1
+        return self._retry(self.busy.pop(id(actor)))
+
+    def hung(self, now: float) -> list[tuple[A, T, int, bool]]:
+        """Shards past their deadline: (actor, task, attempt, queued again); each actor is retired (the caller
+        kills it: a blocked read cannot be interrupted any other way)."""
+        out = []
+        for b in [b for b in self.busy.values() if now > b.deadline]:
+            del self.busy[id(b.actor)]
+            self.report.actors_retired += 1
+            stem = b.task.stem  # type: ignore[attr-defined]
+            self.report.timed_out[stem] = self.report.timed_out.get(stem, 0) + 1
+            out.append((b.actor, b.task, b.attempt, self._retry(b)[1]))
+        return out
+
+    def _retry(self, b: _Busy[A, T]) -> tuple[T, bool]:
+        if b.attempt < self.max_retries:
+            self.todo.appendleft((b.task, b.attempt + 1))
+            stem = b.task.stem  # type: ignore[attr-defined]
             self.report.retried[stem] = self.report.retried.get(stem, 0) + 1
-            return task, True
-        return task, False
+            return b.task, True
+        return b.task, False
 
     def wants_replacement(self, target: int) -> bool:
         """Start another actor only while queued work exceeds what live and starting actors can take.
@@ -145,4 +192,4 @@ class ShardScheduler(Generic[A, T]):
         return not self.todo and not self.busy
 
     def live_actors(self) -> list[A]:
-        return [*self.idle, *(a for a, _, _ in self.busy.values()), *(s.actor for s in self.starting.values())]
+        return [*self.idle, *(b.actor for b in self.busy.values()), *(s.actor for s in self.starting.values())]

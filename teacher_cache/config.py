@@ -78,8 +78,11 @@ class FeaturesConfig(_Strict):
 class RayConfig(_Strict):
     enabled: bool = Field(True, description="false = run every shard in this process (debugging, no Ray)")
     address: str | None = Field(None, description="Ray cluster address; empty = RAY_ADDRESS or a local cluster")
-    num_actors: int = Field(2, ge=1)
-    cpus_per_actor: float = Field(1.0, ge=0.0)
+    num_actors: int | None = Field(None, ge=1, description="labeller actors; empty = one per GPU (cluster GPUs / "
+                                   "gpus_per_actor) or, for CPU actors, one per node, counted at the start (set it "
+                                   "on an autoscaling cluster)")
+    cpus_per_actor: float | None = Field(None, ge=0.0, description="CPUs Ray reserves per actor; empty = 1 for GPU "
+                                         "actors, the smallest node's CPUs for CPU actors (one actor fills a node)")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per labeller actor (e.g. 1, or 0.5 for two "
                                   "actors per GPU); the actors on a node share its CPUs for decoding")
     max_shard_retries: int = Field(2, ge=0, description="times a shard whose actor died (node lost, OOM) is "
@@ -88,6 +91,11 @@ class RayConfig(_Strict):
                                          "while others work is dropped; the run goes on with the actors it has")
     actor_start_deadline_s: float = Field(1800.0, gt=0.0, description="with no actor started, give up after this "
                                           "(the request fits the cluster, but other jobs hold the resources)")
+    shard_timeout_s: float = Field(600.0, gt=0.0, description="a shard with no result after this + "
+                                   "shard_timeout_s_per_mb x its MB x views is hung (a stuck decode or read): its "
+                                   "actor is killed and the shard retried (counts against max_shard_retries)")
+    shard_timeout_s_per_mb: float = Field(10.0, ge=0.0, description="seconds added to a shard's deadline per MB "
+                                          "of shard and per view (10: ~100 JPEGs of ImageNet size per MB)")
 
 
 class MetricsConfig(_Strict):
@@ -122,11 +130,14 @@ class CacheConfig(_Strict):
     decode_backend: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto = nvjpeg + on-device view replay when the teacher runs on CUDA, else Pillow")
     decode_processes: int | None = Field(None, ge=0, description="CPU decode worker processes per labeller; "
-                                         "empty = the node's CPUs / labellers on the node - 1; 0 = in-thread")
+                                         "empty = from its share S of the node's CPUs: S - 1 on a GPU, S // 2 on "
+                                         "the CPU from S = 3 (below: 0); 0 = decode in the labeller's reading thread")
     decode_threads: int = Field(2, ge=1, description="kept for old configs; decoding uses decode_processes")
     max_image_pixels: int = Field(40_000_000, ge=1, le=178_000_000, description="bigger images are recorded as "
                                   "bad samples, checked from the header before decoding (decompression bombs)")
-    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per labeller (default: torch's)")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per labeller; empty = on the CPU "
+                                      "its share of the node's CPUs less the decode processes (1 up to 2 CPUs); on a "
+                                      "GPU, torch's (Ray: the actor's CPUs)")
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     progress: bool = True

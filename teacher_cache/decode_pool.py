@@ -1,8 +1,12 @@
 """Run the CPU decode backend in worker processes (out of the GIL's reach), in order, with bounded read-ahead.
 
-How many processes: ``decode_processes_for`` divides a node's CPUs between the labellers (Ray actors) on it;
-each labeller keeps one core for its own thread (reading the tar, feeding the model) and gives the rest to
-decode processes. 0 processes = decode in the calling thread (tiny jobs, tests, debugging).
+How many processes: ``teacher_cache.layout`` decides from the labeller's share of its node's CPUs (measured).
+0 processes = decode in the calling thread (labellers with 2 CPUs or fewer, tests, debugging).
+
+A decode process that dies (a codec crash, an OOM kill) never takes the labeller with it: the chunk it held is
+decoded again one sample at a time in a fresh process, and a sample that kills that process too is recorded
+as a bad sample (`errors/<shard>.jsonl`) and skipped. With 0 processes there is nothing to isolate: a crashing
+sample crashes the caller. Tests make a real decode process crash with `teacher_cache.fault_injection`.
 """
 
 from __future__ import annotations
@@ -15,40 +19,18 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
 
+from teacher_cache import fault_injection
 from teacher_cache.decode import DecodedSample, DecodeSpec, try_decode_cpu
 from teacher_cache.shards import RawSample
 
 log = logging.getLogger(__name__)
 _Packed = tuple[str, object, tuple[int, int], list, np.ndarray] | str
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (cgroup/affinity aware where the OS says so)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def decode_processes_for(node_cpus: int, labellers_on_node: int) -> int:
-    """Decode processes per labeller = node CPUs / labellers on the node, minus the labeller's own core."""
-    share = node_cpus // max(1, labellers_on_node)
-    return max(0, share - 1)
-
-
-def labellers_per_node(node_cpus: float, node_gpus: float, cpus_per_actor: float, gpus_per_actor: float,
-                       num_actors: int) -> int:
-    """How many actors Ray can place on one node: GPUs bind first (GPU actors), then CPUs; at most num_actors."""
-    fits = [num_actors]
-    if gpus_per_actor > 0:
-        fits.append(int(node_gpus // gpus_per_actor))
-    if cpus_per_actor > 0:
-        fits.append(int(node_cpus // cpus_per_actor))
-    return max(1, min(fits))
+CRASHED = "the decode process died on this sample (a crash in the image decoder); skipped"
 
 
 def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
@@ -66,11 +48,16 @@ def _init_worker(parent: int) -> None:
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
 
 
+def _decode(raw: RawSample, spec: DecodeSpec) -> DecodedSample | str:
+    fault_injection.check_decode(raw)  # off unless a test switched it on
+    return try_decode_cpu(raw, spec)
+
+
 def _decode_chunk(raws: list[RawSample], spec: DecodeSpec) -> list[_Packed]:
     """Runs in a worker process; numpy arrays travel back through the pipe (no shared-memory fds to leak)."""
     out: list[_Packed] = []
     for raw in raws:
-        r = try_decode_cpu(raw, spec)
+        r = _decode(raw, spec)
         out.append(r if isinstance(r, str) else (r.key, r.label, r.hw, r.views, r.pixels.numpy()))
     return out
 
@@ -91,13 +78,13 @@ class DecodePool:
         self.chunk = chunk
         self._pool: ProcessPoolExecutor | None = None
         if processes > 0:
-            self._pool = self._new_pool()
+            self._pool = self._new_pool(processes)
 
     def map(self, raws: Iterable[RawSample]) -> Iterator[tuple[str, DecodedSample | str]]:
         """(key, result) in input order; at most 2 chunks per process in flight (bounded memory)."""
         if self._pool is None:
             for raw in raws:
-                yield raw.key, try_decode_cpu(raw, self.spec)
+                yield raw.key, _decode(raw, self.spec)
             return
         window: deque[tuple[list[RawSample], Future]] = deque()
         limit = 2 * self.processes
@@ -113,35 +100,49 @@ class DecodePool:
             chunk, fut = window.popleft()
             try:
                 results = [_unpack(p) for p in fut.result()]
-            except Exception as exc:  # a worker died (OOM kill, codec crash): redo its chunk here, keep going
-                log.warning("decode process failed (%s: %s); decoding %d samples in the labeller and restarting "
-                            "the pool", exc.__class__.__name__, exc, len(chunk))
-                results = [try_decode_cpu(r, self.spec) for r in chunk]
+            except Exception as exc:  # a worker died (OOM kill, codec crash): never decode its chunk here
+                log.warning("decode process failed (%s: %s); restarting the pool and decoding its %d samples one by "
+                            "one in a fresh process", exc.__class__.__name__, exc, len(chunk))
                 self._restart()
                 window = deque((c, self._pool.submit(_decode_chunk, c, self.spec)) for c, _ in window)
+                results = self._isolated(chunk)
             for raw, r in zip(chunk, results, strict=True):
                 yield raw.key, r
+
+    def _isolated(self, chunk: list[RawSample]) -> list[DecodedSample | str]:
+        """Decode a dead worker's chunk sample by sample in a process of its own: the sample that kills it (if
+        the crash was not a one-off) becomes a bad sample, and a fresh process takes the rest."""
+        out: list[DecodedSample | str] = []
+        solo: ProcessPoolExecutor | None = None
+        try:
+            for raw in chunk:
+                solo = solo or self._new_pool(1)
+                try:
+                    out.append(_unpack(solo.submit(_decode_chunk, [raw], self.spec).result()[0]))
+                except BrokenProcessPool:
+                    log.warning("sample %s killed its decode process; recorded as a bad sample", raw.key)
+                    out.append(CRASHED)
+                    solo.shutdown(wait=False, cancel_futures=True)
+                    solo = None
+                except Exception as exc:  # noqa: BLE001 - whatever else broke, it broke on this sample alone
+                    out.append(f"decoding failed in its process ({exc.__class__.__name__}: {exc}); skipped")
+        finally:
+            if solo is not None:
+                solo.shutdown(wait=True)
+        return out
 
     def _restart(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._new_pool()
+            self._pool = self._new_pool(self.processes)
 
-    def _new_pool(self) -> ProcessPoolExecutor:
+    def _new_pool(self, processes: int) -> ProcessPoolExecutor:
         """spawn, not fork: a forked worker inherits the cache directory's lock fd (a SIGKILLed job would keep
         its lock while orphaned workers live) and is unsafe once CUDA is initialised. Costs one import each."""
-        return ProcessPoolExecutor(self.processes, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+        return ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                    initargs=(os.getpid(),))
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-
-
-def default_processes(requested: int | None, labellers_on_node: int = 1) -> int:
-    """`decode_processes` from the config, or the node's share when it is left empty."""
-    if requested is not None:
-        return requested
-    return decode_processes_for(available_cpus(), labellers_on_node)
-

@@ -37,6 +37,7 @@ def _memo_key(cfg: CacheConfig) -> str | None:
 
     if (precision := resolve_precision(cfg)) != "fp32":  # part of the fingerprint (fp32 keys stay as they were)
         payload["precision"] = precision
+        payload["head_fp32"] = True  # heads run in fp32 since this build: older bf16 fingerprints are not recalled
     if cfg.features.enabled:  # toggling features must not recall the other cache's fingerprint
         payload["features"] = cfg.features.model_dump(mode="json")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -22,14 +22,17 @@ import torch
 
 from core.devices import resolve_device
 from core.storage import Store, open_store
+from teacher_cache import fault_injection
 from teacher_cache.cache_file import publish_cache_file, shard_stats
 from teacher_cache.config import CacheConfig
 from teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
-from teacher_cache.decode_pool import DecodePool, default_processes
-from teacher_cache.features import FeatureExtractor, teacher_forward
+from teacher_cache.decode_pool import DecodePool
+from teacher_cache.features import FeatureExtractor, Fp32Head, teacher_forward
+from teacher_cache.layout import available_cpus, labeller_split
+from teacher_cache.placement import resolve_placement
 from teacher_cache.schema import SCHEMA_VERSION, CacheMeta
 from teacher_cache.shards import ShardError, ShardIdentity, ShardPath, ShardReader
-from teacher_cache.teacher import LoadedTeacher, load_teacher, resolve_precision, view_policy
+from teacher_cache.teacher import LoadedTeacher, load_teacher, view_policy
 from teacher_cache.topk import pack_topk
 from teacher_cache.views import normalize
 
@@ -79,32 +82,39 @@ class Labeler:
 
     def __init__(self, cfg: CacheConfig, fingerprint: str, teacher: LoadedTeacher | None = None,
                  labellers_on_node: int = 1) -> None:
+        cfg = resolve_placement(cfg, in_this_process=True)  # a no-op on the driver's resolved config (Ray actors)
         self.cfg = cfg
         self.fingerprint = fingerprint
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        self.gpu_decode = cfg.decode_backend == "gpu"
+        processes, threads = labeller_split(available_cpus() // max(1, labellers_on_node), cfg.device == "cuda")
+        processes = 0 if self.gpu_decode else (cfg.decode_processes if cfg.decode_processes is not None else processes)
+        self._threads_before = torch.get_num_threads()  # given back on close(): the process may go on training
+        if threads := cfg.torch_threads or threads:
+            torch.set_num_threads(threads)
         self.teacher = teacher or load_teacher(cfg.teacher)
         self.device = resolve_device(cfg.device)
-        self.dtype = _DTYPES[resolve_precision(cfg)]
+        self.dtype = _DTYPES[cfg.precision]
         self.model = self.teacher.model.to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.head = Fp32Head.install(self.model) if self.dtype != torch.float32 else None
+        self.head_precision = "fp32" if self.head is not None or self.dtype == torch.float32 else cfg.precision
         self.prep = self.teacher.preprocessing
         self.policy = view_policy(cfg, self.prep)
         self.spec = DecodeSpec(self.prep.channels, self.prep.input_size, self.prep.interpolation, self.policy,
                                self.teacher.num_classes, cfg.max_image_pixels)
-        self.gpu_decode = cfg.decode_backend == "gpu" or (cfg.decode_backend == "auto" and self.device.type == "cuda")
-        if self.gpu_decode and self.device.type != "cuda":
-            raise ValueError("decode_backend: gpu needs the teacher on CUDA (device: cuda or auto on a GPU host)")
-        processes = 0 if self.gpu_decode else default_processes(cfg.decode_processes, labellers_on_node)
         self.pool = DecodePool(self.spec, processes)
-        log.info("labeller: %s %s, decode %s", self.device, self.dtype,
+        log.info("labeller: %s %s (head %s), %d torch thread(s), decode %s", self.device, self.dtype,
+                 self.head_precision, torch.get_num_threads(),
                  "nvjpeg on the device" if self.gpu_decode else f"Pillow in {processes} process(es)")
         f = cfg.features
         self.features = FeatureExtractor(self.model, f.dim, f.seed, f.projection) if f.enabled else None
 
     def close(self) -> None:
         self.pool.close()
+        torch.set_num_threads(self._threads_before)
+        if self.head is not None:
+            self.head.remove()
 
     def _decoded(self, reader: ShardReader) -> Iterator[tuple[str, DecodedSample | str]]:
         """(key, decoded sample or reason), in shard order, from the chosen backend."""
@@ -158,6 +168,7 @@ class Labeler:
         """Label every sample of one shard and write its cache file; a broken shard returns ok=False."""
         t0 = time.perf_counter()
         result = ShardResult(stem=task.stem, source=str(task.path), ok=False)
+        fault_injection.check_labeller()  # off unless a test switched it on
         try:
             identity = ShardIdentity.stat(task.path)
             reader = ShardReader(task.path)
@@ -165,7 +176,8 @@ class Labeler:
             rows = self._run_teacher(task, reader, errors, progress, result)
             meta = CacheMeta(SCHEMA_VERSION, self.fingerprint, self.cfg.topk, self.policy.num_views,
                              self.teacher.num_classes, self.prep.as_dict(), self.teacher.info, task.stem,
-                             self.policy.as_dict(), self.features.spec.as_dict() if self.features else None)
+                             self.policy.as_dict(), self.features.spec.as_dict() if self.features else None,
+                             self.cfg.precision, self.head_precision, self.cfg.decode_backend)
             name, nbytes, digest = publish_cache_file(task.store, task.stem, rows, meta)
         except (ShardError, OSError) as exc:
             result.message = str(exc)

@@ -11,7 +11,11 @@ from core.graceful_stop import raise_if_stopping
 from core.ray_cluster import check_fits
 from teacher_cache.actor_pool import MAX_STARTS_IN_A_ROW, PoolReport, ShardScheduler
 from teacher_cache.config import CacheConfig
+from teacher_cache.fault_injection import forwarded_env
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
+from teacher_cache.layout import default_actors
+from teacher_cache.placement import resolve_placement
+from teacher_cache.shards import ShardIdentity
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +23,11 @@ log = logging.getLogger(__name__)
 def _labellers_on_this_node(cfg: CacheConfig) -> int:
     """How many labeller actors share this actor's node, from the node's Ray resources (GPUs bind first).
 
-    The node's CPUs are then divided between them for decode processes (see decode_pool.decode_processes_for).
+    The node's CPUs are then divided between them (see teacher_cache/layout.py).
     """
     import ray
 
-    from teacher_cache.decode_pool import labellers_per_node
+    from teacher_cache.layout import labellers_per_node
 
     node_id = ray.get_runtime_context().get_node_id()
     node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
@@ -129,6 +133,7 @@ def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
                    on_result: Callable[[ShardResult], None], on_progress: Callable[[ProgressEvent], None]
                    ) -> PoolReport:
     """Schedule whole shards onto live actors; a dead actor's shard is retried elsewhere (see actor_pool)."""
+    cfg = resolve_placement(_with_actor_defaults(cfg))  # decided here, once: actors never resolve `auto` themselves
     check_fits([{"CPU": cfg.ray.cpus_per_actor, "GPU": cfg.ray.gpus_per_actor}], "a teacher actor (ray.*_per_actor)")
     pool = _PoolRun(cfg, fingerprint, tasks, on_result, on_progress)
     try:
@@ -140,6 +145,21 @@ def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
     return report
 
 
+def _with_actor_defaults(cfg: CacheConfig) -> CacheConfig:
+    """Fill `ray.num_actors` / `ray.cpus_per_actor` left empty from the cluster as it is now (layout.py)."""
+    import ray
+
+    if cfg.ray.num_actors is not None and cfg.ray.cpus_per_actor is not None:
+        return cfg
+    node_cpus = [n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    num, cpus = default_actors(cfg.ray.gpus_per_actor, node_cpus, ray.cluster_resources().get("GPU", 0.0))
+    ray_cfg = cfg.ray.model_copy(update={"num_actors": cfg.ray.num_actors or num,
+                                         "cpus_per_actor": cfg.ray.cpus_per_actor if cfg.ray.cpus_per_actor is not None
+                                         else cpus})
+    log.info("teacher actors: %d x %g CPU, %g GPU", ray_cfg.num_actors, ray_cfg.cpus_per_actor, ray_cfg.gpus_per_actor)
+    return cfg.model_copy(update={"ray": ray_cfg})
+
+
 class _PoolRun:
     """One run of the actor pool: Ray calls in, ShardScheduler decisions out."""
 
@@ -149,11 +169,14 @@ class _PoolRun:
 
         self.cfg, self.on_result = cfg, on_result
         self.sched: ShardScheduler = ShardScheduler(tasks, cfg.ray.max_shard_retries, cfg.ray.actor_start_timeout_s,
-                                                    cfg.ray.actor_start_deadline_s)
+                                                    cfg.ray.actor_start_deadline_s,
+                                                    deadline_of=lambda t: shard_deadline_s(cfg, t))
         self.queue = _progress_queue()
         self.progress = _Progress(self.queue, on_progress, self.sched.report)
-        self.actor_cls = ray.remote(num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor,
-                                    max_restarts=0)(TeacherActor)
+        options: dict = {"num_cpus": cfg.ray.cpus_per_actor, "num_gpus": cfg.ray.gpus_per_actor, "max_restarts": 0}
+        if env := forwarded_env():  # faults a test switched on (teacher_cache/fault_injection.py); never otherwise
+            options["runtime_env"] = {"env_vars": env}
+        self.actor_cls = ray.remote(**options)(TeacherActor)
         self.args = (cfg.model_dump(mode="json"), fingerprint, self.queue)
         self.target = min(cfg.ray.num_actors, len(tasks))
         self.ready_refs: dict = {}  # node() ref -> actor
@@ -161,10 +184,18 @@ class _PoolRun:
         self.node_of: dict[int, str] = {}
         self.last_start_error = ""
 
-    def spawn(self) -> None:
+    def spawn(self, now: float) -> None:
         actor = self.actor_cls.remote(*self.args)
-        self.sched.started(actor, time.monotonic())
+        self.sched.started(actor, now)
         self.ready_refs[actor.node.remote()] = actor
+
+    def retire(self, actor: object) -> None:
+        """Kill an actor the pool gave up on (broken or hung); its call in flight, if any, is forgotten."""
+        import ray
+
+        self.label_refs = {r: v for r, v in self.label_refs.items() if v[0] is not actor}
+        with contextlib.suppress(Exception):  # gone already if its node died
+            ray.kill(actor)
 
     def fail(self, task: ShardTask, message: str) -> None:
         self.on_result(ShardResult(stem=task.stem, source=str(task.path), ok=False, message=message))
@@ -172,12 +203,12 @@ class _PoolRun:
     def run(self) -> None:
         import ray
 
+        now = time.monotonic()
         for _ in range(self.target):
-            self.spawn()
+            self.spawn(now)
         while not self.sched.done:
             raise_if_stopping()  # a SIGTERM swallowed by a best-effort call (the progress channel) ends it here
-            for actor, task in self.sched.assignments():
-                attempt = self.sched.busy[id(actor)][2]
+            for actor, task, attempt in self.sched.assignments(time.monotonic()):
                 self.progress.begin(task.stem, attempt)
                 self.label_refs[actor.label.remote(task, attempt)] = (actor, task, attempt)
             refs = [*self.label_refs, *self.ready_refs]
@@ -199,7 +230,7 @@ class _PoolRun:
         actor = self.ready_refs.pop(ref)
         try:
             self.node_of[id(actor)] = ray.get(ref)
-            self.sched.ready(actor)
+            self.sched.ready(actor, time.monotonic())
         except ray.exceptions.RayError as exc:  # its node died, or the teacher did not load
             self.sched.start_failed(actor)
             self.last_start_error = _one_line(exc)
@@ -221,10 +252,15 @@ class _PoolRun:
                 self.fail(task, f"{task.path}: the teacher actor died {attempt + 1} time(s) while labelling this "
                                 f"shard (last: {_one_line(exc)}); raise ray.max_shard_retries or check the nodes")
             return
-        except ray.exceptions.RayTaskError as exc:  # the labeller raised: same input, same failure
-            self.sched.finished(actor)
-            self.progress.end(task.stem, attempt, keep=False)
-            self.fail(task, f"{task.path}: labeller failed: {_one_line(exc)}")
+        except ray.exceptions.RayTaskError as exc:  # not a shard error (the labeller returns those): a CUDA error,
+            self.progress.end(task.stem, attempt, keep=False)  # OOM, a bug; the actor may be broken for good
+            _, requeued = self.sched.actor_broken(actor)
+            self.retire(actor)
+            log.warning("the labeller raised on %s (%s); replacing its actor%s", task.stem, _one_line(exc),
+                        " and retrying the shard" if requeued else "")
+            if not requeued:
+                self.fail(task, f"{task.path}: the labeller failed on {attempt + 1} actor(s), each replaced "
+                                f"after its failure (last: {_one_line(exc)})")
             return
         self.sched.finished(actor)
         self.progress.end(task.stem, attempt, keep=result.ok)
@@ -234,13 +270,24 @@ class _PoolRun:
         """Drop actors that were never placed, start replacements, fail shards no actor will take."""
         import ray
 
-        for actor in self.sched.overdue(time.monotonic()):
+        now = time.monotonic()
+        for actor, task, attempt, requeued in self.sched.hung(now):
+            self.progress.end(task.stem, attempt, keep=False)
+            self.retire(actor)
+            limit = shard_deadline_s(self.cfg, task)
+            log.warning("%s: no result within %.0f s; killed its actor%s", task.stem, limit,
+                        ", retrying the shard on another" if requeued else "")
+            if not requeued:
+                self.fail(task, f"{task.path}: no result within {limit:.0f} s on {attempt + 1} attempt(s), each on "
+                                "a fresh actor (a hung decode or read?); the deadline is ray.shard_timeout_s + "
+                                "ray.shard_timeout_s_per_mb x shard MB x views: raise them if the shard is just slow")
+        for actor in self.sched.overdue(now):
             log.warning("a teacher actor was not placed within %.0f s; going on without it (the cluster has %s)",
                         self.cfg.ray.actor_start_timeout_s, _resources_text())
             self.ready_refs = {r: a for r, a in self.ready_refs.items() if a is not actor}
             ray.kill(actor)
-        if self.sched.wants_replacement(self.target):
-            self.spawn()
+        while self.sched.wants_replacement(self.target):  # all in one tick: one round if they are dropped
+            self.spawn(now)
         if self.sched.gave_up_waiting or not self.last_start_error:
             why = f"none started within {self.cfg.ray.actor_start_deadline_s:g} s (ray.actor_start_deadline_s): " \
                   "other jobs may hold the resources"
@@ -257,6 +304,16 @@ class _PoolRun:
             ray.kill(actor)
         with contextlib.suppress(Exception):  # gone already if its node died
             ray.kill(self.queue.actor)  # type: ignore[attr-defined]
+
+
+def shard_deadline_s(cfg: CacheConfig, task: ShardTask) -> float:
+    """Seconds one attempt at a shard may take before its actor counts as hung: a base plus a share per MB and
+    view, so a big shard or many views get more time; an unreadable size counts as 0 MB."""
+    try:
+        size = ShardIdentity.stat(task.path).size
+    except OSError:
+        size = 0
+    return cfg.ray.shard_timeout_s + cfg.ray.shard_timeout_s_per_mb * size / 1e6 * cfg.views.num_views
 
 
 def _one_line(exc: BaseException) -> str:

@@ -24,6 +24,7 @@ from teacher_cache.features import check_features
 from teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
 from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from teacher_cache.manifest import Manifest, ManifestWriter, ShardEntry, plan_refresh
+from teacher_cache.placement import resolve_placement
 from teacher_cache.reader import ERRORS_DIR
 from teacher_cache.shards import ShardIdentity, ShardPath, expand_shard_patterns, shard_stem
 from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
@@ -111,6 +112,7 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     config. ``last_run.json`` is written while the lock is held, so it always describes the last writer.
     """
     t0 = time.perf_counter()
+    cfg = resolve_placement(cfg)  # device, precision, decode backend: once, where the labellers will run
     teacher: LoadedTeacher | None = None
     fp = recall_fingerprint(cfg)
     early = fp is not None and not wait_for_lock  # a run that waits for the lock lists after getting it

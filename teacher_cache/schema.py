@@ -30,6 +30,9 @@ META_TEACHER = b"distill.teacher"
 META_SHARD = b"distill.shard"
 META_VIEW_POLICY = b"distill.view_policy"
 META_FEATURES = b"distill.features"  # v2, only with the features column: {dim, source_dim, projection, seed, ...}
+META_PRECISION = b"distill.precision"  # optional (absent in older files): forward precision, fp32|bf16|fp16
+META_HEAD_PRECISION = b"distill.head_precision"  # optional: the classifier head's (fp32 under autocast if hookable)
+META_DECODE_BACKEND = b"distill.decode_backend"  # optional: cpu (Pillow) | gpu (nvjpeg, Pillow fallback)
 
 COL_KEY = "key"
 COL_LABEL = "label"
@@ -90,6 +93,9 @@ class CacheMeta:
     shard: str
     view_policy: dict[str, Any]
     features: dict[str, Any] | None = None  # v2: {dim, source_dim, projection, seed, layer}; None = no column
+    precision: str | None = None  # how the labels were computed; None in files written before it was recorded
+    head_precision: str | None = None
+    decode_backend: str | None = None
 
     @property
     def feature_dim(self) -> int | None:
@@ -109,6 +115,10 @@ class CacheMeta:
         }
         if self.features is not None:
             kv[META_FEATURES] = json.dumps(self.features, sort_keys=True).encode()
+        for key, value in ((META_PRECISION, self.precision), (META_HEAD_PRECISION, self.head_precision),
+                           (META_DECODE_BACKEND, self.decode_backend)):
+            if value is not None:
+                kv[key] = value.encode()
         return kv
 
     @classmethod
@@ -136,6 +146,9 @@ class CacheMeta:
                 shard=kv[META_SHARD].decode(),
                 view_policy=json.loads(kv[META_VIEW_POLICY]),
                 features=json.loads(kv[META_FEATURES]) if version >= 2 and META_FEATURES in kv else None,
+                precision=kv[META_PRECISION].decode() if META_PRECISION in kv else None,
+                head_precision=kv[META_HEAD_PRECISION].decode() if META_HEAD_PRECISION in kv else None,
+                decode_backend=kv[META_DECODE_BACKEND].decode() if META_DECODE_BACKEND in kv else None,
             )
         except (KeyError, ValueError) as exc:
             raise SchemaError(f"{where}: damaged cache metadata ({exc}); delete the file and re-run") from exc

@@ -15,6 +15,8 @@ from torch import nn
 from core.atomic_io import atomic_write, file_sha256
 from core.models import create_model
 from teacher_cache.config import CacheConfig, TeacherConfig
+from teacher_cache.features import Fp32Head
+from teacher_cache.placement import resolve_placement
 from teacher_cache.schema import fingerprint_schema_version
 from teacher_cache.views import ViewPolicy
 
@@ -203,18 +205,27 @@ def fingerprint(teacher: LoadedTeacher, cfg: CacheConfig) -> str:
     precision = resolve_precision(cfg)
     if precision != "fp32":  # fp32 caches keep the fingerprint they had before precision existed
         payload["precision"] = precision
+        payload["head_precision"] = head_precision(teacher.model, precision)  # bf16 heads of older builds differ
     if cfg.features.enabled:  # a cache with features is a different cache; without, the hash is unchanged
         payload["features"] = cfg.features.model_dump(mode="json")
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_precision(cfg: CacheConfig) -> str:
-    """auto = bf16 where the teacher runs on CUDA (2x its fp32 rate), fp32 on the CPU (same numbers as before)."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    from core.devices import resolve_device
+    """auto = bf16 where the labellers run on CUDA (2x the fp32 rate), fp32 on the CPU (same numbers as before);
+    where they run is decided once, on the driver (teacher_cache/placement.py)."""
+    return resolve_placement(cfg).precision
 
-    return "bf16" if resolve_device(cfg.device).type == "cuda" else "fp32"
+
+def head_precision(model: nn.Module, precision: str) -> str:
+    """The precision of the classifier head's output: fp32 wherever `Fp32Head` can hook it."""
+    if precision == "fp32":
+        return "fp32"
+    hook = Fp32Head.install(model)
+    if hook is None:
+        return precision
+    hook.remove()
+    return "fp32"
 
 
 def view_policy(cfg: CacheConfig, prep: Preprocessing) -> ViewPolicy:

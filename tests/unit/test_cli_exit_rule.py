@@ -7,8 +7,8 @@ from click.testing import CliRunner
 
 from cluster.cli import _Main
 from cluster.cli_common import StageFailedError
-from core.object_store import CacheLockedError
 from core.run_phase import begin_work
+from core.storage import CacheLockedError
 
 
 @click.group(cls=_Main)

@@ -18,7 +18,7 @@ from teacher_cache.decode import (
     replay_views_tensor,
     try_decode_cpu,
 )
-from teacher_cache.decode_pool import DecodePool, decode_processes_for, labellers_per_node
+from teacher_cache.decode_pool import DecodePool
 from teacher_cache.shards import RawSample
 from teacher_cache.views import ViewPolicy, replay_view, sample_views
 
@@ -129,18 +129,8 @@ def test_process_pool_gives_the_same_samples_in_order():
             assert torch.equal(a.pixels, b.pixels) and a.views == b.views
 
 
-def test_cpu_division_between_labellers_on_a_node():
-    assert decode_processes_for(16, 1) == 15
-    assert decode_processes_for(64, 8) == 7  # 8 GPUs, one actor each: 8 CPUs per actor, one feeds the GPU
-    assert decode_processes_for(2, 2) == 0  # too small to fork: decode in the labeller's thread
-    assert labellers_per_node(64, 8, 1, 1, 100) == 8
-    assert labellers_per_node(64, 8, 1, 0.5, 100) == 16
-    assert labellers_per_node(2, 0, 1, 0, 4) == 2
-    assert labellers_per_node(16, 0, 1, 0, 1) == 1
-
-
 def test_a_killed_decode_process_loses_no_sample():
-    """A decode worker SIGKILLed mid-shard (OOM killer): its chunk is redone in the caller, the pool restarts."""
+    """A decode worker SIGKILLed mid-shard (OOM killer): its chunk is redone in a fresh process, the pool restarts."""
     import os
     import signal
 
