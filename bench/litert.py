@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,18 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from compress.litert_run import LiteRTModel
+from compress.measure import median_latency
 from compress.onnx_export import session
 
 
 def _median_call(fn, x: np.ndarray, repeats: int) -> float:
-    for _ in range(20):
-        fn(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_latency(fn, x, repeats, warmup=20)
 
 
 def main() -> None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import statistics
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from compress.litert_export import SIGNATURE
+from compress.measure import median_latency, random_input
 
 log = logging.getLogger(__name__)
 EXTRA_HINT = "pip install -e '.[litert]' (ai-edge-litert, ai-edge-quantizer)"
@@ -70,16 +69,7 @@ class LiteRTModel:
 def litert_latency(path: Path, channels: int, size: int, batch: int, repeats: int, warmup: int,
                    threads: int | None = None) -> float:
     """Median seconds per call at this batch size (warm-up excluded), input conversion included."""
-    model = LiteRTModel(path, threads)
-    x = np.random.default_rng(0).standard_normal((batch, channels, size, size)).astype(np.float32)
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_latency(LiteRTModel(path, threads), random_input(batch, channels, size), repeats, warmup)
 
 
 def quantize_litert_int8(fp32: Path, out: Path, calib: Iterable[np.ndarray]) -> Path:

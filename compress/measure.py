@@ -36,19 +36,28 @@ def accuracy(model: Callable[[np.ndarray], np.ndarray], batches: list[dict[str, 
             "teacher_agreement": agree / n if n else float("nan"), "val_samples": n}
 
 
+def median_latency(model: Callable[[np.ndarray], object], x: np.ndarray, repeats: int, warmup: int) -> float:
+    """Median seconds per call of `model(x)` (warm-up calls excluded): the one latency rule of every report."""
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def random_input(batch: int, channels: int, size: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, channels, size, size)).astype(np.float32)
+
+
 def onnx_latency(path: Path, channels: int, size: int, batch: int, repeats: int, warmup: int,
                  threads: int | None = None) -> float:
     """Median seconds per call at this batch size (warm-up excluded)."""
     sess = session(path, threads)
-    x = np.random.default_rng(0).standard_normal((batch, channels, size, size)).astype(np.float32)
-    for _ in range(warmup):
-        sess.run(None, {"input": x})
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, {"input": x})
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_latency(lambda a: sess.run(None, {"input": a}), random_input(batch, channels, size), repeats,
+                          warmup)
 
 
 def file_mb(path: Path) -> float:

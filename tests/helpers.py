@@ -90,6 +90,50 @@ def cache_cfg_dict(shards: list[str], cache_root: Path, ckpt: Path, /, **over) -
     return d
 
 
+S3_SHARDS, S3_ROOT = "s3://shards/train", "s3://cache/root"  # the object-storage tests' shards and cache root
+
+
+def upload_mnist_shards(tmp_path: Path, n: int, per_shard: int, offset: int = 0) -> list[Path]:
+    """n MNIST shards written locally (tmp_path/local) and uploaded under S3_SHARDS; returns the local copies."""
+    from core import object_store
+
+    out = []
+    for i in range(n):
+        p = mnist_shard(tmp_path / "local" / f"train-{i:06d}.tar", per_shard, offset=offset + per_shard * i)
+        object_store.put_file(p, f"{S3_SHARDS}/{p.name}")
+        out.append(p)
+    return out
+
+
+def s3_cache_cfg(tmp_path: Path, staging: str = "staging", **over):
+    """A CacheConfig over S3_SHARDS into S3_ROOT, staged in tmp_path/<staging> (one machine of a test's fleet)."""
+    from teacher_cache.config import CacheConfig
+
+    ckpt = tmp_path / "t.pt"
+    if not ckpt.exists():
+        save_teacher(ckpt)
+    return CacheConfig.model_validate(cache_cfg_dict([f"{S3_SHARDS}/train-*.tar"], S3_ROOT, ckpt,
+                                                     staging_dir=str(tmp_path / staging), **over))
+
+
+def run_ranks(worker, *args, world: int = 2, timeout: float = 120) -> dict:
+    """Spawn `world` processes running worker(rank, port, *args, out) (a gloo group on a free 127.0.0.1 port);
+    returns `out` (rank -> what the worker put there) once every rank exited 0."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        procs = [ctx.Process(target=worker, args=(r, port, *args, out)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        return dict(out)
+
+
 def wait_healthy(url: str, timeout: float) -> None:
     """Poll a served bundle's /healthz until it answers ok (Serve replicas take seconds to start)."""
     import json

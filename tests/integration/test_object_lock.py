@@ -15,7 +15,7 @@ import time
 
 import pytest
 import yaml
-from helpers import cache_cfg_dict, mnist_shard, save_teacher
+from helpers import S3_ROOT, S3_SHARDS, mnist_shard, s3_cache_cfg, upload_mnist_shards
 from s3_server import S3_ENV, Refuse, s3_server
 
 from core import object_store
@@ -30,7 +30,7 @@ from teacher_cache.shards import ShardReader
 
 pytestmark = pytest.mark.integration
 DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
-SHARDS, ROOT = "s3://shards/train", "s3://cache/root"
+SHARDS, ROOT = S3_SHARDS, S3_ROOT
 
 
 @pytest.fixture()
@@ -48,20 +48,11 @@ def s3(monkeypatch, tmp_path):
 
 
 def _upload(tmp_path, n: int, per_shard: int = 16, offset: int = 0) -> list:
-    out = []
-    for i in range(n):
-        p = mnist_shard(tmp_path / "local" / f"train-{i:06d}.tar", per_shard, offset=offset + per_shard * i)
-        object_store.put_file(p, f"{SHARDS}/{p.name}")
-        out.append(p)
-    return out
+    return upload_mnist_shards(tmp_path, n, per_shard, offset)
 
 
 def _cfg(tmp_path, staging: str = "staging", **over) -> CacheConfig:
-    ckpt = tmp_path / "t.pt"
-    if not ckpt.exists():
-        save_teacher(ckpt)
-    return CacheConfig.model_validate(cache_cfg_dict([f"{SHARDS}/train-*.tar"], ROOT, ckpt,
-                                                     staging_dir=str(tmp_path / staging), **over))
+    return s3_cache_cfg(tmp_path, staging, **over)
 
 
 def _renewals(caplog) -> int:

@@ -18,7 +18,7 @@ from dataclasses import asdict
 
 import pytest
 import yaml
-from helpers import cache_cfg_dict, mnist_shard, save_teacher
+from helpers import S3_ROOT, S3_SHARDS, cache_cfg_dict, mnist_shard, s3_cache_cfg, upload_mnist_shards
 from s3_server import S3_ENV, s3_server
 
 from core import object_store
@@ -32,8 +32,7 @@ from teacher_cache.shards import ShardReader
 
 pytestmark = pytest.mark.integration
 DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
-SHARDS = "s3://shards/train"
-ROOT = "s3://cache/root"
+SHARDS, ROOT = S3_SHARDS, S3_ROOT
 
 
 @pytest.fixture()
@@ -50,20 +49,11 @@ def s3(monkeypatch, tmp_path):
 
 
 def _upload_shards(tmp_path, n: int, per_shard: int = 24, offset: int = 0) -> list:
-    local = []
-    for i in range(n):
-        p = mnist_shard(tmp_path / "local" / f"train-{i:06d}.tar", per_shard, offset=offset + per_shard * i)
-        object_store.put_file(p, f"{SHARDS}/{p.name}")
-        local.append(p)
-    return local
+    return upload_mnist_shards(tmp_path, n, per_shard, offset)
 
 
 def _cfg(tmp_path, staging: str = "staging", **over) -> CacheConfig:
-    ckpt = tmp_path / "t.pt"
-    if not ckpt.exists():
-        save_teacher(ckpt)
-    d = cache_cfg_dict([f"{SHARDS}/train-*.tar"], ROOT, ckpt, staging_dir=str(tmp_path / staging), **over)
-    return CacheConfig.model_validate(d)
+    return s3_cache_cfg(tmp_path, staging, **over)
 
 
 def _remote_manifest(fp: str) -> dict:

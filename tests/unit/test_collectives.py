@@ -5,11 +5,10 @@ it was given (NCCL needs that on GPUs) and that both ranks get the same totals a
 """
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import run_ranks
 
 from student_train.collectives import any_rank_bad
 from student_train.evaluate import evaluate
@@ -42,19 +41,8 @@ def _worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_evaluate_and_nan_flag_agree_across_two_ranks():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        procs = [ctx.Process(target=_worker, args=(r, port, out)) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(120)
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        res0, res1 = out[0], out[1]
+    out = run_ranks(_worker)
+    res0, res1 = out[0], out[1]
     assert res0 == res1  # every rank sees the same totals and makes the same stop decision
     metrics, bad_none, bad_one = res0
     assert metrics["val_samples"] == 5.0

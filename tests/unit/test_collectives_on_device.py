@@ -11,12 +11,11 @@ device is "cuda".
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import run_ranks
 from torch.overrides import TorchFunctionMode
 
 CUDA = torch.device("cuda")
@@ -113,19 +112,7 @@ def _worker(rank: int, port: int, root: str, out: dict) -> None:
 
 
 def test_every_collective_is_on_the_device_nccl_style(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path), out)) for r in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(120)
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        res = dict(out)
+    res = run_ranks(_worker, str(tmp_path))
     assert res[0]["storage"] == (False, True) and res[1]["storage"] == (False, True)  # each node seals its own
     assert res[0]["resumed"] == res[1]["resumed"] == "epoch0"  # the newest tag intact on every rank
     assert res[0]["lists"] == res[1]["lists"] == [[3], [1, 7]]
