@@ -218,7 +218,8 @@ def main() -> None:
             row.update(group_epoch_s=group["epoch_s"][0], group_wall_s=group["wall_s"])
             row.update(loader_and_steps(train_config(data, workload, base / "alone", k)))
             today = timed_run(train_config(data, workload, base / "today", k, fuse="off"))
-            row.update(today_epochs_s=sum(today["epoch_s"]), today_wall_s=today["wall_s"])
+            row.update(today_epochs_s=sum(today["epoch_s"]), today_epoch_each_s=today["epoch_s"],
+                       today_wall_s=today["wall_s"])
             fused = timed_run(train_config(data, workload, base / "fused", k, horizontal="on"))
             row.update(fused_epoch_s=fused["epoch_s"][0], fused_wall_s=fused["wall_s"])
             row.update(layouts(train_config(data, workload, base / "layouts", k), k))

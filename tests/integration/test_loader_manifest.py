@@ -21,7 +21,7 @@ def _spec(cache_dir, shards) -> StreamSpec:
     pairs = [ShardPair(shard_stem(p), p, reader.manifest.shards[shard_stem(p)].rows) for p in shards]
     prep = Preprocessing(16, 1.0, (0.5,), (0.5,), "bilinear", 1)
     return StreamSpec(cache_dir=cache_dir, pairs=pairs, student=prep, teacher=None, num_classes=10,
-                      temperature=2.0, views=1, train=False, batch_size=32, shuffle_buffer=1, seed=0, epoch=0,
+                      views=1, train=False, batch_size=32, shuffle_buffer=1, seed=0, epoch=0,
                       rank=0, world=1, loader_workers=0)
 
 
