@@ -43,7 +43,6 @@ class PoolReport:
     actors_dropped: int = 0  # replacements never placed within the deadline
     actors_retired: int = 0  # alive but replaced: the labeller raised (maybe broken for good) or a shard hung
     timed_out: dict[str, int] = field(default_factory=dict)  # stem -> attempts that passed the shard deadline
-    progress_lost: bool = False  # the progress channel died; counts come from finished shards anyway
 
 
 @dataclass

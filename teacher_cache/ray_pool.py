@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -37,19 +38,21 @@ def _labellers_on_this_node(cfg: CacheConfig) -> int:
 
 
 class TeacherActor:
-    """Ray actor body: one Labeler (one teacher load) per actor; progress goes to a Ray queue.
+    """Ray actor body: one Labeler (one teacher load) per actor. Threaded (2 calls at once): while `label` runs a
+    shard, the driver collects its progress with `take_progress`. Polled, so no channel actor starts beside the
+    labellers (a Ray queue actor's start cost 1.3-1.9 s of a 2-core node's first seconds, and a synchronous put
+    stalled the first shard until it was up).
 
     Progress is best effort: events are tagged (shard, attempt) so the driver can take back what a shard that
-    died had counted, and a dead progress channel only stops the progress bar, never the labelling.
+    died had counted; a finished shard is topped up to its rows, so polls that come late lose nothing.
     """
 
-    def __init__(self, cfg_dict: dict, fingerprint: str, progress_queue: object) -> None:
+    def __init__(self, cfg_dict: dict, fingerprint: str) -> None:
         cfg = CacheConfig.model_validate(cfg_dict)
         self.labeler = Labeler(cfg, fingerprint, labellers_on_node=_labellers_on_this_node(cfg))
-        self.queue: object | None = progress_queue
+        self._lock = threading.Lock()
         self._tag: tuple[str, int] = ("", 0)
         self._pending = ProgressEvent()
-        self._last = 0.0
 
     def node(self) -> str:
         """The node this actor runs on (also tells the driver the actor is placed and its teacher loaded)."""
@@ -58,75 +61,69 @@ class TeacherActor:
         return ray.get_runtime_context().get_node_id()
 
     def _progress(self, ev: ProgressEvent) -> None:
-        p = self._pending
-        p.images += ev.images
-        p.errors += ev.errors
-        p.batch_seconds.extend(ev.batch_seconds)
-        if time.monotonic() - self._last > 0.5:
-            self.flush()
+        with self._lock:
+            p = self._pending
+            p.images += ev.images
+            p.errors += ev.errors
+            p.batch_seconds.extend(ev.batch_seconds)
 
-    def flush(self) -> None:
-        if self.queue is not None and (self._pending.images or self._pending.errors or self._pending.batch_seconds):
-            try:
-                self.queue.put_nowait((self._tag, self._pending))  # type: ignore[attr-defined]
-            except Exception as exc:  # the channel's node died: keep labelling, stop reporting  # noqa: BLE001
-                log.warning("progress channel lost (%s); labelling continues", exc.__class__.__name__)
-                self.queue = None
-        self._pending = ProgressEvent()
-        self._last = time.monotonic()
+    def take_progress(self) -> tuple[tuple[str, int], ProgressEvent]:
+        """What the running shard attempt counted since the last call."""
+        with self._lock:
+            out, self._pending = (self._tag, self._pending), ProgressEvent()
+        return out
 
     def label(self, task: ShardTask, attempt: int = 0) -> ShardResult:
-        self._tag = (task.stem, attempt)
-        try:
-            return self.labeler.label_shard(task, self._progress)
-        finally:
-            self.flush()
-
-
-def _progress_queue() -> object:
-    """The progress channel lives on the driver's node: if it died, the driver would have died with it."""
-    import ray
-    from ray.util.queue import Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = ray.get_runtime_context().get_node_id()
-    return Queue(actor_options={"num_cpus": 0,
-                                "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=here, soft=False)})
+        with self._lock:
+            self._tag, self._pending = (task.stem, attempt), ProgressEvent()
+        return self.labeler.label_shard(task, self._progress)
 
 
 class _Progress:
-    """Driver side of the progress channel: per-attempt counts, so a shard that dies gives its images back."""
+    """Driver side of progress: polls the labelling actors every `every` s; per-attempt counts, so a shard that
+    dies gives its images back and a finished one is topped up to its rows."""
 
-    def __init__(self, queue: object, on_progress: Callable[[ProgressEvent], None], report: PoolReport) -> None:
-        self.queue: object | None = queue
+    def __init__(self, on_progress: Callable[[ProgressEvent], None], every: float = 0.5) -> None:
         self.on_progress = on_progress
-        self.report = report
+        self.every, self.last = every, 0.0
         self.active: dict[tuple[str, int], int] = {}
+        self.polls: dict = {}  # take_progress() ref -> actor
 
     def begin(self, stem: str, attempt: int) -> None:
         self.active[(stem, attempt)] = 0
 
-    def end(self, stem: str, attempt: int, keep: bool) -> None:
-        """A shard attempt is over: keep its counts (it was written) or take them back (it was not)."""
+    def end(self, stem: str, attempt: int, keep: bool, rows: int = 0) -> None:
+        """A shard attempt is over: top its count up to `rows` (it was written) or take it back (it was not)."""
         shown = self.active.pop((stem, attempt), 0)
         if not keep and shown:
             self.on_progress(ProgressEvent(images=-shown))
+        elif keep and rows > shown:
+            self.on_progress(ProgressEvent(images=rows - shown))
 
-    def drain(self) -> None:
-        if self.queue is None:
-            return
-        try:
-            n = self.queue.qsize()  # type: ignore[attr-defined]
-            items = self.queue.get_nowait_batch(n) if n else []  # type: ignore[attr-defined]
-        except Exception as exc:  # noqa: BLE001 - progress never decides the run's fate
-            log.warning("progress channel lost (%s: %s); the run goes on, counts come from finished shards",
-                        exc.__class__.__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            self.queue, self.report.progress_lost = None, True
-            return
-        for tag, ev in items:
-            if tuple(tag) in self.active:  # events of a dead attempt that arrive late are ignored
-                self.active[tuple(tag)] += ev.images
-                self.on_progress(ev)
+    def add(self, tag: tuple[str, int], ev: ProgressEvent) -> None:
+        if tag in self.active:  # events of an attempt that is over arrive late: ignored
+            self.active[tag] += ev.images
+            self.on_progress(ev)
+
+    def poll(self, busy: list, now: float) -> None:
+        """Collect answered polls; every `every` s ask each busy actor that has no poll in flight."""
+        import ray
+
+        if self.polls:
+            done, _ = ray.wait(list(self.polls), num_returns=len(self.polls), timeout=0)
+            for ref in done:
+                del self.polls[ref]
+                try:
+                    tag, ev = ray.get(ref)
+                except ray.exceptions.RayError:  # its actor died or was killed: its label() call says so
+                    continue
+                self.add(tuple(tag), ev)
+        if now - self.last >= self.every:
+            self.last = now
+            asked = {id(a) for a in self.polls.values()}
+            for actor in busy:
+                if id(actor) not in asked:
+                    self.polls[actor.take_progress.remote()] = actor
 
 
 def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
@@ -171,13 +168,13 @@ class _PoolRun:
         self.sched: ShardScheduler = ShardScheduler(tasks, cfg.ray.max_shard_retries, cfg.ray.actor_start_timeout_s,
                                                     cfg.ray.actor_start_deadline_s,
                                                     deadline_of=lambda t: shard_deadline_s(cfg, t))
-        self.queue = _progress_queue()
-        self.progress = _Progress(self.queue, on_progress, self.sched.report)
-        options: dict = {"num_cpus": cfg.ray.cpus_per_actor, "num_gpus": cfg.ray.gpus_per_actor, "max_restarts": 0}
+        self.progress = _Progress(on_progress)
+        options: dict = {"num_cpus": cfg.ray.cpus_per_actor, "num_gpus": cfg.ray.gpus_per_actor, "max_restarts": 0,
+                         "max_concurrency": 2}  # label() + take_progress()
         if env := forwarded_env():  # faults a test switched on (teacher_cache/fault_injection.py); never otherwise
             options["runtime_env"] = {"env_vars": env}
         self.actor_cls = ray.remote(**options)(TeacherActor)
-        self.args = (cfg.model_dump(mode="json"), fingerprint, self.queue)
+        self.args = (cfg.model_dump(mode="json"), fingerprint)
         self.target = min(cfg.ray.num_actors, len(tasks))
         self.ready_refs: dict = {}  # node() ref -> actor
         self.label_refs: dict = {}  # label() ref -> (actor, task, attempt)
@@ -207,7 +204,7 @@ class _PoolRun:
         for _ in range(self.target):
             self.spawn(now)
         while not self.sched.done:
-            raise_if_stopping()  # a SIGTERM swallowed by a best-effort call (the progress channel) ends it here
+            raise_if_stopping()  # a SIGTERM swallowed by a best-effort call (a progress poll) ends it here
             for actor, task, attempt in self.sched.assignments(time.monotonic()):
                 self.progress.begin(task.stem, attempt)
                 self.label_refs[actor.label.remote(task, attempt)] = (actor, task, attempt)
@@ -215,14 +212,13 @@ class _PoolRun:
             done = ray.wait(refs, num_returns=1, timeout=0.25)[0] if refs else []
             if not refs:
                 time.sleep(0.25)
-            self.progress.drain()
+            self.progress.poll([v[0] for v in self.label_refs.values()], time.monotonic())
             for ref in done:
                 if ref in self.ready_refs:
                     self.on_ready(ref)
                 else:
                     self.on_label(ref)
             self.housekeeping()
-        self.progress.drain()
 
     def on_ready(self, ref: object) -> None:
         import ray
@@ -263,7 +259,7 @@ class _PoolRun:
                                 f"after its failure (last: {_one_line(exc)})")
             return
         self.sched.finished(actor)
-        self.progress.end(task.stem, attempt, keep=result.ok)
+        self.progress.end(task.stem, attempt, keep=result.ok, rows=result.rows if result.ok else 0)
         self.on_result(result)
 
     def housekeeping(self) -> None:
@@ -302,8 +298,6 @@ class _PoolRun:
 
         for actor in self.sched.live_actors():
             ray.kill(actor)
-        with contextlib.suppress(Exception):  # gone already if its node died
-            ray.kill(self.queue.actor)  # type: ignore[attr-defined]
 
 
 def shard_deadline_s(cfg: CacheConfig, task: ShardTask) -> float:

@@ -55,7 +55,6 @@ class CacheResult:
     vanished: list[str] = field(default_factory=list)
     retried: dict[str, int] = field(default_factory=dict)  # shards labelled again after their actor died
     lost_nodes: list[str] = field(default_factory=list)  # Ray nodes that died with a labelling actor
-    progress_lost: bool = False
     stopped: bool = False  # SIGTERM (e.g. `ray job stop`) ended the run; what is listed is kept
     images: int = 0
     decode_errors: int = 0
@@ -284,8 +283,7 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
 
             connect_ray(cfg.ray.address)
             report = label_with_ray(cfg, fp, tasks, on_result, on_progress)
-            result.retried, result.lost_nodes, result.progress_lost = report.retried, report.lost_nodes, \
-                report.progress_lost
+            result.retried, result.lost_nodes = report.retried, report.lost_nodes
             if report.lost_nodes:
                 log.warning("lost Ray node(s) %s; shards labelled again elsewhere: %s", ", ".join(report.lost_nodes),
                             ", ".join(sorted(report.retried)) or "none")

@@ -216,31 +216,42 @@ def test_torchscript_and_export_teachers(setup):
         assert CacheReader(res.cache_dir).manifest.teacher["source"] in ("torchscript", "torch.export")
 
 
-def test_lost_progress_channel_is_lost_progress_not_a_failure(ray_local):
-    """The driver's progress queue dies: draining it and flushing into it both go on quietly."""
-    from teacher_cache.actor_pool import PoolReport
+def test_progress_is_polled_taken_back_topped_up_and_survives_a_dead_actor(ray_local):
+    """The driver polls busy actors for progress: late events of an attempt that is over are ignored, a shard that
+    died gives its images back, a finished one is topped up to its rows, and a poll to a dead actor is quiet."""
     from teacher_cache.labeler import ProgressEvent
-    from teacher_cache.ray_pool import _Progress, _progress_queue
+    from teacher_cache.ray_pool import _Progress
 
-    q = _progress_queue()
+    @ray_local.remote(num_cpus=0)
+    class Reporter:  # answers take_progress() like TeacherActor, from a script
+        def __init__(self, script):
+            self.script = list(script)
+
+        def take_progress(self):
+            return self.script.pop(0) if self.script else (("", 0), ProgressEvent())
+
+    def poll_until_answered(progress, actors):
+        progress.poll(actors, now=1e9)
+        while progress.polls:
+            progress.poll([], now=0.0)
+
     seen: list[int] = []
-    report = PoolReport()
-    progress = _Progress(q, lambda ev: seen.append(ev.images), report)
+    progress = _Progress(lambda ev: seen.append(ev.images), every=0.5)
+    actor = Reporter.remote([(("s0", 0), ProgressEvent(images=5)), (("s0", 1), ProgressEvent(images=7))])
     progress.begin("s0", 0)
-    q.put_nowait((("s0", 0), ProgressEvent(images=5)))
-    q.put_nowait((("s0", 1), ProgressEvent(images=7)))  # an attempt that is not running: ignored
-    progress.drain()
+    poll_until_answered(progress, [actor])
+    poll_until_answered(progress, [actor])  # ("s0", 1) is not running: ignored
     assert seen == [5]
     progress.end("s0", 0, keep=False)  # the shard died: its images are taken back
     assert seen == [5, -5]
-    ray_local.kill(q.actor)
-    while True:  # until Ray reports the actor dead (was: sleep 0.5 s and hope it had died by then)
-        try:
-            ray_local.get(q.actor.qsize.remote())
-        except ray_local.exceptions.RayActorError:
-            break
-    progress.drain()  # must not raise
-    assert report.progress_lost and progress.queue is None
+    progress.begin("s1", 0)
+    progress.add(("s1", 0), ProgressEvent(images=3))
+    progress.end("s1", 0, keep=True, rows=10)  # written: topped up to its 10 rows (the last poll came late)
+    assert sum(seen) == 10
+    ray_local.kill(actor)
+    progress.begin("s2", 0)
+    poll_until_answered(progress, [actor])  # must not raise
+    assert sum(seen) == 10 and not progress.polls
 
 
 def _rewrite_keeping_size_and_mtime(path, edit):
