@@ -10,7 +10,9 @@ so that the busy threads of all labellers on a node add up to its cores, not to 
   - on the CPU, S <= 2: no decode process (the labeller's reading thread decodes between the teacher's
     batches) and S torch threads. Measured on 2 cores (2,048 JPEGs, a small teacher): a decode process costs a
     Python + torch start and a copy of every image through a pipe and was 30-35% slower; 1 torch thread left a
-    core idle while the forward waited (7-11% slower); two 1-CPU actors instead of one tied (3% slower);
+    core idle while the forward waited (7-11% slower); two 1-CPU actors instead of one were 3-7% faster in
+    2026-12-05's runs (within the machine's noise: 4 runs each), and cost a teacher load and a process per CPU,
+    which a many-core node cannot afford; so one actor per node stays;
   - on the CPU, S >= 3: S // 2 decode processes and S - S // 2 torch threads (reasoned, not measured: this
     machine has 2 cores; one reading thread decodes ~370 JPEGs/s, too few beside a many-core forward).
 """
