@@ -1,6 +1,26 @@
 import pytest
 
 
+@pytest.fixture()
+def s3(monkeypatch, tmp_path):
+    """A real S3 API server (moto, its own process) on 127.0.0.1 with buckets `shards` and `cache`, this process's
+    client pointed at it: (endpoint, the server's request log and hooks)."""
+    from s3_server import S3_ENV, s3_server
+
+    from core import object_store
+
+    with s3_server() as (endpoint, requests):
+        for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "DISTILL_MIRROR_DIR": str(tmp_path / "mirror")}.items():
+            monkeypatch.setenv(k, v)
+        object_store.reset_filesystem()
+        object_store.filesystem().mkdir("s3://shards")
+        object_store.filesystem().mkdir("s3://cache")
+        yield endpoint, requests
+        requests.before.clear()
+        requests.after.clear()
+        object_store.reset_filesystem()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster on 127.0.0.1 with 2 CPUs, shared by the session's tests."""

@@ -16,7 +16,7 @@ import time
 import pytest
 import yaml
 from helpers import S3_ROOT, S3_SHARDS, mnist_shard, s3_cache_cfg, upload_mnist_shards
-from s3_server import S3_ENV, Refuse, s3_server
+from s3_server import Refuse
 
 from core import object_store
 from core.storage import CacheLockedError, LockLostError, UnsupportedStoreError, open_store
@@ -31,20 +31,6 @@ from teacher_cache.shards import ShardReader
 pytestmark = pytest.mark.integration
 DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
 SHARDS, ROOT = S3_SHARDS, S3_ROOT
-
-
-@pytest.fixture()
-def s3(monkeypatch, tmp_path):
-    with s3_server() as (endpoint, requests):
-        for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "DISTILL_MIRROR_DIR": str(tmp_path / "mirror")}.items():
-            monkeypatch.setenv(k, v)
-        object_store.reset_filesystem()
-        object_store.filesystem().mkdir("s3://shards")
-        object_store.filesystem().mkdir("s3://cache")
-        yield endpoint, requests
-        requests.before.clear()
-        requests.after.clear()
-        object_store.reset_filesystem()
 
 
 def _upload(tmp_path, n: int, per_shard: int = 16, offset: int = 0) -> list:

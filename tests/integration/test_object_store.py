@@ -19,7 +19,6 @@ from dataclasses import asdict
 import pytest
 import yaml
 from helpers import S3_ROOT, S3_SHARDS, cache_cfg_dict, mnist_shard, s3_cache_cfg, upload_mnist_shards
-from s3_server import S3_ENV, s3_server
 
 from core import object_store
 from core.storage import open_store
@@ -36,16 +35,9 @@ SHARDS, ROOT = S3_SHARDS, S3_ROOT
 
 
 @pytest.fixture()
-def s3(monkeypatch, tmp_path):
-    with s3_server() as (endpoint, requests):
-        for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "DISTILL_MIRROR_DIR": str(tmp_path / "mirror")}.items():
-            monkeypatch.setenv(k, v)
-        object_store.reset_filesystem()
-        fs = object_store.filesystem()
-        fs.mkdir("s3://shards")
-        fs.mkdir("s3://cache")
-        yield requests
-        object_store.reset_filesystem()
+def s3(s3):
+    """The S3 server of conftest.py; these tests use its request log only."""
+    return s3[1]
 
 
 def _upload_shards(tmp_path, n: int, per_shard: int = 24, offset: int = 0) -> list:
