@@ -222,18 +222,9 @@ def test_the_model_runs_off_the_event_loop(tiny_bundle):
 
     replica._infer = gated_infer
 
-    async def scenario():
-        x = np.zeros((1, 16, 16), np.float32)
-        batch = asyncio.ensure_future(replica.run_batch([x, x]))
-        while not entered.is_set():
-            await asyncio.sleep(0.01)
-        health = await replica.healthz()
-        answered_while_running = not gate.is_set()
-        breaker.cancel()
-        gate.set()
-        return health, answered_while_running, await batch
-
-    health, answered_while_running, logits = asyncio.run(scenario())
+    x = np.zeros((1, 16, 16), np.float32)
+    health, answered_while_running, logits = asyncio.run(
+        _healthz_while_held(replica, lambda: replica.run_batch([x, x]), entered, gate, breaker))
     assert health["status"] == "ok" and answered_while_running
     assert len(logits) == 2 and logits[0].shape == (3,)
 
@@ -257,28 +248,32 @@ def test_decoding_runs_off_the_event_loop(tiny_bundle, monkeypatch):
 
     monkeypatch.setattr(serve_module, "preprocess", gated_preprocess)
 
-    async def scenario():
-        from starlette.requests import Request
+    from starlette.requests import Request
 
-        data = _png(40, 30, 9)
+    data = _png(40, 30, 9)
 
-        async def receive():
-            return {"type": "http.request", "body": data, "more_body": False}
+    async def receive():
+        return {"type": "http.request", "body": data, "more_body": False}
 
-        request = Request({"type": "http", "method": "POST", "path": "/predict", "query_string": b"",
-                           "headers": [(b"content-type", b"image/png")]}, receive)
-        predict = asyncio.ensure_future(replica.predict(request))
-        while not entered.is_set():
-            await asyncio.sleep(0.01)
-        health = await replica.healthz()
-        answered_while_decoding = not gate.is_set()
-        breaker.cancel()
-        gate.set()
-        return health, answered_while_decoding, await predict
-
-    health, answered_while_decoding, result = asyncio.run(scenario())
+    request = Request({"type": "http", "method": "POST", "path": "/predict", "query_string": b"",
+                       "headers": [(b"content-type", b"image/png")]}, receive)
+    health, answered_while_decoding, result = asyncio.run(
+        _healthz_while_held(replica, lambda: replica.predict(request), entered, gate, breaker))
     assert health["status"] == "ok" and answered_while_decoding
     assert len(result["predictions"]) == 3
+
+
+async def _healthz_while_held(replica, start, entered, gate, breaker):
+    """Start `start()`, wait until it is held at the gate, ask /healthz, then open the gate: (health, whether
+    /healthz answered while the gate was still shut, what `start()` returned)."""
+    work = asyncio.ensure_future(start())
+    while not entered.is_set():
+        await asyncio.sleep(0.01)
+    health = await replica.healthz()
+    answered_while_held = not gate.is_set()
+    breaker.cancel()
+    gate.set()
+    return health, answered_while_held, await work
 
 
 async def _first(batch):
