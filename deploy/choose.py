@@ -27,6 +27,16 @@ def _floor_text(max_top1_drop: float) -> str:
     return f"deploy.max_top1_drop = {max_top1_drop:g} ({100 * max_top1_drop:.1f} pt)"
 
 
+def within_floor(rows: list[dict], parent: dict, max_top1_drop: float | None) -> tuple[list[dict], list[str]]:
+    """The rows within the accuracy floor below `parent` (None: no floor), and a note for each one refused."""
+    limit = float("inf") if max_top1_drop is None else max_top1_drop + 1e-9
+    ok = [r for r in rows if top1_drop(r, parent) <= limit]
+    notes = [f"{r['stage']} refused: val top-1 {r['val_top1']:.4f} is {100 * top1_drop(r, parent):.1f} pt below "
+             f"the parent's {parent['val_top1']:.4f}, beyond the floor {_floor_text(max_top1_drop)}"
+             for r in rows if r not in ok]
+    return ok, notes
+
+
 def choose_stage(rows: list[dict], student: str, stage: str = "auto", max_top1_drop: float | None = 0.01,
                  pick_by: str = "size") -> tuple[dict, list[str]]:
     """Return (the chosen report row, notes on refused stages) for `student`.
@@ -39,11 +49,7 @@ def choose_stage(rows: list[dict], student: str, stage: str = "auto", max_top1_d
     parent = next((r for r in mine if r["stage"] == "baseline"), None)
     if parent is None:
         raise ValueError(f"student '{student}' has no baseline row in report.json; re-run `distill compress`")
-    limit = float("inf") if max_top1_drop is None else max_top1_drop + 1e-9
-    ok = [r for r in mine if top1_drop(r, parent) <= limit]
-    notes = [f"{r['stage']} refused: val top-1 {r['val_top1']:.4f} is {100 * top1_drop(r, parent):.1f} pt below "
-             f"the parent's {parent['val_top1']:.4f}, beyond the floor {_floor_text(max_top1_drop)}"
-             for r in mine if r not in ok]
+    ok, notes = within_floor(mine, parent, max_top1_drop)
     if stage != "auto":
         row = next((r for r in mine if r["stage"] == stage), None)
         if row is None:

@@ -19,7 +19,7 @@ import numpy as np
 from compress.litert_stages import LITERT_FILES
 from compress.litert_stages import litert_parity as measure_parity
 from compress.onnx_export import ParityError
-from deploy.choose import FloorError, rank_within_floor, top1_drop
+from deploy.choose import FloorError, rank_within_floor, top1_drop, within_floor
 from deploy.config import DeployConfig
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,8 @@ def litert_parity(cfg: DeployConfig, src: Path, stage: str, images: np.ndarray) 
 def _candidates(cfg: DeployConfig, rows: list[dict], notes: list[str]) -> list[dict]:
     parent = next(r for r in rows if r["stage"] == "baseline")
     mine = [r for r in rows if r.get("runtime") == "litert"]
-    limit = float("inf") if cfg.max_top1_drop is None else cfg.max_top1_drop + 1e-9
-    ok = [r for r in mine if top1_drop(r, parent) <= limit]
-    notes += [f"{r['stage']} refused: val top-1 {r['val_top1']:.4f} is {100 * top1_drop(r, parent):.1f} pt below "
-              f"the parent's {parent['val_top1']:.4f}, beyond the floor deploy.max_top1_drop = {cfg.max_top1_drop}"
-              for r in mine if r not in ok]
+    ok, refused = within_floor(mine, parent, cfg.max_top1_drop)
+    notes += refused
     if cfg.litert_stage == "auto":
         return rank_within_floor(ok, cfg.pick_by)
     row = next((r for r in mine if r["stage"] == cfg.litert_stage), None)
