@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 PX, RESIZE, TOPK, BATCH = 224, 256, 10, 32
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -56,26 +55,17 @@ def make_teacher(work: Path) -> Path:
     return path
 
 
-def set_dotted(cfg: dict, key: str, value: object) -> None:
-    *head, last = key.split(".")
-    for part in head:
-        cfg = cfg.setdefault(part, {})
-    cfg[last] = value
-
-
-def parse_layout(text: str) -> tuple[str, dict[str, object]]:
+def parse_layout(text: str) -> tuple[str, list[str]]:
+    """`NAME:key=value,key=value` -> (NAME, the `--set` overrides)."""
     name, _, rest = text.partition(":")
-    overrides = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return name, overrides
+    return name, [item for item in rest.split(",") if item]
 
 
-def our_pass(shards: list[Path], teacher: Path, root: Path, overrides: dict[str, object]) -> dict:
+def our_pass(shards: list[Path], teacher: Path, root: Path, overrides: list[str]) -> dict:
     """One `distill cache` run in this process; Ray (when enabled) is started and shut down inside the call."""
     import ray
 
+    from cluster.config_loading import apply_overrides
     from teacher_cache.config import CacheConfig
     from teacher_cache.run import run
 
@@ -83,8 +73,7 @@ def our_pass(shards: list[Path], teacher: Path, root: Path, overrides: dict[str,
            "views": {"num_views": 1}, "batch_size": BATCH, "metrics": {"enabled": False}, "progress": False,
            "teacher": {"scripted": str(teacher), "num_classes": 1000,
                        "preprocessing": {"input_size": PX, "crop_pct": PX / RESIZE, "mean": MEAN, "std": STD}}}
-    for key, value in overrides.items():
-        set_dotted(cfg, key, value)
+    apply_overrides(cfg, overrides)  # what `distill cache --set` does
     t0 = time.perf_counter()
     res = run(CacheConfig.model_validate(cfg))
     wall = time.perf_counter() - t0
@@ -145,7 +134,7 @@ def raydata_pass(shards: list[Path], teacher: Path, out: Path) -> dict:
     return {"images": images, "wall_s": wall, "stage_s": wall - (started - t0)}
 
 
-def run_one(name: str, overrides: dict, shards: list[Path], teacher: Path, work: Path, r: int) -> dict:
+def run_one(name: str, overrides: list[str], shards: list[Path], teacher: Path, work: Path, r: int) -> dict:
     out = work / f"{name}-{r}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh cache (or Ray Data output) every run: nothing is skipped
     if name == "raydata":
@@ -172,7 +161,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     shards = make_shards(work / "shards", args.images, args.shards)
     teacher = make_teacher(work)
-    pipelines = {"ray": {"ray.enabled": True}, "noray": {"ray.enabled": False}, "raydata": {}}
+    pipelines = {"ray": ["ray.enabled=true"], "noray": ["ray.enabled=false"], "raydata": []}
     pipelines.update(parse_layout(text) for text in args.layout)
     if args.only:
         pipelines = {k: v for k, v in pipelines.items() if k in args.only}

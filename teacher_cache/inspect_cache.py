@@ -54,12 +54,11 @@ def inspect_cache(path: Path | str, verify: bool = True) -> dict[str, Any]:
     rows = bytes_total = feature_bytes = labelled = correct = 0
     versions: set[int] = set()
     mass_sum = 0.0
-    shards = reader.shards
-    meta = reader.meta(shards[0]) if shards else None
-    for stem in shards:
+    meta = reader.meta(reader.shards[0]) if reader.shards else None
+    for stem in reader.shards:
         entry = reader.manifest.shards[stem]
         rows, bytes_total = rows + entry.rows, bytes_total + entry.file_bytes
-        if verify or stem == shards[0]:
+        if verify or stem == reader.shards[0]:
             versions.add(reader.meta(stem).schema_version)  # the footer (and, with verify, the checksum)
         if meta is not None and meta.feature_dim is not None:
             feature_bytes += column_bytes(reader.check(stem), COL_FEATURES)
@@ -75,7 +74,7 @@ def inspect_cache(path: Path | str, verify: bool = True) -> dict[str, Any]:
         "schema_version": max(versions, default=reader.manifest.schema_version),
         "file_schema_versions": sorted(versions),
         "teacher": reader.manifest.teacher,
-        "shards": len(shards),
+        "shards": len(reader.shards),
         "rows": rows,
         "views": views,
         "k": meta.k if meta else None,

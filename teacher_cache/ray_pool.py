@@ -259,7 +259,7 @@ class _PoolRun:
                                 f"after its failure (last: {_one_line(exc)})")
             return
         self.sched.finished(actor)
-        self.progress.end(task.stem, attempt, keep=result.ok, rows=result.rows if result.ok else 0)
+        self.progress.end(task.stem, attempt, keep=result.ok, rows=result.rows)
         self.on_result(result)
 
     def housekeeping(self) -> None:

@@ -135,8 +135,8 @@ class CacheReader:
     @property
     def shards(self) -> list[str]:
         """The listed shards, sorted once per reader (its manifest never changes): callers index it in loops, and
-        sorting 20,000 names per call made `cache inspect` quadratic (5.8 s at 20,000 shards, 0.2 s after)."""
-        if self._sorted is None or len(self._sorted) != len(self.manifest.shards):
+        sorting 20,000 names per call made `cache inspect` quadratic (5.8 s at 20,000 shards, 0.38 s after)."""
+        if self._sorted is None:
             self._sorted = sorted(self.manifest.shards)
         return self._sorted
 
