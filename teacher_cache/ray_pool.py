@@ -315,7 +315,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _note_death(report: PoolReport, node: str | None, stem: str, exc: BaseException) -> None:
-    log.warning("teacher actor on node %s died while labelling %s: %s", (node or "?")[:12], stem, _one_line(exc))
+    import ray
+
+    # Ray says "unavailable" when it cannot reach an actor it has not declared dead: its result is lost all the same,
+    # so the actor is killed (it must not publish the shard beside its retry) and the shard goes elsewhere
+    what = "was unreachable (killed)" if isinstance(exc, ray.exceptions.ActorUnavailableError) else "died"
+    log.warning("teacher actor on node %s %s while labelling %s: %s", (node or "?")[:12], what, stem, _one_line(exc))
     if node and node not in report.lost_nodes:
         report.lost_nodes.append(node)  # a suspect until _node_lost() confirms it at the end
 
