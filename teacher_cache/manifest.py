@@ -8,7 +8,8 @@ snapshot plus the journal, so they see every finished shard; a reader accepts on
 checksum matches, so a file left by a killed job (or named by a torn record) is never read as complete.
 
 `manifest.json` keeps its old format; this build adds the top-level keys ``journal_generation`` and
-``shard_stats`` (per shard: labelled rows, teacher top-1 hits, top-k mass), which older builds ignore. Older
+``shard_stats`` (per shard: labelled rows, teacher top-1 hits, top-k mass) and ``shard_seen_ns`` (when each
+shard's identity was taken, for racy identities: ShardIdentity.racy), which older builds ignore. Older
 builds read only the snapshot, so during a run they see the shards of its last compaction.
 """
 
@@ -32,6 +33,7 @@ from teacher_cache.shards import ShardIdentity, ShardPath, file_sha256
 log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 STATS = ("labelled", "top1_correct", "topk_mass")  # in `shard_stats` of the snapshot, beside the old entries
+SEEN = "shard_seen_ns"  # snapshot key: stem -> ShardEntry.seen_ns (beside the old entries, which older builds read)
 
 
 @dataclass
@@ -52,14 +54,16 @@ class ShardEntry:
     labelled: int | None = None  # rows with a label (None: written before the manifest counted them)
     top1_correct: int | None = None  # labelled rows whose view-0 teacher top-1 is the label
     topk_mass: float | None = None  # sum over rows and views of the probability the stored top-k holds
+    seen_ns: int | None = None  # when the identity was taken (ShardIdentity.racy); None: an older build's entry
 
     def identity(self) -> ShardIdentity:
-        return ShardIdentity(self.size, self.mtime_ns, self.content_sha256, self.ctime_ns, self.inode, self.etag)
+        return ShardIdentity(self.size, self.mtime_ns, self.content_sha256, self.ctime_ns, self.inode, self.etag,
+                             self.seen_ns)
 
     def update_identity(self, ident: ShardIdentity, source: str) -> None:
         """Same content, moved cheap identity (touched, copied): remember the new one so we never hash it again."""
         self.size, self.mtime_ns, self.ctime_ns, self.inode = ident.size, ident.mtime_ns, ident.ctime_ns, ident.inode
-        self.etag = ident.etag
+        self.etag, self.seen_ns = ident.etag, ident.seen_ns
         self.source = source
 
     @classmethod
@@ -87,8 +91,9 @@ class Manifest:
         try:
             if snapshot is None:
                 raise KeyError("the journal has records but there is no snapshot")
-            stats = snapshot.get("shard_stats", {})
-            shards = {k: ShardEntry.from_dict({**v, **stats.get(k, {})}) for k, v in snapshot.get("shards", {}).items()}
+            stats, seen = snapshot.get("shard_stats", {}), snapshot.get(SEEN, {})
+            shards = {k: ShardEntry.from_dict({**v, **stats.get(k, {}), "seen_ns": seen.get(k)})
+                      for k, v in snapshot.get("shards", {}).items()}
             for r in records:
                 shards[str(r["shard"])] = ShardEntry.from_dict(r["entry"])
             m = cls(fingerprint=snapshot["fingerprint"], teacher=snapshot.get("teacher", {}),
@@ -115,14 +120,18 @@ class Manifest:
         return cls.read(store.journal(MANIFEST_NAME), f"{store.location}/{MANIFEST_NAME}", fingerprint)
 
     def snapshot(self) -> dict[str, Any]:
-        """The snapshot as written: old readers' format (entries without the new fields) + `shard_stats`."""
-        shards, stats = {}, {}
+        """The snapshot as written: old readers' format (entries without the new fields) + `shard_stats` and
+        `shard_seen_ns`."""
+        shards, stats, seen = {}, {}, {}
         for k, v in sorted(self.shards.items()):
             d = asdict(v)
             stats[k] = {s: d.pop(s) for s in STATS}
+            if (ns := d.pop("seen_ns")) is not None:
+                seen[k] = ns
             shards[k] = d
-        return {"schema_version": self.schema_version, "fingerprint": self.fingerprint, "teacher": self.teacher,
-                "shards": shards, "shard_stats": stats}
+        out = {"schema_version": self.schema_version, "fingerprint": self.fingerprint, "teacher": self.teacher,
+               "shards": shards, "shard_stats": stats}
+        return {**out, SEEN: seen} if seen else out
 
     def version(self) -> str:
         """A hash of everything the manifest says: names one state of the cache (a reader's mirror, a job)."""
@@ -229,7 +238,8 @@ def plan_refresh(manifest: Manifest | None, shards: dict[str, ShardPath], direct
                  verify_cache_files: bool = False,
                  cache_file_check: Callable[[ShardEntry], str | None] | None = None) -> RefreshPlan:
     """Decide per shard with the cheapest evidence first: size+mtime+ctime+inode (size+last-modified+ETag for an
-    object), then the content hash if any moved. ``cache_file_check`` replaces the local check of each listed
+    object), then the content hash if any moved or the recorded identity was racy (seen within a clock tick of a
+    write: ShardIdentity.racy). ``cache_file_check`` replaces the local check of each listed
     cache file (an object-store cache checks sizes from one listing)."""
     plan = RefreshPlan()
     listed = manifest.shards if manifest is not None else {}
@@ -248,7 +258,8 @@ def plan_refresh(manifest: Manifest | None, shards: dict[str, ShardPath], direct
             plan.todo.append((stem, path, "cache file missing or damaged"))
             continue
         ident = ShardIdentity.stat(path)
-        if entry.source == str(path) and ident.same_cheap(entry.identity()):
+        recorded = entry.identity()
+        if entry.source == str(path) and ident.same_cheap(recorded) and not recorded.racy():
             plan.unchanged.append(stem)
             continue
         content = file_sha256(path) if ident.size == entry.size else None

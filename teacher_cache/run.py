@@ -266,7 +266,7 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
                 source=r.source, size=ident.size, mtime_ns=ident.mtime_ns,
                 content_sha256=ident.sha256 or "", file=r.file, file_bytes=r.file_bytes,
                 file_sha256=r.file_sha256, rows=r.rows, errors=len(r.error_records),
-                ctime_ns=ident.ctime_ns, inode=ident.inode, etag=ident.etag, **r.stats))
+                ctime_ns=ident.ctime_ns, inode=ident.inode, etag=ident.etag, seen_ns=ident.seen_ns, **r.stats))
             result.labelled.append(r.stem)
             result.images += r.rows
             result.decode_errors += len(r.error_records)

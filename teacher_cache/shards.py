@@ -14,6 +14,7 @@ import hashlib
 import lzma
 import os
 import tarfile
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ from core.atomic_io import sha256_stream
 from core.storage import ObjectLocation
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+# a file timestamp tick is at most 10 ms (Linux, HZ=100, coarse clock); twice that, so a stat within one tick of a
+# write is always caught (filesystems with whole-second timestamps, such as FAT, are not covered)
+RACY_WINDOW_NS = 20_000_000
 
 
 class ShardError(RuntimeError):
@@ -64,6 +68,12 @@ class ShardIdentity:
     cannot be set by user space and a replaced file gets a new inode, so together they catch those rewrites.
     ``ctime_ns``/``inode`` are None when unknown (old manifests): unknown counts as moved, so we hash once.
     For an object, the cheap identity is what its listing reports: size, last-modified and ETag.
+
+    A file's timestamps only move when the filesystem's clock ticks (one coarse tick, up to 10 ms, on Linux before
+    6.13), so a file rewritten in place, with the same size, in the same tick as the write that was recorded keeps
+    all four fields. ``seen_ns`` (the wall clock just after the stat) tells those "racy" identities apart, as git
+    does for its index: one seen less than `RACY_WINDOW_NS` after the file's last timestamp proves nothing, and
+    the next refresh hashes the shard instead of trusting it. Unknown (older manifests) counts as not racy.
     """
 
     size: int
@@ -72,12 +82,20 @@ class ShardIdentity:
     ctime_ns: int | None = None
     inode: int | None = None
     etag: str | None = None  # objects only
+    seen_ns: int | None = None  # wall clock just after the stat (local files); not part of the cheap identity
 
     @classmethod
     def stat(cls, path: ShardPath) -> ShardIdentity:
         """A local file's stat; an object's listed identity (or one HEAD request if it was not listed)."""
         i = storage.stat(path)
-        return cls(size=i.size, mtime_ns=i.mtime_ns, ctime_ns=i.ctime_ns, inode=i.inode, etag=i.etag)
+        seen = time.time_ns() if i.etag is None else None  # an object's ETag moves with every write: never racy
+        return cls(size=i.size, mtime_ns=i.mtime_ns, ctime_ns=i.ctime_ns, inode=i.inode, etag=i.etag, seen_ns=seen)
+
+    def racy(self) -> bool:
+        """Seen so soon after its last write that a same-size rewrite in the same clock tick would look the same."""
+        if self.seen_ns is None or self.etag is not None:
+            return False
+        return self.seen_ns - max(self.mtime_ns, self.ctime_ns or 0) < RACY_WINDOW_NS
 
     def cheap(self) -> tuple[int, int, int | str | None, int | None]:
         if self.etag is not None:

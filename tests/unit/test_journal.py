@@ -117,7 +117,7 @@ def test_a_crash_between_snapshot_and_journal_removal_applies_nothing_twice(tmp_
 def test_a_manifest_written_before_journals_loads_and_old_readers_read_the_snapshot(tmp_path):
     old = {"schema_version": 1, "fingerprint": "fp", "teacher": {"arch": "t"},
            "shards": {"a": {k: v for k, v in _entry(1).__dict__.items()
-                            if k not in ("labelled", "top1_correct", "topk_mass")}}}
+                            if k not in ("labelled", "top1_correct", "topk_mass", "seen_ns")}}}
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(old))
     m = Manifest.load(tmp_path)
     assert m.shards["a"].rows == 3 and m.shards["a"].labelled is None  # not counted by the old build
