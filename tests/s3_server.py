@@ -5,11 +5,12 @@ so a test can say "this refresh read 0 shard objects" from what the server actua
 hold the body of an object's GET (`RequestLog.hold`), so a run waits inside that object for as long as the test
 wants, on a fast machine as on a slow one; put hooks on requests (`RequestLog.before` / `after`: block a request
 until the test releases it, answer 503, or change what the server sees, e.g. a store that ignores a header); or stop
-the server (`RequestLog.stop`).
+the server (`RequestLog.stop`). Conditional writes are decided one at a time, as S3 does (moto alone does not).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -92,6 +93,9 @@ class RequestLog:
 class _Counting:
     def __init__(self, app: Callable, log: RequestLog) -> None:
         self.app, self.log = app, log
+        # S3 decides a conditional write (If-Match / If-None-Match) atomically; moto checks the condition, then
+        # stores, with no lock between, so two racing creates could both win. Serialised here, as S3 behaves.
+        self.conditional = threading.Lock()
 
     def __call__(self, environ: dict, start_response: Callable) -> Iterator[bytes]:
         path = unquote(environ.get("PATH_INFO", "")).lstrip("/")
@@ -116,12 +120,15 @@ class _Counting:
         except Refuse as exc:
             start_response(exc.status, [("Content-Type", "text/plain")])
             return [b"refused by the test"]
-        if not self.log.after:
+        conditional = method in ("PUT", "DELETE") and bool(key) and (
+            "HTTP_IF_MATCH" in environ or "HTTP_IF_NONE_MATCH" in environ)
+        if not self.log.after and not conditional:
             if gate is not None:  # the whole answer from moto, its body then held by the gate
                 return gate.stream(b"".join(self.app(environ, start_response)))
             return self.app(environ, start_response)
         captured: list = []
-        body = b"".join(self.app(environ, lambda *a: captured.append(a) or (lambda _b: None)))
+        with self.conditional if conditional else contextlib.nullcontext():  # (the `after` hooks run outside it)
+            body = b"".join(self.app(environ, lambda *a: captured.append(a) or (lambda _b: None)))
         for hook in list(self.log.after):
             hook(method, path, environ)
         start_response(*captured[0])
