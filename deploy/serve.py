@@ -112,6 +112,7 @@ class Replica:
         self.model_file, self.top_k, self.max_bytes, self.max_pixels = name, top_k, max_bytes, max_pixels
         self._batch.set_max_batch_size(max_batch_size)
         self._batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        self.in_flight = 0  # /predict requests inside this replica now (uploading, decoding, batched): /healthz
         warm_up(self.session, self.prep, max_pixels)  # the replica reports ready only once a request is cheap
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
@@ -129,10 +130,18 @@ class Replica:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_file, "classes": len(self.classes)}
+        """Liveness, and the /predict requests this replica holds now (`in_flight`, for load balancers)."""
+        return {"status": "ok", "model": self.model_file, "classes": len(self.classes), "in_flight": self.in_flight}
 
     @api.post("/predict")
     async def predict(self, request: Request) -> Any:
+        self.in_flight += 1  # (one event loop: no lock needed)
+        try:
+            return await self._predict(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _predict(self, request: Request) -> Any:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype not in ACCEPTED_TYPES:
             return _error(415, f"content type '{ctype or 'none'}' not accepted; send the image bytes with one of "

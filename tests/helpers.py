@@ -136,9 +136,9 @@ def run_ranks(worker, *args, world: int = 2, timeout: float = 120) -> dict:
 
 def wait_healthy(url: str, timeout: float) -> None:
     """Poll a served bundle's /healthz until it answers ok (Serve replicas take seconds to start)."""
+    import http.client
     import json
     import time
-    import urllib.error
     import urllib.request
 
     deadline = time.time() + timeout
@@ -147,10 +147,20 @@ def wait_healthy(url: str, timeout: float) -> None:
             with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
                 assert json.loads(r.read())["status"] == "ok"
             return
-        except (urllib.error.URLError, ConnectionError):
+        except (OSError, http.client.HTTPException):  # refused, reset, or no answer within 5 s (a busy replica)
             if time.time() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def epochs_logged(metrics_csv: Path) -> int:
+    """Data rows in a variant's metrics.csv; 0 while it is absent, empty or half-written (the writer opens it
+    before the header and row land)."""
+    try:
+        lines = metrics_csv.read_text().split("\n")[:-1]  # complete lines only (the last piece has no newline yet)
+    except FileNotFoundError:
+        return 0
+    return len(lines) - 1 if lines and lines[0].startswith("epoch,") else 0
 
 
 def shards_in_manifest(cache_root: Path) -> int:

@@ -230,8 +230,11 @@ def test_progress_is_polled_taken_back_topped_up_and_survives_a_dead_actor(ray_l
         def take_progress(self):
             return self.script.pop(0) if self.script else (("", 0), ProgressEvent())
 
+    ticks = iter(range(1, 1000))  # the driver's clock, one `every` and more per call: each call sends its polls
+
     def poll_until_answered(progress, actors):
-        progress.poll(actors, now=1e9)
+        progress.poll(actors, now=float(next(ticks)))
+        assert len(progress.polls) == len(actors)  # sent (the test would pass without it otherwise)
         while progress.polls:
             progress.poll([], now=0.0)
 

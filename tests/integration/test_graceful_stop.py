@@ -15,7 +15,15 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import train_cfg
-from helpers import ShardGate, cache_cfg_dict, hold_training_after, mnist_shard, save_teacher, shards_in_manifest
+from helpers import (
+    ShardGate,
+    cache_cfg_dict,
+    epochs_logged,
+    hold_training_after,
+    mnist_shard,
+    save_teacher,
+    shards_in_manifest,
+)
 
 from core.graceful_stop import EXIT_STOPPED
 from student_train.status import read_status
@@ -92,7 +100,7 @@ def test_sigterm_during_training_marks_interrupted_and_a_rerun_resumes(kd_data, 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*DISTILL, "train", "-c", str(f), "--no-ray"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
-    _wait(lambda: metrics.exists() and len(pd.read_csv(metrics)) >= 1, proc, what="the first epoch")
+    _wait(lambda: epochs_logged(metrics) >= 1, proc, what="the first epoch")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     hold.release()

@@ -24,6 +24,7 @@ from helpers import (
     PROMETHEUS,
     ShardGate,
     cache_cfg_dict,
+    epochs_logged,
     hold_training_after,
     mnist_shard,
     prom_query,
@@ -225,7 +226,6 @@ def _train_until_first_epoch(tmp_path, c, kd_data, run_dir, epochs: int, tune: d
     """`distill train` of one variant with two 0.9-CPU ranks, by GCS address; returns (process, hold) once epoch 1
     is logged. The variant waits there (the training hold) until the caller releases it: the node it kills is
     killed mid-run, never after a run that ended first."""
-    import pandas as pd
 
     cfg = train_cfg(kd_data, run_dir, ray={"enabled": True}, metrics_port=0,
                     base={"arch": "cnn_small", "arch_kwargs": {"width": 4}, "epochs": epochs, "batch_size": 8,
@@ -238,7 +238,7 @@ def _train_until_first_epoch(tmp_path, c, kd_data, run_dir, epochs: int, tune: d
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     metrics = run_dir / "dp2" / "metrics.csv"
     deadline = time.monotonic() + 600  # only against a hang
-    while not (metrics.exists() and len(pd.read_csv(metrics)) >= 1):
+    while epochs_logged(metrics) < 1:
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         if time.monotonic() > deadline:
             proc.kill()

@@ -76,10 +76,15 @@ def test_item2_a_writer_whose_renewals_fail_publishes_nothing_after_its_lease_an
     cfg = _cfg(tmp_path, lock_lease_s=6.0)
     path = tmp_path / "a.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    gate_on, release, refused = threading.Event(), threading.Event(), []
+    gate_on, release, refused, journalled = threading.Event(), threading.Event(), [], threading.Event()
+
+    def see_journal(method: str, key: str, environ: dict) -> None:
+        if method == "PUT" and key.endswith(".jsonl"):
+            journalled.set()  # shard 0's manifest record reached the store (its flusher runs apart from the run)
 
     def hold_second_shard(method: str, key: str, environ: dict) -> None:
         if method == "GET" and key == "shards/train/train-000001.tar" and not release.is_set():
+            journalled.wait(300)  # (the record's flush fences on the lock: it lands before renewals are refused)
             gate_on.set()  # shard 0 is published; from now on the lock cannot be renewed
             release.wait(300)
 
@@ -88,7 +93,7 @@ def test_item2_a_writer_whose_renewals_fail_publishes_nothing_after_its_lease_an
             refused.append(key)
             raise Refuse()
 
-    requests.before += [hold_second_shard, refuse_renewals]
+    requests.before += [see_journal, hold_second_shard, refuse_renewals]
     proc = subprocess.Popen([*DISTILL, "cache", "-c", str(path), "--no-ray"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
     try:
@@ -116,8 +121,8 @@ def test_item2_a_writer_whose_renewals_fail_publishes_nothing_after_its_lease_an
     assert sorted(keys) == sorted(s.key for p in local for s in ShardReader(p)) and len(set(keys)) == len(keys)
 
 
-def _lock_body(owner: str, expires: float, n: int = 0) -> bytes:
-    return json.dumps({"owner": owner, "lease_s": 6.0, "expires": expires, "renewal": n}).encode()
+def _lock_body(owner: str, expires: float, n: int = 0, lease_s: float = 6.0) -> bytes:
+    return json.dumps({"owner": owner, "lease_s": lease_s, "expires": expires, "renewal": n}).encode()
 
 
 def test_item3_a_live_holder_whose_clock_is_an_hour_behind_is_not_broken(s3):
@@ -160,7 +165,8 @@ def test_item3_a_dead_holder_whose_clock_is_an_hour_ahead_is_broken_after_one_le
 
 def test_a_lock_that_plainly_looks_live_is_refused_at_once(s3):
     url = "s3://cache/live/.lock"
-    object_store.put_if_absent(url, _lock_body("another job", time.time() + 6))
+    # a lease long enough that it still runs when the lock is first read, however long the start-up probe takes
+    object_store.put_if_absent(url, _lock_body("another job", time.time() + 300, lease_s=300.0))
     with pytest.raises(CacheLockedError, match="lease until"):
         LeaseLock(url, lease_s=6.0, sleep=lambda s: pytest.fail("waited for a lock whose lease runs")).__enter__()
 

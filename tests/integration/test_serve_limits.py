@@ -12,6 +12,7 @@ import io
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -120,15 +121,25 @@ def test_serve_limits_over_real_http(tiny_bundle, ray_local):
         # /healthz has answered (or, if the loop were blocked, until the deadlock breaker fires and the assert fails)
         big = _png(3000, 3000, 3)
         held = HeldUpload(port, [big[: len(big) // 2], big[len(big) // 2:]])
-        with urllib.request.urlopen(f"{url}/healthz", timeout=120) as r:
-            assert r.status == 200
-        answered_while_held = not held.released.is_set()
+        answered_while_held = _healthz_once_inside(url, 1, [held])  # asked only once the upload is in the replica
         held.release()
         assert answered_while_held
         status, body = held.result()
         assert status == 200 and len(body["predictions"]) == 3
     finally:
         serve.shutdown()
+
+
+def _healthz_once_inside(url, n, uploads):
+    """Ask /healthz until the replica says `n` /predict requests are inside it (the held uploads reached it, so
+    the check cannot pass before they do); whether that answer came while every upload was still held."""
+    while True:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=120) as r:
+            assert r.status == 200
+            inside = json.loads(r.read())["in_flight"]
+        if inside >= n or any(u.released.is_set() for u in uploads):  # (released: the deadlock breaker fired)
+            return inside == n and not any(u.released.is_set() for u in uploads)
+        time.sleep(0.05)
 
 
 def _chunked(port, chunks):
@@ -192,9 +203,7 @@ def test_a_replica_admits_a_full_batch_of_slow_uploads(tmp_path, ray_local):
         wait_healthy(url, 120)
         data = _png(40, 30, 7)
         uploads = [HeldUpload(port, [data[:50], data[50:]]) for _ in range(8)]
-        with urllib.request.urlopen(f"{url}/healthz", timeout=120) as r:
-            assert r.status == 200
-        answered_while_held = not any(u.released.is_set() for u in uploads)
+        answered_while_held = _healthz_once_inside(url, 8, uploads)  # all 8 admitted, and /healthz beside them
         for u in uploads:
             u.release()
         assert answered_while_held, "/healthz waited for the held uploads: the replica admits fewer than 9"
