@@ -237,6 +237,22 @@ def prom_query(port: int, query: str) -> list:
 
 # --- gates: points where a test holds a stage, whatever the machine's speed (never a sleep racing the work) ------
 
+def _pids_holding(st: os.stat_result) -> list[int]:
+    """PIDs of the processes (this one excepted) with a descriptor open on the file `st` describes."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    other = fd.stat()
+                    if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                        found.append(int(proc.name))
+                        break
+    return found
+
+
 class PipeGate:
     """A named pipe that the test keeps open for writing. A reader opens it at once and then blocks in read() until
     the test writes (`feed`) or lets go (`release`: EOF); the test decides when, whatever the machine's speed."""
@@ -257,14 +273,10 @@ class PipeGate:
 
     def readers(self) -> list[int]:
         """PIDs of the processes that have the pipe open now (the test's own excepted)."""
-        found = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            with contextlib.suppress(OSError):
-                if any(os.readlink(fd) == str(self.path) for fd in (proc / "fd").iterdir()):
-                    found.append(int(proc.name))
-        return found
+        try:
+            return _pids_holding(os.stat(self.path))
+        except FileNotFoundError:  # released
+            return []
 
     def release(self) -> None:
         """Remove the pipe, then EOF to whoever reads it: nobody can open it afterwards, nobody waits on it."""
@@ -305,23 +317,11 @@ class ShardGate(PipeGate):
         self._put_file_back()
         self.handed_over = True
 
-        def holders() -> bool:
-            for proc in Path("/proc").iterdir():
-                if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                    continue
-                with contextlib.suppress(OSError):
-                    for fd in (proc / "fd").iterdir():
-                        with contextlib.suppress(OSError):
-                            other = fd.stat()
-                            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
-                                return True
-            return False
-
         def go() -> None:
             fd, view = self.fd, memoryview(self.data)
             assert fd is not None
             os.set_blocking(fd, False)
-            while view and holders():
+            while view and _pids_holding(st):  # (the pipe has no name now: by inode)
                 try:
                     view = view[os.write(fd, view):]
                 except BlockingIOError:  # the pipe is full: its reader takes the bytes at its own pace
