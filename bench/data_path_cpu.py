@@ -24,10 +24,10 @@ def _env(name: str, default: int) -> int:
 
 
 def ceiling(shards: list[Path], px: int, procs: int) -> float:
-    from teacher_cache.decode import DecodeSpec
-    from teacher_cache.decode_pool import DecodePool
-    from teacher_cache.shards import ShardReader
-    from teacher_cache.views import ViewPolicy
+    from distill.teacher_cache.decode import DecodeSpec
+    from distill.teacher_cache.decode_pool import DecodePool
+    from distill.teacher_cache.shards import ShardReader
+    from distill.teacher_cache.views import ViewPolicy
 
     raws = [r for s in shards for r in ShardReader(s)]
     pool = DecodePool(DecodeSpec(3, px, "bilinear", ViewPolicy(num_views=1)), procs, chunk=16)
@@ -41,9 +41,9 @@ def ceiling(shards: list[Path], px: int, procs: int) -> float:
 
 
 def cache_rate(shards: list[Path], work: Path, px: int, procs: int) -> tuple[float, Path]:
-    from core.models import create_model
-    from teacher_cache.config import CacheConfig
-    from teacher_cache.run import run
+    from distill.core.models import create_model
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.run import run
 
     ckpt = work / "cnn_small.pt"
     torch.manual_seed(0)
@@ -60,9 +60,9 @@ def cache_rate(shards: list[Path], work: Path, px: int, procs: int) -> tuple[flo
 
 
 def loader_rate(shards: list[Path], cache_dir: Path, px: int, procs: int) -> float:
-    from student_train.data import JoinedStream, ShardPair, StreamSpec
-    from teacher_cache.reader import CacheReader
-    from teacher_cache.teacher import Preprocessing
+    from distill.student_train.data import JoinedStream, ShardPair, StreamSpec
+    from distill.teacher_cache.reader import CacheReader
+    from distill.teacher_cache.teacher import Preprocessing
 
     reader = CacheReader(cache_dir)
     pairs = [ShardPair(s.stem, s, reader.manifest.shards[s.stem].rows) for s in shards]

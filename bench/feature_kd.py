@@ -25,14 +25,13 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 import pandas as pd
-
-from cluster.config_loading import load_config
-from cluster.pipeline import PipelineConfig, run_pipeline
-from student_train.config import TrainConfig
-from student_train.run import run as run_train
-from teacher_cache.config import CacheConfig
-from teacher_cache.inspect_cache import inspect_cache
-from teacher_cache.run import run as run_cache
+from distill.cluster.config_loading import load_config
+from distill.cluster.pipeline import PipelineConfig, run_pipeline
+from distill.student_train.config import TrainConfig
+from distill.student_train.run import run as run_train
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.inspect_cache import inspect_cache
+from distill.teacher_cache.run import run as run_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDENT = {"arch": "cnn_small", "arch_kwargs": {"width": 8}, "mode": "soft", "alpha": 0.9, "temperature": 4.0}

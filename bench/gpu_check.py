@@ -90,7 +90,7 @@ def _timed(fn, n_items: int, repeats: int) -> float:
 
 def teacher_ceiling(p: dict, arch: str) -> float:
     """Forward img/s of the teacher, bf16 autocast + channels_last on CUDA (fp32 on the CPU), random weights."""
-    from core.models import create_model
+    from distill.core.models import create_model
 
     model = create_model(arch, num_classes=1000, in_chans=3).eval().to(DEVICE, memory_format=torch.channels_last)
     x = torch.randn(p["batch"], 3, p["px"], p["px"], device=DEVICE).contiguous(memory_format=torch.channels_last)
@@ -103,7 +103,7 @@ def teacher_ceiling(p: dict, arch: str) -> float:
 
 def student_ceiling(p: dict) -> float:
     """Train-step img/s (fwd + bwd + AdamW) of the student on random data, bf16 + channels_last on CUDA."""
-    from core.models import create_model
+    from distill.core.models import create_model
 
     model = create_model(p["student"], num_classes=1000, in_chans=3).to(DEVICE, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -121,10 +121,10 @@ def student_ceiling(p: dict) -> float:
 
 def decode_ceilings(p: dict, shards: list[Path]) -> dict[str, float | None]:
     """Decode + resize to px (one view): Pillow in worker processes, and nvjpeg batched on the GPU."""
-    from teacher_cache.decode import DecodeSpec, decode_batch_gpu
-    from teacher_cache.decode_pool import DecodePool
-    from teacher_cache.shards import ShardReader
-    from teacher_cache.views import ViewPolicy
+    from distill.teacher_cache.decode import DecodeSpec, decode_batch_gpu
+    from distill.teacher_cache.decode_pool import DecodePool
+    from distill.teacher_cache.shards import ShardReader
+    from distill.teacher_cache.views import ViewPolicy
 
     raws = [r for s in shards for r in ShardReader(s)]
     spec = DecodeSpec(3, p["px"], "bilinear", ViewPolicy(num_views=1))
@@ -149,7 +149,7 @@ def decode_ceilings(p: dict, shards: list[Path]) -> dict[str, float | None]:
 
 
 def teacher_checkpoint(p: dict, work: Path) -> Path:
-    from core.models import create_model
+    from distill.core.models import create_model
 
     path = work / "teacher.pt"
     if not path.exists():
@@ -173,9 +173,9 @@ def cache_pass(p: dict, shards: list[Path], work: Path, views: int) -> tuple[flo
     Returns (view-images/s over the labelling of shards 2..n, the same for the whole `run()` including the
     teacher load and manifest). Shard 1 warms up the labeller (cuDNN autotune, decode processes).
     """
-    from teacher_cache.config import CacheConfig
-    from teacher_cache.labeler import Labeler, ShardTask
-    from teacher_cache.run import prepare, run
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.labeler import Labeler, ShardTask
+    from distill.teacher_cache.run import prepare, run
 
     cfg = CacheConfig.model_validate(cache_config(p, shards, work, views))
     teacher, fp = prepare(cfg)
@@ -195,7 +195,7 @@ def cache_pass(p: dict, shards: list[Path], work: Path, views: int) -> tuple[flo
 
 
 def train_rate(p: dict, shards: list[Path], work: Path, mode: str) -> float:
-    """`torchrun --nproc_per_node 1 -m cluster.cli train` for one variant; samples/s of its last epoch."""
+    """`torchrun --nproc_per_node 1 -m distill train` for one variant; samples/s of its last epoch."""
     cache = cache_config(p, shards, work, 4)
     cfg = {"run_dir": str(work / "train"), "device": "auto", "log_every": 50, "metrics_port": None,
            "ray": {"enabled": False}, "teacher": cache["teacher"],
@@ -207,7 +207,7 @@ def train_rate(p: dict, shards: list[Path], work: Path, mode: str) -> float:
     path = work / f"train-{mode}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
-           "cluster.cli", "train", "-c", str(path), "--variant", f"bench-{mode}"]
+           "distill", "train", "-c", str(path), "--variant", f"bench-{mode}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=int(os.environ.get("TRAIN_TIMEOUT", 600)))
     if done.returncode != 0:
         raise RuntimeError(f"train {mode} exited {done.returncode}: {done.stderr[-1500:]}")
@@ -232,7 +232,7 @@ def fused_rate(p: dict, shards: list[Path], work: Path, k: int = 8) -> tuple[flo
     path = work / "train-fused.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
-           "cluster.cli", "train", "-c", str(path)]
+           "distill", "train", "-c", str(path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=int(os.environ.get("TRAIN_TIMEOUT", 600)))
     if done.returncode != 0:
         raise RuntimeError(f"train fused exited {done.returncode}: {done.stderr[-1500:]}")

@@ -22,10 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-
-from compress.litert_run import LiteRTModel
-from compress.measure import median_latency
-from compress.onnx_export import session
+from distill.compress.litert_run import LiteRTModel
+from distill.compress.measure import median_latency
+from distill.compress.onnx_export import session
 
 
 def _median_call(fn, x: np.ndarray, repeats: int) -> float:

@@ -37,9 +37,9 @@ def main() -> None:
     x, y = mnist(args.shards)
     with tempfile.TemporaryDirectory() as tmp, s3_server_process() as (endpoint, requests):
         os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint})
-        from core import object_store
-        from teacher_cache.config import CacheConfig
-        from teacher_cache.run import run
+        from distill.core import object_store
+        from distill.teacher_cache.config import CacheConfig
+        from distill.teacher_cache.run import run
 
         fs = object_store.filesystem()
         fs.mkdir("s3://shards")

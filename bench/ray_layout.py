@@ -64,10 +64,9 @@ def parse_layout(text: str) -> tuple[str, list[str]]:
 def our_pass(shards: list[Path], teacher: Path, root: Path, overrides: list[str]) -> dict:
     """One `distill cache` run in this process; Ray (when enabled) is started and shut down inside the call."""
     import ray
-
-    from cluster.config_loading import apply_overrides
-    from teacher_cache.config import CacheConfig
-    from teacher_cache.run import run
+    from distill.cluster.config_loading import apply_overrides
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.run import run
 
     cfg = {"shards": [str(s) for s in shards], "cache_root": str(root), "topk": TOPK,
            "views": {"num_views": 1}, "batch_size": BATCH, "metrics": {"enabled": False}, "progress": False,
@@ -117,8 +116,7 @@ class _Teacher:
 
 def raydata_pass(shards: list[Path], teacher: Path, out: Path) -> dict:
     import ray
-
-    from core.ray_cluster import connect_ray
+    from distill.core.ray_cluster import connect_ray
 
     t0 = time.perf_counter()
     connect_ray(None)

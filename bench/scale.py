@@ -62,10 +62,10 @@ def cache_cfg(shards: str, root: str, ckpt: Path, staging: Path) -> dict:
 
 def measure(n: int, shards: str, root: str, ckpt: Path, work: Path, requests: object = None,
             repeats: int = 1) -> dict:
-    from student_train.config import TrainConfig
-    from student_train.job_plan import plan_job
-    from teacher_cache.config import CacheConfig
-    from teacher_cache.run import run
+    from distill.student_train.config import TrainConfig
+    from distill.student_train.job_plan import plan_job
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.run import run
 
     passes = []
     for r in range(repeats):  # each full pass into a fresh cache root; the fastest counts (the machine is shared)
@@ -80,7 +80,7 @@ def measure(n: int, shards: str, root: str, ckpt: Path, work: Path, requests: ob
                        "requests_full": sum(requests.snapshot().counts.values()) if requests is not None else 0})
     out = {"n": n, **min(passes, key=lambda p: p["full_s"]), "all_full_s": [p["full_s"] for p in passes]}
     noops = []
-    from core.storage import lease
+    from distill.core.storage import lease
 
     for _ in range(3):
         if requests is not None:
@@ -106,7 +106,7 @@ def measure(n: int, shards: str, root: str, ckpt: Path, work: Path, requests: ob
         plans.append(time.perf_counter() - t0)
         assert len(job.train) == n
     out["plan_first_s"], out["plan_s"] = plans
-    from teacher_cache.inspect_cache import inspect_cache
+    from distill.teacher_cache.inspect_cache import inspect_cache
 
     for verify in (False, True):  # `distill cache inspect` (--no-verify, then with the checksums)
         t0 = time.perf_counter()
@@ -133,7 +133,7 @@ def s3_runs(sizes: list[int], work: Path, ckpt: Path, repeats: int) -> list[dict
     make_shards(work / "shards", max(sizes))
     with s3_server_process() as (endpoint, requests):
         os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "DISTILL_MIRROR_DIR": str(work / "mirror")})
-        from core import object_store
+        from distill.core import object_store
 
         object_store.reset_filesystem()
         object_store.filesystem().mkdir("s3://shards")
@@ -179,7 +179,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="full passes per size (the fastest is reported)")
     ap.add_argument("--work", type=Path, default=None, help="keep shards and caches here (default: a temp dir)")
     args = ap.parse_args()
-    from core.models import create_model
+    from distill.core.models import create_model
 
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{time.strftime('%Y-%m-%d %H:%M')}")

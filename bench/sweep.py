@@ -44,11 +44,11 @@ STUDENTS = {"digits": {"arch": "cnn_small", "arch_kwargs": {"width": 8}},
 
 
 def digits_data(work: Path) -> dict:
-    from core.models import create_model
-    from teacher_cache.config import CacheConfig
-    from teacher_cache.run import run as cache_run
-    from teacher_cache.shard_writer import ShardsConfig
-    from teacher_cache.shard_writer import run as write_shards
+    from distill.core.models import create_model
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.run import run as cache_run
+    from distill.teacher_cache.shard_writer import ShardsConfig
+    from distill.teacher_cache.shard_writer import run as write_shards
 
     shards = work / "digits" / "shards"
     if not (shards / "train-000000.tar").exists():
@@ -70,10 +70,11 @@ def digits_data(work: Path) -> dict:
 
 
 def photos_data(work: Path, images: int) -> dict:
+    from distill.core.models import create_model
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.run import run as cache_run
+
     from bench.gpu_check import make_shards
-    from core.models import create_model
-    from teacher_cache.config import CacheConfig
-    from teacher_cache.run import run as cache_run
 
     shards = make_shards(work / "photos" / "shards", images, 4)
     ckpt = work / "photos" / "teacher.pt"
@@ -98,7 +99,7 @@ def sweep(k: int) -> list[dict]:
 
 
 def train_config(data: dict, workload: str, run_dir: Path, k: int, **over: object):
-    from student_train.config import TrainConfig
+    from distill.student_train.config import TrainConfig
 
     return TrainConfig.model_validate({
         "run_dir": str(run_dir), "teacher": data["teacher"], "ray": {"enabled": False}, "metrics_port": None,
@@ -109,7 +110,7 @@ def train_config(data: dict, workload: str, run_dir: Path, k: int, **over: objec
 
 
 def timed_run(cfg) -> dict:
-    from student_train.run import run
+    from distill.student_train.run import run
 
     t0 = time.perf_counter()
     res = run(cfg)
@@ -122,11 +123,11 @@ def timed_run(cfg) -> dict:
 
 def loader_and_steps(cfg) -> dict:
     """The group's epoch from its loader alone; then each student alone over those batches, preloaded."""
-    from student_train.checkpoints import Storage
-    from student_train.job_plan import plan_job
-    from student_train.losses import create_loss
-    from student_train.student import StepInputs, StudentRun, build_looped, seeded_model
-    from student_train.train_loop import Stream, WorkerContext, _init_distributed, _loader, _spec, _train_steps
+    from distill.student_train.checkpoints import Storage
+    from distill.student_train.job_plan import plan_job
+    from distill.student_train.losses import create_loss
+    from distill.student_train.student import StepInputs, StudentRun, build_looped, seeded_model
+    from distill.student_train.train_loop import Stream, WorkerContext, _init_distributed, _loader, _spec, _train_steps
 
     job = plan_job(cfg)
     variants = cfg.expand()
@@ -155,10 +156,9 @@ def loader_and_steps(cfg) -> dict:
 def layouts(cfg, k: int, n_steps: int = 20) -> dict:
     """Per-step seconds: K engines (one per student) vs one engine over the K students (one param group each)."""
     import deepspeed
-
-    from core.models import create_model
-    from student_train.job_plan import plan_job
-    from student_train.student import ds_config
+    from distill.core.models import create_model
+    from distill.student_train.job_plan import plan_job
+    from distill.student_train.student import ds_config
 
     job = plan_job(cfg)
     variants = cfg.expand()[:k]

@@ -26,14 +26,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import numpy as np
 import torch
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.labeler import Labeler
+from distill.teacher_cache.reader import CacheReader
+from distill.teacher_cache.run import run
+from distill.teacher_cache.teacher import fingerprint, load_teacher
+from distill.teacher_cache.topk import pack_topk, rebuild_log_probs
 from PIL import Image
-
-from teacher_cache.config import CacheConfig
-from teacher_cache.labeler import Labeler
-from teacher_cache.reader import CacheReader
-from teacher_cache.run import run
-from teacher_cache.teacher import fingerprint, load_teacher
-from teacher_cache.topk import pack_topk, rebuild_log_probs
 
 
 def make_shards(out: Path, samples: int, per_shard: int) -> list[Path]:
@@ -80,9 +79,9 @@ def forward_only(cfg: CacheConfig, n_images: int) -> float:
 def kl_against_full(cfg: CacheConfig, shards: list[Path], temps: tuple[float, ...]) -> dict[str, float]:
     teacher = load_teacher(cfg.teacher)
     lab = Labeler(cfg, "bench", teacher)
-    from teacher_cache.decode import try_decode_cpu
-    from teacher_cache.shards import ShardReader
-    from teacher_cache.views import normalize
+    from distill.teacher_cache.decode import try_decode_cpu
+    from distill.teacher_cache.shards import ShardReader
+    from distill.teacher_cache.views import normalize
 
     prep = teacher.preprocessing
     pix = [d.pixels[0] for d in (try_decode_cpu(r, lab.spec) for r in ShardReader(shards[0]))
@@ -116,7 +115,7 @@ def main() -> None:
     try:
         shards = make_shards(work, args.samples, args.per_shard)
         torch.manual_seed(0)
-        from core.models import create_model
+        from distill.core.models import create_model
 
         ckpt = work / "teacher.pt"
         torch.save(create_model(args.arch, num_classes=1000).state_dict(), ckpt)

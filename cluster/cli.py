@@ -18,16 +18,15 @@ import sys
 from typing import Any
 
 import click
-
-from cluster.cli_common import exit_for
+from distill.cluster.cli_common import exit_for
 
 log = logging.getLogger("distill")
 
 
 class _Main(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
-        from core.graceful_stop import EXIT_STOPPED, StopRequested, install_sigterm_handler, sigterm_received
-        from core.run_phase import reset_work, work_begun
+        from distill.core.graceful_stop import EXIT_STOPPED, StopRequested, install_sigterm_handler, sigterm_received
+        from distill.core.run_phase import reset_work, work_begun
 
         install_sigterm_handler()
         reset_work()
@@ -63,12 +62,12 @@ def cli(log_level: str) -> None:
 
 
 def _register() -> None:
-    from cluster.cmd_cache import cache
-    from cluster.cmd_compress import compress
-    from cluster.cmd_deploy import deploy, serve
-    from cluster.cmd_pipeline import pipeline
-    from cluster.cmd_shards import shards
-    from cluster.cmd_train import train
+    from distill.cluster.cmd_cache import cache
+    from distill.cluster.cmd_compress import compress
+    from distill.cluster.cmd_deploy import deploy, serve
+    from distill.cluster.cmd_pipeline import pipeline
+    from distill.cluster.cmd_shards import shards
+    from distill.cluster.cmd_train import train
 
     cli.add_command(shards)
     cli.add_command(cache)

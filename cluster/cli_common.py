@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from cluster.config_loading import ConfigError
+from distill.cluster.config_loading import ConfigError
 
 EXIT_BAD_INPUT, EXIT_PARTIAL, EXIT_FAILURE, EXIT_LOCKED = 2, 3, 4, 5
 EXIT_RUN_FAILED = 6  # the run started (work may be saved) and then failed; re-running resumes
@@ -24,14 +23,14 @@ class StageFailedError(RuntimeError):
 # dependencies are missing on this host (onnxruntime, torch_pruning for compress) must not turn every exit of
 # the other stages into a ModuleNotFoundError.
 _USER_ERRORS = (
-    ("compress.onnx_export", "ParityError"),
-    ("compress.prune", "PruningError"),
-    ("teacher_cache.manifest", "CacheLockedError"),
-    ("core.models", "UnknownModelError"),
-    ("core.ray_cluster", "ClusterConnectionError"),
-    ("teacher_cache.reader", "CacheError"),
-    ("teacher_cache.schema", "SchemaError"),
-    ("teacher_cache.teacher", "TeacherLoadError"),
+    ("distill.compress.onnx_export", "ParityError"),
+    ("distill.compress.prune", "PruningError"),
+    ("distill.teacher_cache.manifest", "CacheLockedError"),
+    ("distill.core.models", "UnknownModelError"),
+    ("distill.core.ray_cluster", "ClusterConnectionError"),
+    ("distill.teacher_cache.reader", "CacheError"),
+    ("distill.teacher_cache.schema", "SchemaError"),
+    ("distill.teacher_cache.teacher", "TeacherLoadError"),
 )
 
 
@@ -58,7 +57,7 @@ def exit_for(exc: Exception, work_begun: bool) -> tuple[int, str] | None:
     "failed during the run" (6: finished work is kept, a re-run continues). A stage whose every unit failed is 4,
     another writer holding the cache is 5, wherever they happen.
     """
-    from teacher_cache.manifest import CacheLockedError
+    from distill.teacher_cache.manifest import CacheLockedError
 
     if isinstance(exc, CacheLockedError):
         return EXIT_LOCKED, f"refused: {exc}"

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from cluster.cli_common import (
+from distill.cluster.cli_common import (
     EXIT_BAD_INPUT,
     EXIT_LOCKED,
     EXIT_RUN_FAILED,
@@ -19,8 +18,8 @@ from cluster.cli_common import (
     config_options,
     ray_overrides,
 )
-from cluster.config_loading import load_config
-from core.metrics_server import start_metrics_server
+from distill.cluster.config_loading import load_config
+from distill.core.metrics_server import start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,8 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
     """
     if ctx.invoked_subcommand is not None:
         return
-    from teacher_cache.config import CacheConfig
-    from teacher_cache.run import run
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.run import run
 
     sets = list(overrides) + ray_overrides(no_ray, address)
     cfg = load_config(CacheConfig, config_path, sets, "cache")
@@ -94,8 +93,8 @@ def _start_metrics(cfg: object) -> None:
 def _run_or_exit(run: Callable[..., Any], cfg: object, **kw: Any) -> Any:
     """A failure after the run began exits 6 with one line (exit 2 is only for 'bad input, nothing done');
     another writer holding the cache exits 5, naming it."""
-    from teacher_cache.manifest import CacheLockedError
-    from teacher_cache.run import RunFailedError
+    from distill.teacher_cache.manifest import CacheLockedError
+    from distill.teacher_cache.run import RunFailedError
 
     try:
         return run(cfg, **kw)
@@ -111,7 +110,7 @@ def _check_address(cfg: object) -> None:
     """A named cluster must be reachable before any work, even on a run that turns out to be a no-op."""
     import os
 
-    from core.ray_cluster import check_address
+    from distill.core.ray_cluster import check_address
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if cfg.ray.enabled and address:
@@ -132,7 +131,7 @@ def inspect(directory: str, as_json: bool, no_verify: bool) -> None:
     Rows, labels and teacher accuracy come from the manifest (no file is decoded for caches written by this
     build); --no-verify also skips the checksums.
     """
-    from teacher_cache.inspect_cache import format_inspect, inspect_cache
+    from distill.teacher_cache.inspect_cache import format_inspect, inspect_cache
 
     info = inspect_cache(directory, verify=not no_verify)
     click.echo(json.dumps(info, indent=1) if as_json else format_inspect(info))
@@ -155,9 +154,9 @@ def refresh(config_path: Path | None, overrides: tuple[str, ...], wait: bool, no
     143 stopped by SIGTERM.
     Example: distill cache refresh --config examples/demo.yaml --set metrics.pushgateway=http://127.0.0.1:9091
     """
-    from teacher_cache.config import CacheConfig
-    from teacher_cache.metrics import push_refresh_summary
-    from teacher_cache.run import run
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.metrics import push_refresh_summary
+    from distill.teacher_cache.run import run
 
     cfg = load_config(CacheConfig, config_path, list(overrides) + ray_overrides(no_ray, address), "cache")
     _check_address(cfg)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-
-from cluster.cli_common import config_options
-from cluster.config_loading import load_config
+from distill.cluster.cli_common import config_options
+from distill.cluster.config_loading import load_config
 
 
 @click.command()
@@ -27,8 +26,8 @@ def compress(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     Output: <out_dir>/<student>/*.onnx, report.txt, report.json, pareto.png.
     Example: distill compress --config examples/demo.yaml --set prune.ratio=0.7 --set prune.steps=2
     """
-    from compress.config import CompressConfig
-    from compress.run import run
+    from distill.compress.config import CompressConfig
+    from distill.compress.run import run
 
     cfg = load_config(CompressConfig, config_path, list(overrides), "compress")
     result = run(cfg)

@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 
 import click
-
-from cluster.cli_common import config_options
-from cluster.config_loading import load_config
-from core.graceful_stop import StopRequested
+from distill.cluster.cli_common import config_options
+from distill.cluster.config_loading import load_config
+from distill.core.graceful_stop import StopRequested
 
 
 @click.command()
@@ -29,8 +28,8 @@ def deploy(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     to <out_dir>.versions/<time>/ and the link <out_dir> moved to it atomically.
     Example: distill deploy --config examples/demo.yaml
     """
-    from deploy.bundle import run
-    from deploy.config import DeployConfig
+    from distill.deploy.bundle import run
+    from distill.deploy.config import DeployConfig
 
     cfg = load_config(DeployConfig, config_path, list(overrides), "deploy")
     res = run(cfg)
@@ -54,9 +53,9 @@ def serve(config_path: Path | None, overrides: tuple[str, ...], bundle: str | No
     Example: distill serve --bundle runs/demo/bundle --port 8000
              curl -s -H 'Content-Type: image/png' --data-binary @digit.png http://127.0.0.1:8000/predict
     """
-    from core.ray_cluster import connect_ray
-    from deploy.config import ServeConfig
-    from deploy.serve import start
+    from distill.core.ray_cluster import connect_ray
+    from distill.deploy.config import ServeConfig
+    from distill.deploy.serve import start
 
     extra = [f"{k}={v}" for k, v in (("bundle", bundle), ("port", port), ("host", host)) if v is not None]
     cfg = load_config(ServeConfig, config_path, list(overrides) + extra, "serve")

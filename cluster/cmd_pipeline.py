@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import click
-
-from cluster.cli_common import EXIT_PARTIAL, EXIT_RUN_FAILED, config_options
-from cluster.config_loading import load_config
+from distill.cluster.cli_common import EXIT_PARTIAL, EXIT_RUN_FAILED, config_options
+from distill.cluster.config_loading import load_config
 
 
 @click.command()
@@ -28,8 +27,8 @@ def pipeline(config_path: Path | None, overrides: tuple[str, ...]) -> None:
     re-run continues), 143 stopped by SIGTERM.
     Example: distill pipeline --config examples/demo.yaml --set train.base.epochs=2
     """
-    from cluster.pipeline import PipelineConfig, partial_stages, run_pipeline
-    from teacher_cache.run import RunFailedError
+    from distill.cluster.pipeline import PipelineConfig, partial_stages, run_pipeline
+    from distill.teacher_cache.run import RunFailedError
 
     cfg = load_config(PipelineConfig, config_path, list(overrides), "pipeline")
     try:
@@ -48,7 +47,7 @@ def pipeline(config_path: Path | None, overrides: tuple[str, ...]) -> None:
 
 def _print_comparison(results: list[dict]) -> None:
     """First thing at the end: each distilled student against its undistilled twin, then the winner."""
-    from student_train.leaderboard import format_twin_comparison
+    from distill.student_train.leaderboard import format_twin_comparison
 
     train = next((r for r in results if r["stage"] == "train"), None)
     if train is None:

@@ -6,10 +6,9 @@ import sys
 from pathlib import Path
 
 import click
-
-from cluster.cli_common import STATUS_EXIT, config_options, ray_overrides
-from cluster.config_loading import load_config
-from core.metrics_server import start_metrics_server
+from distill.cluster.cli_common import STATUS_EXIT, config_options, ray_overrides
+from distill.cluster.config_loading import load_config
+from distill.core.metrics_server import start_metrics_server
 
 
 @click.command()
@@ -44,9 +43,14 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     The output ends with the cached teacher's val top-1 and a warning when it is below its best student.
     Example: distill train --config examples/demo.yaml --set base.epochs=2
     """
-    from student_train.config import TrainConfig
-    from student_train.leaderboard import format_leaderboard, format_teacher_line, format_twin_comparison, twin_pairs
-    from student_train.run import run
+    from distill.student_train.config import TrainConfig
+    from distill.student_train.leaderboard import (
+        format_leaderboard,
+        format_teacher_line,
+        format_twin_comparison,
+        twin_pairs,
+    )
+    from distill.student_train.run import run
 
     sets = list(overrides) + ray_overrides(no_ray, address)
     cfg = load_config(TrainConfig, config_path, sets, "train")

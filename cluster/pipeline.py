@@ -15,14 +15,13 @@ import time
 from pathlib import Path
 
 import yaml
+from distill.cluster.cli_common import StageFailedError
+from distill.compress.config import CompressConfig
+from distill.deploy.config import DeployConfig
+from distill.student_train.config import TrainConfig
+from distill.teacher_cache.config import CacheConfig, MetricsConfig
+from distill.teacher_cache.shard_writer import ShardsConfig
 from pydantic import BaseModel, ConfigDict, Field
-
-from cluster.cli_common import StageFailedError
-from compress.config import CompressConfig
-from deploy.config import DeployConfig
-from student_train.config import TrainConfig
-from teacher_cache.config import CacheConfig, MetricsConfig
-from teacher_cache.shard_writer import ShardsConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def _shards_current(cfg: ShardsConfig) -> bool:
 
 
 def run_shards(cfg: ShardsConfig) -> dict:
-    from teacher_cache.shard_writer import run
+    from distill.teacher_cache.shard_writer import run
 
     if _shards_current(cfg):
         log.info("shards: %s is current, skipping", cfg.out_dir)
@@ -60,7 +59,7 @@ def run_shards(cfg: ShardsConfig) -> dict:
 
 
 def run_compress(cfg: CompressConfig) -> dict:
-    from compress.run import run
+    from distill.compress.run import run
 
     done = Path(cfg.out_dir) / "compress_config.resolved.yaml"
     students = [p.stat().st_mtime for p in Path(cfg.train_run).glob("*/best.pt")]
@@ -76,10 +75,10 @@ def run_compress(cfg: CompressConfig) -> dict:
 
 def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     """Run the configured stages in order; raise on the first stage that fails outright."""
-    from core.ray_cluster import connect_ray
+    from distill.core.ray_cluster import connect_ray
 
     if cfg.metrics.enabled:
-        from core.metrics_server import start_metrics_server
+        from distill.core.metrics_server import start_metrics_server
 
         start_metrics_server(cfg.metrics.host, cfg.metrics.port, cfg.metrics.targets_file, job="distill_pipeline")
     if any(s is not None and s.ray.enabled for s in (cfg.teacher, cfg.cache, cfg.train)):
@@ -89,7 +88,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
         _run_stages(cfg, results)
     finally:  # a batch job is not scraped reliably: its last values go to the Pushgateway too
         if cfg.metrics.enabled and cfg.metrics.pushgateway:
-            from core.metrics_server import push_final_metrics
+            from distill.core.metrics_server import push_final_metrics
 
             push_final_metrics(cfg.metrics.pushgateway, job="distill_pipeline")
     return results
@@ -97,7 +96,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
 
 def _run_stages(cfg: PipelineConfig, results: list[dict]) -> None:
     """Each configured stage in order; `results` gets each finished stage's summary."""
-    from core.run_phase import begin_work
+    from distill.core.run_phase import begin_work
 
     stages = [("shards", cfg.shards), ("teacher", cfg.teacher), ("cache", cfg.cache), ("train", cfg.train),
               ("compress", cfg.compress), ("deploy", cfg.deploy)]
@@ -111,13 +110,13 @@ def _run_stages(cfg: PipelineConfig, results: list[dict]) -> None:
         elif name == "compress":
             summary = run_compress(stage_cfg)
         elif name == "deploy":
-            from deploy.bundle import run as run_deploy
+            from distill.deploy.bundle import run as run_deploy
 
             res = run_deploy(stage_cfg)
             summary = {"stage": name, "bundle": str(res.bundle), "student": res.student, "parity": res.parity,
                        "litert": res.litert or f"none: {res.litert_reason}"}
         elif name == "cache":
-            from teacher_cache.run import run as run_cache
+            from distill.teacher_cache.run import run as run_cache
 
             res = run_cache(stage_cfg)
             summary = {"stage": name, "status": res.status, "cache_dir": res.cache_url or str(res.cache_dir),
@@ -126,8 +125,8 @@ def _run_stages(cfg: PipelineConfig, results: list[dict]) -> None:
                 raise StageFailedError("cache stage: every shard to label failed; nothing new was cached: "
                                        + "; ".join(f"{k}: {v}" for k, v in res.failed.items()))
         else:
-            from student_train.leaderboard import twin_pairs
-            from student_train.run import run as run_train
+            from distill.student_train.leaderboard import twin_pairs
+            from distill.student_train.run import run as run_train
 
             res = run_train(stage_cfg)
             best = res.best()

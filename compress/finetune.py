@@ -16,12 +16,11 @@ import shutil
 from pathlib import Path
 
 import torch
-
-from compress.config import PruneConfig
-from compress.prune import count_cost, prune_to_target
-from core.atomic_io import file_sha256
-from student_train.config import VariantConfig
-from student_train.train_loop import JobSpec, WorkerContext, train_variant
+from distill.compress.config import PruneConfig
+from distill.compress.prune import count_cost, prune_to_target
+from distill.core.atomic_io import file_sha256
+from distill.student_train.config import VariantConfig
+from distill.student_train.train_loop import JobSpec, WorkerContext, train_variant
 
 log = logging.getLogger(__name__)
 

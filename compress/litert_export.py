@@ -173,7 +173,7 @@ def convert_onnx(onnx_path: Path) -> bytes:
 
 def export_litert(onnx_path: Path, out: Path) -> Path:
     """Write the fp32 .tflite of `onnx_path` to `out` (atomically: a killed export leaves no partial model)."""
-    from core.atomic_io import atomic_write
+    from distill.core.atomic_io import atomic_write
 
     atomic_write(out, convert_onnx(onnx_path))
     return out

@@ -14,9 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-
-from compress.litert_export import SIGNATURE
-from compress.measure import median_latency, random_input
+from distill.compress.litert_export import SIGNATURE
+from distill.compress.measure import median_latency, random_input
 
 log = logging.getLogger(__name__)
 EXTRA_HINT = "pip install -e '.[litert]' (ai-edge-litert, ai-edge-quantizer)"
@@ -76,8 +75,7 @@ def quantize_litert_int8(fp32: Path, out: Path, calib: Iterable[np.ndarray]) -> 
     """Full-integer int8 (weights per channel, activations and I/O int8) with ai-edge-quantizer's static
     min/max recipe, calibrated on `calib` batches (N, C, H, W float32: the cached training views)."""
     from ai_edge_quantizer import qtyping, quantizer
-
-    from core.atomic_io import atomic_write
+    from distill.core.atomic_io import atomic_write
 
     q = quantizer.Quantizer(str(fp32))
     q.add_static_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, activation_num_bits=8,

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from compress.litert_export import LiteRTConversionError, export_litert
-from compress.litert_run import LiteRTModel, litert_available, quantize_litert_int8
-from core.atomic_io import atomic_write
+from distill.compress.litert_export import LiteRTConversionError, export_litert
+from distill.compress.litert_run import LiteRTModel, litert_available, quantize_litert_int8
+from distill.core.atomic_io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-from compress.onnx_export import session
+from distill.compress.onnx_export import session
 
 
 def onnx_accuracy(path: Path, batches: list[dict[str, np.ndarray]], threads: int | None = None) -> dict[str, float]:

@@ -12,23 +12,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-
-from compress import metrics
-from compress.config import CompressConfig
-from compress.finetune import finetune_dir, finetune_identity, prune_and_finetune
-from compress.litert_stages import Source, litert_stages
-from compress.measure import accuracy, file_mb, onnx_accuracy, onnx_latency
-from compress.onnx_export import check_parity, export_onnx, save_torchscript
-from compress.prune import count_cost
-from compress.quantize import quantize_int8
-from compress.report import format_table, pareto_plot, verdicts
-from compress.select import select_students
-from core.models import create_model
-from core.run_phase import begin_work
-from student_train.config import TrainConfig, VariantConfig
-from student_train.data import JoinedStream, StreamSpec
-from student_train.job_plan import plan_job
-from student_train.train_loop import JobSpec, student_prep
+from distill.compress import metrics
+from distill.compress.config import CompressConfig
+from distill.compress.finetune import finetune_dir, finetune_identity, prune_and_finetune
+from distill.compress.litert_stages import Source, litert_stages
+from distill.compress.measure import accuracy, file_mb, onnx_accuracy, onnx_latency
+from distill.compress.onnx_export import check_parity, export_onnx, save_torchscript
+from distill.compress.prune import count_cost
+from distill.compress.quantize import quantize_int8
+from distill.compress.report import format_table, pareto_plot, verdicts
+from distill.compress.select import select_students
+from distill.core.models import create_model
+from distill.core.run_phase import begin_work
+from distill.student_train.config import TrainConfig, VariantConfig
+from distill.student_train.data import JoinedStream, StreamSpec
+from distill.student_train.job_plan import plan_job
+from distill.student_train.train_loop import JobSpec, student_prep
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ def _measure(stage: str, name: str, path: Path, vb: list, prep: object, cfg: Com
     .tflite: the LiteRT interpreter)."""
     lat = cfg.latency
     if path.suffix == ".tflite":
-        from compress.litert_run import LiteRTModel, litert_latency
+        from distill.compress.litert_run import LiteRTModel, litert_latency
 
         runtime, acc, latency = "litert", accuracy(LiteRTModel(path, lat.threads), vb), litert_latency
     else:

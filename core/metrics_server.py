@@ -13,9 +13,8 @@ import os
 import socket
 from pathlib import Path
 
+from distill.core.atomic_io import atomic_write
 from prometheus_client import REGISTRY, push_to_gateway, start_http_server
-
-from core.atomic_io import atomic_write
 
 log = logging.getLogger(__name__)
 

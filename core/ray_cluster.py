@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-from core.graceful_stop import reclaim_sigterm
+from distill.core.graceful_stop import reclaim_sigterm
 
 SKIP_ENV = "DISTILL_SKIP_RESOURCE_CHECK"  # autoscaling clusters: nodes that do not exist yet may come
 

@@ -12,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-
-from compress.onnx_export import ParityError, check_parity, session
-from core.run_phase import begin_work
-from deploy import metrics
-from deploy.bundle_files import new_version, publish, seal, write_file
-from deploy.choose import STAGE_FILES, choose_stage, rank_within_floor, top1_drop
-from deploy.config import DeployConfig
-from deploy.litert_bundle import choose_litert, litert_card
+from distill.compress.onnx_export import ParityError, check_parity, session
+from distill.core.run_phase import begin_work
+from distill.deploy import metrics
+from distill.deploy.bundle_files import new_version, publish, seal, write_file
+from distill.deploy.choose import STAGE_FILES, choose_stage, rank_within_floor, top1_drop
+from distill.deploy.config import DeployConfig
+from distill.deploy.litert_bundle import choose_litert, litert_card
 
 log = logging.getLogger(__name__)
 

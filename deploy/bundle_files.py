@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from core.atomic_io import atomic_symlink, atomic_write, file_sha256
+from distill.core.atomic_io import atomic_symlink, atomic_write, file_sha256
 
 log = logging.getLogger(__name__)
 MANIFEST = "bundle.json"

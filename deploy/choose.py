@@ -7,7 +7,7 @@ against the student it was made from (its `baseline` row); stages below it are n
 
 from __future__ import annotations
 
-from compress.select import pareto_front
+from distill.compress.select import pareto_front
 
 # stage -> (fp32 ONNX file, int8 ONNX file or None); the fp32 file's TorchScript twin is <stem>.ts
 STAGE_FILES: dict[str, tuple[str, str | None]] = {

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from compress.litert_stages import LITERT_FILES
-from compress.litert_stages import litert_parity as measure_parity
-from compress.onnx_export import ParityError
-from deploy.choose import FloorError, rank_within_floor, top1_drop, within_floor
-from deploy.config import DeployConfig
+from distill.compress.litert_stages import LITERT_FILES
+from distill.compress.litert_stages import litert_parity as measure_parity
+from distill.compress.onnx_export import ParityError
+from distill.deploy.choose import FloorError, rank_within_floor, top1_drop, within_floor
+from distill.deploy.config import DeployConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,7 @@ class LiteRTChoice:
 def litert_parity(cfg: DeployConfig, src: Path, stage: str, images: np.ndarray) -> dict:
     """fp32 .tflite vs the PyTorch model (its TorchScript twin), then int8 vs fp32; ParityError beyond tolerance."""
     import torch
-
-    from compress.litert_run import LiteRTModel
+    from distill.compress.litert_run import LiteRTModel
 
     fp32_name, int8_name, ts = LITERT_FILES[stage]
     fp32 = src / fp32_name
@@ -94,7 +92,7 @@ def choose_litert(cfg: DeployConfig, src: Path, rows: list[dict], images: np.nda
         why = status.get("reason") or ("; ".join(notes) if notes else f"{status_file} missing: re-run `distill "
                                                                          "compress` with pip install -e '.[litert]'")
         return LiteRTChoice(notes=notes, reason=why)
-    from compress.litert_run import litert_available
+    from distill.compress.litert_run import litert_available
 
     missing = litert_available()
     if missing:

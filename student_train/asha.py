@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from core.atomic_io import atomic_write
-from student_train.job import AshaRule
+from distill.core.atomic_io import atomic_write
+from distill.student_train.job import AshaRule
 
 RECORDS = "asha.json"
 

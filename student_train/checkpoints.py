@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from core.atomic_io import atomic_write, fsync_dir
-from student_train.collectives import all_ranks_ok, broadcast_int, gather_ints, sync
+from distill.core.atomic_io import atomic_write, fsync_dir
+from distill.student_train.collectives import all_ranks_ok, broadcast_int, gather_ints, sync
 
 log = logging.getLogger(__name__)
 

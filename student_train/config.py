@@ -6,11 +6,10 @@ import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from distill.student_train.twins import add_twins
+from distill.student_train.variant import Mode, VariantConfig
+from distill.teacher_cache.config import PathOrURL, PreprocessingConfig, TeacherConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-
-from student_train.twins import add_twins
-from student_train.variant import Mode, VariantConfig
-from teacher_cache.config import PathOrURL, PreprocessingConfig, TeacherConfig
 
 __all__ = ["Mode", "VariantConfig", "DataConfig", "TuneConfig", "RayTrainConfig", "TrainConfig"]
 

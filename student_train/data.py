@@ -17,11 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
-
-from teacher_cache.decode import DEFAULT_MAX_PIXELS, SampleError, decode_cpu, image_file, parse_label
-from teacher_cache.reader import CacheError, CacheReader, ShardArrays, read_shard_errors
-from teacher_cache.shards import (
+from distill.teacher_cache.decode import DEFAULT_MAX_PIXELS, SampleError, decode_cpu, image_file, parse_label
+from distill.teacher_cache.reader import CacheError, CacheReader, ShardArrays, read_shard_errors
+from distill.teacher_cache.shards import (
     IMAGE_EXTS,
     RawSample,
     ShardIdentity,
@@ -32,8 +30,9 @@ from teacher_cache.shards import (
     open_shard,
     shard_stem,
 )
-from teacher_cache.teacher import Preprocessing
-from teacher_cache.views import normalize, replay_view
+from distill.teacher_cache.teacher import Preprocessing
+from distill.teacher_cache.views import normalize, replay_view
+from torch.utils.data import IterableDataset, get_worker_info
 
 
 class DataJoinError(CacheError):
@@ -119,7 +118,7 @@ def count_samples(path: ShardPath) -> tuple[int, int]:
     """(samples with an image, samples with a .cls) of a shard without a cache: headers only (seeks over data)."""
     import tarfile
 
-    from teacher_cache.shards import split_member_name
+    from distill.teacher_cache.shards import split_member_name
 
     images: set[str] = set()
     labels: set[str] = set()
@@ -144,7 +143,7 @@ def _cache_dir_here(cache_dir: Path, location: str | None) -> Path:
 
 @functools.cache
 def _mirrored_here(cache_dir: Path, location: str | None) -> Path:
-    from teacher_cache.locate import cache_dir_here
+    from distill.teacher_cache.locate import cache_dir_here
 
     return cache_dir_here(cache_dir, location)
 
@@ -220,7 +219,7 @@ class JoinedStream(IterableDataset):
 
     def _uncached(self, pair: ShardPair) -> Iterator[dict]:
         """No cache (teacher pre-training, baselines): labels from .cls, views drawn live, same replay code."""
-        from teacher_cache.views import ViewPolicy, sample_views
+        from distill.teacher_cache.views import ViewPolicy, sample_views
 
         s = self.spec
         policy = ViewPolicy(num_views=2, seed=s.seed * 1000 + s.epoch, crop_pct=s.student.crop_pct,

@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from distill.teacher_cache.features import PenultimateHook, last_linear
+from distill.teacher_cache.reader import CacheReader
+from distill.teacher_cache.schema import SCHEMA_VERSION
 from torch import nn
-
-from teacher_cache.features import PenultimateHook, last_linear
-from teacher_cache.reader import CacheReader
-from teacher_cache.schema import SCHEMA_VERSION
 
 STUDENT_PREFIX = "student."
 

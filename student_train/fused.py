@@ -24,9 +24,8 @@ import math
 from typing import Any
 
 import torch
+from distill.student_train.student import StudentRun, lr_lambda
 from torch import nn
-
-from student_train.student import StudentRun, lr_lambda
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from core.atomic_io import atomic_write
-from student_train import checkpoints
-from student_train.checkpoints import FUSED_FILE as FILE
-from student_train.fused import (
+from distill.core.atomic_io import atomic_write
+from distill.student_train import checkpoints
+from distill.student_train.checkpoints import FUSED_FILE as FILE
+from distill.student_train.fused import (
     FusedOptimizer,
     FusedSchedule,
     NotFusableError,
@@ -28,8 +27,8 @@ from student_train.fused import (
     fuse_structure,
     load_students,
 )
-from student_train.job import JobSpec, student_prep
-from student_train.student import StepInputs, StudentRun, ds_config, seeded_model
+from distill.student_train.job import JobSpec, student_prep
+from distill.student_train.student import StepInputs, StudentRun, ds_config, seeded_model
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from student_train.job import JobSpec, data_seed, student_prep
-from student_train.unlabelled import labelled_passes, train_pairs
-from student_train.variant import VariantConfig
+from distill.student_train.job import JobSpec, data_seed, student_prep
+from distill.student_train.unlabelled import labelled_passes, train_pairs
+from distill.student_train.variant import VariantConfig
 
 FUSE_FIELDS = ("arch", "arch_kwargs", "precision", "zero_stage", "optimizer", "grad_accum", "beta")
 

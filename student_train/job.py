@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from student_train.data import ShardPair
-from student_train.variant import VariantConfig
-from teacher_cache.config import TeacherConfig
-from teacher_cache.teacher import Preprocessing
+from distill.student_train.data import ShardPair
+from distill.student_train.variant import VariantConfig
+from distill.teacher_cache.config import TeacherConfig
+from distill.teacher_cache.teacher import Preprocessing
 
 
 class NonFiniteLossError(RuntimeError):

@@ -7,18 +7,18 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from core.storage import read_sibling
-from student_train.config import TrainConfig
-from student_train.data import DataJoinError, ShardPair, count_samples, resolve_split
-from student_train.feature_kd import cache_feature_dim
-from student_train.job import AshaRule, JobSpec
-from student_train.unlabelled import train_pairs
-from teacher_cache.config import TeacherConfig
-from teacher_cache.locate import find_cache, teachers_newest_first
-from teacher_cache.reader import CacheError, CacheReader
-from teacher_cache.schema import COL_LABEL
-from teacher_cache.shards import expand_shard_patterns, shard_stem
-from teacher_cache.teacher import Preprocessing, weights_sha256
+from distill.core.storage import read_sibling
+from distill.student_train.config import TrainConfig
+from distill.student_train.data import DataJoinError, ShardPair, count_samples, resolve_split
+from distill.student_train.feature_kd import cache_feature_dim
+from distill.student_train.job import AshaRule, JobSpec
+from distill.student_train.unlabelled import train_pairs
+from distill.teacher_cache.config import TeacherConfig
+from distill.teacher_cache.locate import find_cache, teachers_newest_first
+from distill.teacher_cache.reader import CacheError, CacheReader
+from distill.teacher_cache.schema import COL_LABEL
+from distill.teacher_cache.shards import expand_shard_patterns, shard_stem
+from distill.teacher_cache.teacher import Preprocessing, weights_sha256
 
 log = logging.getLogger(__name__)
 

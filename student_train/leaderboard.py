@@ -10,12 +10,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from distill.core.models import count_params, create_model
+from distill.student_train.config import VariantConfig
+from distill.student_train.status import read_status
+from distill.teacher_cache.reader import CacheReader
 from torch.utils.flop_counter import FlopCounterMode
-
-from core.models import count_params, create_model
-from student_train.config import VariantConfig
-from student_train.status import read_status
-from teacher_cache.reader import CacheReader
 
 
 def model_cost(arch: str, arch_kwargs: dict, num_classes: int, in_chans: int, size: int) -> tuple[int, int]:

@@ -14,12 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from core.graceful_stop import StopRequested, first_on_sigterm, sigterm_received
-from student_train.config import TrainConfig, VariantConfig
-from student_train.groups import Group
-from student_train.job import JobSpec, WorkerContext
-from student_train.status import mark_stopped, note_stop
-from student_train.train_loop import train_group
+from distill.core.graceful_stop import StopRequested, first_on_sigterm, sigterm_received
+from distill.student_train.config import TrainConfig, VariantConfig
+from distill.student_train.groups import Group
+from distill.student_train.job import JobSpec, WorkerContext
+from distill.student_train.status import mark_stopped, note_stop
+from distill.student_train.train_loop import train_group
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,10 @@ def _worker_fn(config: dict[str, Any]) -> None:
 
 def _trial_fn(config: dict[str, Any]) -> None:
     """One Tune trial = one group = one TorchTrainer.fit(); failures become statuses, not a crash."""
+    from distill.student_train.status import epochs_logged, read_status, stop_requested, write_status
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from student_train.status import epochs_logged, read_status, stop_requested, write_status
 
     gid, job = config["group"], config["job"]
     members = [(n, VariantConfig.model_validate(v)) for n, v in config["members"]]
@@ -113,10 +112,9 @@ def _root_reason(exc: BaseException) -> str:
 
 
 def run_with_ray(cfg: TrainConfig, job: JobSpec, groups: list[Group]) -> None:
+    from distill.core.ray_cluster import check_fits, connect_ray
+    from distill.student_train.status import settle_trials
     from ray import tune
-
-    from core.ray_cluster import check_fits, connect_ray
-    from student_train.status import settle_trials
 
     connect_ray(cfg.ray.address)
     space = {"trial": tune.grid_search([

@@ -10,17 +10,16 @@ from pathlib import Path
 
 import torch
 import yaml
-
-from core.atomic_io import atomic_write
-from core.devices import resolve_device
-from core.graceful_stop import StopRequested, raise_if_stopping, sigterm_received
-from core.run_phase import begin_work
-from student_train.asha import clear as clear_asha
-from student_train.config import TrainConfig, VariantConfig
-from student_train.groups import Group, format_plan, plan_groups
-from student_train.job import JobSpec, WorkerContext, student_prep
-from student_train.job_plan import plan_job
-from student_train.leaderboard import (
+from distill.core.atomic_io import atomic_write
+from distill.core.devices import resolve_device
+from distill.core.graceful_stop import StopRequested, raise_if_stopping, sigterm_received
+from distill.core.run_phase import begin_work
+from distill.student_train.asha import clear as clear_asha
+from distill.student_train.config import TrainConfig, VariantConfig
+from distill.student_train.groups import Group, format_plan, plan_groups
+from distill.student_train.job import JobSpec, WorkerContext, student_prep
+from distill.student_train.job_plan import plan_job
+from distill.student_train.leaderboard import (
     add_twin_deltas,
     format_leaderboard,
     format_teacher_line,
@@ -31,10 +30,10 @@ from student_train.leaderboard import (
     variant_row,
     write_leaderboard,
 )
-from student_train.status import clear_stop, finished, mark_stopped, read_status, write_status
-from student_train.train_loop import train_group
-from student_train.twins import pair_twins
-from student_train.unlabelled import samples_per_epoch
+from distill.student_train.status import clear_stop, finished, mark_stopped, read_status, write_status
+from distill.student_train.train_loop import train_group
+from distill.student_train.twins import pair_twins
+from distill.student_train.unlabelled import samples_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,7 @@ def _train_pending(cfg: TrainConfig, job: JobSpec, pending: list[Group], variant
     clear_asha(job.run_dir)
     try:
         if cfg.ray.enabled:
-            from student_train.ray_runner import run_with_ray
+            from distill.student_train.ray_runner import run_with_ray
 
             run_with_ray(cfg, job, pending)
         else:

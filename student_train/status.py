@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from core.atomic_io import atomic_write
+from distill.core.atomic_io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from core.atomic_io import atomic_write
-from core.models import create_model
-from student_train import checkpoints
-from student_train import metrics as m
-from student_train.epoch_losses import EpochLosses
-from student_train.evaluate import to_model_input
-from student_train.feature_kd import forward_train, plain_student_state, wrap_student
-from student_train.job import JobSpec, student_prep
-from student_train.precision import autocast, keep_batchnorm_fp32
-from student_train.variant import VariantConfig
-from teacher_cache.topk import rebuild_log_probs
+from distill.core.atomic_io import atomic_write
+from distill.core.models import create_model
+from distill.student_train import checkpoints
+from distill.student_train import metrics as m
+from distill.student_train.epoch_losses import EpochLosses
+from distill.student_train.evaluate import to_model_input
+from distill.student_train.feature_kd import forward_train, plain_student_state, wrap_student
+from distill.student_train.job import JobSpec, student_prep
+from distill.student_train.precision import autocast, keep_batchnorm_fp32
+from distill.student_train.variant import VariantConfig
+from distill.teacher_cache.topk import rebuild_log_probs
 
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 SHARED_KEYS = ("label", "weight", "teacher_top1", "teacher_top1_view0", "topk_ids", "topk_logits", "tail_lse",

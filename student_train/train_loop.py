@@ -18,13 +18,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
-
-from student_train import metrics as m
-from student_train.asha import asha_decisions
-from student_train.checkpoints import Storage, probe_storage
-from student_train.collectives import any_rank_flags, broadcast_int
-from student_train.data import (
+from distill.student_train import metrics as m
+from distill.student_train.asha import asha_decisions
+from distill.student_train.checkpoints import Storage, probe_storage
+from distill.student_train.collectives import any_rank_flags, broadcast_int
+from distill.student_train.data import (
     JoinedStream,
     ShardPair,
     StreamSpec,
@@ -33,13 +31,13 @@ from student_train.data import (
     placeholder_batch,
     steps_per_epoch,
 )
-from student_train.epoch_losses import LOSS_PARTS
-from student_train.evaluate import evaluate_many
-from student_train.hold import hold_after_epoch
-from student_train.job import JobSpec, NonFiniteLossError, WorkerContext, data_seed, student_prep
-from student_train.losses import create_loss
-from student_train.status import read_status, write_status
-from student_train.student import (
+from distill.student_train.epoch_losses import LOSS_PARTS
+from distill.student_train.evaluate import evaluate_many
+from distill.student_train.hold import hold_after_epoch
+from distill.student_train.job import JobSpec, NonFiniteLossError, WorkerContext, data_seed, student_prep
+from distill.student_train.losses import create_loss
+from distill.student_train.status import read_status, write_status
+from distill.student_train.student import (
     StepInputs,
     StudentRun,
     build_looped,
@@ -49,9 +47,10 @@ from student_train.student import (
     seeded_model,
     write_row,
 )
-from student_train.unlabelled import labelled_passes, train_pairs
-from student_train.variant import VariantConfig
-from teacher_cache.teacher import load_teacher
+from distill.student_train.unlabelled import labelled_passes, train_pairs
+from distill.student_train.variant import VariantConfig
+from distill.teacher_cache.teacher import load_teacher
+from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +211,7 @@ def _fail(s: StudentRun, unit: Unit, reason: str, job: JobSpec, ctx: WorkerConte
 def _build_units(students: list[StudentRun], job: JobSpec, ctx: WorkerContext, models: dict[str, torch.nn.Module],
                  fused: list[list[str]], train_steps: int, isolate: bool, gid: str) -> list[Unit]:
     """Each student's engine (or one fused engine per fused set), resumed from its own checkpoints."""
-    from student_train.fused_unit import NotFusableError, build_fused
+    from distill.student_train.fused_unit import NotFusableError, build_fused
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     storage: dict[str, Storage] = {s.name: probe_storage(s.out / "ds_ckpt", ctx.rank, ctx.world, local, ctx.device)

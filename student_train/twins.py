@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from student_train.variant import VariantConfig
+from distill.student_train.variant import VariantConfig
 
 DISTILLED_MODES = ("soft", "hard", "online")
 # Fields that only shape the distillation (or only place the job): they never make two recipes different.

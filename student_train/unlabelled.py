@@ -10,7 +10,7 @@ sweep would train ten times fewer steps, and the Δ against it would measure the
 
 from __future__ import annotations
 
-from student_train.data import ShardPair
+from distill.student_train.data import ShardPair
 
 
 def train_pairs(pairs: list[ShardPair], mode: str) -> list[ShardPair]:

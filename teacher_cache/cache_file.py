@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from core.atomic_io import atomic_write, file_sha256
-from core.storage import Store
-from teacher_cache.schema import (
+from distill.core.atomic_io import atomic_write, file_sha256
+from distill.core.storage import Store
+from distill.teacher_cache.schema import (
     COL_CROP,
     COL_FEATURES,
     COL_FLIP,

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
+from distill.core.storage import parse_location
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
-
-from core.storage import parse_location
 
 PathOrURL = Annotated[Path | str, BeforeValidator(parse_location)]  # s3:// stays a URL string, the rest a Path
 

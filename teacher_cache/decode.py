@@ -23,10 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from distill.teacher_cache.shards import IMAGE_EXTS, RawSample
+from distill.teacher_cache.views import ViewParams, ViewPolicy, image_to_tensor, replay_view, sample_views
 from PIL import Image
-
-from teacher_cache.shards import IMAGE_EXTS, RawSample
-from teacher_cache.views import ViewParams, ViewPolicy, image_to_tensor, replay_view, sample_views
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")  # what IMAGE_EXTS (.jpg .jpeg .png .webp) may hold; nothing else
 DEFAULT_MAX_PIXELS = 40_000_000

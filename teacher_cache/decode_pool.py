@@ -23,10 +23,9 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
-
-from teacher_cache import fault_injection
-from teacher_cache.decode import DecodedSample, DecodeSpec, try_decode_cpu
-from teacher_cache.shards import RawSample
+from distill.teacher_cache import fault_injection
+from distill.teacher_cache.decode import DecodedSample, DecodeSpec, try_decode_cpu
+from distill.teacher_cache.shards import RawSample
 
 log = logging.getLogger(__name__)
 _Packed = tuple[str, object, tuple[int, int], list, np.ndarray] | str

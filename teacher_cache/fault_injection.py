@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 
-from teacher_cache.shards import RawSample
+from distill.teacher_cache.shards import RawSample
 
 BREAK_LABELLER = "DISTILL_TEST_BREAK_LABELLER"
 CRASH_DECODER = "DISTILL_TEST_CRASH_DECODER"

@@ -13,9 +13,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from core.storage import Store, open_store
-from teacher_cache.config import CacheConfig
-from teacher_cache.schema import SCHEMA_VERSION
+from distill.core.storage import Store, open_store
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.schema import SCHEMA_VERSION
 
 MEMO_NAME = ".fingerprints.json"
 
@@ -33,7 +33,7 @@ def _memo_key(cfg: CacheConfig) -> str | None:
         idents.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
     payload = {"schema": SCHEMA_VERSION, "teacher": cfg.teacher.model_dump(mode="json"), "topk": cfg.topk,
                "views": cfg.views.model_dump(mode="json"), "files": idents}
-    from teacher_cache.teacher import resolve_precision
+    from distill.teacher_cache.teacher import resolve_precision
 
     if (precision := resolve_precision(cfg)) != "fp32":  # part of the fingerprint (fp32 keys stay as they were)
         payload["precision"] = precision

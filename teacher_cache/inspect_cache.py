@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-
-from teacher_cache.locate import find_cache_dir
-from teacher_cache.reader import CacheReader, read_errors
-from teacher_cache.schema import COL_FEATURES
+from distill.teacher_cache.locate import find_cache_dir
+from distill.teacher_cache.reader import CacheReader, read_errors
+from distill.teacher_cache.schema import COL_FEATURES
 
 LAST_RUN = "last_run.json"  # teacher_cache.run.SUMMARY_NAME (not imported: run.py pulls in torch and Ray)
 

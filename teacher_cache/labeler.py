@@ -19,22 +19,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-
-from core.devices import resolve_device
-from core.storage import Store, open_store
-from teacher_cache import fault_injection
-from teacher_cache.cache_file import publish_cache_file, shard_stats
-from teacher_cache.config import CacheConfig
-from teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
-from teacher_cache.decode_pool import DecodePool
-from teacher_cache.features import FeatureExtractor, Fp32Head, teacher_forward
-from teacher_cache.layout import available_cpus, labeller_split
-from teacher_cache.placement import resolve_placement
-from teacher_cache.schema import SCHEMA_VERSION, CacheMeta
-from teacher_cache.shards import ShardError, ShardIdentity, ShardPath, ShardReader
-from teacher_cache.teacher import LoadedTeacher, load_teacher, view_policy
-from teacher_cache.topk import pack_topk
-from teacher_cache.views import normalize
+from distill.core.devices import resolve_device
+from distill.core.storage import Store, open_store
+from distill.teacher_cache import fault_injection
+from distill.teacher_cache.cache_file import publish_cache_file, shard_stats
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
+from distill.teacher_cache.decode_pool import DecodePool
+from distill.teacher_cache.features import FeatureExtractor, Fp32Head, teacher_forward
+from distill.teacher_cache.layout import available_cpus, labeller_split
+from distill.teacher_cache.placement import resolve_placement
+from distill.teacher_cache.schema import SCHEMA_VERSION, CacheMeta
+from distill.teacher_cache.shards import ShardError, ShardIdentity, ShardPath, ShardReader
+from distill.teacher_cache.teacher import LoadedTeacher, load_teacher, view_policy
+from distill.teacher_cache.topk import pack_topk
+from distill.teacher_cache.views import normalize
 
 log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from core.storage import Store, View, open_store
-from teacher_cache.manifest import MANIFEST_NAME, Manifest
-from teacher_cache.reader import ERRORS_DIR, CacheError
+from distill.core.storage import Store, View, open_store
+from distill.teacher_cache.manifest import MANIFEST_NAME, Manifest
+from distill.teacher_cache.reader import ERRORS_DIR, CacheError
 
 log = logging.getLogger(__name__)
 EXTRA_FILES = ("last_run.json", "cache_config.resolved.yaml")

@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from core.storage import CacheLockedError, Journal, Store, open_store  # noqa: F401 - CacheLockedError re-exported
-from core.storage.journal import should_compact
-from core.storage.local import DirectoryLock  # noqa: F401 - re-exported (tests take the lock of a directory)
-from teacher_cache.schema import SCHEMA_VERSION
-from teacher_cache.shards import ShardIdentity, ShardPath, file_sha256
+from distill.core.storage import CacheLockedError, Journal, Store, open_store  # noqa: F401 - CacheLockedError re-exported
+from distill.core.storage.journal import should_compact
+from distill.core.storage.local import DirectoryLock  # noqa: F401 - re-exported (tests take the lock of a directory)
+from distill.teacher_cache.schema import SCHEMA_VERSION
+from distill.teacher_cache.shards import ShardIdentity, ShardPath, file_sha256
 
 log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from core.devices import resolve_device
-from teacher_cache.config import CacheConfig
+from distill.core.devices import resolve_device
+from distill.teacher_cache.config import CacheConfig
 
 
 class PlacementError(ValueError):

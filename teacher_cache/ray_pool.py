@@ -8,15 +8,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from core.graceful_stop import raise_if_stopping
-from core.ray_cluster import check_fits
-from teacher_cache.actor_pool import MAX_STARTS_IN_A_ROW, PoolReport, ShardScheduler
-from teacher_cache.config import CacheConfig
-from teacher_cache.fault_injection import forwarded_env
-from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
-from teacher_cache.layout import default_actors
-from teacher_cache.placement import resolve_placement
-from teacher_cache.shards import ShardIdentity
+from distill.core.graceful_stop import raise_if_stopping
+from distill.core.ray_cluster import check_fits
+from distill.teacher_cache.actor_pool import MAX_STARTS_IN_A_ROW, PoolReport, ShardScheduler
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.fault_injection import forwarded_env
+from distill.teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
+from distill.teacher_cache.layout import default_actors
+from distill.teacher_cache.placement import resolve_placement
+from distill.teacher_cache.shards import ShardIdentity
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,7 @@ def _labellers_on_this_node(cfg: CacheConfig) -> int:
     The node's CPUs are then divided between them (see teacher_cache/layout.py).
     """
     import ray
-
-    from teacher_cache.layout import labellers_per_node
+    from distill.teacher_cache.layout import labellers_per_node
 
     node_id = ray.get_runtime_context().get_node_id()
     node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)

@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from core.atomic_io import file_sha256, is_verified, remember_verified
-from core.storage import open_store
-from teacher_cache.manifest import MANIFEST_NAME, Manifest, cache_file_problem
-from teacher_cache.schema import (
+from distill.core.atomic_io import file_sha256, is_verified, remember_verified
+from distill.core.storage import open_store
+from distill.teacher_cache.manifest import MANIFEST_NAME, Manifest, cache_file_problem
+from distill.teacher_cache.schema import (
     COL_CROP,
     COL_FEATURES,
     COL_FLIP,
@@ -38,7 +37,7 @@ from teacher_cache.schema import (
     CacheMeta,
     SchemaError,
 )
-from teacher_cache.views import ViewParams
+from distill.teacher_cache.views import ViewParams
 
 
 class CacheError(RuntimeError):

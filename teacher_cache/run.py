@@ -12,22 +12,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
+from distill.core.graceful_stop import StopRequested, sigterm_deferred, sigterm_received
+from distill.core.ray_cluster import InfeasibleResourcesError, connect_ray
+from distill.core.run_phase import begin_work
+from distill.core.storage import Store, open_store
+from distill.teacher_cache import metrics
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.features import check_features
+from distill.teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
+from distill.teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
+from distill.teacher_cache.manifest import Manifest, ManifestWriter, ShardEntry, plan_refresh
+from distill.teacher_cache.placement import resolve_placement
+from distill.teacher_cache.reader import ERRORS_DIR
+from distill.teacher_cache.shards import ShardIdentity, ShardPath, expand_shard_patterns, shard_stem
+from distill.teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
 from tqdm import tqdm
-
-from core.graceful_stop import StopRequested, sigterm_deferred, sigterm_received
-from core.ray_cluster import InfeasibleResourcesError, connect_ray
-from core.run_phase import begin_work
-from core.storage import Store, open_store
-from teacher_cache import metrics
-from teacher_cache.config import CacheConfig
-from teacher_cache.features import check_features
-from teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
-from teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
-from teacher_cache.manifest import Manifest, ManifestWriter, ShardEntry, plan_refresh
-from teacher_cache.placement import resolve_placement
-from teacher_cache.reader import ERRORS_DIR
-from teacher_cache.shards import ShardIdentity, ShardPath, expand_shard_patterns, shard_stem
-from teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "last_run.json"
@@ -279,7 +278,7 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
 
     try:
         if cfg.ray.enabled:
-            from teacher_cache.ray_pool import label_with_ray
+            from distill.teacher_cache.ray_pool import label_with_ray
 
             connect_ray(cfg.ray.address)
             report = label_with_ray(cfg, fp, tasks, on_result, on_progress)

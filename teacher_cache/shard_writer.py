@@ -24,13 +24,12 @@ from typing import Literal
 
 import numpy as np
 import webdataset as wds
+from distill.core.atomic_io import atomic_write, remove_stale_tmp
+from distill.core.run_phase import begin_work
+from distill.teacher_cache.shards import IMAGE_EXTS
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
-
-from core.atomic_io import atomic_write, remove_stale_tmp
-from core.run_phase import begin_work
-from teacher_cache.shards import IMAGE_EXTS
 
 BUILTIN_SOURCES = ("mnist", "digits")
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what the cache's decoder accepts

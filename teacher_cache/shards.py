@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from core import storage
-from core.atomic_io import sha256_stream
-from core.storage import ObjectLocation
+from distill.core import storage
+from distill.core.atomic_io import sha256_stream
+from distill.core.storage import ObjectLocation
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # a file timestamp tick is at most 10 ms (Linux, HZ=100, coarse clock); twice that, so a stat within one tick of a

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from distill.core.atomic_io import atomic_write, file_sha256
+from distill.core.models import create_model
+from distill.teacher_cache.config import CacheConfig, TeacherConfig
+from distill.teacher_cache.features import Fp32Head
+from distill.teacher_cache.placement import resolve_placement
+from distill.teacher_cache.schema import fingerprint_schema_version
+from distill.teacher_cache.views import ViewPolicy
 from torch import nn
-
-from core.atomic_io import atomic_write, file_sha256
-from core.models import create_model
-from teacher_cache.config import CacheConfig, TeacherConfig
-from teacher_cache.features import Fp32Head
-from teacher_cache.placement import resolve_placement
-from teacher_cache.schema import fingerprint_schema_version
-from teacher_cache.views import ViewPolicy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

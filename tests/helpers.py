@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from distill.core.models import create_model
 from PIL import Image
-
-from core.models import create_model
 
 
 def mnist(n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +94,7 @@ S3_SHARDS, S3_ROOT = "s3://shards/train", "s3://cache/root"  # the object-storag
 
 def upload_mnist_shards(tmp_path: Path, n: int, per_shard: int, offset: int = 0) -> list[Path]:
     """n MNIST shards written locally (tmp_path/local) and uploaded under S3_SHARDS; returns the local copies."""
-    from core import object_store
+    from distill.core import object_store
 
     out = []
     for i in range(n):
@@ -107,7 +106,7 @@ def upload_mnist_shards(tmp_path: Path, n: int, per_shard: int, offset: int = 0)
 
 def s3_cache_cfg(tmp_path: Path, staging: str = "staging", **over):
     """A CacheConfig over S3_SHARDS into S3_ROOT, staged in tmp_path/<staging> (one machine of a test's fleet)."""
-    from teacher_cache.config import CacheConfig
+    from distill.teacher_cache.config import CacheConfig
 
     ckpt = tmp_path / "t.pt"
     if not ckpt.exists():
@@ -165,7 +164,7 @@ def epochs_logged(metrics_csv: Path) -> int:
 
 def shards_in_manifest(cache_root: Path) -> int:
     """How many shards the cache's manifest (snapshot + journal, as readers see it) lists right now."""
-    from teacher_cache.manifest import Manifest
+    from distill.teacher_cache.manifest import Manifest
 
     for m in Path(cache_root).glob("*/manifest.json"):
         try:
@@ -348,6 +347,6 @@ class ShardGate(PipeGate):
 def hold_training_after(variant_dir: Path, epoch: int) -> PipeGate:
     """The training hold (student_train/hold.py): rank 0 of that variant waits after `epoch` (its checkpoint sealed,
     its metrics row written) until the gate is released; SIGTERM, SIGKILL or a lost node act on it while it waits."""
-    from student_train.hold import hold_path
+    from distill.student_train.hold import hold_path
 
     return PipeGate(hold_path(variant_dir, epoch))

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core import object_store
-from core.storage.base import (
+from distill.core import object_store
+from distill.core.storage.base import (
     CacheLockedError,
     FileInfo,
     Journal,
@@ -26,7 +26,15 @@ from core.storage.base import (
     UnsupportedStoreError,
     View,
 )
-from core.storage.locations import Location, ObjectLocation, expand, open_read, parse_location, read_sibling, stat
+from distill.core.storage.locations import (
+    Location,
+    ObjectLocation,
+    expand,
+    open_read,
+    parse_location,
+    read_sibling,
+    stat,
+)
 
 __all__ = ["CacheLockedError", "FileInfo", "Journal", "Location", "Lock", "LockLostError", "ObjectLocation",
            "Store", "UnsupportedStoreError", "View", "expand", "open_read", "open_store", "parse_location",
@@ -36,9 +44,9 @@ __all__ = ["CacheLockedError", "FileInfo", "Journal", "Location", "Lock", "LockL
 def open_store(location: str | Path, staging_dir: Path | None = None) -> Store:
     """The store at a local path or an ``s3://`` prefix (`staging_dir`: where files wait before an upload)."""
     if object_store.is_url(location):
-        from core.storage.objects import ObjectStore
+        from distill.core.storage.objects import ObjectStore
 
         return ObjectStore(str(location), staging_dir)
-    from core.storage.local import LocalStore
+    from distill.core.storage.local import LocalStore
 
     return LocalStore(Path(location))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.atomic_io import Writer
+from distill.core.atomic_io import Writer
 
 
 def local_base(env: str, default: str, url: str) -> Path:

@@ -28,8 +28,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from core import object_store
-from core.storage.base import CacheLockedError, Lock, LockLostError, UnsupportedStoreError
+from distill.core import object_store
+from distill.core.storage.base import CacheLockedError, Lock, LockLostError, UnsupportedStoreError
 
 log = logging.getLogger(__name__)
 BOTOCORE_FLOOR = "1.35.69"  # PutObject If-Match (1.35.69), DeleteObject If-Match (1.35.67), If-None-Match (1.35.2)

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core.atomic_io import TMP_MARK, Writer, atomic_write, file_sha256, fsync_dir, remove_stale_tmp
-from core.storage.base import CacheLockedError, Journal, Lock, Store, View
-from core.storage.journal import decode_records, encode_record, split_generation, with_generation
+from distill.core.atomic_io import TMP_MARK, Writer, atomic_write, file_sha256, fsync_dir, remove_stale_tmp
+from distill.core.storage.base import CacheLockedError, Journal, Lock, Store, View
+from distill.core.storage.journal import decode_records, encode_record, split_generation, with_generation
 
 LOCK_NAME = ".lock"
 

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import braceexpand
-
-from core import object_store
-from core.storage.base import FileInfo
+from distill.core import object_store
+from distill.core.storage.base import FileInfo
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from core import object_store
-from core.atomic_io import atomic_write, checksum_matches, remember_verified
-from core.storage.base import View, local_base
+from distill.core import object_store
+from distill.core.atomic_io import atomic_write, checksum_matches, remember_verified
+from distill.core.storage.base import View, local_base
 
 log = logging.getLogger(__name__)
 COMPLETE = ".complete"

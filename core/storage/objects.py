@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from core import object_store
-from core.atomic_io import Writer, file_sha256, remove_stale_tmp, tmp_path_for
-from core.storage.base import Journal, Lock, Store, View, local_base
-from core.storage.journal import decode_records, encode_record, split_generation, with_generation
-from core.storage.lease import LeaseLock
+from distill.core import object_store
+from distill.core.atomic_io import Writer, file_sha256, remove_stale_tmp, tmp_path_for
+from distill.core.storage.base import Journal, Lock, Store, View, local_base
+from distill.core.storage.journal import decode_records, encode_record, split_generation, with_generation
+from distill.core.storage.lease import LeaseLock
 
 FLUSH_S = 0.25  # journal records that arrive within this are written as one object
 
@@ -237,6 +237,6 @@ class ObjectStore(Store):
         return ObjectJournal(self, name)
 
     def view(self, build: Callable[[], View], version: str | None = None) -> Path:
-        from core.storage.mirror import materialize
+        from distill.core.storage.mirror import materialize
 
         return materialize(self.url, build, version)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- (1) the demo pipeline ---------------------------------------------------------------------------
-DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]
 SMALL = [
     "shards.limit=1200", "shards.samples_per_shard=250",
     "teacher.base.epochs=1", "teacher.base.arch_kwargs.width=8",

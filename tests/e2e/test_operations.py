@@ -230,8 +230,8 @@ def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
     logs = _job(ops, "logs", "--address", f"http://127.0.0.1:{ops['dash']}", job).stdout
     assert _status(ops, job, fresh=True) == "SUCCEEDED", logs[-3000:]
     # nothing lost or duplicated
-    from teacher_cache.locate import find_cache_dir
-    from teacher_cache.reader import CacheReader
+    from distill.teacher_cache.locate import find_cache_dir
+    from distill.teacher_cache.reader import CacheReader
 
     reader = CacheReader(find_cache_dir(runs / "cache"))
     keys = [k for s in reader.shards for k in reader.arrays(s).keys]

@@ -11,11 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import train_cfg
+from distill.student_train.config import TrainConfig
+from distill.student_train.job_plan import plan_job
+from distill.student_train.train_loop import Stream, WorkerContext, _loader, _spec, train_variant
 from torch import nn
-
-from student_train.config import TrainConfig
-from student_train.job_plan import plan_job
-from student_train.train_loop import Stream, WorkerContext, _loader, _spec, train_variant
 
 pytestmark = pytest.mark.integration
 

@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from distill.cluster.cli import cli
+from distill.teacher_cache.locate import find_cache_dir
+from distill.teacher_cache.reader import CacheReader
+from distill.teacher_cache.shards import ShardReader
 from helpers import ShardGate, cache_cfg_dict, mnist_shard, save_teacher
 
-from cluster.cli import cli
-from teacher_cache.locate import find_cache_dir
-from teacher_cache.reader import CacheReader
-from teacher_cache.shards import ShardReader
-
 pytestmark = pytest.mark.integration
-DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]
 
 
 def _write_cfg(tmp: Path, **over) -> Path:

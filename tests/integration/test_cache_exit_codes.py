@@ -7,10 +7,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from distill.cluster.cli import cli
+from distill.cluster.cli_common import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_RUN_FAILED
 from helpers import cache_cfg_dict, mnist_shard, save_teacher
-
-from cluster.cli import cli
-from cluster.cli_common import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_RUN_FAILED
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +50,7 @@ def test_refresh_takes_no_ray_and_address_and_shows_touched(tmp_path, monkeypatc
     import os
     import time
 
-    from teacher_cache.manifest import DirectoryLock
+    from distill.teacher_cache.manifest import DirectoryLock
 
     at_release = []
     real_exit = DirectoryLock.__exit__
@@ -91,9 +90,9 @@ def test_taken_metrics_port_is_a_clear_error_before_the_lock(tmp_path):
 
 def test_a_cache_held_by_another_writer_exits_5_for_cache_and_refresh(tmp_path):
     """`--help` promises exit 5 ("locked by another writer") for both commands; `distill cache` used to exit 2."""
-    from teacher_cache.config import CacheConfig
-    from teacher_cache.manifest import DirectoryLock
-    from teacher_cache.run import map_shards, prepare
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.manifest import DirectoryLock
+    from distill.teacher_cache.run import map_shards, prepare
 
     f = _cfg_file(tmp_path)
     cfg = CacheConfig.model_validate(yaml.safe_load(f.read_text()))

@@ -12,16 +12,15 @@ import sys
 
 import pytest
 import yaml
+from distill.teacher_cache import fault_injection
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.decode_pool import CRASHED
+from distill.teacher_cache.reader import CacheReader, read_errors
+from distill.teacher_cache.run import run
 from helpers import ROOT, cache_cfg_dict, encode, mnist, mnist_shard, save_teacher, write_tar
 
-from teacher_cache import fault_injection
-from teacher_cache.config import CacheConfig
-from teacher_cache.decode_pool import CRASHED
-from teacher_cache.reader import CacheReader, read_errors
-from teacher_cache.run import run
-
 pytestmark = pytest.mark.integration
-DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]
 
 
 def _ray_cfg(tmp_path, **ray):

@@ -4,15 +4,14 @@ the same autocast path as CUDA) no longer coarsens the soft labels through the c
 import pytest
 import torch
 import yaml
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.labeler import Labeler
+from distill.teacher_cache.reader import CacheReader
+from distill.teacher_cache.run import run
+from distill.teacher_cache.shards import ShardReader
+from distill.teacher_cache.teacher import LoadedTeacher, Preprocessing, fingerprint, load_teacher
 from helpers import cache_cfg_dict, mnist_shard, save_teacher
 from torch import nn
-
-from teacher_cache.config import CacheConfig
-from teacher_cache.labeler import Labeler
-from teacher_cache.reader import CacheReader
-from teacher_cache.run import run
-from teacher_cache.shards import ShardReader
-from teacher_cache.teacher import LoadedTeacher, Preprocessing, fingerprint, load_teacher
 
 pytestmark = pytest.mark.integration
 

@@ -7,14 +7,13 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.reader import CacheError, CacheReader, read_errors
+from distill.teacher_cache.run import run
+from distill.teacher_cache.teacher import load_teacher
+from distill.teacher_cache.topk import rebuild_log_probs
+from distill.teacher_cache.views import image_to_tensor, normalize, replay_view
 from helpers import cache_cfg_dict, encode, mnist, mnist_shard, save_teacher, write_tar
-
-from teacher_cache.config import CacheConfig
-from teacher_cache.reader import CacheError, CacheReader, read_errors
-from teacher_cache.run import run
-from teacher_cache.teacher import load_teacher
-from teacher_cache.topk import rebuild_log_probs
-from teacher_cache.views import image_to_tensor, normalize, replay_view
 
 pytestmark = pytest.mark.integration
 
@@ -162,8 +161,8 @@ def test_reader_rejects_altered_file(setup):
 
 
 def test_metrics_endpoint_counts_the_work(setup):
-    from core.metrics_server import start_metrics_server
-    from teacher_cache import metrics
+    from distill.core.metrics_server import start_metrics_server
+    from distill.teacher_cache import metrics
 
     tmp, shards, ckpt = setup
     before = metrics.IMAGES._value.get()
@@ -180,8 +179,8 @@ def test_noop_refresh_loads_no_teacher_and_rewritten_weights_refingerprint(setup
     tmp, shards, ckpt = setup
     cfg = _cfg(tmp, ckpt)
     first = run(cfg)
-    import teacher_cache.run as run_mod
-    import teacher_cache.shards as shards_mod
+    import distill.teacher_cache.run as run_mod
+    import distill.teacher_cache.shards as shards_mod
 
     with monkeypatch.context() as m:
         m.setattr(run_mod, "load_teacher", lambda *_: pytest.fail("no-op refresh loaded the teacher"))
@@ -219,8 +218,8 @@ def test_torchscript_and_export_teachers(setup):
 def test_progress_is_polled_taken_back_topped_up_and_survives_a_dead_actor(ray_local):
     """The driver polls busy actors for progress: late events of an attempt that is over are ignored, a shard that
     died gives its images back, a finished one is topped up to its rows, and a poll to a dead actor is quiet."""
-    from teacher_cache.labeler import ProgressEvent
-    from teacher_cache.ray_pool import _Progress
+    from distill.teacher_cache.labeler import ProgressEvent
+    from distill.teacher_cache.ray_pool import _Progress
 
     @ray_local.remote(num_cpus=0)
     class Reporter:  # answers take_progress() like TeacherActor, from a script
@@ -278,7 +277,7 @@ def _flip_first_label(data: bytes) -> tuple[bytes, str, int]:
 
 
 def test_rewrite_with_mtime_restored_relabels_and_join_check_refuses(setup):
-    from student_train.data import DataJoinError, resolve_split
+    from distill.student_train.data import DataJoinError, resolve_split
 
     tmp, shards, ckpt = setup
     cfg = _cfg(tmp, ckpt)
@@ -315,8 +314,8 @@ def test_retrained_teacher_with_same_size_and_mtime_gets_a_new_fingerprint(setup
 
 def test_damaged_listed_cache_file_is_refused_on_the_training_path(setup):
     """Same size, altered bytes: the join check (once per run) refuses it, naming the file and the fix."""
-    import teacher_cache.reader as reader_mod
-    from student_train.data import resolve_split
+    import distill.teacher_cache.reader as reader_mod
+    from distill.student_train.data import resolve_split
 
     tmp, shards, ckpt = setup
     res = run(_cfg(tmp, ckpt))

@@ -35,7 +35,7 @@ def _launch(cfg_path, nodes, epochs: int) -> list[str]:
     for rank, node in enumerate(nodes):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", "-c", str(cfg_path),
+        procs.append(subprocess.Popen([sys.executable, "-m", "distill", "train", "-c", str(cfg_path),
                                        "--variant", "dp", "--set", f"base.epochs={epochs}"], cwd=node, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=600)[0] for p in procs]

@@ -32,7 +32,7 @@ def test_cache_exits_0_when_compress_deps_cannot_be_imported(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "block"), *sys.path])
     probe = subprocess.run([sys.executable, "-c", "import torch_pruning"], env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr  # the blocker is active
-    cmd = [sys.executable, "-c", "from cluster.cli import main; main()", "cache", "--no-ray", "-c",
+    cmd = [sys.executable, "-c", "from distill.cluster.cli import main; main()", "cache", "--no-ray", "-c",
            str(tmp_path / "c.yaml")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

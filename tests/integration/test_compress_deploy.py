@@ -14,14 +14,13 @@ import onnxruntime as ort
 import pytest
 import yaml
 from conftest import train_cfg
+from distill.compress.config import CompressConfig
+from distill.compress.run import run as run_compress
+from distill.deploy.bundle import run as run_deploy
+from distill.deploy.config import DeployConfig, ServeConfig
+from distill.student_train.config import TrainConfig
+from distill.student_train.run import run as run_train
 from helpers import encode, mnist, wait_healthy
-
-from compress.config import CompressConfig
-from compress.run import run as run_compress
-from deploy.bundle import run as run_deploy
-from deploy.config import DeployConfig, ServeConfig
-from student_train.config import TrainConfig
-from student_train.run import run as run_train
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +68,7 @@ def test_bundle_contents_and_int8_loads(bundle):
                                             "model_card.md", "bundle.json"}
     sess = ort.InferenceSession(str(b / "model.int8.onnx"), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"input": np.zeros((3, 1, 32, 32), np.float32)})[0].shape == (3, 10)
-    from deploy.serve import warm_up
+    from distill.deploy.serve import warm_up
 
     prep = json.loads((b / "preprocessing.json").read_text())
     assert warm_up(sess, prep, 10_000).shape == (1, 10)  # what each Serve replica runs before it is ready
@@ -94,9 +93,8 @@ def _post(url, data, ctype, timeout=60):
 
 
 def test_ray_serve_real_http(bundle, ray_local):
+    from distill.deploy.serve import start
     from ray import serve
-
-    from deploy.serve import start
 
     port = _free_port()
     url = start(ServeConfig(bundle=bundle["deploy"].bundle, port=port, max_bytes=20_000))
@@ -124,8 +122,7 @@ def test_ray_serve_real_http(bundle, ray_local):
 def test_compress_after_the_parent_was_retrained_finetunes_the_new_parent(bundle):
     """Issue 10.1: last night's fine-tune checkpoint must not be loaded over tonight's freshly pruned parent."""
     import torch
-
-    from teacher_cache.shards import file_sha256
+    from distill.teacher_cache.shards import file_sha256
 
     root = bundle["root"]
     out = root / "compressed" / "res"
@@ -152,7 +149,7 @@ needs_litert = pytest.mark.skipif(importlib.util.find_spec("ai_edge_litert") is 
 
 def test_deploy_swaps_in_a_new_bundle_version_and_keeps_the_old_one(bundle):
     """Issue 21.17: deploy used to rewrite the bundle directory in place."""
-    from deploy.bundle_files import verify
+    from distill.deploy.bundle_files import verify
 
     link = bundle["deploy"].bundle
     assert link.is_symlink()
@@ -169,8 +166,7 @@ def test_deploy_swaps_in_a_new_bundle_version_and_keeps_the_old_one(bundle):
 @needs_litert
 def test_litert_student_agrees_with_pytorch_on_real_val_digits(bundle):
     import torch
-
-    from compress.litert_run import LiteRTModel
+    from distill.compress.litert_run import LiteRTModel
 
     src = bundle["root"] / "compressed" / "res"
     images = np.load(src / "val_images.npy")  # real val digits, preprocessed as served
@@ -186,10 +182,10 @@ def test_litert_student_agrees_with_pytorch_on_real_val_digits(bundle):
 
 @needs_litert
 def test_litert_int8_is_calibrated_on_cached_samples_and_reported(bundle, kd_data):
-    from compress.litert_run import LiteRTModel
-    from compress.run import calibration
-    from student_train.config import TrainConfig, VariantConfig
-    from student_train.job_plan import plan_job
+    from distill.compress.litert_run import LiteRTModel
+    from distill.compress.run import calibration
+    from distill.student_train.config import TrainConfig, VariantConfig
+    from distill.student_train.job_plan import plan_job
 
     rows = {r["stage"]: r for r in bundle["compress"].rows if r["runtime"] == "litert"}
     assert set(rows) == {"litert", "litert+int8", "pruned+litert", "pruned+litert+int8"}
@@ -241,7 +237,7 @@ def test_deploy_refuses_a_litert_model_that_failed_parity(bundle, tmp_path):
     """pruned.tflite replaced by another model's (the unpruned one's): it no longer computes what pruned.ts does."""
     import shutil
 
-    from compress.onnx_export import ParityError
+    from distill.compress.onnx_export import ParityError
 
     src = _copy_compress(bundle, tmp_path)
     shutil.copyfile(src / "res" / "baseline.tflite", src / "res" / "pruned.tflite")
@@ -256,7 +252,7 @@ def test_deploy_refuses_a_litert_model_that_failed_parity(bundle, tmp_path):
 
 @needs_litert
 def test_a_litert_model_below_the_floor_is_refused(bundle, tmp_path):
-    from deploy.choose import FloorError
+    from distill.deploy.choose import FloorError
 
     src = _copy_compress(bundle, tmp_path)
     rows = json.loads((src / "report.json").read_text())
@@ -276,9 +272,8 @@ def test_a_litert_model_below_the_floor_is_refused(bundle, tmp_path):
 def test_a_student_that_does_not_convert_still_ships_its_onnx_bundle(bundle, tmp_path):
     """litert.json from a real failed conversion (Softplus): deploy ships ONNX and the card names the operator."""
     import torch
-
-    from compress.litert_stages import Source, litert_stages
-    from compress.onnx_export import export_onnx
+    from distill.compress.litert_stages import Source, litert_stages
+    from distill.compress.onnx_export import export_onnx
 
     src = _copy_compress(bundle, tmp_path)
     odd = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Softplus(), torch.nn.AdaptiveAvgPool2d(1),

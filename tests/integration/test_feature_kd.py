@@ -6,17 +6,16 @@ import pandas as pd
 import pytest
 import torch
 from conftest import train_cfg
+from distill.core.models import create_model
+from distill.student_train.config import TrainConfig
+from distill.student_train.feature_kd import FeatureKDError
+from distill.student_train.job_plan import plan_job
+from distill.student_train.run import run as run_train
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.inspect_cache import format_inspect, inspect_cache
+from distill.teacher_cache.reader import CacheReader
+from distill.teacher_cache.run import run as run_cache
 from helpers import cache_cfg_dict
-
-from core.models import create_model
-from student_train.config import TrainConfig
-from student_train.feature_kd import FeatureKDError
-from student_train.job_plan import plan_job
-from student_train.run import run as run_train
-from teacher_cache.config import CacheConfig
-from teacher_cache.inspect_cache import format_inspect, inspect_cache
-from teacher_cache.reader import CacheReader
-from teacher_cache.run import run as run_cache
 
 pytestmark = pytest.mark.integration
 

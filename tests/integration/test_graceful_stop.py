@@ -15,6 +15,11 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import train_cfg
+from distill.core.graceful_stop import EXIT_STOPPED
+from distill.student_train.status import read_status
+from distill.teacher_cache.locate import find_cache_dir
+from distill.teacher_cache.reader import CacheReader
+from distill.teacher_cache.shards import ShardReader
 from helpers import (
     ShardGate,
     cache_cfg_dict,
@@ -25,14 +30,8 @@ from helpers import (
     shards_in_manifest,
 )
 
-from core.graceful_stop import EXIT_STOPPED
-from student_train.status import read_status
-from teacher_cache.locate import find_cache_dir
-from teacher_cache.reader import CacheReader
-from teacher_cache.shards import ShardReader
-
 pytestmark = pytest.mark.integration
-DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]
 
 
 def _wait(pred, proc, timeout=300, what=""):
@@ -79,8 +78,8 @@ def test_sigterm_during_the_cache_pass_records_stopped_and_a_rerun_finishes(tmp_
     expected = [s.key for i in range(n) for s in ShardReader(tmp_path / "in" / f"train-{i:06d}.tar")]
     assert sorted(keys) == sorted(expected)  # every key exactly once
     # and the files are the ones an uninterrupted run writes, byte for byte (checksums included)
-    from teacher_cache.config import CacheConfig
-    from teacher_cache.run import run
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.run import run
 
     straight = run(CacheConfig.model_validate({**cfg, "cache_root": str(tmp_path / "straight"), "progress": False}))
     sums = {s: e["file_sha256"] for s, e in json.loads((cache_dir / "manifest.json").read_text())["shards"].items()}

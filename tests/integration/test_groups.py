@@ -18,10 +18,9 @@ import pytest
 import torch
 import yaml
 from conftest import train_cfg
-
-from student_train.checkpoints import _allowed_globals
-from student_train.config import TrainConfig
-from student_train.run import run
+from distill.student_train.checkpoints import _allowed_globals
+from distill.student_train.config import TrainConfig
+from distill.student_train.run import run
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +87,7 @@ def test_a_diverging_student_fails_alone_and_the_others_are_untouched(kd_data, t
 
 
 def _train_cli(cfg_path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", "-c", str(cfg_path), "--no-ray"],
+    return subprocess.Popen([sys.executable, "-m", "distill", "train", "-c", str(cfg_path), "--no-ray"],
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
 
 

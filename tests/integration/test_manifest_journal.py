@@ -15,15 +15,14 @@ import time
 
 import pytest
 import yaml
+from distill.core.storage.journal import decode_records
+from distill.teacher_cache.manifest import Manifest
+from distill.teacher_cache.reader import CacheError, CacheReader
+from distill.teacher_cache.shards import ShardReader
 from helpers import cache_cfg_dict, mnist_shard, save_teacher, shards_in_manifest
 
-from core.storage.journal import decode_records
-from teacher_cache.manifest import Manifest
-from teacher_cache.reader import CacheError, CacheReader
-from teacher_cache.shards import ShardReader
-
 pytestmark = pytest.mark.integration
-DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]
 
 
 def test_a_run_killed_mid_journal_lists_only_whole_records_and_the_rerun_labels_each_key_once(tmp_path):

@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import train_cfg
+from distill.teacher_cache.locate import find_cache_dir
+from distill.teacher_cache.reader import CacheReader
+from distill.teacher_cache.shards import ShardReader
 from helpers import (
     PROMETHEUS,
     ShardGate,
@@ -33,12 +36,8 @@ from helpers import (
     shards_in_manifest,
 )
 
-from teacher_cache.locate import find_cache_dir
-from teacher_cache.reader import CacheReader
-from teacher_cache.shards import ShardReader
-
 pytestmark = [pytest.mark.integration, pytest.mark.multinode, pytest.mark.cluster]
-DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]
 N_SHARDS = 12
 
 

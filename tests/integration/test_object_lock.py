@@ -15,21 +15,20 @@ import time
 
 import pytest
 import yaml
+from distill.core import object_store
+from distill.core.storage import CacheLockedError, LockLostError, UnsupportedStoreError, open_store
+from distill.core.storage.lease import LeaseLock, missing_conditional_parameters
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.locate import cache_dir_here, find_cache
+from distill.teacher_cache.manifest import Manifest
+from distill.teacher_cache.reader import CacheError, CacheReader
+from distill.teacher_cache.run import run
+from distill.teacher_cache.shards import ShardReader
 from helpers import S3_ROOT, S3_SHARDS, mnist_shard, s3_cache_cfg, upload_mnist_shards
 from s3_server import Refuse
 
-from core import object_store
-from core.storage import CacheLockedError, LockLostError, UnsupportedStoreError, open_store
-from core.storage.lease import LeaseLock, missing_conditional_parameters
-from teacher_cache.config import CacheConfig
-from teacher_cache.locate import cache_dir_here, find_cache
-from teacher_cache.manifest import Manifest
-from teacher_cache.reader import CacheError, CacheReader
-from teacher_cache.run import run
-from teacher_cache.shards import ShardReader
-
 pytestmark = pytest.mark.integration
-DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]
 SHARDS, ROOT = S3_SHARDS, S3_ROOT
 
 
@@ -49,7 +48,7 @@ def test_item1_the_renewal_thread_outlives_an_unreachable_store_and_the_holder_f
     """An unreachable endpoint raises botocore's EndpointConnectionError (not an OSError): the renewal thread must
     log it and keep trying, and the holder must refuse to write once its last renewal is lease - margin old."""
     _, requests = s3
-    caplog.set_level(logging.WARNING, logger="core.storage.lease")
+    caplog.set_level(logging.WARNING, logger="distill.core.storage.lease")
     now = [0.0]  # the holder's monotonic clock, driven by the test
     lock = LeaseLock("s3://cache/t1/.lock", lease_s=6.0, clock=lambda: now[0])
     with lock:
@@ -214,7 +213,7 @@ def test_item5_the_botocore_floor_is_checked():
     assert missing_conditional_parameters(members, {"IfMatch"}) == []
     assert missing_conditional_parameters({"Body", "IfNoneMatch"}, set()) == ["PutObject.IfMatch",
                                                                              "DeleteObject.IfMatch"]
-    from core.storage.lease import check_client
+    from distill.core.storage.lease import check_client
 
     check_client()  # the installed botocore has them (pyproject pins the floor)
 

@@ -18,19 +18,18 @@ from dataclasses import asdict
 
 import pytest
 import yaml
+from distill.core import object_store
+from distill.core.storage import open_store
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.locate import find_cache_dir
+from distill.teacher_cache.manifest import CacheLockedError, Manifest
+from distill.teacher_cache.reader import CacheReader
+from distill.teacher_cache.run import run
+from distill.teacher_cache.shards import ShardReader
 from helpers import S3_ROOT, S3_SHARDS, cache_cfg_dict, mnist_shard, s3_cache_cfg, upload_mnist_shards
 
-from core import object_store
-from core.storage import open_store
-from teacher_cache.config import CacheConfig
-from teacher_cache.locate import find_cache_dir
-from teacher_cache.manifest import CacheLockedError, Manifest
-from teacher_cache.reader import CacheReader
-from teacher_cache.run import run
-from teacher_cache.shards import ShardReader
-
 pytestmark = pytest.mark.integration
-DISTILL = [sys.executable, "-c", "from cluster.cli import main; main()"]
+DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]
 SHARDS, ROOT = S3_SHARDS, S3_ROOT
 
 
@@ -194,9 +193,8 @@ def test_training_reads_shards_and_cache_from_object_storage(tmp_path, s3):
     against the mirrored manifest, and the loader worker process streams the tars from the store."""
     import pandas as pd
     from conftest import train_cfg
-
-    from student_train.config import TrainConfig
-    from student_train.run import run as run_train
+    from distill.student_train.config import TrainConfig
+    from distill.student_train.run import run as run_train
 
     local = _upload_shards(tmp_path, 2, per_shard=48)
     val = mnist_shard(tmp_path / "local" / "val-000000.tar", 32, offset=2000)
@@ -215,7 +213,7 @@ def test_training_reads_shards_and_cache_from_object_storage(tmp_path, s3):
     assert s3.object_reads("shards", "train/train-") > 0  # it did read the shards from the store
 
     # a worker on a node without the driver's mirror makes its own, verified, from the store
-    from student_train.data import _cache_dir_here
+    from distill.student_train.data import _cache_dir_here
 
     driver_mirror = find_cache_dir(ROOT)
     os.environ["DISTILL_MIRROR_DIR"] = str(tmp_path / "other-node")

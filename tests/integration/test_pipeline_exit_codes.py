@@ -14,9 +14,8 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from distill.cluster.cli import cli
 from helpers import cache_cfg_dict, encode, mnist, mnist_shard, save_teacher, write_tar
-
-from cluster.cli import cli
 
 pytestmark = pytest.mark.integration
 

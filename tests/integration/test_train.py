@@ -15,12 +15,11 @@ import pytest
 import torch
 import yaml
 from conftest import train_cfg
-
-from core.models import create_model
-from student_train.config import TrainConfig
-from student_train.data import DataJoinError
-from student_train.run import run
-from teacher_cache.reader import CacheError
+from distill.core.models import create_model
+from distill.student_train.config import TrainConfig
+from distill.student_train.data import DataJoinError
+from distill.student_train.run import run
+from distill.teacher_cache.reader import CacheError
 
 pytestmark = pytest.mark.integration
 
@@ -90,8 +89,8 @@ def test_unknown_schema_version_names_the_file(kd_data, tmp_path):
     meta = dict(t.schema.metadata)
     meta[b"distill.schema_version"] = b"99"
     pq.write_table(t.replace_schema_metadata(meta), f)
-    from teacher_cache.manifest import Manifest
-    from teacher_cache.shards import file_sha256
+    from distill.teacher_cache.manifest import Manifest
+    from distill.teacher_cache.shards import file_sha256
 
     m = Manifest.load(d)
     m.shards["train-000000"].file_sha256 = file_sha256(f)
@@ -127,7 +126,7 @@ def test_ray_tune_two_variants_one_nan(kd_data, tmp_path, ray_local):
                     variants=[{"name": "good"}, {"name": "nan", "optimizer": "sgd", "lr": 1e12, "clip_grad": None}],
                     tune={"max_concurrent": 2, "cpus_per_trial": 0.05, "max_failures": 0, "asha": True,
                           "asha_grace_epochs": 1}, metrics_port=0)
-    from student_train.ray_runner import live_placement_groups
+    from distill.student_train.ray_runner import live_placement_groups
 
     before = live_placement_groups()
     res = run(TrainConfig.model_validate(cfg))

@@ -13,10 +13,9 @@ import pytest
 import torch
 import yaml
 from conftest import train_cfg
-
-from student_train.config import TrainConfig
-from student_train.run import run
-from student_train.status import finished, read_status, write_status
+from distill.student_train.config import TrainConfig
+from distill.student_train.run import run
+from distill.student_train.status import finished, read_status, write_status
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +66,7 @@ def test_checkpoints_sealed_pruned_fallback_and_no_unpickling(kd_data, tmp_path)
     states = tag / "mp_rank_00_model_states.pt"
     torch.save({"module": _Evil(marker)}, states)
     digests = json.loads((tag / "distill_digests.json").read_text())
-    from student_train.checkpoints import _sha256
+    from distill.student_train.checkpoints import _sha256
 
     digests[states.name] = _sha256(states)  # someone who can write the file can rewrite its digest too
     (tag / "distill_digests.json").write_text(json.dumps(digests))
@@ -128,11 +127,10 @@ def test_asha_stops_a_weak_variant(kd_data, tmp_path, ray_local):
 
 
 def test_infeasible_resources_fail_fast(kd_data, tmp_path, ray_local):
+    from distill.core.ray_cluster import InfeasibleResourcesError
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.run import run as cache_run
     from helpers import cache_cfg_dict
-
-    from core.ray_cluster import InfeasibleResourcesError
-    from teacher_cache.config import CacheConfig
-    from teacher_cache.run import run as cache_run
 
     class Hog:  # holds the cluster's CPUs, as another job would (defined here: Ray ships it by value)
         def ping(self):

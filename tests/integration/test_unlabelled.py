@@ -7,12 +7,11 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 from conftest import train_cfg
-
-from student_train.config import TrainConfig
-from student_train.data import JoinedStream, steps_per_epoch
-from student_train.job_plan import plan_job
-from student_train.run import run
-from student_train.train_loop import Stream, WorkerContext, _spec
+from distill.student_train.config import TrainConfig
+from distill.student_train.data import JoinedStream, steps_per_epoch
+from distill.student_train.job_plan import plan_job
+from distill.student_train.run import run
+from distill.student_train.train_loop import Stream, WorkerContext, _spec
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from teacher_cache.actor_pool import MAX_STARTS_IN_A_ROW, ShardScheduler
+from distill.teacher_cache.actor_pool import MAX_STARTS_IN_A_ROW, ShardScheduler
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,16 @@
 import json
 
 import pytest
-
-from deploy.bundle_files import MANIFEST, BundleError, new_version, publish, seal, verify, versions_dir, write_file
+from distill.deploy.bundle_files import (
+    MANIFEST,
+    BundleError,
+    new_version,
+    publish,
+    seal,
+    verify,
+    versions_dir,
+    write_file,
+)
 
 
 def _version(link, text):

@@ -4,11 +4,10 @@ the run" (6); every unit of a stage failed: 4; the cache locked by another write
 import click
 import pytest
 from click.testing import CliRunner
-
-from cluster.cli import _Main
-from cluster.cli_common import StageFailedError
-from core.run_phase import begin_work
-from core.storage import CacheLockedError
+from distill.cluster.cli import _Main
+from distill.cluster.cli_common import StageFailedError
+from distill.core.run_phase import begin_work
+from distill.core.storage import CacheLockedError
 
 
 @click.group(cls=_Main)

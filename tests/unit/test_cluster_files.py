@@ -44,7 +44,7 @@ def test_nightly_refresh_schedule_and_entrypoint():
     assert len(fields) == 5 and fields[0] == "0"  # once a day at a fixed minute
     entry = cron["spec"]["jobTemplate"]["entrypoint"]
     assert entry.startswith("distill cache refresh --config ") and "metrics.pushgateway=" in entry
-    from cluster.cli import cli
+    from distill.cluster.cli import cli
 
     assert "refresh" in cli.commands["cache"].commands  # the entrypoint names a command that exists
 
@@ -66,12 +66,11 @@ def test_prometheus_scrapes_file_sd_targets_and_pushgateway():
 
 def _exported_names():
     """Every sample name the code can export (stage metrics modules + the refresh summary registry)."""
+    import distill.compress.metrics  # noqa: F401
+    import distill.deploy.metrics  # noqa: F401
+    import distill.student_train.metrics  # noqa: F401
+    import distill.teacher_cache.metrics as tcm
     from prometheus_client import REGISTRY
-
-    import compress.metrics  # noqa: F401
-    import deploy.metrics  # noqa: F401
-    import student_train.metrics  # noqa: F401
-    import teacher_cache.metrics as tcm
 
     names = set()
     registries = [REGISTRY, tcm.refresh_registry({"new": [], "changed": [], "unchanged": [], "vanished": [],

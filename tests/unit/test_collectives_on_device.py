@@ -79,9 +79,9 @@ def _install_spy() -> list[str]:
 
 
 def _worker(rank: int, port: int, root: str, out: dict) -> None:
-    from student_train import checkpoints
-    from student_train.collectives import any_rank_flags, gather_ints
-    from student_train.evaluate import evaluate
+    from distill.student_train import checkpoints
+    from distill.student_train.collectives import any_rank_flags, gather_ints
+    from distill.student_train.evaluate import evaluate
 
     os.environ.pop("WORLD_SIZE", None)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 import torch
-
-from compress.onnx_export import ParityError, check_parity, export_onnx
-from compress.prune import PruningError, count_cost, prune_to_target
-from compress.quantize import quantize_int8
-from compress.select import pareto_front
-from core.models import create_model
+from distill.compress.onnx_export import ParityError, check_parity, export_onnx
+from distill.compress.prune import PruningError, count_cost, prune_to_target
+from distill.compress.quantize import quantize_int8
+from distill.compress.select import pareto_front
+from distill.core.models import create_model
 
 
 @pytest.mark.parametrize("arch", ["cnn_small", "resnet_mini", "mobilenet_mini"])
@@ -92,7 +91,7 @@ REPORT = [_row("baseline", 0.860, 1.20, 13.6), _row("int8", 0.854, 0.34, 4.9), _
 
 
 def test_deploy_floor_refuses_a_stage_below_it_and_names_the_floor():
-    from deploy.choose import FloorError, choose_stage
+    from distill.deploy.choose import FloorError, choose_stage
 
     with pytest.raises(FloorError, match=r"max_top1_drop = 0.01 \(1.0 pt\)") as exc:
         choose_stage(REPORT, "s", "pruned+int8", 0.01)
@@ -106,7 +105,7 @@ def test_deploy_floor_refuses_a_stage_below_it_and_names_the_floor():
     assert choose_stage(REPORT, "s", "auto", 0.25)[0]["stage"] == "pruned+int8"
     assert choose_stage(REPORT, "s", "auto", None)[0]["stage"] == "pruned+int8"
     assert choose_stage(REPORT, "s", "int8", 0.01)[0]["stage"] == "int8"
-    from deploy.choose import rank_within_floor  # auto's fallbacks when an int8 stage fails its parity check
+    from distill.deploy.choose import rank_within_floor  # auto's fallbacks when an int8 stage fails its parity check
 
     assert [r["stage"] for r in rank_within_floor(REPORT[:2])] == ["int8", "baseline"]
     assert [r["stage"] for r in rank_within_floor(REPORT)] == ["pruned+int8", "int8", "baseline", "pruned"]
@@ -117,7 +116,7 @@ def test_deploy_floor_refuses_a_stage_below_it_and_names_the_floor():
 
 
 def test_compress_report_says_in_words_whether_compression_pays():
-    from compress.report import verdicts
+    from distill.compress.report import verdicts
 
     bad = verdicts(REPORT, 0.01, 4.0, 2.0)[0]
     assert "does not pay" in bad and "Pruning does not pay" in bad and "pruned -20.4 pt" in bad
@@ -127,8 +126,8 @@ def test_compress_report_says_in_words_whether_compression_pays():
 
 
 def test_finetune_directory_is_keyed_by_parent_weights_and_prune_settings(tmp_path):
-    from compress.config import PruneConfig
-    from compress.finetune import finetune_dir, finetune_identity, step_keeps
+    from distill.compress.config import PruneConfig
+    from distill.compress.finetune import finetune_dir, finetune_identity, step_keeps
 
     ckpt = tmp_path / "best.pt"
     torch.save({"w": torch.zeros(3)}, ckpt)

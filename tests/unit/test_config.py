@@ -1,9 +1,8 @@
 """Config validation reports every problem at once with its field path; --set overrides; sections."""
 
 import pytest
-
-from cluster.config_loading import ConfigError, load_config
-from teacher_cache.config import CacheConfig
+from distill.cluster.config_loading import ConfigError, load_config
+from distill.teacher_cache.config import CacheConfig
 
 
 def test_every_problem_reported_with_its_path(tmp_path):
@@ -49,7 +48,7 @@ def test_missing_config_file(tmp_path):
 def test_set_indexes_into_lists_and_says_what_exists(tmp_path):
     """`--set variants.1.temperature=3` sets the second variant's field (it failed with "Input should be a valid
     list": the override turned the list into a dict keyed "1"); a bad index names the list and its length."""
-    from student_train.config import TrainConfig
+    from distill.student_train.config import TrainConfig
 
     f = tmp_path / "train.yaml"
     f.write_text("train:\n  run_dir: r\n  data: {train_shards: [a.tar]}\n"

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-
-from core.devices import DeviceError, resolve_device
-from student_train.config import TrainConfig
+from distill.core.devices import DeviceError, resolve_device
+from distill.student_train.config import TrainConfig
 
 
 def test_cpu_is_always_cpu():

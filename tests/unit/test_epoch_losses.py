@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from student_train.epoch_losses import EpochLosses
-from student_train.losses import create_loss
+from distill.student_train.epoch_losses import EpochLosses
+from distill.student_train.losses import create_loss
 
 
 def _batch(logits: torch.Tensor, labels: list[int], weight: list[float] | None = None) -> dict[str, torch.Tensor]:

@@ -4,9 +4,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cluster.pipeline import PipelineConfig
-from teacher_cache.config import CacheConfig
+from distill.cluster.pipeline import PipelineConfig
+from distill.teacher_cache.config import CacheConfig
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

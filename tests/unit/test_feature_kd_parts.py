@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-
-from core.models import create_model
-from student_train.config import VariantConfig
-from student_train.feature_kd import FeatureKDError, StudentWithProjector, plain_student_state, wrap_student
-from student_train.losses import create_loss, feature_distance
+from distill.core.models import create_model
+from distill.student_train.config import VariantConfig
+from distill.student_train.feature_kd import FeatureKDError, StudentWithProjector, plain_student_state, wrap_student
+from distill.student_train.losses import create_loss, feature_distance
 
 
 def _batch(n=4, c=5, d=3, seed=0):

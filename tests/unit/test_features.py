@@ -3,11 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from core.models import create_model
-from teacher_cache.config import CacheConfig
-from teacher_cache.features import (
+from distill.core.models import create_model
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.features import (
     FeatureError,
     FeatureExtractor,
     check_features,
@@ -15,6 +13,7 @@ from teacher_cache.features import (
     projection_matrix,
     seeded_normal,
 )
+from torch import nn
 
 
 def test_seeded_normal_is_pinned_across_machines():
@@ -93,7 +92,7 @@ def test_fingerprint_unchanged_without_features_and_distinct_with_them(tmp_path)
     import hashlib
     import json
 
-    from teacher_cache.teacher import LoadedTeacher, Preprocessing, fingerprint, view_policy
+    from distill.teacher_cache.teacher import LoadedTeacher, Preprocessing, fingerprint, view_policy
 
     prep = Preprocessing(32, 1.0, (0.1,), (0.3,), "bilinear", 1)
     teacher = LoadedTeacher(model=nn.Identity(), num_classes=10, preprocessing=prep,

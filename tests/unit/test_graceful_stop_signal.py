@@ -6,7 +6,7 @@ import sys
 
 SCRIPT = r"""
 import os, signal
-from core import graceful_stop as g
+from distill.core import graceful_stop as g
 marks = []
 assert g.install_sigterm_handler()
 assert not g.sigterm_received()
@@ -37,7 +37,7 @@ def test_sigterm_becomes_stop_requested_after_the_first_things():
 
 DEFERRED = r"""
 import os, signal
-from core import graceful_stop as g
+from distill.core import graceful_stop as g
 g.install_sigterm_handler()
 done = []
 try:

@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from core.storage import open_store
-from core.storage.journal import decode_records, encode_record, should_compact
-from teacher_cache.manifest import MANIFEST_NAME, Manifest, ManifestWriter, ShardEntry
-from teacher_cache.reader import CacheReader
+from distill.core.storage import open_store
+from distill.core.storage.journal import decode_records, encode_record, should_compact
+from distill.teacher_cache.manifest import MANIFEST_NAME, Manifest, ManifestWriter, ShardEntry
+from distill.teacher_cache.reader import CacheReader
 
 
 def _entry(i: int) -> ShardEntry:

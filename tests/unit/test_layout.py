@@ -23,6 +23,7 @@ SHARED_NAMES = ("models", "devices", "graceful_stop", "ray_cluster", "ray_resour
 
 
 def _modules() -> dict[str, Path]:
+    """Project module name (without the installed `distill.` prefix) -> its file."""
     out = {}
     for pkg in PACKAGES:
         for path in sorted((ROOT / pkg).rglob("*.py")):
@@ -30,6 +31,11 @@ def _modules() -> dict[str, Path]:
             parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
             out[".".join(parts)] = path
     return out
+
+
+def _project_name(name: str) -> str:
+    """`distill.core.models` -> `core.models`: every project import goes through the one installed package."""
+    return name.removeprefix("distill.")
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -40,9 +46,10 @@ def import_graph() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             targets: list[str] = []
             if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
+                targets = [_project_name(a.name) for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+                module = _project_name(node.module)
+                targets = [f"{module}.{a.name}" for a in node.names] + [module]
             for t in targets:
                 while t and t not in mods:
                     t = t.rpartition(".")[0]

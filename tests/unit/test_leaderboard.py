@@ -1,9 +1,9 @@
 """The leaderboard's text: no α/T where the loss does not use them; the teacher's val top-1 and a warning when it
 is below its students."""
 
-from student_train.config import VariantConfig
-from student_train.leaderboard import format_leaderboard, format_teacher_line, teacher_warning, variant_row
-from student_train.status import write_status
+from distill.student_train.config import VariantConfig
+from distill.student_train.leaderboard import format_leaderboard, format_teacher_line, teacher_warning, variant_row
+from distill.student_train.status import write_status
 
 
 def test_mode_none_rows_show_no_alpha_or_temperature(tmp_path):

@@ -8,10 +8,9 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-
-from compress.litert_export import LiteRTConversionError, export_litert
-from compress.onnx_export import export_onnx
-from core.models import create_model
+from distill.compress.litert_export import LiteRTConversionError, export_litert
+from distill.compress.onnx_export import export_onnx
+from distill.core.models import create_model
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ai_edge_litert") is None,
                                 reason="LiteRT extra not installed: pip install -e '.[litert]' (make venv does)")
@@ -31,7 +30,7 @@ def _model(arch):
 @pytest.mark.parametrize("arch", ["cnn_small", "resnet_mini", "mobilenet_mini", "mlp"])
 def test_registered_students_convert_and_match_pytorch(arch, tmp_path):
     """Odd 20x20 input: stride-2 convolutions need explicit padding; the classifier reads NCHW-ordered features."""
-    from compress.litert_run import LiteRTModel
+    from distill.compress.litert_run import LiteRTModel
 
     model = _model(arch)
     tfl = export_litert(export_onnx(model, tmp_path / "m.onnx", 1, 20), tmp_path / "m.tflite")
@@ -57,7 +56,7 @@ def test_a_failed_conversion_leaves_the_onnx_stages_and_says_why(tmp_path):
     """compress: the LiteRT stages of a model that does not convert are skipped with the operator named."""
     import json
 
-    from compress.litert_stages import Source, litert_stages
+    from distill.compress.litert_stages import Source, litert_stages
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Softplus(), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
@@ -69,7 +68,7 @@ def test_a_failed_conversion_leaves_the_onnx_stages_and_says_why(tmp_path):
 
 
 def test_int8_is_full_integer_and_close_to_fp32(tmp_path):
-    from compress.litert_run import LiteRTModel, quantize_litert_int8
+    from distill.compress.litert_run import LiteRTModel, quantize_litert_int8
 
     model = _model("cnn_small")
     fp32 = export_litert(export_onnx(model, tmp_path / "m.onnx", 1, 20), tmp_path / "m.tflite")

@@ -3,9 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from student_train.losses import create_loss
-from teacher_cache.topk import pack_topk, rebuild_log_probs
+from distill.student_train.losses import create_loss
+from distill.teacher_cache.topk import pack_topk, rebuild_log_probs
 
 
 def _setup(n=16, c=10, seed=0):

@@ -6,16 +6,15 @@ import time
 from dataclasses import replace
 
 import pytest
-
-from core.atomic_io import remove_stale_tmp, tmp_path_for
-from teacher_cache.manifest import (
+from distill.core.atomic_io import remove_stale_tmp, tmp_path_for
+from distill.teacher_cache.manifest import (
     CacheLockedError,
     DirectoryLock,
     Manifest,
     ShardEntry,
     plan_refresh,
 )
-from teacher_cache.shards import RACY_WINDOW_NS, file_sha256
+from distill.teacher_cache.shards import RACY_WINDOW_NS, file_sha256
 
 
 def _entry(path, cache_dir, stem, seen_now=False):
@@ -75,7 +74,7 @@ def test_missing_cache_file_is_relabelled(tmp_path):
 
 def test_unchanged_plan_reads_no_shard_bytes(tmp_path, monkeypatch):
     cache, p, m = _one_cached_shard(tmp_path)
-    import teacher_cache.manifest as mod
+    import distill.teacher_cache.manifest as mod
 
     monkeypatch.setattr(mod, "file_sha256", lambda *_: pytest.fail("hashed a shard on a no-op refresh"))
     assert plan_refresh(m, {"a": p}, cache).unchanged == ["a"]
@@ -135,7 +134,7 @@ def test_old_manifest_without_ctime_inode_hashes_once(tmp_path, monkeypatch):
     assert plan.unchanged == ["a"] and "a" in plan.touched  # hashed once, same content
     ident = plan.touched["a"]
     old.shards["a"].update_identity(ident, str(p))
-    import teacher_cache.manifest as mod
+    import distill.teacher_cache.manifest as mod
 
     monkeypatch.setattr(mod, "file_sha256", lambda *_: pytest.fail("hashed again after the identity was stored"))
     assert plan_refresh(old, {"a": p}, cache).touched == {}
@@ -166,7 +165,7 @@ def test_a_rewrite_in_the_clock_tick_of_the_recorded_write_is_found_by_hashing(t
     plan = plan_refresh(m, {"a": p}, cache)
     assert plan.unchanged == ["a"] and "a" in plan.touched
     e.update_identity(replace(plan.touched["a"], seen_ns=e.seen_ns + 10 * RACY_WINDOW_NS), str(p))
-    import teacher_cache.manifest as mod
+    import distill.teacher_cache.manifest as mod
 
     monkeypatch.setattr(mod, "file_sha256", lambda *_: pytest.fail("a racy identity hashed for ever"))
     assert plan_refresh(m, {"a": p}, cache).unchanged == ["a"]

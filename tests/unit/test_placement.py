@@ -3,14 +3,13 @@ file records it, and the classifier head runs in fp32 under autocast."""
 
 import pytest
 import torch
+from distill.core.devices import DeviceError
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.features import Fp32Head
+from distill.teacher_cache.placement import PlacementError, resolve_placement
+from distill.teacher_cache.schema import META_PRECISION, CacheMeta
+from distill.teacher_cache.teacher import LoadedTeacher, Preprocessing, fingerprint
 from torch import nn
-
-from core.devices import DeviceError
-from teacher_cache.config import CacheConfig
-from teacher_cache.features import Fp32Head
-from teacher_cache.placement import PlacementError, resolve_placement
-from teacher_cache.schema import META_PRECISION, CacheMeta
-from teacher_cache.teacher import LoadedTeacher, Preprocessing, fingerprint
 
 NO_CUDA = not torch.cuda.is_available()
 

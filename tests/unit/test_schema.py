@@ -1,7 +1,6 @@
 import pyarrow as pa
 import pytest
-
-from teacher_cache.schema import CacheMeta, SchemaError, arrow_schema
+from distill.teacher_cache.schema import CacheMeta, SchemaError, arrow_schema
 
 
 def _meta(**kw):

@@ -1,10 +1,9 @@
 """`distill serve` settings: a replica admits enough requests for a batch to fill."""
 
 import pytest
+from distill.deploy.config import ServeConfig
+from distill.deploy.serve import max_ongoing
 from pydantic import ValidationError
-
-from deploy.config import ServeConfig
-from deploy.serve import max_ongoing
 
 
 def test_a_replica_admits_twice_a_batch_by_default():

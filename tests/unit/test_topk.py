@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-
-from teacher_cache.topk import pack_topk, rebuild_log_probs, topk_mass
+from distill.teacher_cache.topk import pack_topk, rebuild_log_probs, topk_mass
 
 
 def _logits(n=64, c=100, scale=4.0, seed=0):

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from distill.student_train.config import TrainConfig
+from distill.student_train.data import ShardPair, assign_shards, mixed, padded, shard_groups, steps_per_epoch, view_for
 from pydantic import ValidationError
-
-from student_train.config import TrainConfig
-from student_train.data import ShardPair, assign_shards, mixed, padded, shard_groups, steps_per_epoch, view_for
 
 
 def _cfg(**kw):

@@ -3,12 +3,11 @@
 import json
 
 import pytest
-
-from cluster.config_loading import ConfigError, load_config
-from core.atomic_io import atomic_write
-from core.ray_cluster import InfeasibleResourcesError, check_fits
-from student_train.config import TrainConfig
-from student_train.status import finished, read_status, settle_trials, write_status
+from distill.cluster.config_loading import ConfigError, load_config
+from distill.core.atomic_io import atomic_write
+from distill.core.ray_cluster import InfeasibleResourcesError, check_fits
+from distill.student_train.config import TrainConfig
+from distill.student_train.status import finished, read_status, settle_trials, write_status
 
 
 def test_atomic_write_keeps_old_content_when_the_write_fails(tmp_path, monkeypatch):
@@ -97,8 +96,8 @@ def test_resource_check_names_what_the_cluster_has():
 
 
 def test_leaderboard_row_survives_a_damaged_status(tmp_path):
-    from student_train.config import VariantConfig
-    from student_train.leaderboard import variant_row
+    from distill.student_train.config import VariantConfig
+    from distill.student_train.leaderboard import variant_row
 
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "status.json").write_text("")

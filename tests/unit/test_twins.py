@@ -1,13 +1,18 @@
 """Undistilled twins: pairing, de-duplication, opt-out, grids; the leaderboard's delta column."""
 
 import pytest
+from distill.student_train.config import TrainConfig, VariantConfig
+from distill.student_train.data import ShardPair
+from distill.student_train.leaderboard import (
+    add_twin_deltas,
+    format_twin_comparison,
+    noise_pt,
+    twin_pairs,
+    twin_verdict,
+)
+from distill.student_train.twins import add_twins, pair_twins
+from distill.student_train.unlabelled import labelled_passes, samples_per_epoch, train_pairs
 from pydantic import ValidationError
-
-from student_train.config import TrainConfig, VariantConfig
-from student_train.data import ShardPair
-from student_train.leaderboard import add_twin_deltas, format_twin_comparison, noise_pt, twin_pairs, twin_verdict
-from student_train.twins import add_twins, pair_twins
-from student_train.unlabelled import labelled_passes, samples_per_epoch, train_pairs
 
 
 def _cfg(**kw):
@@ -103,7 +108,7 @@ def test_a_twin_beside_an_unlabelled_pool_makes_passes_for_equal_steps():
 
 
 def test_pipeline_end_prints_the_comparison_then_the_winner(capsys):
-    from cluster.cmd_pipeline import _print_comparison
+    from distill.cluster.cmd_pipeline import _print_comparison
 
     pairs = twin_pairs(add_twin_deltas([_row("kd", "soft", 0.975), _row("base", "none", 0.968)], {"kd": "base"}))
     _print_comparison([{"stage": "shards"}, {"stage": "train", "best": "kd", "best_val_top1": 0.975,

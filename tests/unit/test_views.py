@@ -3,10 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from distill.teacher_cache.views import ViewParams, ViewPolicy, eval_view, replay_view, sample_views
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
-
-from teacher_cache.views import ViewParams, ViewPolicy, eval_view, replay_view, sample_views
 
 
 def _image(h=60, w=80, c=3):
@@ -52,7 +51,7 @@ def test_replay_refuses_an_image_of_another_size():
 
 def test_live_rotation_is_reproducible_bounded_and_real():
     """`data.train_rotate`: the angle comes from (seed, key) like a view, stays within ±degrees, moves pixels."""
-    from student_train.data import rotate_live
+    from distill.student_train.data import rotate_live
 
     img = torch.zeros(1, 28, 28, dtype=torch.uint8)
     img[0, 4:24, 13:15] = 255  # a vertical bar: a "1"
