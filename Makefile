@@ -56,7 +56,7 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check distill core cluster teacher_cache student_train compress deploy tests bench
+	$(BIN)/ruff check distill core images teacher cluster teacher_cache student_train compress deploy tests bench
 
 # benchmarks (minutes each; results go to BENCHMARKS.md by hand, with the command and the machine)
 bench: $(STAMP)

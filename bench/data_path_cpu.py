@@ -24,10 +24,10 @@ def _env(name: str, default: int) -> int:
 
 
 def ceiling(shards: list[Path], px: int, procs: int) -> float:
-    from distill.teacher_cache.decode import DecodeSpec
-    from distill.teacher_cache.decode_pool import DecodePool
-    from distill.teacher_cache.shards import ShardReader
-    from distill.teacher_cache.views import ViewPolicy
+    from distill.images.decode import DecodeSpec
+    from distill.images.decode_pool import DecodePool
+    from distill.images.shards import ShardReader
+    from distill.images.views import ViewPolicy
 
     raws = [r for s in shards for r in ShardReader(s)]
     pool = DecodePool(DecodeSpec(3, px, "bilinear", ViewPolicy(num_views=1)), procs, chunk=16)
@@ -60,9 +60,9 @@ def cache_rate(shards: list[Path], work: Path, px: int, procs: int) -> tuple[flo
 
 
 def loader_rate(shards: list[Path], cache_dir: Path, px: int, procs: int) -> float:
+    from distill.images.preprocessing import Preprocessing
     from distill.student_train.data import JoinedStream, ShardPair, StreamSpec
     from distill.teacher_cache.reader import CacheReader
-    from distill.teacher_cache.teacher import Preprocessing
 
     reader = CacheReader(cache_dir)
     pairs = [ShardPair(s.stem, s, reader.manifest.shards[s.stem].rows) for s in shards]

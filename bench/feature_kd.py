@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 import pandas as pd
+
 from distill.cluster.config_loading import load_config
 from distill.cluster.pipeline import PipelineConfig, run_pipeline
 from distill.student_train.config import TrainConfig

@@ -121,10 +121,10 @@ def student_ceiling(p: dict) -> float:
 
 def decode_ceilings(p: dict, shards: list[Path]) -> dict[str, float | None]:
     """Decode + resize to px (one view): Pillow in worker processes, and nvjpeg batched on the GPU."""
-    from distill.teacher_cache.decode import DecodeSpec, decode_batch_gpu
-    from distill.teacher_cache.decode_pool import DecodePool
-    from distill.teacher_cache.shards import ShardReader
-    from distill.teacher_cache.views import ViewPolicy
+    from distill.images.decode import DecodeSpec, decode_batch_gpu
+    from distill.images.decode_pool import DecodePool
+    from distill.images.shards import ShardReader
+    from distill.images.views import ViewPolicy
 
     raws = [r for s in shards for r in ShardReader(s)]
     spec = DecodeSpec(3, p["px"], "bilinear", ViewPolicy(num_views=1))

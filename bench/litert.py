@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+
 from distill.compress.litert_run import LiteRTModel
 from distill.compress.measure import median_latency
 from distill.compress.onnx_export import session

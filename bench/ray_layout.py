@@ -64,6 +64,7 @@ def parse_layout(text: str) -> tuple[str, list[str]]:
 def our_pass(shards: list[Path], teacher: Path, root: Path, overrides: list[str]) -> dict:
     """One `distill cache` run in this process; Ray (when enabled) is started and shut down inside the call."""
     import ray
+
     from distill.cluster.config_loading import apply_overrides
     from distill.teacher_cache.config import CacheConfig
     from distill.teacher_cache.run import run
@@ -116,6 +117,7 @@ class _Teacher:
 
 def raydata_pass(shards: list[Path], teacher: Path, out: Path) -> dict:
     import ray
+
     from distill.core.ray_cluster import connect_ray
 
     t0 = time.perf_counter()

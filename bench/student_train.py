@@ -35,11 +35,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import pandas as pd
 import torch
 import yaml
+
 from distill.cluster.config_loading import load_config
 from distill.cluster.pipeline import PipelineConfig, run_pipeline
+from distill.images.shards import expand_shard_patterns
 from distill.student_train.config import TrainConfig
 from distill.student_train.run import run as run_train
-from distill.teacher_cache.shards import expand_shard_patterns
 
 ROOT = Path(__file__).resolve().parents[1]
 

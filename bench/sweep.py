@@ -45,10 +45,10 @@ STUDENTS = {"digits": {"arch": "cnn_small", "arch_kwargs": {"width": 8}},
 
 def digits_data(work: Path) -> dict:
     from distill.core.models import create_model
+    from distill.images.shard_writer import ShardsConfig
+    from distill.images.shard_writer import run as write_shards
     from distill.teacher_cache.config import CacheConfig
     from distill.teacher_cache.run import run as cache_run
-    from distill.teacher_cache.shard_writer import ShardsConfig
-    from distill.teacher_cache.shard_writer import run as write_shards
 
     shards = work / "digits" / "shards"
     if not (shards / "train-000000.tar").exists():
@@ -70,11 +70,10 @@ def digits_data(work: Path) -> dict:
 
 
 def photos_data(work: Path, images: int) -> dict:
+    from bench.gpu_check import make_shards
     from distill.core.models import create_model
     from distill.teacher_cache.config import CacheConfig
     from distill.teacher_cache.run import run as cache_run
-
-    from bench.gpu_check import make_shards
 
     shards = make_shards(work / "photos" / "shards", images, 4)
     ckpt = work / "photos" / "teacher.pt"
@@ -125,7 +124,6 @@ def loader_and_steps(cfg) -> dict:
     """The group's epoch from its loader alone; then each student alone over those batches, preloaded."""
     from distill.student_train.checkpoints import Storage
     from distill.student_train.job_plan import plan_job
-    from distill.student_train.losses import create_loss
     from distill.student_train.student import StepInputs, StudentRun, build_looped, seeded_model
     from distill.student_train.train_loop import Stream, WorkerContext, _init_distributed, _loader, _spec, _train_steps
 
@@ -141,7 +139,7 @@ def loader_and_steps(cfg) -> dict:
     steps = []
     for name, v in variants:
         s = StudentRun(name, v, Path(cfg.run_dir) / "steps" / name,
-                       create_loss(v.mode, v.alpha, v.temperature, v.beta, v.feature_loss))
+                       v.make_loss())
         unit = build_looped(s, job, 1, ctx.device, seeded_model(s, job, ctx.device), Storage(),
                             _train_steps(job, st, 0, 1))
         s.begin_epoch(ctx.device)
@@ -156,6 +154,7 @@ def loader_and_steps(cfg) -> dict:
 def layouts(cfg, k: int, n_steps: int = 20) -> dict:
     """Per-step seconds: K engines (one per student) vs one engine over the K students (one param group each)."""
     import deepspeed
+
     from distill.core.models import create_model
     from distill.student_train.job_plan import plan_job
     from distill.student_train.student import ds_config

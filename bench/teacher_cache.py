@@ -26,13 +26,15 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import numpy as np
 import torch
+from PIL import Image
+
+from distill.teacher.load import load_teacher
 from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.fingerprint import fingerprint
 from distill.teacher_cache.labeler import Labeler
 from distill.teacher_cache.reader import CacheReader
 from distill.teacher_cache.run import run
-from distill.teacher_cache.teacher import fingerprint, load_teacher
 from distill.teacher_cache.topk import pack_topk, rebuild_log_probs
-from PIL import Image
 
 
 def make_shards(out: Path, samples: int, per_shard: int) -> list[Path]:
@@ -79,9 +81,9 @@ def forward_only(cfg: CacheConfig, n_images: int) -> float:
 def kl_against_full(cfg: CacheConfig, shards: list[Path], temps: tuple[float, ...]) -> dict[str, float]:
     teacher = load_teacher(cfg.teacher)
     lab = Labeler(cfg, "bench", teacher)
-    from distill.teacher_cache.decode import try_decode_cpu
-    from distill.teacher_cache.shards import ShardReader
-    from distill.teacher_cache.views import normalize
+    from distill.images.decode import try_decode_cpu
+    from distill.images.shards import ShardReader
+    from distill.images.views import normalize
 
     prep = teacher.preprocessing
     pix = [d.pixels[0] for d in (try_decode_cpu(r, lab.spec) for r in ShardReader(shards[0]))
@@ -105,7 +107,6 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--arch", default="timm:resnet50")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--decode-threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--topk", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("bench/out/teacher_cache.json"))
@@ -123,7 +124,7 @@ def main() -> None:
             "shards": [str(p) for p in shards], "cache_root": str(work / "cache"),
             "teacher": {"arch": args.arch, "checkpoint": str(ckpt)}, "topk": args.topk,
             "views": {"num_views": args.views}, "batch_size": args.batch, "torch_threads": args.threads,
-            "decode_threads": args.decode_threads, "ray": {"enabled": False}, "progress": False,
+            "ray": {"enabled": False}, "progress": False,
             "metrics": {"enabled": False}})
         n_views = args.samples * args.views
         limit = forward_only(cfg, n_views)
@@ -148,7 +149,7 @@ def main() -> None:
         result = {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
             "arch": args.arch, "input": teacher.preprocessing.input_size, "samples": args.samples,
-            "views": args.views, "batch": args.batch, "threads": args.threads, "decode_threads": args.decode_threads,
+            "views": args.views, "batch": args.batch, "threads": args.threads,
             "forward_only_img_s": limit, "cache_pass_img_s": cache_rate, "ratio": cache_rate / limit,
             "cache_pass_seconds": full_s, "teacher_seconds_in_pass": res.teacher_seconds,
             "bytes_per_sample_view": per_sv, "fp32_dense_bytes": 4 * teacher.num_classes,

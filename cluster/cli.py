@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 import click
+
 from distill.cluster.cli_common import exit_for
 
 log = logging.getLogger("distill")

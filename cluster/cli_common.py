@@ -8,63 +8,34 @@ from pathlib import Path
 from typing import Any
 
 import click
-from distill.cluster.config_loading import ConfigError
+
+from distill.core.errors import DistillError, is_user_input
 
 EXIT_BAD_INPUT, EXIT_PARTIAL, EXIT_FAILURE, EXIT_LOCKED = 2, 3, 4, 5
 EXIT_RUN_FAILED = 6  # the run started (work may be saved) and then failed; re-running resumes
 STATUS_EXIT = {"success": 0, "partial": EXIT_PARTIAL, "failure": EXIT_FAILURE}
 
 
-class StageFailedError(RuntimeError):
+class StageFailedError(DistillError, RuntimeError):
     """A stage ran and every one of its units failed (all shards, all variants): exit 4 with one line."""
 
-
-# (module, class) of every "your input is wrong" exception. Imported lazily and one by one: a stage whose
-# dependencies are missing on this host (onnxruntime, torch_pruning for compress) must not turn every exit of
-# the other stages into a ModuleNotFoundError.
-_USER_ERRORS = (
-    ("distill.compress.onnx_export", "ParityError"),
-    ("distill.compress.prune", "PruningError"),
-    ("distill.teacher_cache.manifest", "CacheLockedError"),
-    ("distill.core.models", "UnknownModelError"),
-    ("distill.core.ray_cluster", "ClusterConnectionError"),
-    ("distill.teacher_cache.reader", "CacheError"),
-    ("distill.teacher_cache.schema", "SchemaError"),
-    ("distill.teacher_cache.teacher", "TeacherLoadError"),
-)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'your input is wrong': printed as one line, exit 2, no traceback.
-
-    A module that cannot be imported here cannot have raised its error either, so it is left out.
-    """
-    import importlib
-
-    found: list[type[BaseException]] = [ConfigError]
-    for module, name in _USER_ERRORS:
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except ImportError:
-            continue
-    return (*found, FileNotFoundError, ValueError)
+    exit_code = 4
 
 
 def exit_for(exc: Exception, work_begun: bool) -> tuple[int, str] | None:
     """(exit code, the line to print) for an error that reached the CLI; None: a bug, keep its traceback.
 
-    The rule: "bad input" (2) only before the command's work began (core/run_phase.py); after that any error is
-    "failed during the run" (6: finished work is kept, a re-run continues). A stage whose every unit failed is 4,
-    another writer holding the cache is 5, wherever they happen.
+    The rule (core/errors.py): an error whose class fixes its code (`exit_code`: another writer holds the cache 5,
+    a stage whose every unit failed 4) gets it wherever it happens; otherwise "bad input" (2) only before the
+    command's work began (core/run_phase.py) and only for user input (`DistillError.user_input`, ValueError,
+    FileNotFoundError); after the work began any error is "failed during the run" (6: finished work is kept, a
+    re-run continues).
     """
-    from distill.teacher_cache.manifest import CacheLockedError
-
-    if isinstance(exc, CacheLockedError):
-        return EXIT_LOCKED, f"refused: {exc}"
-    if isinstance(exc, StageFailedError):
-        return EXIT_FAILURE, f"error: {exc}"
+    code = exc.exit_code if isinstance(exc, DistillError) else None
+    if code is not None:
+        return code, f"{'refused' if code == EXIT_LOCKED else 'error'}: {exc}"
     if not work_begun:
-        return (EXIT_BAD_INPUT, f"error: {exc}") if isinstance(exc, user_errors()) else None
+        return (EXIT_BAD_INPUT, f"error: {exc}") if is_user_input(exc) else None
     return EXIT_RUN_FAILED, (f"error: failed during the run: {exc.__class__.__name__}: {exc} (finished work is "
                              "kept; re-run the same command to continue; --log-level DEBUG shows the traceback)")
 

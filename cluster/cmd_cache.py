@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from distill.cluster.cli_common import (
     EXIT_BAD_INPUT,
     EXIT_LOCKED,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from distill.cluster.cli_common import config_options
 from distill.cluster.config_loading import load_config
 

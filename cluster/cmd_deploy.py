@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import click
+
 from distill.cluster.cli_common import config_options
 from distill.cluster.config_loading import load_config
 from distill.core.graceful_stop import StopRequested

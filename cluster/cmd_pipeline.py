@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from distill.cluster.cli_common import EXIT_PARTIAL, EXIT_RUN_FAILED, config_options
 from distill.cluster.config_loading import load_config
 

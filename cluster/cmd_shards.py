@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 import yaml
+
 from distill.cluster.config_loading import load_config
 
 SHOWN = 20  # skipped files printed in the summary; the rest are in <out_dir>/skipped.jsonl
@@ -30,7 +31,7 @@ def shards(config_path: Path | None, overrides: tuple[str, ...], source: str | N
             limit (all), seed (0).
     Example: distill shards --source mnist --out-dir runs/demo/shards --set samples_per_shard=500
     """
-    from distill.teacher_cache.shard_writer import ShardsConfig, run
+    from distill.images.shard_writer import ShardsConfig, run
 
     extra = [f"source={source}"] if source else []
     extra += [f"out_dir={out_dir}"] if out_dir else []

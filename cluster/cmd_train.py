@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from distill.cluster.cli_common import STATUS_EXIT, config_options, ray_overrides
 from distill.cluster.config_loading import load_config
 from distill.core.metrics_server import start_metrics_server

@@ -15,21 +15,22 @@ import time
 from pathlib import Path
 
 import yaml
+from pydantic import Field
+
 from distill.cluster.cli_common import StageFailedError
 from distill.compress.config import CompressConfig
+from distill.core.config import MetricsConfig, StrictConfig
 from distill.deploy.config import DeployConfig
+from distill.images.shard_writer import ShardsConfig
 from distill.student_train.config import TrainConfig
-from distill.teacher_cache.config import CacheConfig, MetricsConfig
-from distill.teacher_cache.shard_writer import ShardsConfig
-from pydantic import BaseModel, ConfigDict, Field
+from distill.teacher_cache.config import CacheConfig
 
 log = logging.getLogger(__name__)
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(StrictConfig):
     """Sections are the stage configs; a missing section skips that stage."""
 
-    model_config = ConfigDict(extra="forbid")
     shards: ShardsConfig | None = None
     teacher: TrainConfig | None = Field(None, description="supervised teacher pre-training (variants mode: none)")
     cache: CacheConfig | None = None
@@ -47,7 +48,7 @@ def _shards_current(cfg: ShardsConfig) -> bool:
 
 
 def run_shards(cfg: ShardsConfig) -> dict:
-    from distill.teacher_cache.shard_writer import run
+    from distill.images.shard_writer import run
 
     if _shards_current(cfg):
         log.info("shards: %s is current, skipping", cfg.out_dir)

@@ -5,19 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from distill.core.config import StrictConfig
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SelectConfig(_Strict):
+class SelectConfig(StrictConfig):
     top_n: int = Field(1, ge=1, description="how many students to compress")
     by: Literal["val_top1", "pareto"] = Field("val_top1", description="best accuracy, or the accuracy/MACs front")
 
 
-class PruneConfig(_Strict):
+class PruneConfig(StrictConfig):
     enabled: bool = True
     target: Literal["macs", "params"] = "macs"
     ratio: float = Field(0.5, gt=0.0, lt=1.0, description="keep this fraction of the MACs (or parameters)")
@@ -33,28 +31,28 @@ class PruneConfig(_Strict):
     finetune_temperature: float | None = Field(None, gt=0.0, description="default: the student's")
 
 
-class QuantizeConfig(_Strict):
+class QuantizeConfig(StrictConfig):
     enabled: bool = True
     calib_samples: int = Field(256, ge=8, description="cached training samples (replayed views) to calibrate on")
     per_channel: bool = True
     method: Literal["minmax", "entropy", "percentile"] = "minmax"
 
 
-class LiteRTConfig(_Strict):
+class LiteRTConfig(StrictConfig):
     enabled: bool = Field(True, description="also write fp32 + full-integer int8 .tflite models (LiteRT, for phones "
                           "and boards), measured in the LiteRT interpreter; needs pip install -e '.[litert]' "
                           "(without it they are skipped with a note); int8 follows quantize.enabled and its "
                           "calib_samples")
 
 
-class LatencyConfig(_Strict):
+class LatencyConfig(StrictConfig):
     repeats_b1: int = Field(50, ge=3)
     repeats_b32: int = Field(10, ge=3)
     warmup: int = Field(5, ge=1)
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (default: all cores)")
 
 
-class CompressConfig(_Strict):
+class CompressConfig(StrictConfig):
     """`distill compress`: reads a `distill train` run (its leaderboard, checkpoints and resolved config)."""
 
     train_run: Path = Field(..., description="run_dir of a finished `distill train`")

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+
 from distill.compress.config import PruneConfig
 from distill.compress.prune import count_cost, prune_to_target
 from distill.core.atomic_io import file_sha256

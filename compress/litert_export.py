@@ -22,10 +22,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
+from distill.core.errors import InputError
+
 SIGNATURE = "serving_default"
 
 
-class LiteRTConversionError(ValueError):
+class LiteRTConversionError(InputError):
     """An ONNX operator (or attribute) with no LiteRT mapping here; the message names it."""
 
 

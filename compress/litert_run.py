@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+
 from distill.compress.litert_export import SIGNATURE
 from distill.compress.measure import median_latency, random_input
 
@@ -75,6 +76,7 @@ def quantize_litert_int8(fp32: Path, out: Path, calib: Iterable[np.ndarray]) -> 
     """Full-integer int8 (weights per channel, activations and I/O int8) with ai-edge-quantizer's static
     min/max recipe, calibrated on `calib` batches (N, C, H, W float32: the cached training views)."""
     from ai_edge_quantizer import qtyping, quantizer
+
     from distill.core.atomic_io import atomic_write
 
     q = quantizer.Quantizer(str(fp32))

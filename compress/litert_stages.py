@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from distill.compress.litert_export import LiteRTConversionError, export_litert
 from distill.compress.litert_run import LiteRTModel, litert_available, quantize_litert_int8
 from distill.core.atomic_io import atomic_write

@@ -10,9 +10,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from distill.core.errors import DistillError
 
-class ParityError(RuntimeError):
+
+class ParityError(DistillError, RuntimeError):
     """The exported model does not compute what the PyTorch model computes."""
+
+    user_input = True
 
 
 def export_onnx(model: nn.Module, path: Path, channels: int, size: int, opset: int = 17) -> Path:

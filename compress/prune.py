@@ -6,8 +6,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from distill.core.errors import InputError
 
-class PruningError(ValueError):
+
+class PruningError(InputError):
     """The model cannot be pruned as asked; names the layer when one is to blame."""
 
 

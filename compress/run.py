@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+
 from distill.compress import metrics
 from distill.compress.config import CompressConfig
 from distill.compress.finetune import finetune_dir, finetune_identity, prune_and_finetune

@@ -6,10 +6,12 @@ from typing import Literal
 
 import torch
 
+from distill.core.errors import InputError
+
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 
 
-class DeviceError(ValueError):
+class DeviceError(InputError):
     """`device: cuda` was asked for on a host where torch sees no CUDA device."""
 
 

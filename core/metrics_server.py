@@ -13,8 +13,9 @@ import os
 import socket
 from pathlib import Path
 
-from distill.core.atomic_io import atomic_write
 from prometheus_client import REGISTRY, push_to_gateway, start_http_server
+
+from distill.core.atomic_io import atomic_write
 
 log = logging.getLogger(__name__)
 

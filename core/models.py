@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from distill.core.errors import InputError
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -109,7 +111,7 @@ def mlp(num_classes: int = 10, in_chans: int = 3, input_size: int = 28, hidden: 
     return nn.Sequential(*layers)
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(InputError):
     """An architecture name that no registry knows."""
 
 

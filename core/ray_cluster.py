@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from distill.core.errors import DistillError, InputError
 from distill.core.graceful_stop import reclaim_sigterm
 
 SKIP_ENV = "DISTILL_SKIP_RESOURCE_CHECK"  # autoscaling clusters: nodes that do not exist yet may come
 
 
-class InfeasibleResourcesError(ValueError):
+class InfeasibleResourcesError(InputError):
     """The request exceeds what the Ray cluster has; a bad config for this cluster (exit 2)."""
 
 
@@ -59,8 +60,10 @@ def check_fits(bundles: Sequence[Mapping[str, float]], what: str,
         raise InfeasibleResourcesError(f"{what} needs {_fmt(need)} at once, but {cluster}; {hint}")
 
 
-class ClusterConnectionError(ConnectionError):
+class ClusterConnectionError(DistillError, ConnectionError):
     """The Ray cluster named by --address / RAY_ADDRESS cannot be reached or refuses us."""
+
+    user_input = True
 
 
 _HINT = ("check --address / RAY_ADDRESS (host:port of the GCS, or ray://host:10001); with Ray's token auth set "

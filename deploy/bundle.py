@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+
 from distill.compress.onnx_export import ParityError, check_parity, session
 from distill.core.run_phase import begin_work
 from distill.deploy import metrics

@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 from distill.core.atomic_io import atomic_symlink, atomic_write, file_sha256
+from distill.core.errors import InputError
 
 log = logging.getLogger(__name__)
 MANIFEST = "bundle.json"
 
 
-class BundleError(ValueError):
+class BundleError(InputError):
     """A bundle that must not be served: a file missing, damaged, or not listed in bundle.json."""
 
 

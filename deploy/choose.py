@@ -8,6 +8,7 @@ against the student it was made from (its `baseline` row); stages below it are n
 from __future__ import annotations
 
 from distill.compress.select import pareto_front
+from distill.core.errors import InputError
 
 # stage -> (fp32 ONNX file, int8 ONNX file or None); the fp32 file's TorchScript twin is <stem>.ts
 STAGE_FILES: dict[str, tuple[str, str | None]] = {
@@ -15,7 +16,7 @@ STAGE_FILES: dict[str, tuple[str, str | None]] = {
     "pruned": ("pruned.onnx", None), "pruned+int8": ("pruned.onnx", "pruned_int8.onnx")}
 
 
-class FloorError(ValueError):
+class FloorError(InputError):
     """A stage loses more val top-1 against its parent than `deploy.max_top1_drop` allows."""
 
 
@@ -37,31 +38,38 @@ def within_floor(rows: list[dict], parent: dict, max_top1_drop: float | None) ->
     return ok, notes
 
 
+def candidates(rows: list[dict], parent: dict, stage: str, max_top1_drop: float | None, pick_by: str = "size",
+               what: str = "stage") -> tuple[list[dict], list[str]]:
+    """The stages a bundle may take, best first, and a note for each one refused by the floor.
+
+    `stage="auto"`: every stage within the floor, ranked (`rank_within_floor`). A named stage: just it, or
+    ValueError when there is no such stage and FloorError (naming the floor) when it lies below the floor. The one
+    rule for every kind of bundled model (the ONNX stage, the LiteRT model): `what` names the kind in errors.
+    """
+    ok, notes = within_floor(rows, parent, max_top1_drop)
+    if stage == "auto":
+        return rank_within_floor(ok, pick_by), notes
+    row = next((r for r in rows if r["stage"] == stage), None)
+    if row is None:
+        raise ValueError(f"student '{parent['student']}' has no '{stage}' {what} in report.json; it has "
+                         f"{[r['stage'] for r in rows]} (re-run `distill compress`, or use auto)")
+    if row not in ok:
+        raise FloorError(f"student '{parent['student']}' {what} '{stage}': val top-1 {row['val_top1']:.4f} is "
+                         f"{100 * top1_drop(row, parent):.1f} pt below its parent's {parent['val_top1']:.4f}; "
+                         f"the floor is {_floor_text(max_top1_drop)}. Choose a stage within it "
+                         f"({[r['stage'] for r in ok]}, or auto) or raise the floor.")
+    return [row], notes
+
+
 def choose_stage(rows: list[dict], student: str, stage: str = "auto", max_top1_drop: float | None = 0.01,
                  pick_by: str = "size") -> tuple[dict, list[str]]:
-    """Return (the chosen report row, notes on refused stages) for `student`.
-
-    `stage="auto"` picks the smallest file (pick_by="size") or the lowest batch-32 latency ("latency") on the
-    (val top-1, cost) Pareto front of the stages within the floor; a named stage below the floor raises
-    FloorError naming the floor.
-    """
+    """(the chosen ONNX report row, notes on refused stages) for `student`: `candidates`' first."""
     mine = [r for r in rows if r["student"] == student]
     parent = next((r for r in mine if r["stage"] == "baseline"), None)
     if parent is None:
         raise ValueError(f"student '{student}' has no baseline row in report.json; re-run `distill compress`")
-    ok, notes = within_floor(mine, parent, max_top1_drop)
-    if stage != "auto":
-        row = next((r for r in mine if r["stage"] == stage), None)
-        if row is None:
-            raise ValueError(f"student '{student}' has no '{stage}' stage in report.json; it has "
-                             f"{[r['stage'] for r in mine]}")
-        if row not in ok:
-            raise FloorError(f"student '{student}' stage '{stage}': val top-1 {row['val_top1']:.4f} is "
-                             f"{100 * top1_drop(row, parent):.1f} pt below its parent's {parent['val_top1']:.4f}; "
-                             f"the floor is {_floor_text(max_top1_drop)}. Choose a stage within it "
-                             f"({[r['stage'] for r in ok]}, or stage: auto) or raise the floor.")
-        return row, notes
-    return rank_within_floor(ok, pick_by)[0], notes
+    ranked, notes = candidates(mine, parent, stage, max_top1_drop, pick_by)
+    return ranked[0], notes
 
 
 def rank_within_floor(ok: list[dict], pick_by: str = "size") -> list[dict]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from distill.core.config import StrictConfig
 
 
-class DeployConfig(BaseModel):
+class DeployConfig(StrictConfig):
     """`distill deploy`: turn one compressed student into a self-describing bundle."""
 
-    model_config = ConfigDict(extra="forbid")
     compress_dir: Path = Field(..., description="out_dir of `distill compress`")
     out_dir: Path = Field(..., description="the bundle: a link to its newest version under <out_dir>.versions/, "
                           "moved atomically once a new version is complete")
@@ -39,10 +40,9 @@ class DeployConfig(BaseModel):
                                "one included): a server started on an older one can still restart its replicas")
 
 
-class ServeConfig(BaseModel):
+class ServeConfig(StrictConfig):
     """`distill serve`: a Ray Serve HTTP endpoint for a bundle."""
 
-    model_config = ConfigDict(extra="forbid")
     bundle: Path
     host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
     port: int = Field(8000, ge=1, le=65535)

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from distill.compress.litert_stages import LITERT_FILES
 from distill.compress.litert_stages import litert_parity as measure_parity
 from distill.compress.onnx_export import ParityError
-from distill.deploy.choose import FloorError, rank_within_floor, top1_drop, within_floor
+from distill.deploy.choose import candidates
 from distill.deploy.config import DeployConfig
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class LiteRTChoice:
 def litert_parity(cfg: DeployConfig, src: Path, stage: str, images: np.ndarray) -> dict:
     """fp32 .tflite vs the PyTorch model (its TorchScript twin), then int8 vs fp32; ParityError beyond tolerance."""
     import torch
+
     from distill.compress.litert_run import LiteRTModel
 
     fp32_name, int8_name, ts = LITERT_FILES[stage]
@@ -65,19 +67,9 @@ def litert_parity(cfg: DeployConfig, src: Path, stage: str, images: np.ndarray) 
 def _candidates(cfg: DeployConfig, rows: list[dict], notes: list[str]) -> list[dict]:
     parent = next(r for r in rows if r["stage"] == "baseline")
     mine = [r for r in rows if r.get("runtime") == "litert"]
-    ok, refused = within_floor(mine, parent, cfg.max_top1_drop)
+    ranked, refused = candidates(mine, parent, cfg.litert_stage, cfg.max_top1_drop, cfg.pick_by, "LiteRT stage")
     notes += refused
-    if cfg.litert_stage == "auto":
-        return rank_within_floor(ok, cfg.pick_by)
-    row = next((r for r in mine if r["stage"] == cfg.litert_stage), None)
-    if row is None:
-        raise ValueError(f"deploy.litert_stage '{cfg.litert_stage}': compress made no such LiteRT model (it has "
-                         f"{[r['stage'] for r in mine]}); see litert.json in the compress output, or use auto/none")
-    if row not in ok:
-        raise FloorError(f"LiteRT stage '{row['stage']}': val top-1 {row['val_top1']:.4f} is "
-                         f"{100 * top1_drop(row, parent):.1f} pt below its parent's {parent['val_top1']:.4f}; the "
-                         f"floor is deploy.max_top1_drop = {cfg.max_top1_drop}. Choose a stage within it or auto.")
-    return [row]
+    return ranked
 
 
 def choose_litert(cfg: DeployConfig, src: Path, rows: list[dict], images: np.ndarray) -> LiteRTChoice:

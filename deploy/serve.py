@@ -28,23 +28,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from distill.deploy.bundle_files import verify
-from distill.deploy.config import ServeConfig
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from PIL import Image
 from ray import serve
+
+from distill.core.errors import InputError
+from distill.deploy.bundle_files import verify
+from distill.deploy.config import ServeConfig
 
 log = logging.getLogger(__name__)
 ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
 PIL_FORMATS = ["JPEG", "PNG", "WEBP"]
 
 
-class ImageTooLarge(ValueError):
+class ImageTooLarge(InputError):
     """More pixels than the configured limit (checked from the header, before decoding)."""
 
 
-class BodyTooLarge(ValueError):
+class BodyTooLarge(InputError):
     """The upload grew past max_bytes while it was being read."""
 
 
@@ -66,7 +68,7 @@ def preprocess(data: bytes, prep: dict, max_pixels: int) -> np.ndarray:
 
     Raises ImageTooLarge before any pixel is decoded when the header announces more than max_pixels.
     """
-    from distill.teacher_cache.views import eval_view, image_to_tensor, normalize, replay_view
+    from distill.images.views import eval_view, image_to_tensor, normalize, replay_view
 
     with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
         if im.width * im.height > max_pixels:

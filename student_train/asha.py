@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from distill.core.atomic_io import atomic_write
 from distill.student_train.job import AshaRule
 

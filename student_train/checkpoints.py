@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from distill.core.atomic_io import atomic_write, fsync_dir
+
+from distill.core.atomic_io import atomic_write, file_sha256, fsync_dir
+from distill.core.errors import DistillError
 from distill.student_train.collectives import all_ranks_ok, broadcast_int, gather_ints, sync
 
 log = logging.getLogger(__name__)
@@ -42,20 +43,12 @@ FUSED_FILE = "fused_student.pt"  # a student trained fused with others (fused_un
 _TAG = re.compile(r"^epoch(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DistillError, RuntimeError):
     """A checkpoint that must not be loaded (it holds objects beyond plain tensors and containers)."""
 
 
 def tag_for(epoch: int) -> str:
     return f"epoch{epoch}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _seal(tag_dir: Path) -> None:
@@ -64,7 +57,7 @@ def _seal(tag_dir: Path) -> None:
     for f in sorted(p for p in tag_dir.iterdir() if p.is_file() and p.name != DIGESTS):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-        digests[f.name] = _sha256(f)
+        digests[f.name] = file_sha256(f)
     atomic_write(tag_dir / DIGESTS, json.dumps(digests, indent=1))
 
 
@@ -157,7 +150,7 @@ def verify(tag_dir: Path) -> str:
         f = tag_dir / name
         if not f.is_file():
             return f"{name} missing"
-        if _sha256(f) != want:
+        if file_sha256(f) != want:
             return f"{name} does not match its recorded digest (damaged or replaced)"
     return ""
 

@@ -6,19 +6,18 @@ import itertools
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from distill.core.config import PathOrURL, StrictConfig
+from distill.images.preprocessing import PreprocessingConfig
 from distill.student_train.twins import add_twins
 from distill.student_train.variant import Mode, VariantConfig
-from distill.teacher_cache.config import PathOrURL, PreprocessingConfig, TeacherConfig
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from distill.teacher.config import TeacherConfig
 
 __all__ = ["Mode", "VariantConfig", "DataConfig", "TuneConfig", "RayTrainConfig", "TrainConfig"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Strict):
+class DataConfig(StrictConfig):
     train_shards: list[str] = Field(..., min_length=1)
     val_shards: list[str] = Field(default_factory=list)
     unlabelled_shards: list[str] = Field(default_factory=list, description="an unlabelled pool (cached): distilled "
@@ -51,7 +50,7 @@ class DataConfig(_Strict):
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank (decode in parallel)")
 
 
-class TuneConfig(_Strict):
+class TuneConfig(StrictConfig):
     max_concurrent: int = Field(2, ge=1)
     cpus_per_trial: float = Field(0.05, ge=0.0, description="the trial driver; the workers hold the real CPUs")
     max_failures: int = Field(1, ge=0, description="restarts of a variant after a worker dies (resumes)")
@@ -65,12 +64,12 @@ class TuneConfig(_Strict):
     asha_reduction_factor: float = Field(2.0, gt=1.0)
 
 
-class RayTrainConfig(_Strict):
+class RayTrainConfig(StrictConfig):
     enabled: bool = Field(True, description="false = variants run one after another in this process")
     address: str | None = None
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     """`distill train`: many student variants from one cache (or plain supervised with mode: none)."""
 
     run_dir: Path

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from distill.teacher_cache.decode import DEFAULT_MAX_PIXELS, SampleError, decode_cpu, image_file, parse_label
-from distill.teacher_cache.reader import CacheError, CacheReader, ShardArrays, read_shard_errors
-from distill.teacher_cache.shards import (
+from torch.utils.data import IterableDataset, get_worker_info
+
+from distill.images.decode import DEFAULT_MAX_PIXELS, SampleError, decode_cpu, image_file, parse_label
+from distill.images.preprocessing import Preprocessing
+from distill.images.shards import (
     IMAGE_EXTS,
     RawSample,
     ShardIdentity,
@@ -30,9 +32,8 @@ from distill.teacher_cache.shards import (
     open_shard,
     shard_stem,
 )
-from distill.teacher_cache.teacher import Preprocessing
-from distill.teacher_cache.views import normalize, replay_view
-from torch.utils.data import IterableDataset, get_worker_info
+from distill.images.views import normalize, replay_view
+from distill.teacher_cache.contract import CacheError, CacheReader, ShardArrays, read_shard_errors
 
 
 class DataJoinError(CacheError):
@@ -118,7 +119,7 @@ def count_samples(path: ShardPath) -> tuple[int, int]:
     """(samples with an image, samples with a .cls) of a shard without a cache: headers only (seeks over data)."""
     import tarfile
 
-    from distill.teacher_cache.shards import split_member_name
+    from distill.images.shards import split_member_name
 
     images: set[str] = set()
     labels: set[str] = set()
@@ -143,7 +144,7 @@ def _cache_dir_here(cache_dir: Path, location: str | None) -> Path:
 
 @functools.cache
 def _mirrored_here(cache_dir: Path, location: str | None) -> Path:
-    from distill.teacher_cache.locate import cache_dir_here
+    from distill.teacher_cache.contract import cache_dir_here
 
     return cache_dir_here(cache_dir, location)
 
@@ -219,7 +220,7 @@ class JoinedStream(IterableDataset):
 
     def _uncached(self, pair: ShardPair) -> Iterator[dict]:
         """No cache (teacher pre-training, baselines): labels from .cls, views drawn live, same replay code."""
-        from distill.teacher_cache.views import ViewPolicy, sample_views
+        from distill.images.views import ViewPolicy, sample_views
 
         s = self.spec
         policy = ViewPolicy(num_views=2, seed=s.seed * 1000 + s.epoch, crop_pct=s.student.crop_pct,

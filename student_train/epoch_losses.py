@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_PARTS = ("loss", "kd_loss", "task_loss", "feat_loss")
+from distill.student_train.losses import labelled_parts, loss_parts
 
 
 class EpochLosses:
@@ -16,21 +16,24 @@ class EpochLosses:
     """
 
     def __init__(self, device: torch.device) -> None:
-        # n_seen, loss, kd, task, feat, labelled rows
-        self.sums = torch.zeros(len(LOSS_PARTS) + 2, dtype=torch.float64, device=device)
+        self.parts = loss_parts()  # "loss" + every registered term's part (student_train/losses.py)
+        # n_seen, one sum per part, labelled rows
+        self.sums = torch.zeros(len(self.parts) + 2, dtype=torch.float64, device=device)
+        self.by_labelled = [p in labelled_parts() for p in self.parts]
 
     def add(self, losses: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Add one batch (host `weight`/`label` tensors); returns the detached parts for the finite check."""
         device = self.sums.device
         w = batch["weight"].to(device, non_blocking=True).sum().double()
         w_lab = (batch["weight"] * (batch["label"] >= 0)).to(device, non_blocking=True).sum().double()
-        detached = torch.stack([losses[k].detach().double() for k in LOSS_PARTS])
-        scale = torch.stack([w, w, w_lab, w])
+        detached = torch.stack([losses[k].detach().double() for k in self.parts])
+        scale = torch.stack([w_lab if lab else w for lab in self.by_labelled])
         self.sums += torch.cat([w.reshape(1), torch.nan_to_num(detached) * scale, w_lab.reshape(1)])
         return detached
 
     def means(self) -> dict[str, float]:
-        n_seen, loss, kd, task, feat, n_labelled = self.sums.tolist()
-        n = max(1.0, n_seen)
-        return {"train_samples": n_seen, "train_loss": loss / n, "kd_loss": kd / n,
-                "task_loss": task / max(1.0, n_labelled), "feat_loss": feat / n}
+        n_seen, *sums, n_labelled = self.sums.tolist()
+        out = {"train_samples": n_seen}
+        for part, total, lab in zip(self.parts, sums, self.by_labelled, strict=True):
+            out["train_loss" if part == "loss" else part] = total / max(1.0, n_labelled if lab else n_seen)
+        return out

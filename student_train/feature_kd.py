@@ -10,15 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from distill.teacher_cache.features import PenultimateHook, last_linear
-from distill.teacher_cache.reader import CacheReader
-from distill.teacher_cache.schema import SCHEMA_VERSION
 from torch import nn
+
+from distill.core.errors import InputError
+from distill.teacher.hooks import PenultimateHook, last_linear
+from distill.teacher_cache.contract import SCHEMA_VERSION, CacheReader
 
 STUDENT_PREFIX = "student."
 
 
-class FeatureKDError(ValueError):
+class FeatureKDError(InputError):
     """A variant asks for feature KD that its cache cannot serve; says how to fix it."""
 
 
@@ -40,9 +41,9 @@ class StudentWithProjector(nn.Module):
         return logits, self.projector(feats.to(self.projector.weight.dtype))
 
 
-def wrap_student(model: nn.Module, beta: float, teacher_dim: int | None, variant: str) -> nn.Module:
-    """The module DeepSpeed trains: the student alone, or student + projector when beta > 0."""
-    if beta <= 0:
+def wrap_student(model: nn.Module, feature_kd: bool, teacher_dim: int | None, variant: str) -> nn.Module:
+    """The module DeepSpeed trains: the student alone, or student + projector for feature KD."""
+    if not feature_kd:
         return model
     if teacher_dim is None:
         raise FeatureKDError(f"variant {variant}: beta > 0 but the cache has no teacher features; set "

@@ -24,8 +24,10 @@ import math
 from typing import Any
 
 import torch
-from distill.student_train.student import StudentRun, lr_lambda
 from torch import nn
+
+from distill.core.errors import InputError
+from distill.student_train.student import StudentRun, lr_lambda
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ _PARAM_FREE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hard
                nn.Identity, nn.Dropout, nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d)
 
 
-class NotFusableError(ValueError):
+class NotFusableError(InputError):
     """These students cannot be fused (a module type or a forward that mixes channels); they loop instead."""
 
 

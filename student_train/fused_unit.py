@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from distill.core.atomic_io import atomic_write
 from distill.student_train import checkpoints
 from distill.student_train.checkpoints import FUSED_FILE as FILE
@@ -67,7 +68,7 @@ class FusedUnit:
         total, parts = None, []
         for k, s in enumerate(self.students):
             if stepping[k]:
-                losses = s.loss_fn(out[:, k], inputs.targets(s.v))
+                losses = s.loss_fn(out[:, k], inputs.targets(s))
                 total = losses["loss"] if total is None else total + losses["loss"]
                 parts.append((s, losses))
         self.engine.backward(total)

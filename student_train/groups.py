@@ -18,8 +18,9 @@ from typing import Any
 from distill.student_train.job import JobSpec, data_seed, student_prep
 from distill.student_train.unlabelled import labelled_passes, train_pairs
 from distill.student_train.variant import VariantConfig
+from distill.teacher_cache.contract import views_to_use
 
-FUSE_FIELDS = ("arch", "arch_kwargs", "precision", "zero_stage", "optimizer", "grad_accum", "beta")
+FUSE_FIELDS = ("arch", "arch_kwargs", "precision", "zero_stage", "optimizer", "grad_accum", "feature_kd")
 
 
 @dataclass
@@ -46,7 +47,7 @@ def stream_key(v: VariantConfig, job: JobSpec) -> dict[str, Any]:
     return {
         "train shards": _shards(pairs),
         "passes per epoch": labelled_passes(job.train, v.mode, job.labelled_passes),
-        "views": min(v.views or job.num_views, job.num_views),
+        "views": views_to_use(v.views, job.num_views),
         "batch_size": v.batch_size,
         "epochs": v.epochs,
         "data seed": data_seed(v),
@@ -92,7 +93,7 @@ def _fused_sets(members: list[tuple[str, VariantConfig]], horizontal: str, devic
             return []
     by_key: dict[tuple, list[str]] = {}
     for name, v in members:
-        if v.beta == 0 and v.zero_stage == 0:
+        if not v.feature_kd and v.zero_stage == 0:
             by_key.setdefault(fuse_key(v), []).append(name)
     return [names for names in by_key.values() if len(names) > 1]
 

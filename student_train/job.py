@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from distill.core.errors import DistillError
+from distill.images.preprocessing import Preprocessing
 from distill.student_train.data import ShardPair
 from distill.student_train.variant import VariantConfig
-from distill.teacher_cache.config import TeacherConfig
-from distill.teacher_cache.teacher import Preprocessing
+from distill.teacher.config import TeacherConfig
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DistillError, RuntimeError):
     """The loss became NaN/inf; the variant is marked failed (retrying would fail the same way)."""
 
 

@@ -8,17 +8,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from distill.core.storage import read_sibling
+from distill.images.preprocessing import Preprocessing
+from distill.images.shards import expand_shard_patterns, shard_stem
 from distill.student_train.config import TrainConfig
 from distill.student_train.data import DataJoinError, ShardPair, count_samples, resolve_split
 from distill.student_train.feature_kd import cache_feature_dim
 from distill.student_train.job import AshaRule, JobSpec
 from distill.student_train.unlabelled import train_pairs
-from distill.teacher_cache.config import TeacherConfig
-from distill.teacher_cache.locate import find_cache, teachers_newest_first
-from distill.teacher_cache.reader import CacheError, CacheReader
-from distill.teacher_cache.schema import COL_LABEL
-from distill.teacher_cache.shards import expand_shard_patterns, shard_stem
-from distill.teacher_cache.teacher import Preprocessing, weights_sha256
+from distill.teacher.config import TeacherConfig
+from distill.teacher.load import weights_sha256
+from distill.teacher_cache.contract import COL_LABEL, CacheError, CacheReader, find_cache, teachers_newest_first
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +119,12 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
         labelled = sum(p.labelled for p in train)
         if cfg.data.unlabelled_shards:
             train += _unlabelled_pool(cfg, reader, train)
-        feature_kd = [name for name, v in variants if v.beta > 0]
+        feature_kd = [name for name, v in variants if v.feature_kd]
         feature_dim = cache_feature_dim(reader, [p.stem for p in train], feature_kd) if feature_kd else None
     if not train:
         raise DataJoinError("no train shards")
     for name, v in variants:
-        wants_labels = v.mode == "none" or (v.mode in ("soft", "hard", "online") and v.alpha < 1)
+        wants_labels = "label" in v.make_loss().needs
         if wants_labels and labelled == 0:
             raise ValueError(f"variant {name}: the train shards have no labels, so only pure distillation works; "
                              "set alpha: 1 (mode soft/hard/online)")

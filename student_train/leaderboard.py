@@ -10,11 +10,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 from distill.core.models import count_params, create_model
 from distill.student_train.config import VariantConfig
 from distill.student_train.status import read_status
-from distill.teacher_cache.reader import CacheReader
-from torch.utils.flop_counter import FlopCounterMode
+from distill.teacher_cache.contract import CacheReader
 
 
 def model_cost(arch: str, arch_kwargs: dict, num_classes: int, in_chans: int, size: int) -> tuple[int, int]:
@@ -41,9 +42,9 @@ def variant_row(run_dir: Path, name: str, v: VariantConfig, num_classes: int, in
     best = max(rows, key=lambda r: (r.get("val_top1") or -1, r.get("val_teacher_agreement") or -1), default={})
     params, macs = model_cost(v.arch, v.arch_kwargs, num_classes, in_chans, size)
     return {"variant": name, "status": status["status"], "group": status.get("group"), "arch": v.arch,
-            "mode": v.mode,
-            "alpha": v.alpha if v.mode != "none" else None,  # null where the loss does not use it
-            "temperature": v.temperature if v.mode not in ("none", "hard") else None,
+            "mode": v.mode, "loss": v.make_loss().describe(),
+            "alpha": v.alpha if v.mode != "none" and v.loss is None else None,  # null where the loss does not use it
+            "temperature": v.temperature if v.mode not in ("none", "hard") and v.loss is None else None,
             "epochs": len(rows), "val_top1": best.get("val_top1"),
             "val_top5": best.get("val_top5"), "val_teacher_agreement": best.get("val_teacher_agreement"),
             "val_samples": int(best["val_samples"]) if best.get("val_samples") else None,

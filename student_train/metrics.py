@@ -14,8 +14,9 @@ import logging
 import socket
 from pathlib import Path
 
-from distill.core.metrics_server import publish_target, start_metrics_server
 from prometheus_client import Counter, Gauge, Histogram
+
+from distill.core.metrics_server import publish_target, start_metrics_server
 
 log = logging.getLogger(__name__)
 

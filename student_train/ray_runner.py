@@ -49,10 +49,11 @@ def _worker_fn(config: dict[str, Any]) -> None:
 
 def _trial_fn(config: dict[str, Any]) -> None:
     """One Tune trial = one group = one TorchTrainer.fit(); failures become statuses, not a crash."""
-    from distill.student_train.status import epochs_logged, read_status, stop_requested, write_status
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from distill.student_train.status import epochs_logged, read_status, stop_requested, write_status
 
     gid, job = config["group"], config["job"]
     members = [(n, VariantConfig.model_validate(v)) for n, v in config["members"]]
@@ -112,9 +113,10 @@ def _root_reason(exc: BaseException) -> str:
 
 
 def run_with_ray(cfg: TrainConfig, job: JobSpec, groups: list[Group]) -> None:
+    from ray import tune
+
     from distill.core.ray_cluster import check_fits, connect_ray
     from distill.student_train.status import settle_trials
-    from ray import tune
 
     connect_ray(cfg.ray.address)
     space = {"trial": tune.grid_search([

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import yaml
+
 from distill.core.atomic_io import atomic_write
 from distill.core.devices import resolve_device
 from distill.core.graceful_stop import StopRequested, raise_if_stopping, sigterm_received

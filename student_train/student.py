@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from distill.core.atomic_io import atomic_write
 from distill.core.models import create_model
 from distill.student_train import checkpoints
@@ -29,11 +30,11 @@ from distill.student_train.epoch_losses import EpochLosses
 from distill.student_train.evaluate import to_model_input
 from distill.student_train.feature_kd import forward_train, plain_student_state, wrap_student
 from distill.student_train.job import JobSpec, student_prep
+from distill.student_train.losses import Loss
 from distill.student_train.precision import autocast, keep_batchnorm_fp32
 from distill.student_train.variant import VariantConfig
-from distill.teacher_cache.topk import rebuild_log_probs
+from distill.teacher_cache.contract import rebuild_log_probs
 
-LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 SHARED_KEYS = ("label", "weight", "teacher_top1", "teacher_top1_view0", "topk_ids", "topk_logits", "tail_lse",
                "teacher_feat")
 
@@ -83,7 +84,7 @@ class StudentRun:
     name: str
     v: VariantConfig
     out: Path
-    loss_fn: LossFn
+    loss_fn: Loss
     state: dict[str, Any] = field(default_factory=lambda: {"epoch": -1, "best": None, "wall": 0.0})
     status: str = "live"  # live | failed | stopped | done
     reason: str = ""
@@ -150,27 +151,29 @@ class StepInputs:
             self._x[dtype] = to_model_input(self.batch["pixels"], self.device, dtype)
         return self._x[dtype]
 
-    def targets(self, v: VariantConfig) -> dict[str, torch.Tensor]:
-        """The loss's batch dict for this student (a fresh dict: feature KD adds its own entries)."""
-        out = dict(self.shared)
-        if v.mode in ("soft", "online"):
-            out["teacher_logp"] = self._teacher_logp(v.mode, v.temperature)
+    def targets(self, s: StudentRun) -> dict[str, Any]:
+        """The loss's batch dict for this student (a fresh dict: feature KD adds its own entries): the teacher
+        rebuilt at each temperature its loss terms own (the terms own T; nothing else reads it)."""
+        out: dict[str, Any] = dict(self.shared)
+        if s.loss_fn.temperatures:
+            source = "online" if s.v.mode == "online" else "cache"
+            out["teacher_logp"] = {t: self._teacher_logp(source, t) for t in s.loss_fn.temperatures}
         return out
 
-    def _teacher_logp(self, mode: str, t: float) -> torch.Tensor:
-        if (mode, t) not in self._logp:
-            if mode == "online":
+    def _teacher_logp(self, source: str, t: float) -> torch.Tensor:
+        if (source, t) not in self._logp:
+            if source == "online":
                 if self._z is None:
                     assert self.teacher is not None, "mode online without a live teacher"
                     with torch.no_grad(), autocast(self.device):
                         pixels = to_model_input(self.batch["teacher_pixels"], self.device, torch.float32)
                         self._z = self.teacher(pixels).float()
-                self._logp[(mode, t)] = torch.log_softmax(self._z / t, dim=1)
+                self._logp[(source, t)] = torch.log_softmax(self._z / t, dim=1)
             else:
                 s = self.shared
-                self._logp[(mode, t)] = rebuild_log_probs(s["topk_ids"], s["topk_logits"], s["tail_lse"],
-                                                          self.num_classes, t)
-        return self._logp[(mode, t)]
+                self._logp[(source, t)] = rebuild_log_probs(s["topk_ids"], s["topk_logits"], s["tail_lse"],
+                                                            self.num_classes, t)
+        return self._logp[(source, t)]
 
 
 class LoopedUnit:
@@ -190,9 +193,9 @@ class LoopedUnit:
         if not s.live or s.name not in active:
             return
         t0 = time.perf_counter()
-        targets = inputs.targets(s.v)
+        targets = inputs.targets(s)
         with s.own_rng(inputs.device):
-            logits = forward_train(self.engine, inputs.x(self.dtype), targets, s.v.beta > 0)
+            logits = forward_train(self.engine, inputs.x(self.dtype), targets, s.v.feature_kd)
             losses = s.loss_fn(logits, targets)
             self.engine.backward(losses["loss"])
             self.engine.step()
@@ -227,7 +230,7 @@ def seeded_model(s: StudentRun, job: JobSpec, device: torch.device,
     if model is None:
         prep = student_prep(s.v, job.teacher_prep)
         model = create_model(s.v.arch, num_classes=job.num_classes, in_chans=prep.channels, **s.v.arch_kwargs)
-    model = wrap_student(model, s.v.beta, job.feature_dim, s.name)
+    model = wrap_student(model, s.v.feature_kd, job.feature_dim, s.name)
     s.keep_rng(device)
     return model
 

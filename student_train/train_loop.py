@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from distill.core.hooks_for_tests import hold_after_epoch
 from distill.student_train import metrics as m
 from distill.student_train.asha import asha_decisions
 from distill.student_train.checkpoints import Storage, probe_storage
@@ -31,11 +34,8 @@ from distill.student_train.data import (
     placeholder_batch,
     steps_per_epoch,
 )
-from distill.student_train.epoch_losses import LOSS_PARTS
 from distill.student_train.evaluate import evaluate_many
-from distill.student_train.hold import hold_after_epoch
 from distill.student_train.job import JobSpec, NonFiniteLossError, WorkerContext, data_seed, student_prep
-from distill.student_train.losses import create_loss
 from distill.student_train.status import read_status, write_status
 from distill.student_train.student import (
     StepInputs,
@@ -49,8 +49,8 @@ from distill.student_train.student import (
 )
 from distill.student_train.unlabelled import labelled_passes, train_pairs
 from distill.student_train.variant import VariantConfig
-from distill.teacher_cache.teacher import load_teacher
-from torch.utils.data import DataLoader
+from distill.teacher.load import load_teacher
+from distill.teacher_cache.contract import views_to_use
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +139,12 @@ def train_group(members: list[tuple[str, VariantConfig]], job: JobSpec, ctx: Wor
     Ray Train after a lost worker must not train again a student ASHA stopped or a NaN failed in this run)."""
     lead = members[0][1]
     st = Stream(lead, labelled_passes(job.train, lead.mode, job.labelled_passes),
-                min(lead.views or job.num_views, job.num_views), 0)
+                views_to_use(lead.views, job.num_views), 0)
     job = replace(job, train=train_pairs(job.train, lead.mode))  # mode none skips the unlabelled pool
     st = replace(st, workers=min(job.loader_workers, max(1, len(job.train) // ctx.world)))
     _init_distributed(ctx)
     gid = group or members[0][0]
-    students = [StudentRun(n, v, job.run_dir / n, create_loss(v.mode, v.alpha, v.temperature, v.beta,
-                                                              v.feature_loss)) for n, v in members]
+    students = [StudentRun(n, v, job.run_dir / n, v.make_loss()) for n, v in members]
     for s in students:
         s.out.mkdir(parents=True, exist_ok=True)
         (s.out / f"worker-rank{ctx.rank}.pid").write_text(str(os.getpid()))  # for operators (and the tests)
@@ -180,7 +179,7 @@ def train_group(members: list[tuple[str, VariantConfig]], job: JobSpec, ctx: Wor
                         **{f"val_top1/{n}": r["val_top1"] for n, r in rows.items() if r.get("val_top1") is not None}},
                        None)
         if ctx.rank == 0:
-            for s in live:  # a test's gate (student_train/hold.py); a no-op otherwise
+            for s in live:  # a test's gate (core/hooks_for_tests.py); a no-op otherwise
                 if s.live:
                     hold_after_epoch(s.out, epoch + 1)
     for s in students:
@@ -301,8 +300,8 @@ def _log_progress(active: list[StudentRun], gid: str, epoch: int, step: int, ste
     for s in active:
         if not s.live or s.last is None:
             continue
-        last = torch.stack([s.last[k].detach().float() for k in LOSS_PARTS]).tolist()
-        for part, val in zip(LOSS_PARTS, last, strict=True):
+        last = torch.stack([s.last[k].detach().float() for k in s.loss_fn.parts]).tolist()
+        for part, val in zip(s.loss_fn.parts, last, strict=True):
             m.LOSS.labels(s.name, rank, part).set(val)
         m.SAMPLES_PER_S.labels(s.name, rank).set(rate)
         parts.append(f"{s.name} {last[0]:.4f}")

@@ -18,7 +18,7 @@ from distill.student_train.variant import VariantConfig
 
 DISTILLED_MODES = ("soft", "hard", "online")
 # Fields that only shape the distillation (or only place the job): they never make two recipes different.
-NOT_RECIPE = {"name", "mode", "alpha", "temperature", "beta", "feature_loss", "feature_dim",
+NOT_RECIPE = {"name", "mode", "alpha", "temperature", "beta", "feature_loss", "loss", "feature_dim",
               "cpus_per_worker", "gpus_per_worker", "device"}
 
 
@@ -58,7 +58,8 @@ def add_twins(variants: list[tuple[str, VariantConfig]]) -> list[tuple[str, Vari
     for _, v in variants:
         key = recipe_key(v)
         if v.mode in DISTILLED_MODES and key not in have and key not in new:
-            new[key] = v.model_copy(update={"mode": "none", "name": None, "beta": 0.0})  # no feature KD either
+            # no teacher term at all: no KD, no feature KD
+            new[key] = v.model_copy(update={"mode": "none", "name": None, "beta": 0.0, "loss": None})
     twins = list(new.values())
     names = _twin_names(twins, {n for n, _ in variants})
     return variants + [(n, t.model_copy(update={"name": n})) for n, t in zip(names, twins, strict=True)]

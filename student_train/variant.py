@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from distill.core.config import StrictConfig
+
+if TYPE_CHECKING:
+    from distill.student_train.losses import Loss
 
 Mode = Literal["soft", "hard", "none", "online"]
 
 
-class VariantConfig(BaseModel):
+class VariantConfig(StrictConfig):
     """One student: architecture + hyperparameters. Every field can also be a grid axis."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, description="default: built from arch and the grid values")
     arch: str = "cnn_small"
@@ -27,6 +30,11 @@ class VariantConfig(BaseModel):
                         "with cache.features.enabled: true")
     feature_loss: Literal["cosine", "mse"] = Field("cosine", description="feature-KD distance (through a learned "
                                                    "projector on the student's penultimate features)")
+    loss: dict[str, dict[str, float | str]] | None = Field(
+        None, description="explicit loss terms, replacing the mode's alpha/temperature/beta recipe: {term: {weight: w, "
+        "<param>: value}}, e.g. {kd: {weight: 0.7, temperature: 2}, ce: {weight: 0.3}}; terms are registered in "
+        "student_train/losses.py (kd, hard_kd, ce, feat, ...); the mode still says where the teacher comes from "
+        "(soft/hard: the cache, online: live)")
     views: int | None = Field(None, ge=1, description="how many cached views to cycle through (default: all)")
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(64, ge=1, description="micro-batch per worker")
@@ -53,7 +61,28 @@ class VariantConfig(BaseModel):
         if self.beta > 0 and self.mode == "none":
             raise ValueError("beta > 0 (feature KD) needs the teacher cache: set mode soft/hard/online, or beta: 0 "
                              "for a no-KD baseline")
+        if self.loss is not None:
+            from distill.student_train.losses import create_loss
+
+            needs = create_loss(terms=self.loss).needs  # unknown terms or parameters fail here, listing valid ones
+            teacher = sorted(needs & {"teacher_logp", "teacher_top1", "teacher_feat"})
+            if teacher and self.mode == "none":
+                raise ValueError(f"loss terms reading {teacher} need a teacher: set mode soft/hard/online")
+            if self.beta > 0:
+                raise ValueError("give feature KD either as beta (with the mode's recipe) or as a `feat` term in "
+                                 "`loss`, not both")
         return self
+
+    @property
+    def feature_kd(self) -> bool:
+        """The student trains a feature projector against cached teacher features (beta > 0, or a `feat` term)."""
+        return self.beta > 0 or bool(self.loss and float(self.loss.get("feat", {}).get("weight", 0)) > 0)
+
+    def make_loss(self) -> Loss:
+        """The student's loss (student_train/losses.py): its explicit `loss` terms, else its mode's recipe."""
+        from distill.student_train.losses import create_loss
+
+        return create_loss(self.mode, self.alpha, self.temperature, self.beta, self.feature_loss, self.loss)
 
     def display_name(self, index: int) -> str:
         return self.name or f"v{index:02d}-{self.arch}-{self.mode}"

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from distill.core.atomic_io import atomic_write, file_sha256
 from distill.core.storage import Store
 from distill.teacher_cache.schema import (

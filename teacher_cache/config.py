@@ -2,70 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Any, Literal
 
-from distill.core.storage import parse_location
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-PathOrURL = Annotated[Path | str, BeforeValidator(parse_location)]  # s3:// stays a URL string, the rest a Path
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from distill.core.config import MetricsConfig, PathOrURL, StrictConfig
+from distill.images.views import ViewsConfig
+from distill.teacher.config import TeacherConfig
 
 
-class PreprocessingConfig(_Strict):
-    """Teacher preprocessing; any field left empty comes from the model's pretrained config, then defaults."""
-
-    input_size: int | None = Field(None, ge=8, le=2048, description="square input size in pixels")
-    crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="eval view: share of the shorter side")
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
-    channels: Literal[1, 3] | None = Field(None, description="1 = grayscale, 3 = RGB (alpha is dropped)")
-
-
-class TeacherConfig(_Strict):
-    """A teacher is an architecture + local checkpoint, or a TorchScript / torch.export file."""
-
-    arch: str | None = Field(None, description="registered, timm:<name> or torchvision:<name>")
-    arch_kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
-    checkpoint: Path | None = Field(None, description="state dict file, loaded with weights_only=True")
-    pretrained: bool = Field(False, description="timm pretrained weights (needs hub access)")
-    scripted: Path | None = Field(None, description="TorchScript (.pt) or torch.export (.pt2) file")
-    num_classes: int | None = Field(None, ge=2, description="inferred from the checkpoint when empty")
-    preprocessing: PreprocessingConfig = Field(default_factory=PreprocessingConfig)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> TeacherConfig:
-        if (self.arch is None) == (self.scripted is None):
-            raise ValueError("give exactly one of `arch` (with `checkpoint`) or `scripted`")
-        if self.arch is not None and self.checkpoint is None and not self.pretrained:
-            raise ValueError(f"`arch: {self.arch}` needs `checkpoint: PATH` (or `pretrained: true`); "
-                             "an untrained teacher would cache noise")
-        if self.scripted is not None and self.preprocessing.input_size is None:
-            raise ValueError("a `scripted` teacher needs `preprocessing.input_size` (and mean/std)")
-        return self
-
-
-class ViewsConfig(_Strict):
-    num_views: int = Field(4, ge=1, le=64, description="view 0 = eval view, 1..V-1 = random resized crops")
-    seed: int = 0
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
-
-    @model_validator(mode="after")
-    def _ranges(self) -> ViewsConfig:
-        if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {list(self.scale)}")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < min <= max, got {list(self.ratio)}")
-        return self
-
-
-class FeaturesConfig(_Strict):
+class FeaturesConfig(StrictConfig):
     """Also cache the teacher's pooled penultimate embedding per view (schema v2), for feature KD."""
 
     enabled: bool = Field(False, description="store the `features` column (needs an `arch` teacher)")
@@ -74,7 +22,7 @@ class FeaturesConfig(_Strict):
     projection: Literal["gaussian", "orthogonal"] = Field("gaussian", description="Gaussian/sqrt(d) or orthonormal")
 
 
-class RayConfig(_Strict):
+class RayConfig(StrictConfig):
     enabled: bool = Field(True, description="false = run every shard in this process (debugging, no Ray)")
     address: str | None = Field(None, description="Ray cluster address; empty = RAY_ADDRESS or a local cluster")
     num_actors: int | None = Field(None, ge=1, description="labeller actors; empty = one per GPU (cluster GPUs / "
@@ -97,16 +45,7 @@ class RayConfig(_Strict):
                                           "of shard and per view (10: ~100 JPEGs of ImageNet size per MB)")
 
 
-class MetricsConfig(_Strict):
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(0, ge=0, le=65535, description="0 = any free port (logged)")
-    pushgateway: str | None = Field(None, description="Pushgateway URL: `cache refresh` pushes its summary there, "
-                             "`pipeline` its final metrics")
-    targets_file: Path | None = Field(None, description="write this process's scrape target here (file_sd)")
-
-
-class CacheConfig(_Strict):
+class CacheConfig(StrictConfig):
     """`distill cache`: label every shard once with the teacher, write sparse soft labels to Parquet."""
 
     shards: list[str] = Field(..., min_length=1, description="shard paths, globs or brace patterns")
@@ -131,7 +70,6 @@ class CacheConfig(_Strict):
     decode_processes: int | None = Field(None, ge=0, description="CPU decode worker processes per labeller; "
                                          "empty = from its share S of the node's CPUs: S - 1 on a GPU, S // 2 on "
                                          "the CPU from S = 3 (below: 0); 0 = decode in the labeller's reading thread")
-    decode_threads: int = Field(2, ge=1, description="kept for old configs; decoding uses decode_processes")
     max_image_pixels: int = Field(40_000_000, ge=1, le=178_000_000, description="bigger images are recorded as "
                                   "bad samples, checked from the header before decoding (decompression bombs)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per labeller; empty = on the CPU "
@@ -140,6 +78,17 @@ class CacheConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_removed_fields(cls, data: Any) -> Any:
+        """`decode_threads` did nothing since decoding moved to processes; configs (and resolved configs of older
+        builds) that still carry it are read, with a warning, instead of refused."""
+        if isinstance(data, dict) and "decode_threads" in data:
+            warnings.warn("cache config: `decode_threads` is ignored (removed; decoding uses `decode_processes`); "
+                          "delete it from the config", FutureWarning, stacklevel=2)
+            data = {k: v for k, v in data.items() if k != "decode_threads"}
+        return data
 
     @model_validator(mode="after")
     def _features_need_module(self) -> CacheConfig:

@@ -33,7 +33,7 @@ def _memo_key(cfg: CacheConfig) -> str | None:
         idents.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
     payload = {"schema": SCHEMA_VERSION, "teacher": cfg.teacher.model_dump(mode="json"), "topk": cfg.topk,
                "views": cfg.views.model_dump(mode="json"), "files": idents}
-    from distill.teacher_cache.teacher import resolve_precision
+    from distill.teacher_cache.fingerprint import resolve_precision
 
     if (precision := resolve_precision(cfg)) != "fp32":  # part of the fingerprint (fp32 keys stay as they were)
         payload["precision"] = precision

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+
 from distill.teacher_cache.locate import find_cache_dir
 from distill.teacher_cache.reader import CacheReader, read_errors
 from distill.teacher_cache.schema import COL_FEATURES

@@ -19,21 +19,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+
+from distill.core import hooks_for_tests
 from distill.core.devices import resolve_device
 from distill.core.storage import Store, open_store
-from distill.teacher_cache import fault_injection
+from distill.images.decode import DecodedSample, DecodeSpec, decode_batch_gpu
+from distill.images.decode_pool import DecodePool
+from distill.images.shards import ShardError, ShardIdentity, ShardPath, ShardReader
+from distill.images.views import normalize
+from distill.teacher.hooks import Fp32Head
+from distill.teacher.load import LoadedTeacher, load_teacher
 from distill.teacher_cache.cache_file import publish_cache_file, shard_stats
 from distill.teacher_cache.config import CacheConfig
-from distill.teacher_cache.decode import DecodedSample, DecodeSpec, decode_batch_gpu
-from distill.teacher_cache.decode_pool import DecodePool
-from distill.teacher_cache.features import FeatureExtractor, Fp32Head, teacher_forward
+from distill.teacher_cache.features import FeatureExtractor, teacher_forward
+from distill.teacher_cache.fingerprint import view_policy
 from distill.teacher_cache.layout import available_cpus, labeller_split
 from distill.teacher_cache.placement import resolve_placement
 from distill.teacher_cache.schema import SCHEMA_VERSION, CacheMeta
-from distill.teacher_cache.shards import ShardError, ShardIdentity, ShardPath, ShardReader
-from distill.teacher_cache.teacher import LoadedTeacher, load_teacher, view_policy
 from distill.teacher_cache.topk import pack_topk
-from distill.teacher_cache.views import normalize
 
 log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -167,7 +170,7 @@ class Labeler:
         """Label every sample of one shard and write its cache file; a broken shard returns ok=False."""
         t0 = time.perf_counter()
         result = ShardResult(stem=task.stem, source=str(task.path), ok=False)
-        fault_injection.check_labeller()  # off unless a test switched it on
+        hooks_for_tests.check_labeller()  # off unless a test switched it on
         try:
             identity = ShardIdentity.stat(task.path)
             reader = ShardReader(task.path)

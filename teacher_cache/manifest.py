@@ -27,8 +27,8 @@ from typing import Any
 from distill.core.storage import CacheLockedError, Journal, Store, open_store  # noqa: F401 - CacheLockedError re-exported
 from distill.core.storage.journal import should_compact
 from distill.core.storage.local import DirectoryLock  # noqa: F401 - re-exported (tests take the lock of a directory)
+from distill.images.shards import ShardIdentity, ShardPath, file_sha256
 from distill.teacher_cache.schema import SCHEMA_VERSION
-from distill.teacher_cache.shards import ShardIdentity, ShardPath, file_sha256
 
 log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"

@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Literal
 
 from distill.core.devices import resolve_device
+from distill.core.errors import InputError
 from distill.teacher_cache.config import CacheConfig
 
 
-class PlacementError(ValueError):
+class PlacementError(InputError):
     """The config asks for a device or decode backend that the labellers cannot have."""
 
 

@@ -9,14 +9,14 @@ import time
 from collections.abc import Callable
 
 from distill.core.graceful_stop import raise_if_stopping
+from distill.core.hooks_for_tests import forwarded_env
 from distill.core.ray_cluster import check_fits
+from distill.images.shards import ShardIdentity
 from distill.teacher_cache.actor_pool import MAX_STARTS_IN_A_ROW, PoolReport, ShardScheduler
 from distill.teacher_cache.config import CacheConfig
-from distill.teacher_cache.fault_injection import forwarded_env
 from distill.teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from distill.teacher_cache.layout import default_actors
 from distill.teacher_cache.placement import resolve_placement
-from distill.teacher_cache.shards import ShardIdentity
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ def _labellers_on_this_node(cfg: CacheConfig) -> int:
     The node's CPUs are then divided between them (see teacher_cache/layout.py).
     """
     import ray
+
     from distill.teacher_cache.layout import labellers_per_node
 
     node_id = ray.get_runtime_context().get_node_id()
@@ -170,7 +171,7 @@ class _PoolRun:
         self.progress = _Progress(on_progress)
         options: dict = {"num_cpus": cfg.ray.cpus_per_actor, "num_gpus": cfg.ray.gpus_per_actor, "max_restarts": 0,
                          "max_concurrency": 2}  # label() + take_progress()
-        if env := forwarded_env():  # faults a test switched on (teacher_cache/fault_injection.py); never otherwise
+        if env := forwarded_env():  # faults a test switched on (core/hooks_for_tests.py); never otherwise
             options["runtime_env"] = {"env_vars": env}
         self.actor_cls = ray.remote(**options)(TeacherActor)
         self.args = (cfg.model_dump(mode="json"), fingerprint)

@@ -21,8 +21,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from distill.core.atomic_io import file_sha256, is_verified, remember_verified
+
+from distill.core.atomic_io import checksum_matches
+from distill.core.errors import DistillError
 from distill.core.storage import open_store
+from distill.images.views import ViewParams
 from distill.teacher_cache.manifest import MANIFEST_NAME, Manifest, cache_file_problem
 from distill.teacher_cache.schema import (
     COL_CROP,
@@ -37,11 +40,12 @@ from distill.teacher_cache.schema import (
     CacheMeta,
     SchemaError,
 )
-from distill.teacher_cache.views import ViewParams
 
 
-class CacheError(RuntimeError):
+class CacheError(DistillError, RuntimeError):
     """The cache is missing, incomplete, or does not match what the caller expects; names the file."""
+
+    user_input = True
 
 
 ERRORS_DIR = "errors"  # errors/<shard>.jsonl: the samples a cache file deliberately lacks, and why
@@ -49,17 +53,6 @@ FIX_DAMAGED = "delete it and re-run `distill cache` (it relabels that shard)"
 
 
 _SHARED: dict[tuple[str, bool], CacheReader] = {}
-
-
-def checksum_matches(path: Path, sha256: str) -> bool:
-    """The file's SHA-256 is `sha256`; hashed once per process while its size/mtime/ctime/inode stay the same
-    (the memo is shared with the object-store mirror, which checks what it downloads)."""
-    if is_verified(path, sha256):
-        return True
-    if file_sha256(path) != sha256:
-        return False
-    remember_verified(path, sha256)
-    return True
 
 
 @dataclass

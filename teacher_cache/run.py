@@ -12,28 +12,31 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
+from tqdm import tqdm
+
+from distill.core.errors import DistillError
 from distill.core.graceful_stop import StopRequested, sigterm_deferred, sigterm_received
 from distill.core.ray_cluster import InfeasibleResourcesError, connect_ray
 from distill.core.run_phase import begin_work
 from distill.core.storage import Store, open_store
+from distill.images.shards import ShardIdentity, ShardPath, expand_shard_patterns, shard_stem
+from distill.teacher.hooks import check_features
+from distill.teacher.load import LoadedTeacher, load_teacher
 from distill.teacher_cache import metrics
 from distill.teacher_cache.config import CacheConfig
-from distill.teacher_cache.features import check_features
+from distill.teacher_cache.fingerprint import fingerprint
 from distill.teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
 from distill.teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from distill.teacher_cache.manifest import Manifest, ManifestWriter, ShardEntry, plan_refresh
 from distill.teacher_cache.placement import resolve_placement
 from distill.teacher_cache.reader import ERRORS_DIR
-from distill.teacher_cache.shards import ShardIdentity, ShardPath, expand_shard_patterns, shard_stem
-from distill.teacher_cache.teacher import LoadedTeacher, fingerprint, load_teacher
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "last_run.json"
 _NO_ERRORS = ShardEntry("", 0, 0, "", "", 0, "", 0, errors=0)
 
 
-class RunFailedError(RuntimeError):
+class RunFailedError(DistillError, RuntimeError):
     """The run got past validation (lock held, work begun) and then failed: not "bad input, nothing done".
 
     Shards finished before the failure are in the manifest; re-running continues with the rest.

@@ -16,6 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from distill.core.errors import InputError
+
 SCHEMA_VERSION = 2
 SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 
@@ -52,6 +54,13 @@ def fingerprint_schema_version(has_features: bool) -> int:
     existing cache valid (no full re-label after an upgrade); a cache with features is a different cache.
     """
     return 2 if has_features else 1
+
+
+def views_to_use(requested: int | None, cached: int) -> int:
+    """How many cached views a student trains on: the ones it asks for (empty = all), at most those cached.
+
+    The one place this rule lives: the group planner and the epoch loop must agree on it."""
+    return min(requested or cached, cached)
 
 
 def id_type(num_classes: int) -> pa.DataType:
@@ -154,5 +163,5 @@ class CacheMeta:
             raise SchemaError(f"{where}: damaged cache metadata ({exc}); delete the file and re-run") from exc
 
 
-class SchemaError(ValueError):
+class SchemaError(InputError):
     """A cache file does not follow the contract this build understands."""

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from distill.core.models import create_model
 from PIL import Image
+
+from distill.core.models import create_model
 
 
 def mnist(n: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -345,8 +346,8 @@ class ShardGate(PipeGate):
 
 
 def hold_training_after(variant_dir: Path, epoch: int) -> PipeGate:
-    """The training hold (student_train/hold.py): rank 0 of that variant waits after `epoch` (its checkpoint sealed,
+    """The training hold (core/hooks_for_tests.py): rank 0 of that variant waits after `epoch` (its checkpoint sealed,
     its metrics row written) until the gate is released; SIGTERM, SIGKILL or a lost node act on it while it waits."""
-    from distill.student_train.hold import hold_path
+    from distill.core.hooks_for_tests import hold_path
 
     return PipeGate(hold_path(variant_dir, epoch))

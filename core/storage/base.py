@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.core.atomic_io import Writer
+from distill.core.errors import DistillError, InputError
 
 
 def local_base(env: str, default: str, url: str) -> Path:
@@ -32,15 +33,17 @@ def local_base(env: str, default: str, url: str) -> Path:
     return base / re.sub(r"[^A-Za-z0-9._-]+", "_", url.removeprefix("s3://").strip("/"))
 
 
-class CacheLockedError(RuntimeError):
+class CacheLockedError(DistillError, RuntimeError):
     """Another job is writing this directory (a local flock, or an object-store prefix's lease)."""
 
+    exit_code = 5
 
-class LockLostError(RuntimeError):
+
+class LockLostError(DistillError, RuntimeError):
     """This job may no longer write: its lease was not renewed in time (fenced), or another job took it."""
 
 
-class UnsupportedStoreError(ValueError):
+class UnsupportedStoreError(InputError):
     """The object store (or the installed botocore) lacks what the lease lock needs: conditional writes."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import braceexpand
+
 from distill.core import object_store
 from distill.core.storage.base import FileInfo
 

@@ -5,8 +5,9 @@ import pytest
 def s3(monkeypatch, tmp_path):
     """A real S3 API server (moto, its own process) on 127.0.0.1 with buckets `shards` and `cache`, this process's
     client pointed at it: (endpoint, the server's request log and hooks)."""
-    from distill.core import object_store
     from s3_server import S3_ENV, s3_server
+
+    from distill.core import object_store
 
     with s3_server() as (endpoint, requests):
         for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "DISTILL_MIRROR_DIR": str(tmp_path / "mirror")}.items():
@@ -24,6 +25,7 @@ def s3(monkeypatch, tmp_path):
 def ray_local():
     """A real local Ray cluster on 127.0.0.1 with 2 CPUs, shared by the session's tests."""
     import ray
+
     from distill.core.ray_cluster import connect_ray
 
     started = connect_ray(None, num_cpus=2)
@@ -36,9 +38,10 @@ def ray_local():
 def kd_data(tmp_path_factory):
     """Real MNIST shards (4 train x 60, 1 val x 40) and their cache from a small real teacher (in-process).
     Shared by the session: tests read it, and write what they make under their own tmp_path."""
+    from helpers import cache_cfg_dict, mnist_shard, save_teacher
+
     from distill.teacher_cache.config import CacheConfig
     from distill.teacher_cache.run import run
-    from helpers import cache_cfg_dict, mnist_shard, save_teacher
 
     root = tmp_path_factory.mktemp("kd")
     for i in range(4):

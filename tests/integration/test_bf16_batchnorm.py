@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import train_cfg
+from torch import nn
+
 from distill.student_train.config import TrainConfig
 from distill.student_train.job_plan import plan_job
 from distill.student_train.train_loop import Stream, WorkerContext, _loader, _spec, train_variant
-from torch import nn
 
 pytestmark = pytest.mark.integration
 

@@ -5,11 +5,12 @@ import io
 import numpy as np
 import pytest
 import torch
-from distill.teacher_cache.config import CacheConfig
-from distill.teacher_cache.labeler import Labeler, ShardTask
-from distill.teacher_cache.teacher import LoadedTeacher, load_teacher
 from helpers import cache_cfg_dict, encode, mnist, save_teacher, write_tar
 from PIL import Image
+
+from distill.teacher.load import LoadedTeacher, load_teacher
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.labeler import Labeler, ShardTask
 
 pytestmark = pytest.mark.integration
 

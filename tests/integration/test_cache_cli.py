@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from helpers import ShardGate, cache_cfg_dict, mnist_shard, save_teacher
+
 from distill.cluster.cli import cli
+from distill.images.shards import ShardReader
 from distill.teacher_cache.locate import find_cache_dir
 from distill.teacher_cache.reader import CacheReader
-from distill.teacher_cache.shards import ShardReader
-from helpers import ShardGate, cache_cfg_dict, mnist_shard, save_teacher
 
 pytestmark = pytest.mark.integration
 DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]

@@ -7,9 +7,10 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers import cache_cfg_dict, mnist_shard, save_teacher
+
 from distill.cluster.cli import cli
 from distill.cluster.cli_common import EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_RUN_FAILED
-from helpers import cache_cfg_dict, mnist_shard, save_teacher
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """Issue 21 items 12, 14, 15: a broken labeller, a hung shard and a crashing decode process, with real processes.
 
 The faults that need what this machine lacks (a GPU whose context breaks) or that no shippable sample causes
-reliably (a codec crash) come from teacher_cache/fault_injection.py, switched on by environment variables that
+reliably (a codec crash) come from teacher_cache/hooks_for_tests.py, switched on by environment variables that
 only tests set; the hung read is a real FIFO that the test never writes.
 """
 
@@ -12,12 +12,13 @@ import sys
 
 import pytest
 import yaml
-from distill.teacher_cache import fault_injection
+from helpers import ROOT, cache_cfg_dict, encode, mnist, mnist_shard, save_teacher, write_tar
+
+from distill.core import hooks_for_tests
+from distill.images.decode_pool import CRASHED
 from distill.teacher_cache.config import CacheConfig
-from distill.teacher_cache.decode_pool import CRASHED
 from distill.teacher_cache.reader import CacheReader, read_errors
 from distill.teacher_cache.run import run
-from helpers import ROOT, cache_cfg_dict, encode, mnist, mnist_shard, save_teacher, write_tar
 
 pytestmark = pytest.mark.integration
 DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]
@@ -37,7 +38,7 @@ def test_a_broken_labeller_is_replaced_and_its_shard_retried(tmp_path, ray_local
         mnist_shard(tmp_path / "in" / f"s{i}.tar", 6, offset=6 * i)
     gate = tmp_path / "break-the-first-labeller"
     gate.write_text("")
-    monkeypatch.setenv(fault_injection.BREAK_LABELLER, str(gate))
+    monkeypatch.setenv(hooks_for_tests.BREAK_LABELLER, str(gate))
     res = run(_ray_cfg(tmp_path))
     assert not gate.exists()  # one labeller took it and broke
     assert res.status == "success", res.failed
@@ -68,7 +69,7 @@ def test_a_sample_that_crashes_its_decode_process_is_a_bad_sample(tmp_path):
     ckpt = str(save_teacher(tmp_path / "t.pt"))
     cfg = cache_cfg_dict([str(tmp_path / "in" / "*.tar")], str(tmp_path / "cache"), ckpt, decode_processes=1)
     (tmp_path / "cache.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg, default=str))))
-    env = {**os.environ, fault_injection.CRASH_DECODER: marker}
+    env = {**os.environ, hooks_for_tests.CRASH_DECODER: marker}
     proc = subprocess.run([*DISTILL, "cache", "--config", str(tmp_path / "cache.yaml"), "--no-ray"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"rc {proc.returncode}: {proc.stderr[-3000:]}"

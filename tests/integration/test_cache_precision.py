@@ -4,14 +4,17 @@ the same autocast path as CUDA) no longer coarsens the soft labels through the c
 import pytest
 import torch
 import yaml
+from helpers import cache_cfg_dict, mnist_shard, save_teacher
+from torch import nn
+
+from distill.images.preprocessing import Preprocessing
+from distill.images.shards import ShardReader
+from distill.teacher.load import LoadedTeacher, load_teacher
 from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.fingerprint import fingerprint
 from distill.teacher_cache.labeler import Labeler
 from distill.teacher_cache.reader import CacheReader
 from distill.teacher_cache.run import run
-from distill.teacher_cache.shards import ShardReader
-from distill.teacher_cache.teacher import LoadedTeacher, Preprocessing, fingerprint, load_teacher
-from helpers import cache_cfg_dict, mnist_shard, save_teacher
-from torch import nn
 
 pytestmark = pytest.mark.integration
 

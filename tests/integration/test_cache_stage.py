@@ -7,13 +7,14 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from helpers import cache_cfg_dict, encode, mnist, mnist_shard, save_teacher, write_tar
+
+from distill.images.views import image_to_tensor, normalize, replay_view
+from distill.teacher.load import load_teacher
 from distill.teacher_cache.config import CacheConfig
 from distill.teacher_cache.reader import CacheError, CacheReader, read_errors
 from distill.teacher_cache.run import run
-from distill.teacher_cache.teacher import load_teacher
 from distill.teacher_cache.topk import rebuild_log_probs
-from distill.teacher_cache.views import image_to_tensor, normalize, replay_view
-from helpers import cache_cfg_dict, encode, mnist, mnist_shard, save_teacher, write_tar
 
 pytestmark = pytest.mark.integration
 
@@ -179,8 +180,8 @@ def test_noop_refresh_loads_no_teacher_and_rewritten_weights_refingerprint(setup
     tmp, shards, ckpt = setup
     cfg = _cfg(tmp, ckpt)
     first = run(cfg)
+    import distill.images.shards as shards_mod
     import distill.teacher_cache.run as run_mod
-    import distill.teacher_cache.shards as shards_mod
 
     with monkeypatch.context() as m:
         m.setattr(run_mod, "load_teacher", lambda *_: pytest.fail("no-op refresh loaded the teacher"))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
 from distill.deploy.bundle_files import verify
 from distill.deploy.serve import preprocess
 from distill.teacher_cache.config import CacheConfig

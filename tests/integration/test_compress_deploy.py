@@ -14,13 +14,14 @@ import onnxruntime as ort
 import pytest
 import yaml
 from conftest import train_cfg
+from helpers import encode, mnist, wait_healthy
+
 from distill.compress.config import CompressConfig
 from distill.compress.run import run as run_compress
 from distill.deploy.bundle import run as run_deploy
 from distill.deploy.config import DeployConfig, ServeConfig
 from distill.student_train.config import TrainConfig
 from distill.student_train.run import run as run_train
-from helpers import encode, mnist, wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -93,8 +94,9 @@ def _post(url, data, ctype, timeout=60):
 
 
 def test_ray_serve_real_http(bundle, ray_local):
-    from distill.deploy.serve import start
     from ray import serve
+
+    from distill.deploy.serve import start
 
     port = _free_port()
     url = start(ServeConfig(bundle=bundle["deploy"].bundle, port=port, max_bytes=20_000))
@@ -122,7 +124,8 @@ def test_ray_serve_real_http(bundle, ray_local):
 def test_compress_after_the_parent_was_retrained_finetunes_the_new_parent(bundle):
     """Issue 10.1: last night's fine-tune checkpoint must not be loaded over tonight's freshly pruned parent."""
     import torch
-    from distill.teacher_cache.shards import file_sha256
+
+    from distill.images.shards import file_sha256
 
     root = bundle["root"]
     out = root / "compressed" / "res"
@@ -166,6 +169,7 @@ def test_deploy_swaps_in_a_new_bundle_version_and_keeps_the_old_one(bundle):
 @needs_litert
 def test_litert_student_agrees_with_pytorch_on_real_val_digits(bundle):
     import torch
+
     from distill.compress.litert_run import LiteRTModel
 
     src = bundle["root"] / "compressed" / "res"
@@ -272,6 +276,7 @@ def test_a_litert_model_below_the_floor_is_refused(bundle, tmp_path):
 def test_a_student_that_does_not_convert_still_ships_its_onnx_bundle(bundle, tmp_path):
     """litert.json from a real failed conversion (Softplus): deploy ships ONNX and the card names the operator."""
     import torch
+
     from distill.compress.litert_stages import Source, litert_stages
     from distill.compress.onnx_export import export_onnx
 

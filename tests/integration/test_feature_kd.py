@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 import torch
 from conftest import train_cfg
+from helpers import cache_cfg_dict
+
 from distill.core.models import create_model
 from distill.student_train.config import TrainConfig
 from distill.student_train.feature_kd import FeatureKDError
@@ -15,7 +17,6 @@ from distill.teacher_cache.config import CacheConfig
 from distill.teacher_cache.inspect_cache import format_inspect, inspect_cache
 from distill.teacher_cache.reader import CacheReader
 from distill.teacher_cache.run import run as run_cache
-from helpers import cache_cfg_dict
 
 pytestmark = pytest.mark.integration
 

@@ -15,11 +15,6 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import train_cfg
-from distill.core.graceful_stop import EXIT_STOPPED
-from distill.student_train.status import read_status
-from distill.teacher_cache.locate import find_cache_dir
-from distill.teacher_cache.reader import CacheReader
-from distill.teacher_cache.shards import ShardReader
 from helpers import (
     ShardGate,
     cache_cfg_dict,
@@ -29,6 +24,12 @@ from helpers import (
     save_teacher,
     shards_in_manifest,
 )
+
+from distill.core.graceful_stop import EXIT_STOPPED
+from distill.images.shards import ShardReader
+from distill.student_train.status import read_status
+from distill.teacher_cache.locate import find_cache_dir
+from distill.teacher_cache.reader import CacheReader
 
 pytestmark = pytest.mark.integration
 DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from conftest import train_cfg
+
 from distill.student_train.checkpoints import _allowed_globals
 from distill.student_train.config import TrainConfig
 from distill.student_train.run import run

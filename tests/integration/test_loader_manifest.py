@@ -6,11 +6,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
+from distill.images.preprocessing import Preprocessing
+from distill.images.shards import expand_shard_patterns, shard_stem
 from distill.student_train.data import JoinedStream, ShardPair, StreamSpec
 from distill.teacher_cache.manifest import Manifest
 from distill.teacher_cache.reader import CacheReader
-from distill.teacher_cache.shards import expand_shard_patterns, shard_stem
-from distill.teacher_cache.teacher import Preprocessing
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +54,7 @@ def test_train_planning_takes_label_counts_from_the_manifest(kd_data, monkeypatc
     """`distill train` planning opens no cache file's table for its row and label counts (20,000 files would be
     20,000 Parquet reads); it still checksums each file once (the trust rule)."""
     from conftest import train_cfg
+
     from distill.student_train.config import TrainConfig
     from distill.student_train.job_plan import plan_job
 

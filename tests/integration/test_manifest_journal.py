@@ -15,11 +15,12 @@ import time
 
 import pytest
 import yaml
+from helpers import cache_cfg_dict, mnist_shard, save_teacher, shards_in_manifest
+
 from distill.core.storage.journal import decode_records
+from distill.images.shards import ShardReader
 from distill.teacher_cache.manifest import Manifest
 from distill.teacher_cache.reader import CacheError, CacheReader
-from distill.teacher_cache.shards import ShardReader
-from helpers import cache_cfg_dict, mnist_shard, save_teacher, shards_in_manifest
 
 pytestmark = pytest.mark.integration
 DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]

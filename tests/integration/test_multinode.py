@@ -20,9 +20,6 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import train_cfg
-from distill.teacher_cache.locate import find_cache_dir
-from distill.teacher_cache.reader import CacheReader
-from distill.teacher_cache.shards import ShardReader
 from helpers import (
     PROMETHEUS,
     ShardGate,
@@ -35,6 +32,10 @@ from helpers import (
     save_teacher,
     shards_in_manifest,
 )
+
+from distill.images.shards import ShardReader
+from distill.teacher_cache.locate import find_cache_dir
+from distill.teacher_cache.reader import CacheReader
 
 pytestmark = [pytest.mark.integration, pytest.mark.multinode, pytest.mark.cluster]
 DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]

@@ -15,17 +15,18 @@ import time
 
 import pytest
 import yaml
+from helpers import S3_ROOT, S3_SHARDS, mnist_shard, s3_cache_cfg, upload_mnist_shards
+from s3_server import Refuse
+
 from distill.core import object_store
 from distill.core.storage import CacheLockedError, LockLostError, UnsupportedStoreError, open_store
 from distill.core.storage.lease import LeaseLock, missing_conditional_parameters
+from distill.images.shards import ShardReader
 from distill.teacher_cache.config import CacheConfig
 from distill.teacher_cache.locate import cache_dir_here, find_cache
 from distill.teacher_cache.manifest import Manifest
 from distill.teacher_cache.reader import CacheError, CacheReader
 from distill.teacher_cache.run import run
-from distill.teacher_cache.shards import ShardReader
-from helpers import S3_ROOT, S3_SHARDS, mnist_shard, s3_cache_cfg, upload_mnist_shards
-from s3_server import Refuse
 
 pytestmark = pytest.mark.integration
 DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]

@@ -18,15 +18,16 @@ from dataclasses import asdict
 
 import pytest
 import yaml
+from helpers import S3_ROOT, S3_SHARDS, cache_cfg_dict, mnist_shard, s3_cache_cfg, upload_mnist_shards
+
 from distill.core import object_store
 from distill.core.storage import open_store
+from distill.images.shards import ShardReader
 from distill.teacher_cache.config import CacheConfig
 from distill.teacher_cache.locate import find_cache_dir
 from distill.teacher_cache.manifest import CacheLockedError, Manifest
 from distill.teacher_cache.reader import CacheReader
 from distill.teacher_cache.run import run
-from distill.teacher_cache.shards import ShardReader
-from helpers import S3_ROOT, S3_SHARDS, cache_cfg_dict, mnist_shard, s3_cache_cfg, upload_mnist_shards
 
 pytestmark = pytest.mark.integration
 DISTILL = [sys.executable, "-c", "from distill.cluster.cli import main; main()"]
@@ -193,6 +194,7 @@ def test_training_reads_shards_and_cache_from_object_storage(tmp_path, s3):
     against the mirrored manifest, and the loader worker process streams the tars from the store."""
     import pandas as pd
     from conftest import train_cfg
+
     from distill.student_train.config import TrainConfig
     from distill.student_train.run import run as run_train
 

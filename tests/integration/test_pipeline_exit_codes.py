@@ -14,8 +14,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from distill.cluster.cli import cli
 from helpers import cache_cfg_dict, encode, mnist, mnist_shard, save_teacher, write_tar
+
+from distill.cluster.cli import cli
 
 pytestmark = pytest.mark.integration
 

@@ -19,11 +19,12 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+from helpers import wait_healthy
+from PIL import Image
+
 from distill.deploy.bundle_files import BundleError, new_version, publish, seal, write_file
 from distill.deploy.config import ServeConfig
 from distill.deploy.serve import BodyTooLarge, Replica, build_app, read_limited
-from helpers import wait_healthy
-from PIL import Image
 
 pytestmark = pytest.mark.integration
 
@@ -92,8 +93,9 @@ def test_read_limited_stops_reading_at_the_limit():
 
 
 def test_serve_limits_over_real_http(tiny_bundle, ray_local):
-    from distill.deploy.serve import start
     from ray import serve
+
+    from distill.deploy.serve import start
 
     port = _free_port()
     url = start(ServeConfig(bundle=tiny_bundle, port=port, model="fp32", max_bytes=2_000_000,
@@ -190,8 +192,9 @@ def test_a_replica_admits_a_full_batch_of_slow_uploads(tmp_path, ray_local):
     """Issue 21.17: Serve's default max_ongoing_requests (5) caps every batch at 5 requests, whatever
     max_batch_size says. Eight uploads held open must all be admitted (the replica reads their bodies), and
     /healthz must still be answered beside them."""
-    from distill.deploy.serve import start
     from ray import serve
+
+    from distill.deploy.serve import start
 
     bundle = make_bundle(tmp_path / "bundle")
     port = _free_port()

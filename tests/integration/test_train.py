@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import train_cfg
+
 from distill.core.models import create_model
 from distill.student_train.config import TrainConfig
 from distill.student_train.data import DataJoinError
@@ -89,8 +90,8 @@ def test_unknown_schema_version_names_the_file(kd_data, tmp_path):
     meta = dict(t.schema.metadata)
     meta[b"distill.schema_version"] = b"99"
     pq.write_table(t.replace_schema_metadata(meta), f)
+    from distill.images.shards import file_sha256
     from distill.teacher_cache.manifest import Manifest
-    from distill.teacher_cache.shards import file_sha256
 
     m = Manifest.load(d)
     m.shards["train-000000"].file_sha256 = file_sha256(f)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import train_cfg
+
 from distill.student_train.config import TrainConfig
 from distill.student_train.run import run
 from distill.student_train.status import finished, read_status, write_status
@@ -127,10 +128,11 @@ def test_asha_stops_a_weak_variant(kd_data, tmp_path, ray_local):
 
 
 def test_infeasible_resources_fail_fast(kd_data, tmp_path, ray_local):
+    from helpers import cache_cfg_dict
+
     from distill.core.ray_cluster import InfeasibleResourcesError
     from distill.teacher_cache.config import CacheConfig
     from distill.teacher_cache.run import run as cache_run
-    from helpers import cache_cfg_dict
 
     class Hog:  # holds the cluster's CPUs, as another job would (defined here: Ray ships it by value)
         def ping(self):

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 from conftest import train_cfg
+
 from distill.student_train.config import TrainConfig
 from distill.student_train.data import JoinedStream, steps_per_epoch
 from distill.student_train.job_plan import plan_job

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from distill.images.preprocessing import Preprocessing
 from distill.student_train.config import VariantConfig
 from distill.student_train.job import JobSpec
 from distill.student_train.student import epoch_score, is_better, save_best
-from distill.teacher_cache.teacher import Preprocessing
 
 
 def _job(tmp_path: Path) -> JobSpec:

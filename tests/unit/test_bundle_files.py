@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from distill.deploy.bundle_files import (
     MANIFEST,
     BundleError,

@@ -1,11 +1,12 @@
 """Issue 23 item 4: the default layout of the cache pass on a node's cores (teacher_cache/layout.py)."""
 
-import distill.teacher_cache.labeler as labeler_module
 import pytest
 import torch
+from helpers import cache_cfg_dict, save_teacher
+
+import distill.teacher_cache.labeler as labeler_module
 from distill.teacher_cache.config import CacheConfig
 from distill.teacher_cache.layout import default_actors, labeller_split, labellers_per_node
-from helpers import cache_cfg_dict, save_teacher
 
 
 def test_cpu_division_between_labellers_on_a_node():

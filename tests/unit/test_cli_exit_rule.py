@@ -4,10 +4,13 @@ the run" (6); every unit of a stage failed: 4; the cache locked by another write
 import click
 import pytest
 from click.testing import CliRunner
+
 from distill.cluster.cli import _Main
 from distill.cluster.cli_common import StageFailedError
 from distill.core.run_phase import begin_work
 from distill.core.storage import CacheLockedError
+from distill.images.shards import ShardError
+from distill.teacher_cache.reader import CacheError
 
 
 @click.group(cls=_Main)
@@ -23,7 +26,9 @@ def fail(what: str, after_work_began: bool) -> None:
         begin_work()
     raise {"value": ValueError("bad value"), "missing": FileNotFoundError("no such file: x.tar"),
            "runtime": RuntimeError("a stage broke"), "locked": CacheLockedError("cache held by pid 7"),
-           "stage": StageFailedError("cache stage: every shard to label failed")}[what]
+           "stage": StageFailedError("cache stage: every shard to label failed"),
+           "cache": CacheError("cache file x.parquet is damaged"),
+           "shard": ShardError("train-0.tar is truncated")}[what]
 
 
 @pytest.mark.parametrize("what,began,code,line", [
@@ -36,6 +41,8 @@ def fail(what: str, after_work_began: bool) -> None:
     ("stage", False, 4, "error: cache stage: every shard to label failed"),
     ("locked", True, 5, "refused: cache held by pid 7"),
     ("locked", False, 5, "refused: cache held by pid 7"),
+    ("cache", False, 2, "error: cache file x.parquet is damaged"),  # a RuntimeError marked user input
+    ("shard", True, 6, "error: failed during the run: ShardError: train-0.tar is truncated"),
 ])
 def test_exit_code_and_one_line(what, began, code, line):
     r = CliRunner().invoke(cli, ["fail", what] + (["--after-work-began"] if began else []))
@@ -47,6 +54,38 @@ def test_exit_code_and_one_line(what, began, code, line):
 def test_an_unexpected_error_before_any_work_keeps_its_traceback():
     r = CliRunner().invoke(cli, ["fail", "runtime"])  # a bug, not bad input: not hidden behind one line
     assert isinstance(r.exception, RuntimeError) and r.exit_code == 1
+    r = CliRunner().invoke(cli, ["fail", "shard"])  # a project error not marked user input: also kept
+    assert isinstance(r.exception, ShardError) and r.exit_code == 1
+
+
+def test_every_project_error_has_the_one_base():
+    """The exit rule reads `DistillError.user_input` / `exit_code`: an exception class outside that base would fall
+    back to the builtin rule silently. Found by reading every class statement of the package."""
+    import ast
+    import importlib
+    from pathlib import Path
+
+    from distill.core.errors import DistillError
+
+    root = Path(__file__).resolve().parents[2]
+    outside = []
+    for folder in ("core", "images", "teacher", "teacher_cache", "student_train", "compress", "deploy", "cluster"):
+        for path in (root / folder).rglob("*.py"):
+            module = None
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ClassDef):
+                    continue
+                if not any(isinstance(b, ast.Name) and (b.id.endswith(("Error", "Exception")) or b.id == "InputError")
+                           or isinstance(b, ast.Attribute) and b.attr.endswith("Error") for b in node.bases):
+                    continue
+                if module is None:
+                    rel = path.relative_to(root).with_suffix("")
+                    module = importlib.import_module("distill." + ".".join(rel.parts))
+                cls = getattr(module, node.name)
+                # StopRequested is a BaseException on purpose (no `except Exception` may swallow a SIGTERM)
+                if issubclass(cls, Exception) and not issubclass(cls, DistillError) and node.name != "_Replaced":
+                    outside.append(f"{path.relative_to(root)}:{node.name}")
+    assert outside == []
 
 
 def test_each_command_starts_before_work():

@@ -66,11 +66,12 @@ def test_prometheus_scrapes_file_sd_targets_and_pushgateway():
 
 def _exported_names():
     """Every sample name the code can export (stage metrics modules + the refresh summary registry)."""
+    from prometheus_client import REGISTRY
+
     import distill.compress.metrics  # noqa: F401
     import distill.deploy.metrics  # noqa: F401
     import distill.student_train.metrics  # noqa: F401
     import distill.teacher_cache.metrics as tcm
-    from prometheus_client import REGISTRY
 
     names = set()
     registries = [REGISTRY, tcm.refresh_registry({"new": [], "changed": [], "unchanged": [], "vanished": [],

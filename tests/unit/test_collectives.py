@@ -8,9 +8,10 @@ import os
 
 import torch
 import torch.distributed as dist
+from helpers import run_ranks
+
 from distill.student_train.collectives import any_rank_bad
 from distill.student_train.evaluate import evaluate
-from helpers import run_ranks
 
 
 def _batch(logits_rows: list[int], labels: list[int], teacher: list[int], weight: list[float]) -> dict:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from distill.compress.onnx_export import ParityError, check_parity, export_onnx
 from distill.compress.prune import PruningError, count_cost, prune_to_target
 from distill.compress.quantize import quantize_int8

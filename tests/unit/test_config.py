@@ -1,6 +1,7 @@
 """Config validation reports every problem at once with its field path; --set overrides; sections."""
 
 import pytest
+
 from distill.cluster.config_loading import ConfigError, load_config
 from distill.teacher_cache.config import CacheConfig
 

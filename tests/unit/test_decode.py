@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distill.teacher_cache.decode import (
+from PIL import Image
+
+from distill.images.decode import (
     REPLAY_TOLERANCE,
     DecodeSpec,
     SampleError,
@@ -16,10 +18,9 @@ from distill.teacher_cache.decode import (
     replay_views_tensor,
     try_decode_cpu,
 )
-from distill.teacher_cache.decode_pool import DecodePool
-from distill.teacher_cache.shards import RawSample
-from distill.teacher_cache.views import ViewPolicy, replay_view, sample_views
-from PIL import Image
+from distill.images.decode_pool import DecodePool
+from distill.images.shards import RawSample
+from distill.images.views import ViewPolicy, replay_view, sample_views
 
 
 def _photo(i: int = 0) -> np.ndarray:
@@ -157,9 +158,9 @@ def test_decode_processes_end_with_a_killed_parent(tmp_path):
     import time
 
     script = ("import sys, time\n"
-              "from distill.teacher_cache.decode_pool import DecodePool\n"
-              "from distill.teacher_cache.decode import DecodeSpec\n"
-              "from distill.teacher_cache.views import ViewPolicy\n"
+              "from distill.images.decode_pool import DecodePool\n"
+              "from distill.images.decode import DecodeSpec\n"
+              "from distill.images.views import ViewPolicy\n"
               "pool = DecodePool(DecodeSpec(channels=3, input_size=32, interpolation='bilinear',"
               " policy=ViewPolicy(num_views=2)), 1)\n"
               "list(pool.map([]))\n"

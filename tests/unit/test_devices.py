@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from distill.core.devices import DeviceError, resolve_device
 from distill.student_train.config import TrainConfig
 

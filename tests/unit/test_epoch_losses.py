@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from distill.student_train.epoch_losses import EpochLosses
 from distill.student_train.losses import create_loss
 
@@ -10,7 +11,7 @@ from distill.student_train.losses import create_loss
 def _batch(logits: torch.Tensor, labels: list[int], weight: list[float] | None = None) -> dict[str, torch.Tensor]:
     n = len(labels)
     return {"label": torch.tensor(labels), "weight": torch.tensor(weight or [1.0] * n),
-            "teacher_logp": F.log_softmax(torch.randn(n, logits.shape[1]) / 2, dim=1)}
+            "teacher_logp": {2.0: F.log_softmax(torch.randn(n, logits.shape[1]) / 2, dim=1)}}  # at the loss's T
 
 
 def test_task_loss_is_the_mean_ce_of_labelled_rows_beside_a_pool():

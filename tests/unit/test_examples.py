@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from distill.cluster.pipeline import PipelineConfig
 from distill.teacher_cache.config import CacheConfig
 

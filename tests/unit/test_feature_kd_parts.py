@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from distill.core.models import create_model
 from distill.student_train.config import VariantConfig
 from distill.student_train.feature_kd import FeatureKDError, StudentWithProjector, plain_student_state, wrap_student
@@ -13,7 +14,7 @@ from distill.student_train.losses import create_loss, feature_distance
 def _batch(n=4, c=5, d=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"label": torch.tensor([0, 1, -1, 2][:n]),
-            "teacher_logp": torch.log_softmax(torch.randn(n, c, generator=g), 1),
+            "teacher_logp": {4.0: torch.log_softmax(torch.randn(n, c, generator=g), 1)},  # at each term's T
             "teacher_top1": torch.zeros(n, dtype=torch.int64), "weight": torch.tensor([1.0, 1.0, 1.0, 0.0][:n]),
             "student_feat": torch.randn(n, d, generator=g), "teacher_feat": torch.randn(n, d, generator=g)}
 
@@ -58,7 +59,7 @@ def test_projector_is_dropped_from_the_exported_student():
     torch.manual_seed(0)
     student = create_model("cnn_small", num_classes=10, in_chans=1, width=4)
     fresh = create_model("cnn_small", num_classes=10, in_chans=1, width=4)
-    wrapped = wrap_student(student, 0.5, 7, "v")
+    wrapped = wrap_student(student, True, 7, "v")
     assert isinstance(wrapped, StudentWithProjector) and wrapped.projector.weight.shape == (7, 16)
     x = torch.randn(2, 1, 16, 16)
     logits, proj = wrapped(x, with_features=True)
@@ -68,9 +69,9 @@ def test_projector_is_dropped_from_the_exported_student():
     assert list(state) == list(fresh.state_dict())
     fresh.load_state_dict(state)  # strict: no projector key left, none missing
     assert plain_student_state(fresh.state_dict()).keys() == fresh.state_dict().keys()
-    assert wrap_student(student, 0.0, None, "v") is student
+    assert wrap_student(student, False, None, "v") is student
     with pytest.raises(FeatureKDError, match="cache.features.enabled: true"):
-        wrap_student(student, 0.5, None, "v")
+        wrap_student(student, True, None, "v")
 
 
 def test_variant_fields():

@@ -3,17 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from distill.core.models import create_model
-from distill.teacher_cache.config import CacheConfig
-from distill.teacher_cache.features import (
-    FeatureError,
-    FeatureExtractor,
-    check_features,
-    last_linear,
-    projection_matrix,
-    seeded_normal,
-)
 from torch import nn
+
+from distill.core.models import create_model
+from distill.teacher.hooks import FeatureError, check_features, last_linear
+from distill.teacher_cache.config import CacheConfig
+from distill.teacher_cache.features import FeatureExtractor, projection_matrix, seeded_normal
 
 
 def test_seeded_normal_is_pinned_across_machines():
@@ -92,7 +87,9 @@ def test_fingerprint_unchanged_without_features_and_distinct_with_them(tmp_path)
     import hashlib
     import json
 
-    from distill.teacher_cache.teacher import LoadedTeacher, Preprocessing, fingerprint, view_policy
+    from distill.images.preprocessing import Preprocessing
+    from distill.teacher.load import LoadedTeacher
+    from distill.teacher_cache.fingerprint import fingerprint, view_policy
 
     prep = Preprocessing(32, 1.0, (0.1,), (0.3,), "bilinear", 1)
     teacher = LoadedTeacher(model=nn.Identity(), num_classes=10, preprocessing=prep,

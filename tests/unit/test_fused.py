@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from distill.core.models import create_model
 from distill.student_train.fused import (
     FusedOptimizer,
@@ -23,7 +25,6 @@ from distill.student_train.fused import (
 )
 from distill.student_train.student import StudentRun, make_optimizer
 from distill.student_train.variant import VariantConfig
-from torch import nn
 
 ARCHS = [("cnn_small", {"width": 4}), ("resnet_mini", {"width": 4}), ("mobilenet_mini", {"width": 4}),
          ("mlp", {"hidden": 16, "input_size": 12})]

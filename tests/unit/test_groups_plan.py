@@ -6,13 +6,14 @@ import random
 from pathlib import Path
 
 import pytest
+
+from distill.images.preprocessing import Preprocessing
 from distill.student_train.asha import asha_decisions, decide, milestones
 from distill.student_train.config import TrainConfig
 from distill.student_train.data import ShardPair
 from distill.student_train.groups import format_plan, plan_groups
 from distill.student_train.job import AshaRule, JobSpec
 from distill.student_train.variant import VariantConfig
-from distill.teacher_cache.teacher import Preprocessing
 
 
 def _job(pool: bool) -> JobSpec:

@@ -3,14 +3,15 @@
 
 import builtins
 
-import distill.teacher_cache.reader as reader_module
 import numpy as np
+
+import distill.teacher_cache.reader as reader_module
+from distill.images.shards import file_sha256
+from distill.images.views import ViewParams
 from distill.teacher_cache.cache_file import write_cache_file
 from distill.teacher_cache.inspect_cache import inspect_cache
 from distill.teacher_cache.manifest import Manifest, ShardEntry
 from distill.teacher_cache.schema import SCHEMA_VERSION, CacheMeta
-from distill.teacher_cache.shards import file_sha256
-from distill.teacher_cache.views import ViewParams
 
 N, V, K, C, SHARDS = 4, 1, 3, 10, 40
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from distill.core.storage import open_store
 from distill.core.storage.journal import decode_records, encode_record, should_compact
 from distill.teacher_cache.manifest import MANIFEST_NAME, Manifest, ManifestWriter, ShardEntry

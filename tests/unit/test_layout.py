@@ -7,25 +7,31 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("core", "teacher_cache", "student_train", "compress", "deploy", "cluster")
+PACKAGES = ("core", "images", "teacher", "teacher_cache", "student_train", "compress", "deploy", "cluster", "distill")
 # package -> the project packages it may import (README "Layout": cluster -> stages; compress -> student_train ->
-# teacher_cache; deploy serves with the cache's own view replay; every package -> core; core -> none of them)
+# teacher_cache (its contract only); the rooms below the stages: teacher -> images -> core; deploy serves with the
+# image room's view replay; every package -> core; core -> none of them; `distill` is the package root)
 ALLOWED = {
     "core": set(),
-    "teacher_cache": {"core"},
-    "student_train": {"core", "teacher_cache"},
+    "images": {"core"},
+    "teacher": {"core", "images"},
+    "teacher_cache": {"core", "images", "teacher"},
+    "student_train": {"core", "images", "teacher", "teacher_cache"},
     "compress": {"core", "student_train"},
-    "deploy": {"core", "compress", "teacher_cache"},
-    "cluster": {"core", "teacher_cache", "student_train", "compress", "deploy"},
+    "deploy": {"core", "images", "compress"},
+    "cluster": {"core", "images", "teacher", "teacher_cache", "student_train", "compress", "deploy"},
+    "distill": {"core", "images", "teacher", "teacher_cache", "student_train", "compress", "deploy", "cluster"},
 }
+# the one module of the cache that other stages may import (the declared contract)
+CACHE_CONTRACT = "teacher_cache.contract"
 SHARED_NAMES = ("models", "devices", "graceful_stop", "ray_cluster", "ray_resources", "object_store",
                 "scrape_target", "metrics_server", "atomic_io")
 
 
 def _modules() -> dict[str, Path]:
     """Project module name (without the installed `distill.` prefix) -> its file."""
-    out = {}
-    for pkg in PACKAGES:
+    out = {f"distill.{p.stem}": p for p in sorted((ROOT / "distill").glob("*.py")) if p.stem != "__init__"}
+    for pkg in PACKAGES[:-1]:
         for path in sorted((ROOT / pkg).rglob("*.py")):
             rel = path.relative_to(ROOT).with_suffix("")
             parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
@@ -35,7 +41,7 @@ def _modules() -> dict[str, Path]:
 
 def _project_name(name: str) -> str:
     """`distill.core.models` -> `core.models`: every project import goes through the one installed package."""
-    return name.removeprefix("distill.")
+    return name if name.startswith("distill.__") else name.removeprefix("distill.")
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -114,8 +120,19 @@ def test_packages_import_one_way() -> None:
     assert bad == []
 
 
+def test_other_stages_use_only_the_declared_cache_contract() -> None:
+    """Training and compress read the cache through `teacher_cache.contract` alone (reader, locate, schema, rebuild);
+    the cache's internals (run, manifest, labeller, ...) can change without touching them."""
+    bad = sorted(f"{m} -> {t}" for m, targets in import_graph().items() for t in targets
+                 if m.split(".")[0] in ("student_train", "compress", "deploy") and t.startswith("teacher_cache")
+                 and t != CACHE_CONTRACT)
+    assert bad == []
+    contract = import_graph()[CACHE_CONTRACT]
+    assert {"teacher_cache.reader", "teacher_cache.locate", "teacher_cache.topk", "teacher_cache.schema"} <= contract
+
+
 def test_shared_parts_live_in_core_only() -> None:
-    for pkg in PACKAGES[1:]:
+    for pkg in PACKAGES[1:-1]:
         for name in SHARED_NAMES:
             assert not (ROOT / pkg / f"{name}.py").exists(), f"{pkg}/{name}.py belongs in core/"
     assert all((ROOT / "core" / f"{n}.py").exists() for n in ("models", "devices", "graceful_stop", "ray_cluster",

@@ -8,6 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+
 from distill.compress.litert_export import LiteRTConversionError, export_litert
 from distill.compress.onnx_export import export_onnx
 from distill.core.models import create_model

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from distill.student_train.losses import create_loss
 from distill.teacher_cache.topk import pack_topk, rebuild_log_probs
 
@@ -19,7 +20,7 @@ def _batch(teacher, label, k, temperature, weight=None):
     ids, vals, tail = pack_topk(teacher, k)
     c = teacher.shape[1]
     logp = rebuild_log_probs(ids.to(torch.int16), vals.half(), tail, c, temperature)
-    return {"label": label, "teacher_logp": logp, "teacher_top1": ids[:, 0],
+    return {"label": label, "teacher_logp": {temperature: logp}, "teacher_top1": ids[:, 0],
             "weight": torch.ones(len(label)) if weight is None else weight}
 
 

@@ -6,7 +6,9 @@ import time
 from dataclasses import replace
 
 import pytest
+
 from distill.core.atomic_io import remove_stale_tmp, tmp_path_for
+from distill.images.shards import RACY_WINDOW_NS, file_sha256
 from distill.teacher_cache.manifest import (
     CacheLockedError,
     DirectoryLock,
@@ -14,7 +16,6 @@ from distill.teacher_cache.manifest import (
     ShardEntry,
     plan_refresh,
 )
-from distill.teacher_cache.shards import RACY_WINDOW_NS, file_sha256
 
 
 def _entry(path, cache_dir, stem, seen_now=False):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from distill.core.metrics_server import push_final_metrics
 from prometheus_client import Gauge
+
+from distill.core.metrics_server import push_final_metrics
 
 
 def test_final_metrics_are_pushed_with_the_job_label() -> None:

@@ -8,9 +8,10 @@ import pickle
 from pathlib import Path
 
 import pytest
+
+from distill.images.shards import ObjectShard, ShardIdentity, shard_stem
 from distill.teacher_cache.config import CacheConfig
 from distill.teacher_cache.manifest import Manifest, ShardEntry, plan_refresh
-from distill.teacher_cache.shards import ObjectShard, ShardIdentity, shard_stem
 
 URL = "s3://bucket/wds/train-000000.tar"
 

@@ -3,13 +3,16 @@ file records it, and the classifier head runs in fp32 under autocast."""
 
 import pytest
 import torch
+from torch import nn
+
 from distill.core.devices import DeviceError
+from distill.images.preprocessing import Preprocessing
+from distill.teacher.hooks import Fp32Head
+from distill.teacher.load import LoadedTeacher
 from distill.teacher_cache.config import CacheConfig
-from distill.teacher_cache.features import Fp32Head
+from distill.teacher_cache.fingerprint import fingerprint
 from distill.teacher_cache.placement import PlacementError, resolve_placement
 from distill.teacher_cache.schema import META_PRECISION, CacheMeta
-from distill.teacher_cache.teacher import LoadedTeacher, Preprocessing, fingerprint
-from torch import nn
 
 NO_CUDA = not torch.cuda.is_available()
 

@@ -1,5 +1,6 @@
 import pyarrow as pa
 import pytest
+
 from distill.teacher_cache.schema import CacheMeta, SchemaError, arrow_schema
 
 

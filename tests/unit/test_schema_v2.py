@@ -6,14 +6,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from distill.images.shards import file_sha256
+from distill.images.views import ViewParams
 from distill.student_train.feature_kd import FeatureKDError, cache_feature_dim
 from distill.teacher_cache.cache_file import write_cache_file
 from distill.teacher_cache.inspect_cache import inspect_cache
 from distill.teacher_cache.manifest import Manifest, ShardEntry
 from distill.teacher_cache.reader import CacheError, CacheReader
 from distill.teacher_cache.schema import SCHEMA_VERSION, SUPPORTED_SCHEMA_VERSIONS, CacheMeta, arrow_schema
-from distill.teacher_cache.shards import file_sha256
-from distill.teacher_cache.views import ViewParams
 
 N, V, K, C, D = 6, 2, 3, 10, 4
 

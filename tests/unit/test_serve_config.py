@@ -1,9 +1,10 @@
 """`distill serve` settings: a replica admits enough requests for a batch to fill."""
 
 import pytest
+from pydantic import ValidationError
+
 from distill.deploy.config import ServeConfig
 from distill.deploy.serve import max_ongoing
-from pydantic import ValidationError
 
 
 def test_a_replica_admits_twice_a_batch_by_default():

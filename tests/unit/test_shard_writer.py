@@ -4,9 +4,10 @@ import functools
 import json
 
 import pytest
-from distill.teacher_cache.shard_writer import ShardsConfig, run
-from distill.teacher_cache.shards import ShardReader
 from helpers import encode, mnist
+
+from distill.images.shard_writer import ShardsConfig, run
+from distill.images.shards import ShardReader
 
 
 def test_image_folder_to_shards(tmp_path):
@@ -92,7 +93,7 @@ def test_folder_images_are_read_one_at_a_time(tmp_path, monkeypatch):
     """Stream: a file's bytes are read only when it is written, never the whole tree up front."""
     from pathlib import Path
 
-    import distill.teacher_cache.shard_writer as sw
+    import distill.images.shard_writer as sw
 
     d = tmp_path / "imgs" / "cat"
     d.mkdir(parents=True)

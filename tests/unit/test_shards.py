@@ -1,8 +1,9 @@
 """Shard patterns and the strict tar reader (real tar files in tmp_path)."""
 
 import pytest
-from distill.teacher_cache.shards import ShardError, ShardReader, expand_shard_patterns, shard_stem, split_member_name
 from helpers import write_tar
+
+from distill.images.shards import ShardError, ShardReader, expand_shard_patterns, shard_stem, split_member_name
 
 
 def test_brace_glob_and_missing(tmp_path):
@@ -29,7 +30,7 @@ def test_reader_groups_files_and_hashes(tmp_path):
     samples = list(r)
     assert [s.key for s in samples] == ["k1", "k2"]
     assert samples[0].files == {"png": b"1", "cls": b"3"}
-    from distill.teacher_cache.shards import file_sha256
+    from distill.images.shards import file_sha256
 
     assert r.sha256 == file_sha256(p)
 
@@ -52,7 +53,7 @@ def test_truncated_tar_names_the_shard(tmp_path):
 def test_compressed_shards_read_and_truncation_checked_on_the_uncompressed_stream(tmp_path, name, compress):
     import importlib
 
-    from distill.teacher_cache.shards import file_sha256
+    from distill.images.shards import file_sha256
 
     plain = write_tar(tmp_path / "plain.tar", [(f"k{i}", {"png": bytes(range(256)) * 20, "cls": b"3"})
                                                for i in range(4)])

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from distill.teacher_cache.topk import pack_topk, rebuild_log_probs, topk_mass
 
 

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
+
 from distill.student_train.config import TrainConfig
 from distill.student_train.data import ShardPair, assign_shards, mixed, padded, shard_groups, steps_per_epoch, view_for
-from pydantic import ValidationError
 
 
 def _cfg(**kw):

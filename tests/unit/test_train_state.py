@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from distill.cluster.config_loading import ConfigError, load_config
 from distill.core.atomic_io import atomic_write
 from distill.core.ray_cluster import InfeasibleResourcesError, check_fits

@@ -1,6 +1,8 @@
 """Undistilled twins: pairing, de-duplication, opt-out, grids; the leaderboard's delta column."""
 
 import pytest
+from pydantic import ValidationError
+
 from distill.student_train.config import TrainConfig, VariantConfig
 from distill.student_train.data import ShardPair
 from distill.student_train.leaderboard import (
@@ -12,7 +14,6 @@ from distill.student_train.leaderboard import (
 )
 from distill.student_train.twins import add_twins, pair_twins
 from distill.student_train.unlabelled import labelled_passes, samples_per_epoch, train_pairs
-from pydantic import ValidationError
 
 
 def _cfg(**kw):

@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from distill.teacher_cache.views import ViewParams, ViewPolicy, eval_view, replay_view, sample_views
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+
+from distill.images.views import ViewParams, ViewPolicy, eval_view, replay_view, sample_views
 
 
 def _image(h=60, w=80, c=3):

@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 from distill.core import storage
 from distill.core.atomic_io import sha256_stream
+from distill.core.errors import DistillError
 from distill.core.storage import ObjectLocation
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -31,7 +32,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 RACY_WINDOW_NS = 20_000_000
 
 
-class ShardError(RuntimeError):
+class ShardError(DistillError, RuntimeError):
     """A whole shard cannot be read (truncated, not a tar, duplicate key); names the shard."""
 
 

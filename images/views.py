@@ -16,8 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import ConfigDict, Field, model_validator
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
+
+from distill.core.config import StrictConfig
 
 _INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                   "nearest": InterpolationMode.NEAREST}
@@ -37,18 +40,39 @@ class ViewParams:
         return (self.top, self.left, self.height, self.width)
 
 
-@dataclass(frozen=True)
-class ViewPolicy:
-    """How views are drawn; part of the teacher fingerprint."""
+class ViewsConfig(StrictConfig):
+    """How views are drawn, as the cache config gives it (`cache.views`)."""
 
-    num_views: int = 4
+    num_views: int = Field(4, ge=1, le=64, description="view 0 = eval view, 1..V-1 = random resized crops")
     seed: int = 0
-    crop_pct: float = 0.875
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
 
+    @model_validator(mode="after")
+    def _ranges(self) -> ViewsConfig:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {list(self.ratio)}")
+        return self
+
+
+class ViewPolicy(ViewsConfig):
+    """The views config plus the evaluation view's crop (the teacher's `crop_pct`): everything `sample_views` needs,
+    recorded in every cache file and part of the teacher fingerprint. One definition of the fields and their ranges
+    (`ViewsConfig`'s); frozen, so it can travel to decode processes and key caches."""
+
+    model_config = ConfigDict(frozen=True)
+    crop_pct: float = Field(0.875, gt=0.0, le=1.0, description="view 0: centre square of this share of the shorter "
+                            "side")
+
+    @classmethod
+    def of(cls, views: ViewsConfig, crop_pct: float) -> ViewPolicy:
+        return cls(**views.model_dump(), crop_pct=crop_pct)
+
     def as_dict(self) -> dict:
+        """The form in file metadata and the fingerprint (unchanged since schema v1)."""
         return {"num_views": self.num_views, "seed": self.seed, "crop_pct": self.crop_pct,
                 "scale": list(self.scale), "ratio": list(self.ratio), "flip": self.flip}
 

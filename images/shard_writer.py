@@ -24,22 +24,23 @@ from typing import Literal
 
 import numpy as np
 import webdataset as wds
-from distill.core.atomic_io import atomic_write, remove_stale_tmp
-from distill.core.run_phase import begin_work
-from distill.teacher_cache.shards import IMAGE_EXTS
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from tqdm import tqdm
+
+from distill.core.atomic_io import atomic_write, remove_stale_tmp
+from distill.core.config import StrictConfig
+from distill.core.run_phase import begin_work
+from distill.images.shards import IMAGE_EXTS
 
 BUILTIN_SOURCES = ("mnist", "digits")
 PIL_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what the cache's decoder accepts
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused here as they would be by the server
 
 
-class ShardsConfig(BaseModel):
+class ShardsConfig(StrictConfig):
     """`distill shards`: where images come from and how to cut them into train/val shards."""
 
-    model_config = ConfigDict(extra="forbid")
     source: str = Field(..., description="'mnist', 'digits' or an image-folder directory (one sub-folder per class)")
     out_dir: Path
     samples_per_shard: int = Field(500, ge=1)

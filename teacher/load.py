@@ -1,52 +1,26 @@
-"""Load a teacher once (arch + checkpoint, or TorchScript / torch.export), resolve its preprocessing, fingerprint it."""
+"""Load a teacher once (arch + checkpoint, or TorchScript / torch.export) and resolve its preprocessing."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from distill.core.atomic_io import atomic_write, file_sha256
-from distill.core.models import create_model
-from distill.teacher_cache.config import CacheConfig, TeacherConfig
-from distill.teacher_cache.features import Fp32Head
-from distill.teacher_cache.placement import resolve_placement
-from distill.teacher_cache.schema import fingerprint_schema_version
-from distill.teacher_cache.views import ViewPolicy
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from distill.core.atomic_io import atomic_write, file_sha256
+from distill.core.errors import InputError
+from distill.core.models import create_model
+from distill.images.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from distill.teacher.config import TeacherConfig
 
 
-class TeacherLoadError(ValueError):
+class TeacherLoadError(InputError):
     """The teacher cannot be built from the config (missing file, wrong checkpoint, unknown name)."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Everything needed to turn a replayed crop into the teacher's input tensor."""
-
-    input_size: int
-    crop_pct: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    interpolation: str
-    channels: int
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(int(d["input_size"]), float(d["crop_pct"]), tuple(d["mean"]), tuple(d["std"]),
-                   str(d["interpolation"]), int(d["channels"]))
 
 
 @dataclass
@@ -189,45 +163,3 @@ def load_teacher(cfg: TeacherConfig) -> LoadedTeacher:
         raise TeacherLoadError("teacher must return logits of shape (N, num_classes)")
     info = {**info, "num_classes": int(out.shape[1])}
     return LoadedTeacher(model=model, num_classes=int(out.shape[1]), preprocessing=prep, info=info)
-
-
-def fingerprint(teacher: LoadedTeacher, cfg: CacheConfig) -> str:
-    """Hash of everything that changes the cached numbers: weights, arch, preprocessing, k, views, schema."""
-    payload = {
-        "schema_version": fingerprint_schema_version(cfg.features.enabled),
-        "teacher": {k: teacher.info[k] for k in ("source", "arch", "weights_sha256", "num_classes")}
-        | {"arch_kwargs": teacher.info.get("arch_kwargs", {})},
-        "preprocessing": teacher.preprocessing.as_dict(),
-        "topk": cfg.topk,
-        "views": view_policy(cfg, teacher.preprocessing).as_dict(),
-    }
-    precision = resolve_precision(cfg)
-    if precision != "fp32":  # fp32 caches keep the fingerprint they had before precision existed
-        payload["precision"] = precision
-        payload["head_precision"] = head_precision(teacher.model, precision)  # bf16 heads of older builds differ
-    if cfg.features.enabled:  # a cache with features is a different cache; without, the hash is unchanged
-        payload["features"] = cfg.features.model_dump(mode="json")
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def resolve_precision(cfg: CacheConfig) -> str:
-    """auto = bf16 where the labellers run on CUDA (2x the fp32 rate), fp32 on the CPU (same numbers as before);
-    where they run is decided once, on the driver (teacher_cache/placement.py)."""
-    return resolve_placement(cfg).precision
-
-
-def head_precision(model: nn.Module, precision: str) -> str:
-    """The precision of the classifier head's output: fp32 wherever `Fp32Head` can hook it."""
-    if precision == "fp32":
-        return "fp32"
-    hook = Fp32Head.install(model)
-    if hook is None:
-        return precision
-    hook.remove()
-    return "fp32"
-
-
-def view_policy(cfg: CacheConfig, prep: Preprocessing) -> ViewPolicy:
-    v = cfg.views
-    return ViewPolicy(num_views=v.num_views, seed=v.seed, crop_pct=prep.crop_pct, scale=tuple(v.scale),
-                      ratio=tuple(v.ratio), flip=v.flip)

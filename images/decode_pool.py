@@ -6,7 +6,7 @@ How many processes: ``teacher_cache.layout`` decides from the labeller's share o
 A decode process that dies (a codec crash, an OOM kill) never takes the labeller with it: the chunk it held is
 decoded again one sample at a time in a fresh process, and a sample that kills that process too is recorded
 as a bad sample (`errors/<shard>.jsonl`) and skipped. With 0 processes there is nothing to isolate: a crashing
-sample crashes the caller. Tests make a real decode process crash with `teacher_cache.fault_injection`.
+sample crashes the caller. Tests make a real decode process crash with `core.hooks_for_tests`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
-from distill.teacher_cache import fault_injection
-from distill.teacher_cache.decode import DecodedSample, DecodeSpec, try_decode_cpu
-from distill.teacher_cache.shards import RawSample
+
+from distill.core import hooks_for_tests
+from distill.images.decode import DecodedSample, DecodeSpec, try_decode_cpu
+from distill.images.shards import RawSample
 
 log = logging.getLogger(__name__)
 _Packed = tuple[str, object, tuple[int, int], list, np.ndarray] | str
@@ -48,7 +49,7 @@ def _init_worker(parent: int) -> None:
 
 
 def _decode(raw: RawSample, spec: DecodeSpec) -> DecodedSample | str:
-    fault_injection.check_decode(raw)  # off unless a test switched it on
+    hooks_for_tests.check_decode(raw.files.values())  # off unless a test switched it on
     return try_decode_cpu(raw, spec)
 
 

@@ -23,9 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from distill.teacher_cache.shards import IMAGE_EXTS, RawSample
-from distill.teacher_cache.views import ViewParams, ViewPolicy, image_to_tensor, replay_view, sample_views
 from PIL import Image
+
+from distill.core.errors import InputError
+from distill.images.shards import IMAGE_EXTS, RawSample
+from distill.images.views import ViewParams, ViewPolicy, image_to_tensor, replay_view, sample_views
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")  # what IMAGE_EXTS (.jpg .jpeg .png .webp) may hold; nothing else
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -33,7 +35,7 @@ REPLAY_TOLERANCE = 2  # max |difference| in uint8 levels between the two replay 
 _NVJPEG_MODES = ("RGB", "L")  # CMYK / YCCK / P JPEGs go to Pillow
 
 
-class SampleError(ValueError):
+class SampleError(InputError):
     """This sample cannot be used; the message says why. Recorded in the shard's error list, then skipped."""
 
 
