@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,6 +21,9 @@ from distill.cluster.cli_common import (
 )
 from distill.cluster.config_loading import load_config
 from distill.core.metrics_server import start_metrics_server
+
+if TYPE_CHECKING:
+    from distill.teacher_cache.config import CacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def failed_shards_line(failed: int, labelled: int) -> str:
             "failed ones and re-run:")
 
 
-def _start_metrics(cfg: object) -> None:
+def _start_metrics(cfg: CacheConfig) -> None:
     """Before the lock and before any work: a taken fixed port is a config error, said in one line."""
     if not cfg.metrics.enabled:
         return
@@ -91,7 +94,7 @@ def _start_metrics(cfg: object) -> None:
         sys.exit(EXIT_BAD_INPUT)
 
 
-def _run_or_exit(run: Callable[..., Any], cfg: object, **kw: Any) -> Any:
+def _run_or_exit(run: Callable[..., Any], cfg: CacheConfig, **kw: Any) -> Any:
     """A failure after the run began exits 6 with one line (exit 2 is only for 'bad input, nothing done');
     another writer holding the cache exits 5, naming it."""
     from distill.teacher_cache.manifest import CacheLockedError
@@ -107,7 +110,7 @@ def _run_or_exit(run: Callable[..., Any], cfg: object, **kw: Any) -> Any:
         sys.exit(EXIT_LOCKED)
 
 
-def _check_address(cfg: object) -> None:
+def _check_address(cfg: CacheConfig) -> None:
     """A named cluster must be reachable before any work, even on a run that turns out to be a no-op."""
     import os
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from distill.cluster.cli_common import EXIT_PARTIAL, EXIT_RUN_FAILED, config_options
 from distill.cluster.config_loading import load_config
+
+if TYPE_CHECKING:
+    from distill.cluster.pipeline import PipelineConfig
 
 
 @click.command()
@@ -63,7 +67,7 @@ def _print_comparison(results: list[dict]) -> None:
         click.echo(train["teacher_warning"], err=True)
 
 
-def _print_where(cfg: object) -> None:
+def _print_where(cfg: PipelineConfig) -> None:
     lines = ["", "artifacts:"]
     if cfg.shards:
         lines.append(f"  shards        {cfg.shards.out_dir}/  (train-*.tar, val-*.tar, classes.json)")

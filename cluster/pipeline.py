@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -95,50 +97,62 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     return results
 
 
+def run_deploy(cfg: DeployConfig) -> dict:
+    from distill.deploy.bundle import run
+
+    res = run(cfg)
+    return {"stage": "deploy", "bundle": str(res.bundle), "student": res.student, "parity": res.parity,
+            "litert": res.litert or f"none: {res.litert_reason}"}
+
+
+def run_cache_stage(cfg: CacheConfig) -> dict:
+    from distill.teacher_cache.run import run
+
+    res = run(cfg)
+    if res.status == "failure":
+        raise StageFailedError("cache stage: every shard to label failed; nothing new was cached: "
+                               + "; ".join(f"{k}: {v}" for k, v in res.failed.items()))
+    return {"stage": "cache", "status": res.status, "cache_dir": res.cache_url or str(res.cache_dir),
+            "labelled": len(res.labelled), "unchanged": len(res.unchanged), "failed": res.failed}
+
+
+def run_train_stage(cfg: TrainConfig, name: str) -> dict:
+    """`teacher` (supervised pre-training) and `train` (the students) are both training stages."""
+    from distill.student_train.leaderboard import twin_pairs
+    from distill.student_train.run import run
+
+    res = run(cfg)
+    if res.status == "failure":
+        raise StageFailedError(f"{name} stage: every variant failed; see {res.run_dir}/leaderboard.txt")
+    best = res.best()
+    return {"stage": name, "status": res.status, "run_dir": str(res.run_dir),
+            "best": best["variant"] if best else None, "best_val_top1": best["val_top1"] if best else None,
+            "best_mode": best["mode"] if best else None, "twins": twin_pairs(res.leaderboard),
+            "teacher_val_top1": res.teacher_val_top1[0] if res.teacher_val_top1 else None,
+            "teacher_warning": res.teacher_warning}
+
+
 def _run_stages(cfg: PipelineConfig, results: list[dict]) -> None:
     """Each configured stage in order; `results` gets each finished stage's summary."""
     from distill.core.run_phase import begin_work
 
-    stages = [("shards", cfg.shards), ("teacher", cfg.teacher), ("cache", cfg.cache), ("train", cfg.train),
-              ("compress", cfg.compress), ("deploy", cfg.deploy)]
-    for name, stage_cfg in stages:
-        if stage_cfg is None:
-            continue
+    stages: list[tuple[str, Callable[[], dict]]] = []
+    if cfg.shards:
+        stages.append(("shards", partial(run_shards, cfg.shards)))
+    if cfg.teacher:
+        stages.append(("teacher", partial(run_train_stage, cfg.teacher, "teacher")))
+    if cfg.cache:
+        stages.append(("cache", partial(run_cache_stage, cfg.cache)))
+    if cfg.train:
+        stages.append(("train", partial(run_train_stage, cfg.train, "train")))
+    if cfg.compress:
+        stages.append(("compress", partial(run_compress, cfg.compress)))
+    if cfg.deploy:
+        stages.append(("deploy", partial(run_deploy, cfg.deploy)))
+    for name, stage in stages:
         t0 = time.perf_counter()
         log.info("=== stage %s ===", name)
-        if name == "shards":
-            summary = run_shards(stage_cfg)
-        elif name == "compress":
-            summary = run_compress(stage_cfg)
-        elif name == "deploy":
-            from distill.deploy.bundle import run as run_deploy
-
-            res = run_deploy(stage_cfg)
-            summary = {"stage": name, "bundle": str(res.bundle), "student": res.student, "parity": res.parity,
-                       "litert": res.litert or f"none: {res.litert_reason}"}
-        elif name == "cache":
-            from distill.teacher_cache.run import run as run_cache
-
-            res = run_cache(stage_cfg)
-            summary = {"stage": name, "status": res.status, "cache_dir": res.cache_url or str(res.cache_dir),
-                       "labelled": len(res.labelled), "unchanged": len(res.unchanged), "failed": res.failed}
-            if res.status == "failure":
-                raise StageFailedError("cache stage: every shard to label failed; nothing new was cached: "
-                                       + "; ".join(f"{k}: {v}" for k, v in res.failed.items()))
-        else:
-            from distill.student_train.leaderboard import twin_pairs
-            from distill.student_train.run import run as run_train
-
-            res = run_train(stage_cfg)
-            best = res.best()
-            summary = {"stage": name, "status": res.status, "run_dir": str(res.run_dir),
-                       "best": best["variant"] if best else None,
-                       "best_val_top1": best["val_top1"] if best else None,
-                       "best_mode": best["mode"] if best else None, "twins": twin_pairs(res.leaderboard),
-                       "teacher_val_top1": res.teacher_val_top1[0] if res.teacher_val_top1 else None,
-                       "teacher_warning": res.teacher_warning}
-            if res.status == "failure":
-                raise StageFailedError(f"{name} stage: every variant failed; see {res.run_dir}/leaderboard.txt")
+        summary = stage()
         summary["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(summary)
         log.info("stage %s done: %s", name, json.dumps(summary))

@@ -14,7 +14,7 @@ class PruningError(InputError):
 
 
 def _classifier(model: nn.Module) -> list[nn.Module]:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears: list[nn.Module] = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1:]  # the head keeps its class count
 
 

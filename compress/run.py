@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from distill.compress.report import format_table, pareto_plot, verdicts
 from distill.compress.select import select_students
 from distill.core.models import create_model
 from distill.core.run_phase import begin_work
+from distill.images.preprocessing import Preprocessing
 from distill.student_train.config import TrainConfig, VariantConfig
 from distill.student_train.data import JoinedStream, StreamSpec
 from distill.student_train.job_plan import plan_job
@@ -80,7 +82,7 @@ def load_student(run_dir: Path, name: str, v: VariantConfig) -> torch.nn.Module:
     return model.eval()
 
 
-def _measure(stage: str, name: str, path: Path, vb: list, prep: object, cfg: CompressConfig, macs: int,
+def _measure(stage: str, name: str, path: Path, vb: list, prep: Preprocessing, cfg: CompressConfig, macs: int,
              params: int) -> dict:
     """One report row: accuracy, size and latency @1/@32 in the runtime the file is for (.onnx: ONNX Runtime,
     .tflite: the LiteRT interpreter)."""
@@ -91,8 +93,8 @@ def _measure(stage: str, name: str, path: Path, vb: list, prep: object, cfg: Com
         runtime, acc, latency = "litert", accuracy(LiteRTModel(path, lat.threads), vb), litert_latency
     else:
         runtime, acc, latency = "onnxruntime", onnx_accuracy(path, vb, lat.threads), onnx_latency
-    row = {"student": name, "stage": stage, "runtime": runtime, "file": str(path), "size_mb": file_mb(path),
-           "macs": macs, "params": params, **acc}
+    row: dict[str, Any] = {"student": name, "stage": stage, "runtime": runtime, "file": str(path),
+                           "size_mb": file_mb(path), "macs": macs, "params": params, **acc}
     row["latency_b1_ms"] = 1e3 * latency(path, prep.channels, prep.input_size, 1, lat.repeats_b1, lat.warmup,
                                          lat.threads)
     row["latency_b32_ms"] = 1e3 * latency(path, prep.channels, prep.input_size, 32, lat.repeats_b32, lat.warmup,

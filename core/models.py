@@ -7,6 +7,7 @@ a bare name that is not registered here is looked up in timm, then torchvision.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -124,8 +125,9 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: objec
         import timm
 
         if timm.is_model(bare):
-            return timm.create_model(bare, pretrained=bool(kwargs.pop("pretrained", False)),
-                                     num_classes=num_classes, in_chans=in_chans, **kwargs)
+            extra: dict[str, Any] = dict(kwargs)
+            return timm.create_model(bare, pretrained=bool(extra.pop("pretrained", False)),
+                                     num_classes=num_classes, in_chans=in_chans, **extra)
     if source in ("", "torchvision"):
         import torchvision
 

@@ -17,7 +17,7 @@ import io
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import braceexpand
 
@@ -158,7 +158,8 @@ class _ObjectStream(io.RawIOBase):
 
     def __init__(self, url: str, etag: str | None) -> None:
         super().__init__()
-        self.url, self._etag, self._body = url, etag, None
+        self.url, self._etag = url, etag
+        self._body: Any = None  # aiobotocore's streaming body once opened
 
     def readable(self) -> bool:
         return True
@@ -180,8 +181,9 @@ class _ObjectStream(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         if self._body is None:
             self._body = self._open()
+        body = self._body
         try:
-            data = _sync(self._body.read, len(buffer))
+            data = _sync(body.read, len(buffer))
         except Exception as exc:  # noqa: BLE001 - aiohttp's payload errors are not OSError; the shard fails alone
             raise OSError(f"{self.url}: read failed mid-object ({exc.__class__.__name__}: {exc})") from exc
         buffer[:len(data)] = data
@@ -198,7 +200,7 @@ class _ObjectStream(io.RawIOBase):
 def open_read(url: str, etag: str | None = None) -> BinaryIO:
     """A sequential reader over one GET (with ``If-Match`` when the listing's ETag is known: a shard replaced
     between listing and reading fails instead of pairing the new bytes with the old identity)."""
-    return io.BufferedReader(_ObjectStream(url, etag), buffer_size=8 << 20)  # type: ignore[return-value]
+    return cast(BinaryIO, io.BufferedReader(_ObjectStream(url, etag), buffer_size=8 << 20))
 
 
 def get_bytes(url: str) -> bytes | None:

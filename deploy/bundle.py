@@ -201,7 +201,7 @@ def run(cfg: DeployConfig) -> DeployResult:
         write_file(version / "model.onnx", fp32)
         if int8 is not None:
             write_file(version / "model.int8.onnx", int8)
-        if lite.row is not None:
+        if lite.row is not None and lite.name is not None and lite.source is not None:
             write_file(version / lite.name, lite.source)
         num_classes = int(session(version / "model.onnx").get_outputs()[0].shape[1])
         write_file(version / "classes.json", json.dumps(_classes(cfg, train_cfg, num_classes)))

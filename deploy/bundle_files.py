@@ -52,7 +52,12 @@ def new_version(bundle: Path) -> Path:
 def write_file(path: Path, content: bytes | str | Path) -> None:
     """Durably write one bundle file: bytes/text, or a copy of the file at `content` (a Path)."""
     if isinstance(content, Path):
-        atomic_write(path, lambda tmp: shutil.copyfile(content, tmp))
+        source = content
+
+        def copy(tmp: Path) -> None:
+            shutil.copyfile(source, tmp)
+
+        atomic_write(path, copy)
     else:
         atomic_write(path, content)
 

@@ -24,7 +24,9 @@ def top1_drop(row: dict, parent: dict) -> float:
     return parent["val_top1"] - row["val_top1"]
 
 
-def _floor_text(max_top1_drop: float) -> str:
+def _floor_text(max_top1_drop: float | None) -> str:
+    if max_top1_drop is None:
+        return "deploy.max_top1_drop = none (no floor)"
     return f"deploy.max_top1_drop = {max_top1_drop:g} ({100 * max_top1_drop:.1f} pt)"
 
 

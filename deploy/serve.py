@@ -111,8 +111,9 @@ class Replica:
         self.prep = json.loads((root / "preprocessing.json").read_text())
         self.classes = json.loads((root / "classes.json").read_text())
         self.model_file, self.top_k, self.max_bytes, self.max_pixels = name, top_k, max_bytes, max_pixels
-        self._batch.set_max_batch_size(max_batch_size)
-        self._batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        batcher: Any = self._batch  # serve.batch's wrapper carries its setters (not in its type)
+        batcher.set_max_batch_size(max_batch_size)
+        batcher.set_batch_wait_timeout_s(batch_wait_ms / 1000)
         self.in_flight = 0  # /predict requests inside this replica now (uploading, decoding, batched): /healthz
         warm_up(self.session, self.prep, max_pixels)  # the replica reports ready only once a request is cheap
 

@@ -18,4 +18,4 @@ __version__ = "0.1.0"
 # path, so `distill.core` is that checkout's `core/` whether or not (and wherever) it was installed.
 _checkout = _Path(__file__).resolve().parent.parent
 if (_checkout / "pyproject.toml").is_file() and (_checkout / "teacher_cache" / "__init__.py").is_file():
-    __path__.append(str(_checkout))  # type: ignore[name-defined]  # the package's own module search path
+    __path__.append(str(_checkout))  # the package's own module search path

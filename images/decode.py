@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from PIL import Image
@@ -158,10 +159,10 @@ def _resize_like_uint8(crop: torch.Tensor, size: int, interpolation: str) -> tor
     mode = _TORCH_MODE[interpolation]
     if mode == "nearest":
         return torch.nn.functional.interpolate(crop, size=(size, size), mode=mode).to(torch.uint8)[0]
-    kw = {"mode": mode, "antialias": True, "align_corners": False}
+    resize = partial(torch.nn.functional.interpolate, mode=mode, antialias=True, align_corners=False)
     if mode == "bicubic":
-        crop = torch.nn.functional.interpolate(crop, size=(crop.shape[-2], size), **kw).round_().clamp_(0, 255)
-    r = torch.nn.functional.interpolate(crop, size=(size, size), **kw)
+        crop = resize(crop, size=(crop.shape[-2], size)).round_().clamp_(0, 255)
+    r = resize(crop, size=(size, size))
     return r.round_().clamp_(0, 255).to(torch.uint8)[0]
 
 

@@ -180,6 +180,8 @@ def _write_shards(items: list[_Item], out_dir: Path, prefix: str, per_shard: int
             nonlocal pending
             with wds.TarWriter(str(tmp)) as sink:
                 for _ in range(per_shard):
+                    if pending is None:
+                        break
                     _write_one(sink, pending)
                     bar.update(1)
                     pending = next(stream, None)

@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from distill.core import storage
 from distill.core.atomic_io import sha256_stream
@@ -58,7 +58,7 @@ def shard_stem(path: ShardPath) -> str:
     for suffix in SHARD_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
-    return path.stem
+    return Path(name).stem
 
 
 @dataclass(frozen=True)
@@ -150,13 +150,14 @@ class _CountingReader:
 
 def _decompressed(hasher: _HashingReader, head: bytes) -> BinaryIO:
     """The tar byte stream: gzip/bz2/xz detected by magic bytes (not by name), else the file itself."""
+    raw = cast(BinaryIO, hasher)  # a minimal readable file object: read() and readable()
     if head.startswith(b"\x1f\x8b"):
-        return gzip.GzipFile(fileobj=hasher, mode="rb")  # type: ignore[arg-type]
+        return cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))
     if head.startswith(b"BZh"):
-        return bz2.BZ2File(hasher, mode="rb")  # type: ignore[arg-type]
+        return cast(BinaryIO, bz2.BZ2File(raw, mode="rb"))
     if head.startswith(b"\xfd7zXZ\x00"):
-        return lzma.LZMAFile(hasher, mode="rb")  # type: ignore[arg-type]
-    return hasher  # type: ignore[return-value]
+        return cast(BinaryIO, lzma.LZMAFile(raw, mode="rb"))
+    return raw
 
 
 class _Prefixed:

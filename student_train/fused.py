@@ -61,12 +61,12 @@ def fuse_structure(template: nn.Module, k: int) -> nn.Module:
     if isinstance(template, nn.Conv2d):
         if template.padding_mode != "zeros":
             raise NotFusableError(f"Conv2d with padding_mode={template.padding_mode}")
-        t = template
-        return nn.Conv2d(k * t.in_channels, k * t.out_channels, t.kernel_size, t.stride, t.padding, t.dilation,
-                         k * t.groups, t.bias is not None)
+        conv: Any = template  # torch types a module's attributes as Tensor | Module; these are ints and tuples
+        return nn.Conv2d(k * conv.in_channels, k * conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, k * conv.groups, conv.bias is not None)
     if isinstance(template, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        t = template
-        return type(t)(k * t.num_features, t.eps, t.momentum, t.affine, t.track_running_stats)
+        bn: Any = template
+        return type(bn)(k * bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
     if isinstance(template, nn.Linear):
         return FusedLinear(k, template.in_features, template.out_features, template.bias is not None)
     if isinstance(template, nn.Flatten):
@@ -132,13 +132,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         vs = [s.v for s in students]
         self.kind, self.n, self.decay = vs[0].optimizer, len(vs), decay
         dev = params[0].device
-        f64 = {"dtype": torch.float64, "device": dev}  # per-student scalars in double, as torch's Python floats
-        self.base_lr = torch.tensor([v.lr for v in vs], dtype=torch.float64)
-        self.lr = self.base_lr.clone().to(**f64)  # set by the schedule; base_lr stays
-        self.wd = torch.tensor([v.weight_decay for v in vs], **f64)
-        self.mom = torch.tensor([v.momentum for v in vs], **f64)
+        f64 = torch.float64  # per-student scalars in double, as torch's Python floats
+        self.base_lr = torch.tensor([v.lr for v in vs], dtype=f64)
+        self.lr = self.base_lr.clone().to(dtype=f64, device=dev)  # set by the schedule; base_lr stays
+        self.wd = torch.tensor([v.weight_decay for v in vs], dtype=f64, device=dev)
+        self.mom = torch.tensor([v.momentum for v in vs], dtype=f64, device=dev)
         self.clip = torch.tensor([v.clip_grad or math.inf for v in vs], device=dev)
-        self.steps = torch.zeros(self.n, **f64)  # updates applied per student (bias correction, SGD start)
+        self.steps = torch.zeros(self.n, dtype=f64, device=dev)  # updates per student (bias correction, SGD start)
         self.mask = torch.ones(self.n, dtype=torch.bool, device=dev)  # students that step now (set by the unit)
 
     def _slot(self, p: torch.Tensor, name: str) -> torch.Tensor:
@@ -148,7 +148,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return st[name]
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]  # no closure: DeepSpeed never passes one
         params = [p for p in self.param_groups[0]["params"] if p.grad is not None]
         norm2 = sum(p.grad.reshape(self.n, -1).float().norm(dim=1) ** 2 for p in params)
         norm = torch.as_tensor(norm2, device=self.mask.device).sqrt()
@@ -163,6 +163,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """torch's AdamW / SGD(nesterov) arithmetic, vectorised over the student axis (factors per student)."""
         col = (self.n, 1)
         w = p.detach().reshape(self.n, -1)  # a copy if p is not contiguous (channels_last): written back below
+        assert p.grad is not None  # step() updates only parameters with a gradient
         g = p.grad.reshape(self.n, -1) * coef.reshape(col)
         lr = self.lr
         wd = self.wd if decay else torch.zeros_like(self.wd)

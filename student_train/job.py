@@ -34,7 +34,7 @@ class JobSpec:
     """What every worker of every variant shares (picklable, sent to Ray workers)."""
 
     run_dir: Path
-    cache_dir: Path
+    cache_dir: Path | None  # None: a cache-less run (mode none: teacher pre-training, baselines)
     train: list[ShardPair]
     val: list[ShardPair]
     num_classes: int

@@ -38,6 +38,8 @@ def find_teacher_cache(cfg: TrainConfig) -> tuple[Path, str]:
     fingerprint directory's location in its store (what a worker on another machine mirrors the same version
     from)."""
     root = cfg.data.cache_root
+    if root is None:
+        raise ValueError("data.cache_root is not set: distilled variants need the teacher cache")
     if cfg.data.fingerprint or cfg.teacher is None:
         return find_cache(root, cfg.data.fingerprint)
     want = teacher_identity(cfg.teacher)
@@ -65,7 +67,7 @@ def _with_label_counts(reader: CacheReader, pairs: list[ShardPair]) -> list[Shar
     builds that did not count them."""
     def count(p: ShardPair) -> int:
         n = reader.manifest.shards[p.stem].labelled
-        return n if n is not None else p.rows - reader.table(p.stem, columns=[COL_LABEL]).column(0).null_count
+        return n if n is not None else p.rows - int(reader.table(p.stem, columns=[COL_LABEL]).column(0).null_count)
 
     return [replace(p, labelled=count(p)) for p in pairs]
 
@@ -116,7 +118,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
         meta = reader.meta(train[0].stem)
         prep, num_classes, num_views = Preprocessing.from_dict(meta.preprocessing), meta.num_classes, meta.num_views
         train = _with_label_counts(reader, train)
-        labelled = sum(p.labelled for p in train)
+        labelled = sum(p.labelled or 0 for p in train)  # every count is known after _with_label_counts
         if cfg.data.unlabelled_shards:
             train += _unlabelled_pool(cfg, reader, train)
         feature_kd = [name for name, v in variants if v.feature_kd]
@@ -145,8 +147,8 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
                    log_every=cfg.log_every, metrics_port=cfg.metrics_port, metrics_host=cfg.metrics_host,
                    keep_checkpoints=cfg.keep_checkpoints,
                    metrics_targets_dir=Path(cfg.metrics_targets_dir or Path(cfg.run_dir) / "metrics_targets").resolve(),
-                   train_crop_scale=tuple(cfg.data.train_crop_scale),
-                   train_crop_ratio=tuple(cfg.data.train_crop_ratio), train_flip=cfg.data.train_flip,
+                   train_crop_scale=cfg.data.train_crop_scale,
+                   train_crop_ratio=cfg.data.train_crop_ratio, train_flip=cfg.data.train_flip,
                    train_rotate=cfg.data.train_rotate,
                    feature_dim=feature_dim,
                    asha=AshaRule(max(v.epochs for _, v in variants), cfg.tune.asha_grace_epochs,

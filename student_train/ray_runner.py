@@ -70,9 +70,10 @@ def _trial_fn(config: dict[str, Any]) -> None:
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=gid if len(members) > 1 else members[0][0],
                              storage_path=str(Path(job.run_dir).resolve() / "ray_results"),
-                             failure_config=FailureConfig(max_failures=config["max_failures"],
-                                                          controller_failure_limit=config["max_failures"]),
-                             callbacks=[TuneReportCallback()]))
+                             # Ray Train V2's classes (the default); ray's stubs resolve the V1 ones
+                             failure_config=FailureConfig(  # type: ignore[call-arg]
+                                 max_failures=config["max_failures"], controller_failure_limit=config["max_failures"]),
+                             callbacks=[TuneReportCallback()]))  # type: ignore[list-item]
     for name, _ in members:
         write_status(job.run_dir, name, "running", group=gid)
     try:
@@ -150,7 +151,8 @@ def run_with_ray(cfg: TrainConfig, job: JobSpec, groups: list[Group]) -> None:
         release_placement_groups(live_placement_groups() - before)
     errors = {}
     by_id = {g.id: g for g in groups}
-    for result in grid:
+    for i in range(len(grid)):
+        result = grid[i]
         gid = (result.config or {}).get("trial", {}).get("group")
         if gid in by_id and result.error is not None:
             errors.update({n: _root_reason(result.error) for n in by_id[gid].names})

@@ -129,8 +129,8 @@ def launched_context(device: str = "auto") -> WorkerContext | None:
     if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return None
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _set_device(resolve_device(device, local))  # type: ignore[arg-type]
-    return WorkerContext(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]), device=device)
+    return WorkerContext(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
+                         device=_set_device(resolve_device(device, local)))  # type: ignore[arg-type]
 
 
 def run_launched(job: JobSpec, groups: list[Group], ctx: WorkerContext) -> None:

@@ -99,6 +99,18 @@ class StudentRun:
     def live(self) -> bool:
         return self.status == "live"
 
+    def epoch_losses(self) -> EpochLosses:
+        """This epoch's loss sums (set when the epoch starts)."""
+        if self.acc is None:
+            raise RuntimeError(f"{self.name}: no epoch started")
+        return self.acc
+
+    def nan_flag(self) -> torch.Tensor:
+        """Whether a step of this epoch had a non-finite loss (a device tensor: read only at log points)."""
+        if self.bad is None:
+            raise RuntimeError(f"{self.name}: no epoch started")
+        return self.bad
+
     def begin_epoch(self, device: torch.device) -> None:
         self.acc, self.bad, self.step_seconds = EpochLosses(device), torch.zeros((), device=device), 0.0
 

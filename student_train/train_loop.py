@@ -274,10 +274,11 @@ def _train_epoch(units: list[Unit], active: list[StudentRun], job: JobSpec, st: 
     _check_finite(units, active, job, ctx, gid, f"in epoch {epoch + 1}")  # steps == 0 never reached the loop's
     live = [s for s in active if s.live]
     if ctx.world > 1 and live:
-        sums = torch.stack([s.acc.sums for s in live])
+        accs = [s.epoch_losses() for s in live]
+        sums = torch.stack([a.sums for a in accs])
         dist.all_reduce(sums)
-        for s, row in zip(live, sums, strict=True):
-            s.acc.sums = row
+        for acc, row in zip(accs, sums, strict=True):
+            acc.sums = row
     return time.perf_counter() - t0
 
 
@@ -287,7 +288,7 @@ def _check_finite(units: list[Unit], active: list[StudentRun], job: JobSpec, ctx
     live = [s for s in active if s.live]
     if not live:
         return
-    for s, bad in zip(live, any_rank_flags(torch.stack([s.bad for s in live]), ctx.world), strict=True):
+    for s, bad in zip(live, any_rank_flags(torch.stack([s.nan_flag() for s in live]), ctx.world), strict=True):
         if bad:
             _fail(s, _unit_of(units, s), f"variant {s.name}: non-finite loss {when} (lr={s.v.lr}); lower lr or warm "
                   "up longer (warmup_epochs), use precision fp32 instead of bf16, or check the inputs/labels for "
@@ -311,7 +312,7 @@ def _log_progress(active: list[StudentRun], gid: str, epoch: int, step: int, ste
 
 
 def _row(s: StudentRun, epoch: int, seconds: float, unit: Unit) -> dict[str, Any]:
-    means = s.acc.means()
+    means = s.epoch_losses().means()
     return {"epoch": epoch + 1, **means, "samples_per_s": means["train_samples"] / seconds, "epoch_seconds": seconds,
             "step_seconds": s.step_seconds, "lr": unit.lr(s)}
 

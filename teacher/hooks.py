@@ -80,6 +80,7 @@ class Fp32Head:
         if output.dtype == torch.float32:  # no autocast here: nothing to fix
             return None
         x = args[0]
+        assert isinstance(module, nn.Linear)  # install() hooks only a plain nn.Linear
         with torch.autocast(x.device.type, enabled=False):
             bias = module.bias.float() if module.bias is not None else None
             return nn.functional.linear(x.float(), module.weight.float(), bias)

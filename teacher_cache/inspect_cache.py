@@ -62,8 +62,10 @@ def inspect_cache(path: Path | str, verify: bool = True) -> dict[str, Any]:
             versions.add(reader.meta(stem).schema_version)  # the footer (and, with verify, the checksum)
         if meta is not None and meta.feature_dim is not None:
             feature_bytes += column_bytes(reader.check(stem), COL_FEATURES)
-        numbers = (entry.topk_mass, entry.labelled, entry.top1_correct)
-        mass, n_labelled, hits = _from_file(reader, stem) if None in numbers else numbers
+        if entry.topk_mass is None or entry.labelled is None or entry.top1_correct is None:
+            mass, n_labelled, hits = _from_file(reader, stem)  # labelled by an older build: read once
+        else:
+            mass, n_labelled, hits = entry.topk_mass, entry.labelled, entry.top1_correct
         mass_sum, labelled, correct = mass_sum + mass, labelled + n_labelled, correct + hits
     errors = read_errors(reader.directory)
     last_status, failed = last_run_failures(reader.directory)

@@ -238,7 +238,8 @@ class Labeler:
             progress(ProgressEvent(errors=len(errors) - n_err))
         return cols
 
-    def _teacher_step(self, item: list[DecodedSample]) -> tuple[torch.Tensor, ...]:
+    def _teacher_step(self, item: list[DecodedSample]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One forward over all views of a batch; returns host (ids, vals, tail, finite-per-sample)."""
         u8 = [d.pixels for d in item]
         if u8[0].device.type == "cpu" and self.device.type == "cuda":
@@ -258,5 +259,5 @@ class Labeler:
         finite = torch.isfinite(logits).all(dim=1).view(len(item), -1).all(dim=1)
         ids, vals, tail = pack_topk(torch.nan_to_num(logits), self.cfg.topk)
         packed = (ids.to(torch.int32), vals, tail, finite)
-        host = tuple(t.cpu() for t in packed)  # the one device->host transfer per batch: (N*V, k) small tensors
-        return (*host, feats.float().cpu() if feats is not None else None)
+        ids, vals, tail, finite = (t.cpu() for t in packed)  # the one device->host transfer per batch: small tensors
+        return ids, vals, tail, finite, feats.float().cpu() if feats is not None else None

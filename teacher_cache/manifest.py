@@ -152,30 +152,35 @@ class ManifestWriter:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.journal = store.journal(MANIFEST_NAME)
-        self.manifest: Manifest | None = None
+        self._manifest: Manifest | None = None
         self.snapshot_entries = 0  # shards in the last snapshot written or read
 
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest being written (after `open` found one, or `start`)."""
+        if self._manifest is None:
+            raise RuntimeError("ManifestWriter: open() a manifest or start() one first")
+        return self._manifest
+
     def open(self, fingerprint: str) -> Manifest | None:
-        self.manifest = Manifest.read(self.journal, f"{self.store.location}/{MANIFEST_NAME}", fingerprint)
-        self.snapshot_entries = len(self.manifest.shards) if self.manifest is not None else 0
+        self._manifest = Manifest.read(self.journal, f"{self.store.location}/{MANIFEST_NAME}", fingerprint)
+        self.snapshot_entries = len(self._manifest.shards) if self._manifest is not None else 0
         if self.journal.pending:  # a run that ended without compacting (killed): fold its records in first
             self.compact()
-        return self.manifest
+        return self._manifest
 
     def start(self, manifest: Manifest) -> None:
         """Begin with `manifest` (a new cache, or identities of touched shards updated): write it once."""
-        self.manifest = manifest
+        self._manifest = manifest
         self.compact()
 
     def put(self, stem: str, entry: ShardEntry) -> None:
-        assert self.manifest is not None, "open() or start() first"
         self.manifest.shards[stem] = entry
         self.journal.append({"shard": stem, "entry": asdict(entry)})
         if should_compact(self.journal.pending, self.snapshot_entries):
             self.compact()
 
     def compact(self) -> None:
-        assert self.manifest is not None
         self.journal.compact(self.manifest.snapshot())
         self.snapshot_entries = len(self.manifest.shards)
 

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from distill.core.graceful_stop import raise_if_stopping
 from distill.core.hooks_for_tests import forwarded_env
@@ -33,8 +34,15 @@ def _labellers_on_this_node(cfg: CacheConfig) -> int:
     node_id = ray.get_runtime_context().get_node_id()
     node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
     res = (node or {}).get("Resources", {})
-    return labellers_per_node(res.get("CPU", 1.0), res.get("GPU", 0.0), cfg.ray.cpus_per_actor,
-                              cfg.ray.gpus_per_actor, cfg.ray.num_actors)
+    num, cpus = actor_layout(cfg)
+    return labellers_per_node(res.get("CPU", 1.0), res.get("GPU", 0.0), cpus, cfg.ray.gpus_per_actor, num)
+
+
+def actor_layout(cfg: CacheConfig) -> tuple[int, float]:
+    """(ray.num_actors, ray.cpus_per_actor) once `_with_actor_defaults` has filled them in."""
+    if cfg.ray.num_actors is None or cfg.ray.cpus_per_actor is None:
+        raise RuntimeError("the actor layout is resolved on the driver before any actor starts")
+    return cfg.ray.num_actors, cfg.ray.cpus_per_actor
 
 
 class TeacherActor:
@@ -131,7 +139,7 @@ def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
                    ) -> PoolReport:
     """Schedule whole shards onto live actors; a dead actor's shard is retried elsewhere (see actor_pool)."""
     cfg = resolve_placement(_with_actor_defaults(cfg))  # decided here, once: actors never resolve `auto` themselves
-    check_fits([{"CPU": cfg.ray.cpus_per_actor, "GPU": cfg.ray.gpus_per_actor}], "a teacher actor (ray.*_per_actor)")
+    check_fits([{"CPU": actor_layout(cfg)[1], "GPU": cfg.ray.gpus_per_actor}], "a teacher actor (ray.*_per_actor)")
     pool = _PoolRun(cfg, fingerprint, tasks, on_result, on_progress)
     try:
         pool.run()
@@ -173,9 +181,9 @@ class _PoolRun:
                          "max_concurrency": 2}  # label() + take_progress()
         if env := forwarded_env():  # faults a test switched on (core/hooks_for_tests.py); never otherwise
             options["runtime_env"] = {"env_vars": env}
-        self.actor_cls = ray.remote(**options)(TeacherActor)
+        self.actor_cls: Any = ray.remote(**options)(TeacherActor)  # an actor class (ray's stubs type it as the class)
         self.args = (cfg.model_dump(mode="json"), fingerprint)
-        self.target = min(cfg.ray.num_actors, len(tasks))
+        self.target = min(actor_layout(cfg)[0], len(tasks))
         self.ready_refs: dict = {}  # node() ref -> actor
         self.label_refs: dict = {}  # label() ref -> (actor, task, attempt)
         self.node_of: dict[int, str] = {}
@@ -186,7 +194,7 @@ class _PoolRun:
         self.sched.started(actor, now)
         self.ready_refs[actor.node.remote()] = actor
 
-    def retire(self, actor: object) -> None:
+    def retire(self, actor: Any) -> None:
         """Kill an actor the pool gave up on (broken or hung); its call in flight, if any, is forgotten."""
         import ray
 
@@ -220,7 +228,7 @@ class _PoolRun:
                     self.on_label(ref)
             self.housekeeping()
 
-    def on_ready(self, ref: object) -> None:
+    def on_ready(self, ref: Any) -> None:
         import ray
 
         actor = self.ready_refs.pop(ref)
@@ -232,7 +240,7 @@ class _PoolRun:
             self.last_start_error = _one_line(exc)
             log.warning("a teacher actor failed to start: %s", self.last_start_error)
 
-    def on_label(self, ref: object) -> None:
+    def on_label(self, ref: Any) -> None:
         import ray
 
         actor, task, attempt = self.label_refs.pop(ref)

@@ -117,7 +117,7 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     teacher: LoadedTeacher | None = None
     fp = recall_fingerprint(cfg)
     early = fp is not None and not wait_for_lock  # a run that waits for the lock lists after getting it
-    walk = _prefetch(open_store(cfg.cache_root, cfg.staging_dir).child(fp).walk) if early else None
+    walk = _prefetch(open_store(cfg.cache_root, cfg.staging_dir).child(fp).walk) if fp is not None and early else None
     shards = map_shards(cfg.shards)  # (listing the shards while the cache directory is listed)
     if fp is None:
         teacher, fp = prepare(cfg)

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from distill.core import object_store
@@ -108,7 +109,7 @@ def _copy(url: str, view: View, target: Path, last_try: bool) -> None:
         if dest.exists() and checksum_matches(dest, sha):
             continue
         if name in older and checksum_matches(older[name], sha):
-            atomic_write(dest, lambda tmp, src=older[name]: os.link(src, tmp))
+            atomic_write(dest, partial(os.link, older[name]))
             remember_verified(dest, sha)
             linked += 1
             continue

@@ -17,7 +17,7 @@ ALLOWED = {
     "teacher": {"core", "images"},
     "teacher_cache": {"core", "images", "teacher"},
     "student_train": {"core", "images", "teacher", "teacher_cache"},
-    "compress": {"core", "student_train"},
+    "compress": {"core", "images", "student_train"},
     "deploy": {"core", "images", "compress"},
     "cluster": {"core", "images", "teacher", "teacher_cache", "student_train", "compress", "deploy"},
     "distill": {"core", "images", "teacher", "teacher_cache", "student_train", "compress", "deploy", "cluster"},
