@@ -18,6 +18,14 @@ from distill.core.storage import parse_location
 PathOrURL = Annotated[Path | str, BeforeValidator(parse_location)]  # s3:// stays a URL string, the rest a Path
 
 
+def absolute(location: Path | str | None) -> Path | str | None:
+    """A local path made absolute against this process's working directory; URLs (s3://) and None unchanged.
+
+    Stages call it on the driver before a config travels to Ray workers, whose working directory may differ (a
+    user's own Ray started elsewhere): a relative path must mean what it meant where the user typed it."""
+    return Path(location).absolute() if isinstance(location, Path) else location
+
+
 class StrictConfig(BaseModel):
     """Base of every config model: unknown fields are errors; assignments are validated."""
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from distill.core.config import MetricsConfig, PathOrURL, StrictConfig
+from distill.core.config import MetricsConfig, PathOrURL, StrictConfig, absolute
 from distill.images.views import ViewsConfig
 from distill.teacher.config import TeacherConfig
 
@@ -78,6 +78,14 @@ class CacheConfig(StrictConfig):
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     progress: bool = True
+
+    def anchored(self) -> CacheConfig:
+        """This config with its local paths absolute (core.config.absolute): the labellers may run elsewhere."""
+        t = self.teacher
+        teacher = t.model_copy(update={"checkpoint": absolute(t.checkpoint), "scripted": absolute(t.scripted)})
+        return self.model_copy(update={
+            "shards": [s if "://" in s else str(absolute(Path(s))) for s in self.shards], "teacher": teacher,
+            "cache_root": absolute(self.cache_root), "staging_dir": absolute(self.staging_dir)})
 
     @model_validator(mode="before")
     @classmethod

@@ -113,7 +113,7 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     config. ``last_run.json`` is written while the lock is held, so it always describes the last writer.
     """
     t0 = time.perf_counter()
-    cfg = resolve_placement(cfg)  # device, precision, decode backend: once, where the labellers will run
+    cfg = resolve_placement(cfg.anchored())  # paths absolute; device, precision, decode backend: once, here
     teacher: LoadedTeacher | None = None
     fp = recall_fingerprint(cfg)
     early = fp is not None and not wait_for_lock  # a run that waits for the lock lists after getting it

@@ -315,7 +315,7 @@ def test_retrained_teacher_with_same_size_and_mtime_gets_a_new_fingerprint(setup
 
 def test_damaged_listed_cache_file_is_refused_on_the_training_path(setup):
     """Same size, altered bytes: the join check (once per run) refuses it, naming the file and the fix."""
-    import distill.teacher_cache.reader as reader_mod
+    import distill.core.atomic_io as atomic_io
     from distill.student_train.data import resolve_split
 
     tmp, shards, ckpt = setup
@@ -335,11 +335,11 @@ def test_damaged_listed_cache_file_is_refused_on_the_training_path(setup):
     assert run(_cfg(tmp, ckpt)).changed == ["train-000001"]
     # a good (here: just rewritten) file is checksummed once per process, later opens check size + footer only
     calls = []
-    real = reader_mod.file_sha256
-    reader_mod.file_sha256 = lambda p: calls.append(p) or real(p)
+    real = atomic_io.file_sha256  # what the reader's checksum_matches hashes with
+    atomic_io.file_sha256 = lambda p: calls.append(p) or real(p)
     try:
         resolve_split([str(shards[1])], CacheReader(res.cache_dir), "train")
         CacheReader(res.cache_dir).arrays("train-000001")
     finally:
-        reader_mod.file_sha256 = real
+        atomic_io.file_sha256 = real
     assert [p.name for p in calls] == ["train-000001.parquet"]

@@ -12,7 +12,7 @@ from distill.core.config import StrictConfig
 pytestmark = pytest.mark.integration
 
 
-def test_stages_from_python_inside_a_users_ray_job(tmp_path, monkeypatch):
+def test_stages_from_python_inside_a_users_ray_job(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
     made = api.shards({"source": "digits", "out_dir": "shards", "samples_per_shard": 40, "limit": 100})
     assert made.samples == 100 and len(made.train) == 3 and isinstance(made.train_pattern, str)
@@ -25,16 +25,13 @@ def test_stages_from_python_inside_a_users_ray_job(tmp_path, monkeypatch):
                                    "preprocessing": {"input_size": 16, "mean": [0.5], "std": [0.25], "channels": 1}},
                           ray={"num_actors": 1, "cpus_per_actor": 0.5})
     assert isinstance(cfg, StrictConfig)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
-        session = ray.get_runtime_context().get_job_id()
-        res = api.cache(cfg)
-        assert res.status == "success" and sorted(res.labelled) == ["train-000000", "train-000001", "train-000002",
-                                                                   "val-000000"]
-        assert ray.is_initialized() and ray.get_runtime_context().get_job_id() == session  # the user's Ray, kept
-        again = api.cache(cfg.model_dump())  # a dict is validated as the CLI validates YAML
-        assert again.labelled == [] and again.fingerprint == res.fingerprint
-    finally:
-        ray.shutdown()
+    assert ray.is_initialized()  # this process's own Ray (the session's), as in a user's Ray job
+    session = ray.get_runtime_context().get_job_id()
+    res = api.cache(cfg)
+    assert res.status == "success" and sorted(res.labelled) == ["train-000000", "train-000001", "train-000002",
+                                                               "val-000000"]
+    assert ray.is_initialized() and ray.get_runtime_context().get_job_id() == session  # the user's Ray, kept
+    again = api.cache(cfg.model_dump())  # a dict is validated as the CLI validates YAML
+    assert again.labelled == [] and again.fingerprint == res.fingerprint
     with pytest.raises(ValueError, match="topk"):
         api.cache({**cfg.model_dump(), "topk": 0})

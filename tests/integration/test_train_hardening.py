@@ -67,9 +67,9 @@ def test_checkpoints_sealed_pruned_fallback_and_no_unpickling(kd_data, tmp_path)
     states = tag / "mp_rank_00_model_states.pt"
     torch.save({"module": _Evil(marker)}, states)
     digests = json.loads((tag / "distill_digests.json").read_text())
-    from distill.student_train.checkpoints import _sha256
+    from distill.core.atomic_io import file_sha256
 
-    digests[states.name] = _sha256(states)  # someone who can write the file can rewrite its digest too
+    digests[states.name] = file_sha256(states)  # someone who can write the file can rewrite its digest too
     (tag / "distill_digests.json").write_text(json.dumps(digests))
     write_status(run_dir, "ck", "running")
     res = run(_cfg(kd_data, run_dir, 6))
