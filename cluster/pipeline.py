@@ -17,11 +17,12 @@ from functools import partial
 from pathlib import Path
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distill.cluster.cli_common import StageFailedError
 from distill.compress.config import CompressConfig
 from distill.core.config import MetricsConfig, StrictConfig
+from distill.core.tracking import TrackingConfig
 from distill.deploy.config import DeployConfig
 from distill.images.shard_writer import ShardsConfig
 from distill.student_train.config import TrainConfig
@@ -42,6 +43,17 @@ class PipelineConfig(StrictConfig):
     ray_address: str | None = Field(None, description="Ray cluster for every stage (default: RAY_ADDRESS or local)")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="this process's exporter (cache, "
                                    "compress and deploy metrics); set targets_file for Prometheus file_sd")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow for every stage that does "
+                                     "not set its own `tracking` (default: one local store, <output>/../mlruns)")
+
+    @model_validator(mode="after")
+    def _tracking_everywhere(self) -> PipelineConfig:
+        """A pipeline-level `tracking` applies to the stages that do not set their own."""
+        if "tracking" in self.model_fields_set:
+            for stage in (self.teacher, self.cache, self.train, self.compress):
+                if stage is not None and "tracking" not in stage.model_fields_set:
+                    stage.tracking = self.tracking
+        return self
 
 
 def _shards_current(cfg: ShardsConfig) -> bool:

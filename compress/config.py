@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 
 from distill.core.config import StrictConfig
+from distill.core.tracking import TrackingConfig
 
 
 class SelectConfig(StrictConfig):
@@ -67,3 +68,5 @@ class CompressConfig(StrictConfig):
                                  "loses at most this much val top-1 against its parent (deploy has its own floor)")
     min_smaller: float = Field(4.0, gt=0.0, description="the report's verdict: size goal (x smaller than parent)")
     min_speedup: float = Field(2.0, gt=0.0, description="the report's verdict: batch-32 latency goal (x faster)")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow: a run per compress and "
+                                     "per student stage (default store: <out_dir>/../mlruns)")

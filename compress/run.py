@@ -24,6 +24,7 @@ from distill.compress.prune import count_cost
 from distill.compress.quantize import quantize_int8
 from distill.compress.report import format_table, pareto_plot, verdicts
 from distill.compress.select import select_students
+from distill.compress.tracking import record_compress
 from distill.core.models import create_model
 from distill.core.run_phase import begin_work
 from distill.images.preprocessing import Preprocessing
@@ -179,6 +180,7 @@ def run(cfg: CompressConfig) -> CompressResult:
 
     trained = pq.read_table(run_dir / "leaderboard.parquet").to_pylist()
     plot = pareto_plot(trained, rows, out / "pareto.png")
+    record_compress(cfg, rows, [plot, out / "report.txt", out / "report.json"])  # MLflow; never fails compress
     metrics.DURATION.set(time.perf_counter() - t0)
     log.info("compress done in %.1f s", time.perf_counter() - t0)
     return CompressResult(out_dir=out, rows=rows, table=table, plot=plot)

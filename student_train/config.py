@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from distill.core.config import PathOrURL, StrictConfig
+from distill.core.tracking import TrackingConfig
 from distill.images.preprocessing import PreprocessingConfig
 from distill.student_train.twins import add_twins
 from distill.student_train.variant import Mode, VariantConfig
@@ -102,6 +103,8 @@ class TrainConfig(StrictConfig):
                               "clusters (the target file then names the node's address)")
     metrics_targets_dir: Path | None = Field(None, description="where workers publish file_sd scrape targets "
                                              "(default: <run_dir>/metrics_targets)")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow: a run per sweep and per "
+                                     "student (default store: <run_dir>/../mlruns)")
 
     @field_validator("fuse", "horizontal", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from distill.core.graceful_stop import StopRequested, raise_if_stopping, sigterm
 from distill.core.run_phase import begin_work
 from distill.student_train.asha import clear as clear_asha
 from distill.student_train.config import TrainConfig, VariantConfig
+from distill.student_train.curves import plot_curves
 from distill.student_train.groups import Group, format_plan, plan_groups
 from distill.student_train.job import JobSpec, WorkerContext, student_prep
 from distill.student_train.job_plan import plan_job
@@ -32,6 +33,7 @@ from distill.student_train.leaderboard import (
     write_leaderboard,
 )
 from distill.student_train.status import clear_stop, finished, mark_stopped, read_status, write_status
+from distill.student_train.tracking import finish_sweep, start_sweep
 from distill.student_train.train_loop import train_group
 from distill.student_train.twins import pair_twins
 from distill.student_train.unlabelled import samples_per_epoch
@@ -205,6 +207,11 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
             log.info("%s", format_teacher_line(teacher))
         atomic_write(run_dir / "plan.txt", plan + "\n")
     begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
+    twins = pair_twins(variants)
+    sweep = None
+    if launched is None or launched.rank == 0:  # the runs exist before any worker logs to them
+        sweep = start_sweep(cfg.tracking, run_dir, variants, twins, {n: g.id for g in groups for n in g.names},
+                            job.cache_dir.name if job.cache_dir else None)
     if launched is not None:  # every rank trains every group (finished students resume at their end: no steps)
         if launched.rank == 0:
             clear_asha(run_dir)
@@ -223,7 +230,7 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
         prep = student_prep(v, job.teacher_prep)
         rows.append(variant_row(run_dir, name, v, job.num_classes, prep.channels, prep.input_size,
                                 samples_per_epoch(job.train, v.mode, job.labelled_passes)))
-    rows = add_twin_deltas(rows, pair_twins(variants))
+    rows = add_twin_deltas(rows, twins)
     path = write_leaderboard(run_dir, rows)
     warning = teacher_warning(teacher, rows)
     if warning:
@@ -231,5 +238,9 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
     text = (format_twin_comparison(twin_pairs(rows)) + "\n\n" + format_leaderboard(rows) + "\n\n"
             + format_teacher_line(teacher) + "\n" + (warning + "\n" if warning else ""))
     (run_dir / "leaderboard.txt").write_text(text)
+    curves = plot_curves(run_dir, [n for n, _ in variants], twins, teacher[0] if teacher else None)
+    if sweep is not None:
+        finish_sweep(sweep, run_dir, rows, [run_dir / "leaderboard.txt", path, run_dir / "plan.txt",
+                                            run_dir / "train_config.resolved.yaml", *([curves] if curves else [])])
     return TrainResult(run_dir=run_dir, leaderboard=rows, leaderboard_path=path, seconds=time.perf_counter() - t0,
                        teacher_val_top1=teacher, teacher_warning=warning)

@@ -47,6 +47,7 @@ from distill.student_train.student import (
     seeded_model,
     write_row,
 )
+from distill.student_train.tracking import log_epoch
 from distill.student_train.unlabelled import labelled_passes, train_pairs
 from distill.student_train.variant import VariantConfig
 from distill.teacher.load import load_teacher
@@ -362,6 +363,7 @@ def _finish_epoch(s: StudentRun, unit: Unit, row: dict[str, Any], job: JobSpec, 
     row["wall_seconds"] = s.state["wall"]
     if ctx.rank == 0:
         write_row(s.out / "metrics.csv", row)
+        log_epoch(s.out, row)  # MLflow (student_train/tracking.py); never fails the epoch
     if row.get("val_top1") is not None:
         m.VAL_TOP1.labels(s.name).set(row["val_top1"])
     m.EPOCH.labels(s.name).set(epoch + 1)
