@@ -94,7 +94,8 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
         "- `model.tflite` or `model.int8.tflite` (when the LiteRT checks passed): the LiteRT model for phones and "
         "boards, NHWC; see \"LiteRT\" below.",
         "- `preprocessing.json`: decode -> channels -> centre crop (crop_pct of the shorter side) -> resize -> "
-        "normalise; `classes.json`: class names by index.",
+        "normalise (with `source_channels`: decode with that many channels, then replicate the grey channel to "
+        "`channels`); `classes.json`: class names by index.",
         "",
         "## Preprocessing",
         f"```json\n{json.dumps(prep, indent=1)}\n```",

@@ -23,6 +23,9 @@ class VariantConfig(StrictConfig):
     input_size: int | None = Field(None, ge=8, description="student input size (default: the teacher's)")
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    channels: Literal[1, 3] | None = Field(None, description="student input channels (default: the cache's); 3 "
+                                           "on a grey (1-channel) cache replicates its grey pixels to 3 channels, "
+                                           "for architectures that take only RGB (torchvision) or RGB weights")
     mode: Mode = "soft"
     alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the distillation term")
     temperature: float = Field(4.0, gt=0.0)
