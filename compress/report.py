@@ -64,7 +64,7 @@ def verdicts(rows: list[dict], max_top1_drop: float, min_smaller: float, min_spe
 def pareto_plot(trained: list[dict], compressed: list[dict], path: Path) -> Path:
     """Val top-1 against MACs: every trained student, and each compression stage (latency in the labels)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    done = [r for r in trained if r.get("val_top1") is not None]
+    done = [r for r in trained if r.get("val_top1") is not None and r.get("macs") is not None]
     ax.scatter([r["macs"] / 1e6 for r in done], [r["val_top1"] for r in done], label="trained students", c="tab:blue")
     for r in done:
         ax.annotate(r["variant"], (r["macs"] / 1e6, r["val_top1"]), fontsize=6, alpha=0.7)

@@ -356,7 +356,7 @@ def _finish_epoch(s: StudentRun, unit: Unit, row: dict[str, Any], job: JobSpec, 
         s.state["best"] = score
         state = unit.best_state(s)  # every rank (ZeRO-3 gathers)
         if ctx.rank == 0:
-            save_best(state, s.v, job, s.out, row, what, score)
+            save_best(state, s.v, job, s.out, row, what, score, s.init)
     s.state["epoch"] = epoch
     unit.save(s, epoch)
     row["wall_seconds"] = s.state["wall"]
