@@ -40,8 +40,12 @@ def _pick(cfg: DeployConfig, rows: list[dict]) -> str:
     students = sorted({r["student"] for r in rows})
     if cfg.student:
         if cfg.student not in students:
-            raise ValueError(f"student '{cfg.student}' was not compressed in {cfg.compress_dir}; "
-                             f"choose one of {students}")
+            failed = Path(cfg.compress_dir) / "failures.json"
+            why = [f["reason"] for f in (json.loads(failed.read_text()) if failed.exists() else [])
+                   if f["student"] == cfg.student]
+            raise ValueError(f"student '{cfg.student}' was not compressed in {cfg.compress_dir}"
+                             + (f" (its compression failed: {why[0]})" if why else "")
+                             + f"; choose one of {students}")
         return cfg.student
     base = [r for r in rows if r["stage"] == "baseline"]
     return max(base, key=lambda r: r["val_top1"])["student"]
