@@ -25,6 +25,7 @@ from distill.compress.prune import count_cost
 from distill.compress.quantize import quantize_int8
 from distill.compress.report import failure, format_failures, format_table, pareto_plot, verdicts
 from distill.compress.select import select_students
+from distill.core.errors import InputError
 from distill.core.graceful_stop import raise_if_stopping
 from distill.core.models import create_model
 from distill.core.run_phase import begin_work
@@ -90,7 +91,13 @@ def calibration(job: JobSpec, v: VariantConfig, samples: int) -> list[np.ndarray
 def load_student(run_dir: Path, name: str, v: VariantConfig) -> torch.nn.Module:
     info = json.loads((run_dir / name / "arch.json").read_text())
     model = create_model(info["arch"], info["num_classes"], info["in_chans"], **info["arch_kwargs"])
-    model.load_state_dict(torch.load(run_dir / name / "best.pt", map_location="cpu", weights_only=True))
+    ckpt = run_dir / name / "best.pt"
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or cut-short file raises many types
+        raise InputError(f"{ckpt} cannot be read ({exc.__class__.__name__}: {str(exc).splitlines()[0]}): delete "
+                         f"{ckpt.parent} and re-run `distill train` to train this student again") from exc
+    model.load_state_dict(state)
     return model.eval()
 
 
