@@ -84,7 +84,10 @@ def run_compress(cfg: CompressConfig) -> dict:
         return {"stage": "compress", "skipped": True, "out_dir": str(cfg.out_dir)}
     res = run(cfg)
     log.info("compression report:\n%s", res.table)
-    return {"stage": "compress", "out_dir": str(res.out_dir), "plot": str(res.plot),
+    if res.status == "failure":
+        raise StageFailedError(f"compress stage: every student failed; see {res.out_dir}/report.txt")
+    return {"stage": "compress", "status": res.status, "failures": res.failures, "out_dir": str(res.out_dir),
+            "plot": str(res.plot),
             "rows": [{k: r[k] for k in ("student", "stage", "val_top1", "size_mb", "latency_b1_ms")} for r in res.rows]}
 
 

@@ -14,6 +14,8 @@ from distill.core.tracking import TrackingConfig
 class SelectConfig(StrictConfig):
     top_n: int = Field(1, ge=1, description="how many students to compress")
     by: Literal["val_top1", "pareto"] = Field("val_top1", description="best accuracy, or the accuracy/MACs front")
+    students: list[str] = Field(default_factory=list, description="compress these students (leaderboard variant "
+                                "names) instead of the top_n by `by`; `distill compress --student NAME`")
 
 
 class PruneConfig(StrictConfig):

@@ -44,7 +44,7 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, keep: float, target
             pruner.step()
         except Exception as exc:  # an op Torch-Pruning cannot follow; report which layer
             raise PruningError(_culprit(model, exc)) from exc
-        macs, params = count_cost(model, example)
+        macs, params = _cost_after_step(model, example)
     reached = (macs if target == "macs" else params) <= goal
     if not reached:
         import logging
@@ -60,6 +60,16 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, keep: float, target
         raise PruningError("pruning changed the output shape; the classifier head must be the last Linear layer")
     return {"macs_before": macs0, "params_before": params0, "macs_after": macs, "params_after": params,
             "target_reached": reached}
+
+
+def _cost_after_step(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    """(MACs, params) of the model a pruning step left; it must still run."""
+    try:
+        return count_cost(model, example)
+    except Exception as exc:  # Torch-Pruning cut channels this architecture ties together (e.g. attention heads)
+        raise PruningError(f"the pruned model no longer runs ({exc.__class__.__name__}: {str(exc).splitlines()[0]}): "
+                           "Torch-Pruning does not follow this architecture; compress it without pruning "
+                           "(prune.enabled: false, or the others by name: --student)") from exc
 
 
 def _culprit(model: nn.Module, exc: Exception) -> str:

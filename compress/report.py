@@ -26,6 +26,21 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def failure(student: str, stage: str, exc: BaseException) -> dict:
+    """One failure of the report: which student, which stages ("all": it has no row; "pruned": its pruned stages),
+    and the error in one line."""
+    reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0][:400]
+    return {"student": student, "stage": stage, "reason": reason}
+
+
+def format_failures(failures: list[dict]) -> str:
+    """The report's failure lines ('' when none): the other students' results above them stand."""
+    lines = [f"FAILED {f['student']}: " + ("not compressed (no stage measured)" if f["stage"] == "all" else
+                                          f"its {f['stage']} stages (the others are above)") + f": {f['reason']}"
+             for f in failures]
+    return "\n".join(lines)
+
+
 def _gains(r: dict, base: dict) -> tuple[float, float, float]:
     """(top-1 drop in points, x smaller, x faster at batch 32) against the parent (baseline) row."""
     return (100 * (base["val_top1"] - r["val_top1"]), base["size_mb"] / r["size_mb"],
@@ -64,7 +79,7 @@ def verdicts(rows: list[dict], max_top1_drop: float, min_smaller: float, min_spe
 def pareto_plot(trained: list[dict], compressed: list[dict], path: Path) -> Path:
     """Val top-1 against MACs: every trained student, and each compression stage (latency in the labels)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    done = [r for r in trained if r.get("val_top1") is not None]
+    done = [r for r in trained if r.get("val_top1") is not None and r.get("macs") is not None]
     ax.scatter([r["macs"] / 1e6 for r in done], [r["val_top1"] for r in done], label="trained students", c="tab:blue")
     for r in done:
         ax.annotate(r["variant"], (r["macs"] / 1e6, r["val_top1"]), fontsize=6, alpha=0.7)

@@ -6,7 +6,8 @@ import copy
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,11 @@ from distill.compress.measure import accuracy, file_mb, onnx_accuracy, onnx_late
 from distill.compress.onnx_export import check_parity, export_onnx, save_torchscript
 from distill.compress.prune import count_cost
 from distill.compress.quantize import quantize_int8
-from distill.compress.report import format_table, pareto_plot, verdicts
+from distill.compress.report import failure, format_failures, format_table, pareto_plot, verdicts
 from distill.compress.select import select_students
 from distill.compress.tracking import record_compress
+from distill.core.errors import InputError
+from distill.core.graceful_stop import raise_if_stopping
 from distill.core.models import create_model
 from distill.core.run_phase import begin_work
 from distill.images.preprocessing import Preprocessing
@@ -42,6 +45,16 @@ class CompressResult:
     rows: list[dict]
     table: str
     plot: Path
+    failures: list[dict] = field(default_factory=list)  # {student, stage ("all" or "pruned"), reason}
+    students: list[str] = field(default_factory=list)  # the students it was asked to compress
+
+    @property
+    def status(self) -> str:
+        """success; partial (a student or its pruned stages failed, the rest is in the report); failure (none of
+        the students has a measured row)."""
+        if not self.failures:
+            return "success"
+        return "partial" if self.rows else "failure"
 
 
 def _stream(job: JobSpec, v: VariantConfig, train: bool, batch: int) -> JoinedStream:
@@ -79,7 +92,13 @@ def calibration(job: JobSpec, v: VariantConfig, samples: int) -> list[np.ndarray
 def load_student(run_dir: Path, name: str, v: VariantConfig) -> torch.nn.Module:
     info = json.loads((run_dir / name / "arch.json").read_text())
     model = create_model(info["arch"], info["num_classes"], info["in_chans"], **info["arch_kwargs"])
-    model.load_state_dict(torch.load(run_dir / name / "best.pt", map_location="cpu", weights_only=True))
+    ckpt = run_dir / name / "best.pt"
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or cut-short file raises many types
+        raise InputError(f"{ckpt} cannot be read ({exc.__class__.__name__}: {str(exc).splitlines()[0]}): delete "
+                         f"{ckpt.parent} and re-run `distill train` to train this student again") from exc
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -109,7 +128,32 @@ def _measure(stage: str, name: str, path: Path, vb: list, prep: Preprocessing, c
     return row
 
 
-def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) -> list[dict]:
+def _pruned_stages(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, v: VariantConfig,
+                   model: torch.nn.Module, measure: Callable[[str, Path, int, int], dict], calib: list[np.ndarray],
+                   images: torch.Tensor, out: Path) -> tuple[list[dict], Source]:
+    """pruned (+ KD fine-tune from the cache) and pruned+int8: their rows and the pruned model for LiteRT."""
+    prep = student_prep(v, job.teacher_prep)
+    example = torch.zeros(1, prep.channels, prep.input_size, prep.input_size)
+    pruned = copy.deepcopy(model)
+    ident = finetune_identity(run_dir / name / "best.pt", (run_dir / name / "variant.yaml").read_text(),
+                              cfg.prune, str(job.cache_dir))
+    costs = prune_and_finetune(pruned, example, cfg.prune, v, job, finetune_dir(out, ident))
+    log.info("%s pruned: MACs %d -> %d, params %d -> %d", name, costs["macs_before"], costs["macs_after"],
+             costs["params_before"], costs["params_after"])
+    p_path = export_onnx(pruned, out / "pruned.onnx", prep.channels, prep.input_size)
+    save_torchscript(pruned, out / "pruned.ts", prep.channels, prep.input_size)
+    check_parity(pruned, p_path, images)
+    rows = [measure("pruned", p_path, costs["macs_after"], costs["params_after"])]
+    if cfg.quantize.enabled:
+        pq_path = quantize_int8(p_path, out / "pruned_int8.onnx", iter(calib), cfg.quantize.per_channel,
+                                cfg.quantize.method)
+        rows.append(measure("pruned+int8", pq_path, costs["macs_after"], costs["params_after"]))
+    return rows, Source("pruned+", p_path, pruned, costs["macs_after"], costs["params_after"])
+
+
+def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, failures: list[dict]) -> list[dict]:
+    """Every stage of one student. The pruned stages may fail alone (an architecture Torch-Pruning cannot follow):
+    that is added to `failures` and the baseline's stages stand; any other error fails the student (raises)."""
     v = VariantConfig.model_validate(yaml.safe_load((run_dir / name / "variant.yaml").read_text()))
     prep = student_prep(v, job.teacher_prep)
     out = Path(cfg.out_dir).resolve() / name
@@ -131,22 +175,14 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) ->
         q = quantize_int8(base, out / "int8.onnx", iter(calib), cfg.quantize.per_channel, cfg.quantize.method)
         rows.append(_measure("int8", name, q, vb, prep, cfg, macs, params))
     if cfg.prune.enabled:
-        pruned = copy.deepcopy(model)
-        ident = finetune_identity(run_dir / name / "best.pt", (run_dir / name / "variant.yaml").read_text(),
-                                  cfg.prune, str(job.cache_dir))
-        costs = prune_and_finetune(pruned, example, cfg.prune, v, job, finetune_dir(out, ident))
-        log.info("%s pruned: MACs %d -> %d, params %d -> %d", name, costs["macs_before"], costs["macs_after"],
-                 costs["params_before"], costs["params_after"])
-        p_path = export_onnx(pruned, out / "pruned.onnx", prep.channels, prep.input_size)
-        save_torchscript(pruned, out / "pruned.ts", prep.channels, prep.input_size)
-        check_parity(pruned, p_path, images)
-        rows.append(_measure("pruned", name, p_path, vb, prep, cfg, costs["macs_after"], costs["params_after"]))
-        sources.append(Source("pruned+", p_path, pruned, costs["macs_after"], costs["params_after"]))
-        if cfg.quantize.enabled:
-            pq_path = quantize_int8(p_path, out / "pruned_int8.onnx", iter(calib), cfg.quantize.per_channel,
-                                    cfg.quantize.method)
-            rows.append(_measure("pruned+int8", name, pq_path, vb, prep, cfg, costs["macs_after"],
-                                 costs["params_after"]))
+        try:
+            p_rows, p_source = _pruned_stages(cfg, job, run_dir, name, v, model, lambda stage, path, m, p: _measure(
+                stage, name, path, vb, prep, cfg, m, p), calib, images, out)
+            rows, sources = rows + p_rows, sources + [p_source]
+        except Exception as exc:  # the baseline's stages stand; the reason goes into the report
+            raise_if_stopping()
+            log.exception("%s: the pruned stages failed", name)
+            failures.append(failure(name, "pruned", exc))
     if cfg.litert.enabled:
         rows += litert_stages(sources, out, lambda stage, path, m, p: _measure(stage, name, path, vb, prep, cfg, m, p),
                               calib if cfg.quantize.enabled else [], all_pixels[:256], cfg.quantize.enabled)
@@ -164,17 +200,25 @@ def run(cfg: CompressConfig) -> CompressResult:
     job = plan_job(train_cfg)
     if job.cache_dir is None:
         raise ValueError(f"{run_dir}: trained without a teacher cache; compress fine-tunes from the cache")
-    selected = select_students(run_dir, cfg.select.top_n, cfg.select.by)
+    selected = select_students(run_dir, cfg.select.top_n, cfg.select.by, cfg.select.students)
     begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
     rows: list[dict] = []
-    for r in selected:
-        rows.extend(compress_one(cfg, job, run_dir, r["variant"]))
+    failures: list[dict] = []
+    for r in selected:  # one student that cannot be compressed is reported; the others go on
+        try:
+            rows.extend(compress_one(cfg, job, run_dir, r["variant"], failures))
+        except Exception as exc:
+            raise_if_stopping()
+            log.exception("%s: compression failed", r["variant"])
+            failures.append(failure(r["variant"], "all", exc))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(rows) + "\n\n" + "\n".join(verdicts(rows, cfg.max_top1_drop, cfg.min_smaller,
-                                                            cfg.min_speedup))
+    table = "\n\n".join(part for part in (
+        format_table(rows), "\n".join(verdicts(rows, cfg.max_top1_drop, cfg.min_smaller, cfg.min_speedup)),
+        format_failures(failures)) if part)
     (out / "report.txt").write_text(table + "\n")
     (out / "report.json").write_text(json.dumps(rows, indent=1))
+    (out / "failures.json").write_text(json.dumps(failures, indent=1))
     (out / "compress_config.resolved.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     import pyarrow.parquet as pq
 
@@ -183,4 +227,5 @@ def run(cfg: CompressConfig) -> CompressResult:
     record_compress(cfg, rows, [plot, out / "report.txt", out / "report.json"])  # MLflow; never fails compress
     metrics.DURATION.set(time.perf_counter() - t0)
     log.info("compress done in %.1f s", time.perf_counter() - t0)
-    return CompressResult(out_dir=out, rows=rows, table=table, plot=plot)
+    return CompressResult(out_dir=out, rows=rows, table=table, plot=plot, failures=failures,
+                          students=[r["variant"] for r in selected])

@@ -116,6 +116,10 @@ class UnknownModelError(InputError):
     """An architecture name that no registry knows."""
 
 
+class InputChannelsError(InputError):
+    """The architecture cannot take this many input channels (torchvision models take RGB only)."""
+
+
 def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: object) -> nn.Module:
     """Build an untrained model by name; unknown names raise an error listing where we looked."""
     source, _, bare = name.partition(":") if ":" in name else ("", "", name)
@@ -133,7 +137,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: objec
 
         if bare in torchvision.models.list_models():
             if in_chans != 3:
-                raise ValueError(f"torchvision model '{bare}' takes 3 input channels, not {in_chans}; "
+                raise InputChannelsError(f"torchvision model '{bare}' takes 3 input channels, not {in_chans}; "
                                  "set preprocessing.channels: 3 or use a timm/registered model")
             return torchvision.models.get_model(bare, num_classes=num_classes, **kwargs)
     raise UnknownModelError(

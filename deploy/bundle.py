@@ -40,8 +40,12 @@ def _pick(cfg: DeployConfig, rows: list[dict]) -> str:
     students = sorted({r["student"] for r in rows})
     if cfg.student:
         if cfg.student not in students:
-            raise ValueError(f"student '{cfg.student}' was not compressed in {cfg.compress_dir}; "
-                             f"choose one of {students}")
+            failed = Path(cfg.compress_dir) / "failures.json"
+            why = [f["reason"] for f in (json.loads(failed.read_text()) if failed.exists() else [])
+                   if f["student"] == cfg.student]
+            raise ValueError(f"student '{cfg.student}' was not compressed in {cfg.compress_dir}"
+                             + (f" (its compression failed: {why[0]})" if why else "")
+                             + f"; choose one of {students}")
         return cfg.student
     base = [r for r in rows if r["stage"] == "baseline"]
     return max(base, key=lambda r: r["val_top1"])["student"]
@@ -94,7 +98,8 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
         "- `model.tflite` or `model.int8.tflite` (when the LiteRT checks passed): the LiteRT model for phones and "
         "boards, NHWC; see \"LiteRT\" below.",
         "- `preprocessing.json`: decode -> channels -> centre crop (crop_pct of the shorter side) -> resize -> "
-        "normalise; `classes.json`: class names by index.",
+        "normalise (with `source_channels`: decode with that many channels, then replicate the grey channel to "
+        "`channels`); `classes.json`: class names by index.",
         "",
         "## Preprocessing",
         f"```json\n{json.dumps(prep, indent=1)}\n```",

@@ -70,10 +70,13 @@ class WorkerContext:
 
 
 def student_prep(v: VariantConfig, teacher: Preprocessing) -> Preprocessing:
-    """The student's input: its own size/normalisation after the replayed crop (teacher's by default)."""
+    """The student's input: its own size/normalisation/channels after the replayed crop (teacher's by default);
+    more channels than the cache's are the cache's grey replicated (`source_channels`)."""
+    channels = v.channels or teacher.channels
     return Preprocessing(input_size=v.input_size or teacher.input_size, crop_pct=teacher.crop_pct,
                          mean=tuple(v.mean or teacher.mean), std=tuple(v.std or teacher.std),
-                         interpolation=teacher.interpolation, channels=teacher.channels)
+                         interpolation=teacher.interpolation, channels=channels,
+                         source_channels=teacher.channels if channels != teacher.channels else None)
 
 
 def data_seed(v: VariantConfig) -> int:

@@ -9,21 +9,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from distill.core.models import count_params, create_model
 from distill.student_train.config import VariantConfig
 from distill.student_train.status import read_status
+from distill.student_train.student_check import StudentCost
 from distill.teacher_cache.contract import CacheReader
-
-
-def model_cost(arch: str, arch_kwargs: dict, num_classes: int, in_chans: int, size: int) -> tuple[int, int]:
-    """(parameters, multiply-accumulates per image) of an untrained instance."""
-    model = create_model(arch, num_classes=num_classes, in_chans=in_chans, **arch_kwargs).eval()
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(torch.zeros(1, in_chans, size, size))
-    return count_params(model), int(fc.get_total_flops() // 2)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -33,15 +23,18 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def variant_row(run_dir: Path, name: str, v: VariantConfig, num_classes: int, in_chans: int, size: int,
+def variant_row(run_dir: Path, name: str, v: VariantConfig, cost: StudentCost | None,
                 per_epoch: tuple[int, int] = (0, 0)) -> dict:
-    """One leaderboard row; `per_epoch` = (labelled, unlabelled) rows this variant trains on per epoch."""
+    """One leaderboard row from the files the variant wrote (any status: a failed variant gets its row with the
+    reason); `cost` was measured at planning (student_check), `per_epoch` = (labelled, unlabelled) rows this
+    variant trains on per epoch."""
     out = Path(run_dir) / name
     status = read_status(run_dir, name) or {"status": "not run"}  # a damaged file is reported, not a crash
     rows = read_metrics(out / "metrics.csv")
     best = max(rows, key=lambda r: (r.get("val_top1") or -1, r.get("val_teacher_agreement") or -1), default={})
-    params, macs = model_cost(v.arch, v.arch_kwargs, num_classes, in_chans, size)
+    params, macs = (cost.params, cost.macs) if cost is not None else (None, None)
     return {"variant": name, "status": status["status"], "group": status.get("group"), "arch": v.arch,
+            "init_checkpoint": str(v.init_checkpoint) if v.init_checkpoint else None,
             "mode": v.mode, "loss": v.make_loss().describe(),
             "alpha": v.alpha if v.mode != "none" and v.loss is None else None,  # null where the loss does not use it
             "temperature": v.temperature if v.mode not in ("none", "hard") and v.loss is None else None,
@@ -155,7 +148,7 @@ def write_leaderboard(run_dir: Path, rows: list[dict]) -> Path:
     rows = sorted(rows, key=lambda r: (r["status"] != "done", -(r["val_top1"] or -1)))
     table = pa.Table.from_pylist(rows, schema=pa.schema([
         ("variant", pa.string()), ("status", pa.string()), ("group", pa.string()), ("arch", pa.string()),
-        ("mode", pa.string()),
+        ("init_checkpoint", pa.string()), ("mode", pa.string()),
         ("alpha", pa.float64()), ("temperature", pa.float64()), ("epochs", pa.int64()), ("val_top1", pa.float64()),
         ("val_top5", pa.float64()), ("val_samples", pa.int64()), ("val_teacher_agreement", pa.float64()),
         ("twin", pa.string()),
@@ -181,9 +174,12 @@ def format_leaderboard(rows: list[dict]) -> str:
                      f"{f(r['temperature'], '4.1f'):>4s} {f(r['val_top1'], '6.4f'):>6s} {f(r['val_top5'], '6.4f'):>6s} "
                      f"{f(r['val_teacher_agreement'], '6.4f'):>6s} {(r.get('twin') or '-')[:22]:22s} "
                      f"{f(r.get('delta_top1_vs_twin'), '+7.2f'):>7s} {f(r.get('labelled_samples'), '9d'):>9s} "
-                     f"{f(r.get('unlabelled_samples'), '8d'):>8s} {r['params']:8d} {r['macs'] / 1e6:7.2f} "
+                     f"{f(r.get('unlabelled_samples'), '8d'):>8s} {f(r['params'], '8d'):>8s} "
+                     f"{f(r['macs'] and r['macs'] / 1e6, '7.2f'):>7s} "
                      f"{f(r['samples_per_s'], '7.1f'):>7s} {f(r['wall_seconds'], '7.1f'):>7s} "
                      f"{(r.get('group') or '-')[:5]:5s}")
         if r["reason"]:
             lines.append(f"    reason: {r['reason']}")
+        if r.get("init_checkpoint"):
+            lines.append(f"    started from: {r['init_checkpoint']}")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from distill.student_train.asha import clear as clear_asha
 from distill.student_train.config import TrainConfig, VariantConfig
 from distill.student_train.curves import plot_curves
 from distill.student_train.groups import Group, format_plan, plan_groups
-from distill.student_train.job import JobSpec, WorkerContext, student_prep
+from distill.student_train.job import JobSpec, WorkerContext
 from distill.student_train.job_plan import plan_job
 from distill.student_train.leaderboard import (
     add_twin_deltas,
@@ -33,6 +33,7 @@ from distill.student_train.leaderboard import (
     write_leaderboard,
 )
 from distill.student_train.status import clear_stop, finished, mark_stopped, read_status, write_status
+from distill.student_train.student_check import check_students
 from distill.student_train.tracking import finish_sweep, start_sweep
 from distill.student_train.train_loop import train_group
 from distill.student_train.twins import pair_twins
@@ -188,6 +189,7 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
             raise ValueError(f"no variant named '{only}'; variants: {', '.join(names)}")
         variants = [(n, v) for n, v in variants if n == only]
     job = plan_job(cfg)
+    costs = check_students(variants, job)  # what the config decides fails here, before any work (exit 2)
     run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.resolved.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -225,11 +227,8 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
             log.info("%d variant(s) already done in %s; skipping them", skipped, run_dir)
         if pending:
             _train_pending(cfg, job, pending, variants)
-    rows = []
-    for name, v in variants:
-        prep = student_prep(v, job.teacher_prep)
-        rows.append(variant_row(run_dir, name, v, job.num_classes, prep.channels, prep.input_size,
-                                samples_per_epoch(job.train, v.mode, job.labelled_passes)))
+    rows = [variant_row(run_dir, name, v, costs.get(name), samples_per_epoch(job.train, v.mode, job.labelled_passes))
+            for name, v in variants]
     rows = add_twin_deltas(rows, twins)
     path = write_leaderboard(run_dir, rows)
     warning = teacher_warning(teacher, rows)
