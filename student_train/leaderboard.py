@@ -10,20 +10,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from distill.core.models import count_params, create_model
+from distill.core.models import count_macs, count_params, create_model
 from distill.student_train.config import VariantConfig
 from distill.student_train.status import read_status
 from distill.teacher_cache.contract import CacheReader
 
 
 def model_cost(arch: str, arch_kwargs: dict, num_classes: int, in_chans: int, size: int) -> tuple[int, int]:
-    """(parameters, multiply-accumulates per image) of an untrained instance."""
+    """(parameters, multiply-accumulates per image: core.models.count_macs) of an untrained instance."""
     model = create_model(arch, num_classes=num_classes, in_chans=in_chans, **arch_kwargs).eval()
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(torch.zeros(1, in_chans, size, size))
-    return count_params(model), int(fc.get_total_flops() // 2)
+    return count_params(model), count_macs(model, torch.zeros(1, in_chans, size, size))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
