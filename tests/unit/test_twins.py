@@ -119,6 +119,34 @@ def test_pipeline_end_prints_the_comparison_then_the_winner(capsys):
     assert out[2] == "winner: kd (97.50% val top-1; distilled, +0.70 pt over its twin base)"
 
 
+def _scored(name, mode, val, test, n=250):
+    return {**_row(name, mode, val), "val_samples": n, "test_top1": test, "test_samples": n}
+
+
+def test_the_twin_verdict_and_its_noise_band_are_made_on_the_held_out_test_split():
+    # val (the best epoch of each, selected on it) says +2.4 pt, a clear win; test, which nothing selected on, says
+    # +0.8 pt: within one standard error of the twin's test top-1 on 250 images (1.2 pt at 96%)
+    rows = add_twin_deltas([_scored("kd", "soft", 0.984, 0.968), _scored("base", "none", 0.960, 0.960)],
+                           {"kd": "base"})
+    kd = next(r for r in rows if r["variant"] == "kd")
+    assert kd["compared_on"] == "test" and kd["delta_top1_vs_twin"] == pytest.approx(0.8)
+    [pair] = twin_pairs(rows)
+    assert (pair["top1"], pair["twin_top1"], pair["samples"]) == (0.968, 0.960, 250)
+    text = format_twin_comparison([pair]).splitlines()
+    assert "held-out test split" in text[0]
+    assert "96.80%" in text[1] and "+0.80 pt" in text[1] and "within noise (±1.2 pt" in text[1]
+    assert "(val 98.40% vs 96.00%)" in text[1]  # val beside it, for the reader; not the verdict
+    # the same rows without test scores fall back to val, and say so: there the +2.4 pt is a "win"
+    plain = add_twin_deltas([_row("kd", "soft", 0.984) | {"val_samples": 250},
+                             _row("base", "none", 0.960) | {"val_samples": 250}], {"kd": "base"})
+    assert next(r for r in plain if r["variant"] == "kd")["compared_on"] == "val"
+    text = format_twin_comparison(twin_pairs(plain)).splitlines()
+    assert "no test split" in text[0] and "+2.40 pt  distillation wins" in text[1]
+    # only one side scored on test (the twin's best.pt changed since): no mixed comparison, val for both
+    mixed = add_twin_deltas([_scored("kd", "soft", 0.984, 0.968), _row("base", "none", 0.960)], {"kd": "base"})
+    assert next(r for r in mixed if r["variant"] == "kd")["compared_on"] == "val"
+
+
 def test_a_delta_within_one_standard_error_is_called_noise_not_a_win():
     # one binomial standard error at 95.8% on 500 val images: 100 * sqrt(0.958 * 0.042 / 500) = 0.897 pt
     assert noise_pt(0.958, 500) == pytest.approx(0.8971, abs=1e-4)
