@@ -10,9 +10,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _ms(r: dict, batch: int, digits: int) -> str:
+    """Median latency with the range of the round medians: `0.047 (0.045-0.050)`."""
+    key = f"latency_b{batch}_ms"
+    if f"{key}_min" not in r:
+        return f"{r[key]:.{digits}f}"
+    return f"{r[key]:.{digits}f} ({r[key + '_min']:.{digits}f}-{r[key + '_max']:.{digits}f})"
+
+
+def _speed(r: dict) -> str:
+    """The batch-32 speed-up over the baseline; `~` when it lies within the spread of the rounds (not claimed)."""
+    ratio = r.get("speedup_b32")
+    if ratio is None:
+        return "-"
+    return f"{'~' if r.get('speedup_b32_verdict') == 'within spread' else ''}{ratio:.2f}x"
+
+
 def format_table(rows: list[dict]) -> str:
     head = (f"{'student':28s} {'stage':18s} {'runtime':11s} {'top1':>7s} {'d top1':>7s} {'agree':>6s} {'size MB':>8s} "
-            f"{'x smaller':>9s} {'ms @1':>7s} {'ms @32':>7s} {'speed-up':>8s} {'MMACs':>7s}")
+            f"{'x smaller':>9s} {'ms @1 (range)':>21s} {'ms @32 (range)':>20s} {'speed-up':>8s} {'MMACs':>7s}")
     lines = [head, "-" * len(head)]
     base: dict[str, dict] = {}
     for r in rows:
@@ -20,33 +36,51 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['student'][:28]:28s} {r['stage']:18s} {r.get('runtime', 'onnxruntime'):11s} "
                      f"{r['val_top1']:7.4f} "
                      f"{100 * (r['val_top1'] - b['val_top1']):+6.2f}pt {r['teacher_agreement']:6.3f} "
-                     f"{r['size_mb']:8.3f} {b['size_mb'] / r['size_mb']:8.2f}x {r['latency_b1_ms']:7.3f} "
-                     f"{r['latency_b32_ms']:7.2f} {b['latency_b32_ms'] / r['latency_b32_ms']:7.2f}x "
-                     f"{r['macs'] / 1e6:7.2f}")
-    return "\n".join(lines)
+                     f"{r['size_mb']:8.3f} {b['size_mb'] / r['size_mb']:8.2f}x {_ms(r, 1, 3):>21s} "
+                     f"{_ms(r, 32, 2):>20s} {_speed(r):>8s} {r['macs'] / 1e6:7.2f}")
+    return "\n".join(lines + [timing_note(rows)])
 
 
-def _gains(r: dict, base: dict) -> tuple[float, float, float]:
-    """(top-1 drop in points, x smaller, x faster at batch 32) against the parent (baseline) row."""
+def timing_note(rows: list[dict]) -> str:
+    """How the latencies were taken and how busy the machine was: a reader can tell a quiet run from a loaded one."""
+    r = rows[0] if rows else {}
+    if "latency_rounds" not in r:
+        return ""
+    return (f"latency: median of {r['latency_rounds']} rounds, the stages' order alternating each round (range of "
+            f"the round medians in brackets); ~ marks a speed-up within that range: not claimed. Machine load "
+            f"(1-min average) {r['load_1m_before']:.2f} before timing, {r['load_1m_after']:.2f} after, "
+            f"{r['cpus']} CPUs (load above the CPUs: the timings are not the machine's).")
+
+
+def _gains(r: dict, base: dict) -> tuple[float, float, float, str]:
+    """(top-1 drop in points, x smaller, x faster at batch 32, speed verdict) against the parent (baseline) row."""
+    verdict = r.get("speedup_b32_verdict", "faster" if r["latency_b32_ms"] < base["latency_b32_ms"] else "slower")
     return (100 * (base["val_top1"] - r["val_top1"]), base["size_mb"] / r["size_mb"],
-            base["latency_b32_ms"] / r["latency_b32_ms"])
+            base["latency_b32_ms"] / r["latency_b32_ms"], verdict)
+
+
+def _describe(stage: str, d: float, x: float, f: float, verdict: str) -> str:
+    speed = (f"{f:.2f}x faster" if verdict == "faster" else f"{1 / f:.2f}x slower" if verdict == "slower"
+             else f"no measurable speed-up ({f:.2f}x, within the spread of the timing rounds)")
+    return f"{stage} {-d:+.1f} pt, {x:.2f}x smaller, {speed}"
 
 
 def verdicts(rows: list[dict], max_top1_drop: float, min_smaller: float, min_speedup: float) -> list[str]:
-    """One sentence per student: which stage meets the goals, or, in words, why compression does not pay."""
+    """One sentence per student: which stage meets the goals, or, in words, why compression does not pay. A stage
+    meets the speed goal only when its speed-up is outside the spread of the timing rounds."""
     out = []
     floor = f"floor {100 * max_top1_drop:.1f} pt, goals >= {min_smaller:g}x smaller and >= {min_speedup:g}x faster"
     for student in dict.fromkeys(r["student"] for r in rows):
         mine = [r for r in rows if r["student"] == student]
         base = next((r for r in mine if r["stage"] == "baseline"), mine[0])
         stats = {r["stage"]: _gains(r, base) for r in mine if r is not base}
-        desc = {s: f"{s} {-d:+.1f} pt, {x:.2f}x smaller, {f:.2f}x faster" for s, (d, x, f) in stats.items()}
-        pays = [s for s, (d, x, f) in stats.items() if d <= 100 * max_top1_drop + 1e-9 and x >= min_smaller
-                and f >= min_speedup]
+        desc = {s: _describe(s, *g) for s, g in stats.items()}
+        pays = [s for s, (d, x, f, v) in stats.items() if d <= 100 * max_top1_drop + 1e-9 and x >= min_smaller
+                and f >= min_speedup and v == "faster"]
         if pays:
             out.append(f"{student}: compression pays ({floor}): " + "; ".join(desc[s] for s in pays) + ".")
             continue
-        within = [s for s, (d, _, _) in stats.items() if d <= 100 * max_top1_drop + 1e-9]
+        within = [s for s, (d, _, _, _) in stats.items() if d <= 100 * max_top1_drop + 1e-9]
         lost = [s for s in stats if s not in within]
         words = [f"{student}: compression does not pay ({floor})."]
         if lost:

@@ -203,3 +203,41 @@ def test_what_the_mac_count_counts():
     count_macs(m, torch.zeros(1, 3, 16, 16))
     assert m.training and int(m.bn.num_batches_tracked) == 0  # counted in eval: no BatchNorm statistics touched
 
+
+def test_timing_rounds_alternate_the_order_and_keep_one_median_per_round():
+    from distill.compress.measure import timed_rounds
+
+    calls = []
+    spreads = timed_rounds({n: (lambda n=n: calls.append(n)) for n in "ABC"}, rounds=4, calls=2, warmup=1)
+    assert calls[:3] == ["A", "B", "C"]  # the warm-up
+    assert calls[3:] == list("AABBCC" "CCBBAA" "AABBCC" "CCBBAA")
+    assert all(len(s.rounds) == 4 for s in spreads.values())
+
+
+def test_a_speed_up_is_claimed_only_outside_the_spread_of_the_rounds():
+    from distill.compress.measure import Spread, speedup
+
+    base = Spread((10.0, 10.5, 13.0))  # ms per call in three rounds; one round slowed by a neighbour
+    assert speedup(base, Spread((8.0, 8.2, 10.2))) == (pytest.approx(10.5 / 8.2), "within spread")  # 1.28x, no claim
+    assert speedup(base, Spread((4.0, 4.1, 4.3))) == (pytest.approx(10.5 / 4.1), "faster")
+    assert speedup(base, Spread((13.5, 14.0, 15.0)))[1] == "slower"
+    assert speedup(Spread((5.0, 5.0, 5.0)), Spread((5.0, 5.0, 5.0)))[1] == "within spread"
+
+
+def test_the_report_gives_no_speed_verdict_within_the_spread():
+    from distill.compress.report import format_table, verdicts
+
+    timed = {"latency_rounds": 5, "load_1m_before": 3.1, "load_1m_after": 3.4, "cpus": 2}
+    rows = [{**_row("baseline", 0.860, 1.20, 10.0), **timed, "speedup_b32": 1.0, "speedup_b32_verdict": "within spread",
+             "latency_b32_ms_min": 4.0, "latency_b32_ms_max": 12.0, "latency_b1_ms_min": 0.5, "latency_b1_ms_max": 1.1},
+            {**_row("int8", 0.858, 0.25, 4.5), **timed, "speedup_b32": 10 / 4.5, "speedup_b32_verdict": "within spread",
+             "latency_b32_ms_min": 4.2, "latency_b32_ms_max": 9.0, "latency_b1_ms_min": 0.4, "latency_b1_ms_max": 0.9}]
+    # 4.8x smaller, within the floor, 2.2x faster by the medians, but the rounds overlap: the goal is not met
+    text = verdicts(rows, 0.01, 4.0, 2.0)[0]
+    assert "does not pay" in text and "no measurable speed-up (2.22x, within the spread" in text
+    table = format_table(rows)
+    assert "~2.22x" in table and "4.50 (4.20-9.00)" in table
+    assert "load (1-min average) 3.10 before timing, 3.40 after, 2 CPUs" in table
+    rows[1]["speedup_b32_verdict"] = "faster"
+    assert "compression pays" in verdicts(rows, 0.01, 4.0, 2.0)[0]
+
