@@ -8,6 +8,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.text import Annotation, Text  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 
 def _ms(r: dict, batch: int, digits: int) -> str:
@@ -95,30 +100,77 @@ def verdicts(rows: list[dict], max_top1_drop: float, min_smaller: float, min_spe
     return out
 
 
-def pareto_plot(trained: list[dict], compressed: list[dict], path: Path) -> Path:
-    """Val top-1 against MACs: every trained student, and each compression stage (latency in the labels)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+MARKERS = {"baseline": "o", "int8": "s", "pruned": "^", "pruned+int8": "*", "litert": "D", "litert+int8": "P",
+           "pruned+litert": "v", "pruned+litert+int8": "X"}
+
+
+def _dodge(stages: list[str], step: float) -> dict[str, float]:
+    """Horizontal offsets (data units) for the stages that share one MAC count, so no marker hides another."""
+    return {s: (i - (len(stages) - 1) / 2) * step for i, s in enumerate(stages)}
+
+
+def _place_labels(fig: Figure, ax: Axes, texts: list[tuple[float, float, str]]) -> list[Annotation]:
+    """Annotations at (x, y), each moved up or down (alternately, further each try) until its box overlaps no
+    marker and no label placed before it; a thin line leads back to its point when it had to move."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    half = 5 * fig.dpi / 72  # a marker's half width (points -> pixels)
+    placed: list[Bbox] = [Bbox.from_extents(px - half, py - half, px + half, py + half)
+                          for px, py in ax.transData.transform([(x, y) for x, y, _ in texts])]
+    out: list[Annotation] = []
+    for x, y, text in texts:
+        for attempt in range(200):
+            dy = 8.0 * ((attempt + 1) // 2) * (-1 if attempt % 2 else 1)
+            a = ax.annotate(text, (x, y), xytext=(7, dy - 3), textcoords="offset points", fontsize=6,
+                            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if dy else None)
+            a.update_positions(renderer)
+            box = Text.get_window_extent(a, renderer)  # the text alone, not its leader line
+            if not any(box.overlaps(b) for b in placed):
+                break
+            a.remove()
+        placed.append(box)
+        out.append(a)
+    return out
+
+
+def pareto_figure(trained: list[dict], compressed: list[dict]) -> Figure:
+    """Val top-1 against MACs: every trained student, and each compression stage of each compressed student, one
+    marker per stage (stages that share a MAC count sit side by side), labels that never overprint."""
+    fig, ax = plt.subplots(figsize=(9.5, 5))
     done = [r for r in trained if r.get("val_top1") is not None]
-    ax.scatter([r["macs"] / 1e6 for r in done], [r["val_top1"] for r in done], label="trained students", c="tab:blue")
-    for r in done:
-        ax.annotate(r["variant"], (r["macs"] / 1e6, r["val_top1"]), fontsize=6, alpha=0.7)
-    markers = {"baseline": "o", "int8": "s", "pruned": "^", "pruned+int8": "*", "litert": "D", "litert+int8": "P",
-               "pruned+litert": "v", "pruned+litert+int8": "X"}
-    for stage, marker in markers.items():
-        pts = [r for r in compressed if r["stage"] == stage]
-        if pts:
-            where = "LiteRT" if "litert" in stage else "ONNX Runtime"
-            ax.scatter([r["macs"] / 1e6 for r in pts], [r["val_top1"] for r in pts], marker=marker, s=80,
-                       label=f"{stage} ({where})", edgecolors="k")
-            for r in pts:
-                ax.annotate(f"{r['latency_b1_ms']:.2f} ms", (r["macs"] / 1e6, r["val_top1"]), fontsize=6,
-                            xytext=(4, -8), textcoords="offset points")
-    ax.set_xlabel("MMACs per image")
+    xs = [r["macs"] / 1e6 for r in done + compressed] or [1.0]
+    step = 0.015 * max(max(xs) - min(xs), 0.2 * max(xs))  # a marker's width apart, whatever the axis spans
+    ax.scatter([r["macs"] / 1e6 for r in done], [r["val_top1"] for r in done], c="tab:blue", s=25, zorder=2)
+    labels: list[tuple[float, float, str]] = [(r["macs"] / 1e6, r["val_top1"], r["variant"]) for r in done]
+    colors = {s: f"C{i % 10}" for i, s in enumerate(MARKERS)}
+    for student in dict.fromkeys(r["student"] for r in compressed):
+        mine = [r for r in compressed if r["student"] == student]
+        for macs in dict.fromkeys(r["macs"] for r in mine):
+            same = [r for r in mine if r["macs"] == macs]
+            offsets = _dodge([r["stage"] for r in same], step)
+            for r in same:
+                x = macs / 1e6 + offsets[r["stage"]]
+                ax.scatter([x], [r["val_top1"]], marker=MARKERS.get(r["stage"], "o"), s=60, zorder=3,
+                           color=colors.get(r["stage"], "C9"), edgecolors="k", linewidths=0.5)
+                labels.append((x, r["val_top1"], f"{r['stage']}: {r['latency_b1_ms']:.3f} ms"))
+    handles = [Line2D([], [], marker="o", ls="", color="tab:blue", label="trained students")]
+    handles += [Line2D([], [], marker=MARKERS[s], ls="", color=colors[s], markeredgecolor="k",
+                       label=f"{s} ({'LiteRT' if 'litert' in s else 'ONNX Runtime'})")
+                for s in MARKERS if any(r["stage"] == s for r in compressed)]
+    ax.set_xlabel("MMACs per image (convolutions + matrix products)")
     ax.set_ylabel("val top-1")
-    ax.set_title("accuracy vs cost (labels: batch-1 latency)")
-    ax.legend(fontsize=7)
+    ax.set_title("accuracy vs cost (labels: stage, median batch-1 latency)")
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: hides no point
     ax.grid(alpha=0.3)
+    ax.margins(x=0.3, y=0.25)
     fig.tight_layout()
+    _place_labels(fig, ax, labels)
+    return fig
+
+
+def pareto_plot(trained: list[dict], compressed: list[dict], path: Path) -> Path:
+    """pareto.png: `pareto_figure` written at 120 dpi."""
+    fig = pareto_figure(trained, compressed)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -241,3 +241,27 @@ def test_the_report_gives_no_speed_verdict_within_the_spread():
     rows[1]["speedup_b32_verdict"] = "faster"
     assert "compression pays" in verdicts(rows, 0.01, 4.0, 2.0)[0]
 
+
+def test_pareto_plot_labels_never_overprint_and_each_stage_has_its_own_marker(tmp_path):
+    from matplotlib.text import Text
+
+    from distill.compress.report import MARKERS, pareto_figure
+
+    stages = list(MARKERS)
+    trained = [{"variant": "cnn-soft-a0.5-T2", "macs": 5.56e6, "val_top1": 0.976},
+               {"variant": "cnn_small-noKD", "macs": 5.56e6, "val_top1": 0.974}]
+    compressed = [{"student": "cnn-soft-a0.5-T2", "stage": s, "macs": 2.6e6 if "pruned" in s else 5.56e6,
+                   "val_top1": 0.976 if "pruned" not in s else 0.970, "latency_b1_ms": 0.05} for s in stages]
+    fig = pareto_figure(trained, compressed)
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts]
+    assert len(labels) == len(trained) + len(compressed)
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]
+    overlaps = [(labels[i].get_text(), labels[j].get_text()) for i in range(len(boxes))
+                for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+    assert not overlaps
+    # four stages share 5.56 MMACs and 97.6%: each is its own marker, at its own place
+    points = [tuple(ax.transData.transform(c.get_offsets()[0])) for c in ax.collections[1:]]
+    assert len(points) == len(stages) and len({(round(x), round(y)) for x, y in points}) == len(stages)
+    assert [t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()] == ["trained students", *stages]
