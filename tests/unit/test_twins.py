@@ -108,15 +108,16 @@ def test_a_twin_beside_an_unlabelled_pool_makes_passes_for_equal_steps():
     assert labelled_passes([ShardPair("a", "a.tar", 1000, labelled=900), pool[0]], "none") == 1  # rounds
 
 
-def test_pipeline_end_prints_the_comparison_then_the_winner(capsys):
-    from distill.cluster.cmd_pipeline import _print_comparison
+def test_pipeline_end_prints_the_comparison_then_the_winner():
+    from distill.cluster.cmd_pipeline import _comparison
 
     pairs = twin_pairs(add_twin_deltas([_row("kd", "soft", 0.975), _row("base", "none", 0.968)], {"kd": "base"}))
-    _print_comparison([{"stage": "shards"}, {"stage": "train", "best": "kd", "best_val_top1": 0.975,
-                                              "best_mode": "soft", "twins": pairs}])
-    out = capsys.readouterr().out.splitlines()
+    out = _comparison([{"stage": "shards"}, {"stage": "train", "best": "kd", "best_val_top1": 0.975,
+                                             "best_mode": "soft", "twins": pairs}])
+    out = "\n".join(out).splitlines()
     assert out[0].startswith("distilled student vs its undistilled twin") and "+0.70 pt" in out[1]
-    assert out[2] == "winner: kd (97.50% val top-1; distilled, +0.70 pt over its twin base)"
+    assert "no test split" in out[0]  # compared on val, and the output says that val is the selection split
+    assert out[2] == "winner: kd (97.50% val top-1, chosen on val; distilled, +0.70 pt over its twin base on val)"
 
 
 def _scored(name, mode, val, test, n=250):
