@@ -120,7 +120,8 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
         f"Parity (fp32 ONNX vs PyTorch, {parity['samples']} real val images): max |dlogit| "
         f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4f}; "
         f"int8 vs fp32 top-1 agreement {parity['int8_agreement']:.4f}.",
-        "Latency: median of repeated runs after warm-up, on the machine that ran `distill compress`.",
+        "Latency: median of alternating timing rounds after warm-up, on the machine that ran `distill compress` "
+        "(its report.txt gives each range and the machine's load); MMACs: convolutions and matrix products.",
         "",
     ])
 
