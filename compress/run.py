@@ -136,7 +136,7 @@ def _time_rows(rows: list[dict], prep: Preprocessing, cfg: CompressConfig) -> No
             r.update({f"latency_b{batch}_ms": 1e3 * t.median, f"latency_b{batch}_ms_min": 1e3 * t.low,
                       f"latency_b{batch}_ms_max": 1e3 * t.high})
             metrics.LATENCY.labels(r["student"], r["stage"], str(batch)).set(t.median)
-        if "baseline" in runners:
+        if "baseline" in runners and r["stage"] != "baseline":
             r["speedup_b32"], r["speedup_b32_verdict"] = speedup(spreads[32]["baseline"], spreads[32][r["stage"]])
         r.update(latency_rounds=lat.rounds, load_1m_before=before["load_1m"], load_1m_after=after["load_1m"],
                  cpus=after["cpus"])

@@ -55,7 +55,8 @@ def test_compress_report(bundle):
         assert r["latency_b1_ms_min"] <= r["latency_b1_ms"] <= r["latency_b1_ms_max"]
         assert r["latency_b32_ms_min"] <= r["latency_b32_ms"] <= r["latency_b32_ms_max"]
         assert r["latency_rounds"] == 5 and r["load_1m_before"] >= 0 and r["cpus"] >= 1
-        assert r["speedup_b32_verdict"] in ("faster", "slower", "within spread")
+        assert r.get("speedup_b32_verdict") in (("faster", "slower", "within spread") if r["stage"] != "baseline"
+                                                 else (None,))  # the baseline is what the others are timed against
     # the documented int8 tolerance (compress/quantize.py): within 5 points of the fp32 model it came from
     assert abs(rows["int8"]["val_top1"] - rows["baseline"]["val_top1"]) <= 0.05
     assert abs(rows["pruned+int8"]["val_top1"] - rows["pruned"]["val_top1"]) <= 0.05
