@@ -32,9 +32,11 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     weights_only=True, head replaced for another class count, stem adapted for other channels). Every student is
     built and run on one input before any work: what does not fit is listed with the fix, exit 2, nothing done.
     Twins: every distilled recipe gets an undistilled twin (same recipe, mode none, named <arch>-noKD) unless
-    `twins: false`; the leaderboard shows Δ top-1 against it. `data.unlabelled_shards`: a cached pool whose
-    rows teach distilled variants through the KD term only; beside it a mode-none variant makes several passes
-    over the labelled shards per epoch, so a twin takes the same optimizer steps (`data.labelled_passes`).
+    `twins: false`; the leaderboard shows Δ top-1 against it, on data.test_shards when set (held out: each
+    best.pt, chosen on val, is scored on it once after training; <variant>/test.json), else on val.
+    `data.unlabelled_shards`: a cached pool whose rows teach distilled variants through the KD term only; beside
+    it a mode-none variant makes several passes over the labelled shards per epoch, so a twin takes the same
+    optimizer steps (`data.labelled_passes`).
     Groups: variants that share a data stream (shards + pool as their mode reads them, passes, views, batch,
     epochs, data seed, input preprocessing, ranks) train in one group: one loader, each batch read once for all;
     every student keeps its own optimizer, schedule, loss, checkpoints and files. The plan is printed first
@@ -69,7 +71,7 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
         return
     click.echo(format_twin_comparison(twin_pairs(result.leaderboard)) + "\n")
     click.echo(format_leaderboard(result.leaderboard))
-    click.echo("\n" + format_teacher_line(result.teacher_val_top1))
+    click.echo("\n" + format_teacher_line(result.teacher_val_top1, result.teacher_test_top1))
     if result.teacher_warning:
         click.echo(result.teacher_warning, err=True)
     click.echo(f"\nleaderboard: {result.leaderboard_path}\nrun dir:     {result.run_dir}")

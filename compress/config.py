@@ -49,9 +49,12 @@ class LiteRTConfig(StrictConfig):
 
 
 class LatencyConfig(StrictConfig):
-    repeats_b1: int = Field(50, ge=3)
-    repeats_b32: int = Field(10, ge=3)
-    warmup: int = Field(5, ge=1)
+    rounds: int = Field(5, ge=3, description="timing rounds; every stage of a student runs once per round, the order "
+                        "alternating (A B, B A, ...); the report gives the median of the rounds and their range, and "
+                        "calls a stage faster or slower only when the ranges do not overlap")
+    repeats_b1: int = Field(50, ge=3, description="calls per round at batch 1 (the round keeps their median)")
+    repeats_b32: int = Field(10, ge=3, description="calls per round at batch 32")
+    warmup: int = Field(5, ge=1, description="calls per model before the first round")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (default: all cores)")
 
 

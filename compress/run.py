@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
@@ -19,8 +20,16 @@ from distill.compress import metrics
 from distill.compress.config import CompressConfig
 from distill.compress.finetune import finetune_dir, finetune_identity, prune_and_finetune
 from distill.compress.litert_stages import Source, litert_stages
-from distill.compress.measure import accuracy, file_mb, onnx_accuracy, onnx_latency
-from distill.compress.onnx_export import check_parity, export_onnx, save_torchscript
+from distill.compress.measure import (
+    accuracy,
+    file_mb,
+    machine_load,
+    onnx_accuracy,
+    random_input,
+    speedup,
+    timed_rounds,
+)
+from distill.compress.onnx_export import check_parity, export_onnx, save_torchscript, session
 from distill.compress.prune import count_cost
 from distill.compress.quantize import quantize_int8
 from distill.compress.report import failure, format_failures, format_table, pareto_plot, verdicts
@@ -102,29 +111,29 @@ def load_student(run_dir: Path, name: str, v: VariantConfig) -> torch.nn.Module:
     return model.eval()
 
 
+def _runner(path: Path, threads: int | None) -> Any:
+    """NCHW float32 batch -> logits, in the runtime the file is for (.onnx: ONNX Runtime, .tflite: LiteRT)."""
+    if path.suffix == ".tflite":
+        from distill.compress.litert_run import LiteRTModel
+
+        return LiteRTModel(path, threads)
+    sess = session(path, threads)
+    return lambda x: sess.run(None, {"input": x})[0]
+
+
 def _measure(stage: str, name: str, path: Path, vb: list, prep: Preprocessing, cfg: CompressConfig, macs: int,
              params: int) -> dict:
-    """One report row: accuracy, size and latency @1/@32 in the runtime the file is for (.onnx: ONNX Runtime,
-    .tflite: the LiteRT interpreter)."""
-    lat = cfg.latency
+    """One report row: accuracy and size in the runtime the file is for; latency comes later, from the student's
+    alternating timing rounds (`_time_rows`)."""
     if path.suffix == ".tflite":
-        from distill.compress.litert_run import LiteRTModel, litert_latency
-
-        runtime, acc, latency = "litert", accuracy(LiteRTModel(path, lat.threads), vb), litert_latency
+        runtime, acc = "litert", accuracy(_runner(path, cfg.latency.threads), vb)
     else:
-        runtime, acc, latency = "onnxruntime", onnx_accuracy(path, vb, lat.threads), onnx_latency
+        runtime, acc = "onnxruntime", onnx_accuracy(path, vb, cfg.latency.threads)
     row: dict[str, Any] = {"student": name, "stage": stage, "runtime": runtime, "file": str(path),
                            "size_mb": file_mb(path), "macs": macs, "params": params, **acc}
-    row["latency_b1_ms"] = 1e3 * latency(path, prep.channels, prep.input_size, 1, lat.repeats_b1, lat.warmup,
-                                         lat.threads)
-    row["latency_b32_ms"] = 1e3 * latency(path, prep.channels, prep.input_size, 32, lat.repeats_b32, lat.warmup,
-                                          lat.threads)
     metrics.VAL_TOP1.labels(name, stage).set(row["val_top1"])
     metrics.SIZE.labels(name, stage).set(row["size_mb"] * 1e6)
-    metrics.LATENCY.labels(name, stage, "1").set(row["latency_b1_ms"] / 1e3)
-    metrics.LATENCY.labels(name, stage, "32").set(row["latency_b32_ms"] / 1e3)
-    log.info("%s %s: top1 %.4f, %.2f MB, %.2f ms @1, %.2f ms @32", name, stage, row["val_top1"], row["size_mb"],
-             row["latency_b1_ms"], row["latency_b32_ms"])
+    log.info("%s %s: top1 %.4f, %.2f MB", name, stage, row["val_top1"], row["size_mb"])
     return row
 
 
@@ -149,6 +158,34 @@ def _pruned_stages(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, 
                                 cfg.quantize.method)
         rows.append(measure("pruned+int8", pq_path, costs["macs_after"], costs["params_after"]))
     return rows, Source("pruned+", p_path, pruned, costs["macs_after"], costs["params_after"])
+
+
+def _time_rows(rows: list[dict], prep: Preprocessing, cfg: CompressConfig) -> None:
+    """Latency of every stage of one student at batch 1 and 32, in alternating rounds (compress/measure.py):
+    each row gets the median, the range of the round medians, the machine's load, and its speed-up over the
+    baseline with a verdict that is "faster"/"slower" only outside that range."""
+    lat = cfg.latency
+    runners = {r["stage"]: _runner(Path(r["file"]), lat.threads) for r in rows}
+    before = machine_load()
+    spreads = {}
+    for batch, calls in ((1, lat.repeats_b1), (32, lat.repeats_b32)):
+        x = random_input(batch, prep.channels, prep.input_size)
+        spreads[batch] = timed_rounds({s: functools.partial(f, x) for s, f in runners.items()}, lat.rounds, calls,
+                                      lat.warmup)
+    after = machine_load()
+    for r in rows:
+        for batch in (1, 32):
+            t = spreads[batch][r["stage"]]
+            r.update({f"latency_b{batch}_ms": 1e3 * t.median, f"latency_b{batch}_ms_min": 1e3 * t.low,
+                      f"latency_b{batch}_ms_max": 1e3 * t.high})
+            metrics.LATENCY.labels(r["student"], r["stage"], str(batch)).set(t.median)
+        if "baseline" in runners and r["stage"] != "baseline":
+            r["speedup_b32"], r["speedup_b32_verdict"] = speedup(spreads[32]["baseline"], spreads[32][r["stage"]])
+        r.update(latency_rounds=lat.rounds, load_1m_before=before["load_1m"], load_1m_after=after["load_1m"],
+                 cpus=after["cpus"])
+        log.info("%s %s: %.3f ms @1 (%.3f-%.3f), %.2f ms @32 (%.2f-%.2f)", r["student"], r["stage"],
+                 r["latency_b1_ms"], r["latency_b1_ms_min"], r["latency_b1_ms_max"], r["latency_b32_ms"],
+                 r["latency_b32_ms_min"], r["latency_b32_ms_max"])
 
 
 def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, failures: list[dict]) -> list[dict]:
@@ -186,6 +223,7 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, fa
     if cfg.litert.enabled:
         rows += litert_stages(sources, out, lambda stage, path, m, p: _measure(stage, name, path, vb, prep, cfg, m, p),
                               calib if cfg.quantize.enabled else [], all_pixels[:256], cfg.quantize.enabled)
+    _time_rows(rows, prep, cfg)  # every stage in the same alternating rounds, once all of them exist
     (out / "preprocessing.json").write_text(json.dumps(prep.as_dict(), indent=1))
     return rows
 

@@ -20,7 +20,11 @@ __all__ = ["Mode", "VariantConfig", "DataConfig", "TuneConfig", "RayTrainConfig"
 
 class DataConfig(StrictConfig):
     train_shards: list[str] = Field(..., min_length=1)
-    val_shards: list[str] = Field(default_factory=list)
+    val_shards: list[str] = Field(default_factory=list, description="the split that selects: each student's best "
+                                  "epoch (best.pt) and the best student")
+    test_shards: list[str] = Field(default_factory=list, description="held out: nothing selects on it; after "
+                                   "training each student's best.pt is scored on it once (<variant>/test.json) and "
+                                   "the twin comparison is made on it. With a cache, cache these shards too")
     unlabelled_shards: list[str] = Field(default_factory=list, description="an unlabelled pool (cached): distilled "
                                          "variants learn from its rows through the KD term only (labels in these "
                                          "shards are ignored), mode none skips it")

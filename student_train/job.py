@@ -58,6 +58,7 @@ class JobSpec:
     # is what the planner read (for object storage, its mirror of one manifest version)
     labelled_passes: int | None = None  # mode none beside an unlabelled pool: passes per epoch (None: equal steps)
     asha: AshaRule | None = None  # stop weak students early (tune.asha)
+    test: list[ShardPair] = field(default_factory=list)  # held out: scored once per best.pt, never selected on
 
 
 @dataclass

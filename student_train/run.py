@@ -34,6 +34,7 @@ from distill.student_train.leaderboard import (
 )
 from distill.student_train.status import clear_stop, finished, mark_stopped, read_status, write_status
 from distill.student_train.student_check import check_students
+from distill.student_train.test_split import score_students_on_test
 from distill.student_train.tracking import finish_sweep, start_sweep
 from distill.student_train.train_loop import train_group
 from distill.student_train.twins import pair_twins
@@ -52,6 +53,7 @@ class TrainResult:
     seconds: float
     teacher_val_top1: tuple[float, int] | None = None  # (top-1, labelled val rows) of the cached teacher
     teacher_warning: str | None = None  # the teacher is below its best student beyond noise
+    teacher_test_top1: tuple[float, int] | None = None  # (top-1, labelled test rows) of the cached teacher
 
     @property
     def status(self) -> str:
@@ -227,6 +229,7 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
             log.info("%d variant(s) already done in %s; skipping them", skipped, run_dir)
         if pending:
             _train_pending(cfg, job, pending, variants)
+    score_students_on_test(job, variants, resolve_device(cfg.device))  # held out: scored once, selects nothing
     rows = [variant_row(run_dir, name, v, costs.get(name), samples_per_epoch(job.train, v.mode, job.labelled_passes))
             for name, v in variants]
     rows = add_twin_deltas(rows, twins)
@@ -234,12 +237,13 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
     warning = teacher_warning(teacher, rows)
     if warning:
         log.warning("%s", warning)
+    teacher_test = teacher_val_top1(job.cache_dir, [p.stem for p in job.test])
     text = (format_twin_comparison(twin_pairs(rows)) + "\n\n" + format_leaderboard(rows) + "\n\n"
-            + format_teacher_line(teacher) + "\n" + (warning + "\n" if warning else ""))
+            + format_teacher_line(teacher, teacher_test) + "\n" + (warning + "\n" if warning else ""))
     (run_dir / "leaderboard.txt").write_text(text)
     curves = plot_curves(run_dir, [n for n, _ in variants], twins, teacher[0] if teacher else None)
     if sweep is not None:
         finish_sweep(sweep, run_dir, rows, [run_dir / "leaderboard.txt", path, run_dir / "plan.txt",
                                             run_dir / "train_config.resolved.yaml", *([curves] if curves else [])])
     return TrainResult(run_dir=run_dir, leaderboard=rows, leaderboard_path=path, seconds=time.perf_counter() - t0,
-                       teacher_val_top1=teacher, teacher_warning=warning)
+                       teacher_val_top1=teacher, teacher_warning=warning, teacher_test_top1=teacher_test)

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from distill.core.errors import InputError
-from distill.core.models import InputChannelsError, count_params
+from distill.core.models import InputChannelsError, count_macs, count_params
 from distill.images.preprocessing import Preprocessing
 from distill.student_train.job import JobSpec, student_prep
 from distill.student_train.student_model import InitCheckpointError, build_student
@@ -46,11 +45,12 @@ def _measure(v: VariantConfig, num_classes: int, prep: Preprocessing) -> Student
     """Build the student as training will (init checkpoint included) and run one image through it."""
     model, _ = build_student(v, num_classes, prep.channels)
     model.eval()
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        out = model(torch.zeros(1, prep.channels, prep.input_size, prep.input_size))
+    example = torch.zeros(1, prep.channels, prep.input_size, prep.input_size)
+    with torch.no_grad():
+        out = model(example)
     if tuple(out.shape) != (1, num_classes):
         raise InputError(f"its output is {tuple(out.shape)} for one image, not (1, {num_classes}) class logits")
-    return StudentCost(count_params(model), int(fc.get_total_flops() // 2))
+    return StudentCost(count_params(model), count_macs(model, example))  # the project's one MAC count
 
 
 def _reason(exc: Exception, v: VariantConfig, cache: Preprocessing, prep: Preprocessing) -> str:

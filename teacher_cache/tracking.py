@@ -4,17 +4,31 @@ the teacher's top-1 on the labelled rows (from the manifest: the whole cache, no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from distill.core.tracking import Tracker
 from distill.teacher_cache.config import CacheConfig
 from distill.teacher_cache.manifest import Manifest
 
-if TYPE_CHECKING:
-    from distill.teacher_cache.run import CacheResult
+
+class PassSummary(Protocol):
+    """What a cache pass reports (teacher_cache.run.CacheResult), as far as tracking reads it."""
+
+    fingerprint: str
+    cache_dir: Path
+    labelled: list[str]
+    unchanged: list[str]
+    failed: dict[str, str]
+    vanished: list[str]
+    images: int
+    decode_errors: int
+    seconds: float
+
+    @property
+    def status(self) -> str: ...
 
 
-def record_cache_run(cfg: CacheConfig, result: CacheResult, manifest: Manifest | None) -> None:
+def record_cache_run(cfg: CacheConfig, result: PassSummary, manifest: Manifest | None) -> None:
     """Never fails the pass (core/tracking.py); a remote cache_root keeps its local store in ./mlruns."""
     if not cfg.tracking.enabled:
         return

@@ -51,6 +51,12 @@ def test_compress_report(bundle):
     assert rows["int8"]["size_mb"] < rows["baseline"]["size_mb"] / 2
     for r in rows.values():
         assert 0 <= r["val_top1"] <= 1 and r["latency_b1_ms"] > 0 and r["val_samples"] == 40
+        # timed in alternating rounds: the median within the range of the round medians, the machine's load beside
+        assert r["latency_b1_ms_min"] <= r["latency_b1_ms"] <= r["latency_b1_ms_max"]
+        assert r["latency_b32_ms_min"] <= r["latency_b32_ms"] <= r["latency_b32_ms_max"]
+        assert r["latency_rounds"] == 5 and r["load_1m_before"] >= 0 and r["cpus"] >= 1
+        assert r.get("speedup_b32_verdict") in (("faster", "slower", "within spread") if r["stage"] != "baseline"
+                                                 else (None,))  # the baseline is what the others are timed against
     # the documented int8 tolerance (compress/quantize.py): within 5 points of the fp32 model it came from
     assert abs(rows["int8"]["val_top1"] - rows["baseline"]["val_top1"]) <= 0.05
     assert abs(rows["pruned+int8"]["val_top1"] - rows["pruned"]["val_top1"]) <= 0.05
@@ -63,7 +69,7 @@ def test_compress_report(bundle):
     assert "compression" in bundle["compress"].table  # the verdict in words, pays or not
 
 
-def test_bundle_contents_and_int8_loads(bundle):
+def test_bundle_contents_and_int8_loads(bundle, kd_data):
     b = bundle["deploy"].bundle
     assert {p.name for p in b.iterdir()} >= {"model.onnx", "model.int8.onnx", "classes.json", "preprocessing.json",
                                             "model_card.md", "bundle.json"}
@@ -76,6 +82,14 @@ def test_bundle_contents_and_int8_loads(bundle):
     card = (b / "model_card.md").read_text()
     assert "weights sha256" in card and "fingerprint" in card and "pruned+int8" in card
     assert bundle["deploy"].parity["max_abs_logit_diff"] < 1e-3
+    # a held-out image to try the model with (kd_data has no test split: the first val image), listed and checksummed
+    from distill.images.shards import ShardReader
+
+    manifest = json.loads((b / "bundle.json").read_text())
+    first = next(iter(ShardReader(kd_data["root"] / "shards" / "val-000000.tar")))
+    assert manifest["sample"]["file"] == "sample.png" and "sample.png" in manifest["files"]
+    assert (b / "sample.png").read_bytes() == first.files["png"]
+    assert manifest["sample"]["label"] == first.files["cls"].decode() and bundle["deploy"].sample == "sample.png"
 
 
 def _free_port():
@@ -105,6 +119,8 @@ def test_ray_serve_real_http(bundle, ray_local):
         x, y = mnist(8, 3000)
         status, body = _post(f"{url}/predict", encode(x[0]), "image/png")
         assert status == 200 and len(body["predictions"]) == 5
+        sample = bundle["deploy"].bundle / "sample.png"  # what `distill pipeline` tells a user to send
+        assert _post(f"{url}/predict", sample.read_bytes(), bundle["deploy"].sample_content_type)[0] == 200
         assert abs(sum(p["probability"] for p in body["predictions"]) - 1) < 0.5
         status, body = _post(f"{url}/predict", b"definitely not an image", "image/jpeg")
         assert status == 400 and "not a decodable image" in body["error"]
