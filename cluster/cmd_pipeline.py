@@ -94,18 +94,32 @@ def _where(cfg: PipelineConfig, results: list[dict]) -> list[str]:
         lines.append(f"  teacher cache {cfg.cache.cache_root}/<fingerprint>/  (inspect: distill cache inspect "
                      f"{cfg.cache.cache_root})")
     if cfg.train:
-        lines.append(f"  students      {cfg.train.run_dir}/  (leaderboard.txt, leaderboard.parquet, "
+        lines.append(f"  students      {cfg.train.run_dir}/  (leaderboard.txt, leaderboard.parquet, curves.png, "
                      "<variant>/metrics.csv, best.pt, test.json)")
     if cfg.compress:
         lines.append(f"  compressed    {cfg.compress.out_dir}/  (report.txt, pareto.png, <student>/*.onnx, *.tflite)")
     if cfg.summary_json:
         lines.append(f"  stage summaries {cfg.summary_json}")
+    if store := _tracking_store(cfg):
+        lines.append(f"  runs (MLflow)  {store}  (look: mlflow ui --backend-store-uri sqlite:///{store}/mlflow.db)")
     deploy = next((r for r in results if r["stage"] == "deploy"), None)
     if cfg.deploy and deploy is not None:
         files = [f for f in deploy.get("files", []) if f != "bundle.json"]
         lines.append(f"  bundle        {cfg.deploy.out_dir}/  ({', '.join(files)})")
         lines += _query(str(cfg.deploy.out_dir), deploy)
     return lines
+
+
+def _tracking_store(cfg: PipelineConfig) -> str | None:
+    """The local MLflow store the students were recorded in (None: tracking off, or a server/URI of the user's)."""
+    import os
+
+    from distill.core.tracking import LOCAL_DIR
+
+    train = cfg.train or cfg.teacher
+    if train is None or not train.tracking.enabled or train.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return str(Path(train.run_dir).parent / LOCAL_DIR)
 
 
 def _query(bundle: str, deploy: dict) -> list[str]:

@@ -83,6 +83,14 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert (demo / "bundle" / "model.int8.onnx").exists() == ("int8" in bundle["stage"])
     if importlib.util.find_spec("ai_edge_litert"):  # the `litert` extra (make venv and CI install it)
         assert bundle["litert"]["file"] and (demo / "bundle" / bundle["litert"]["file"]).exists(), bundle["litert"]
+    # every stage recorded in the demo's own MLflow store (issue 33), the sweep's curves beside its leaderboard
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{demo / 'mlruns' / 'mlflow.db'}")
+    names = {r.info.run_name for r in client.search_runs([client.get_experiment_by_name("distill").experiment_id])}
+    assert {"train teacher", "teacher", "train students", "cnn-soft", "cnn-noKD"} <= names, names
+    assert any(n.startswith("cache ") for n in names) and any(n.startswith("compress ") for n in names), names
+    assert (demo / "students" / "curves.png").exists() and "curves.png" in r.stdout and "mlruns" in r.stdout
     info = json.loads(_distill(["cache", "inspect", "runs/demo/cache", "--json"], tmp_path).stdout)
     assert info["rows"] == 1200 and info["views"] == 6 and info["k"] == 5  # the demo caches 6 views (test included)
     assert info["teacher_top1_vs_labels"] is not None
