@@ -124,7 +124,7 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) ->
     save_torchscript(model, out / "baseline.ts", prep.channels, prep.input_size)
     check_parity(model, base, images)
     rows = [_measure("baseline", name, base, vb, prep, cfg, macs, params)]
-    sources = [Source("", base, model, macs, params)]
+    sources = [Source("", model, macs, params)]
     calib = calibration(job, v, cfg.quantize.calib_samples) if cfg.quantize.enabled else []
     if cfg.quantize.enabled:
         q = quantize_int8(base, out / "int8.onnx", iter(calib), cfg.quantize.per_channel, cfg.quantize.method)
@@ -140,7 +140,7 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) ->
         save_torchscript(pruned, out / "pruned.ts", prep.channels, prep.input_size)
         check_parity(pruned, p_path, images)
         rows.append(_measure("pruned", name, p_path, vb, prep, cfg, costs["macs_after"], costs["params_after"]))
-        sources.append(Source("pruned+", p_path, pruned, costs["macs_after"], costs["params_after"]))
+        sources.append(Source("pruned+", pruned, costs["macs_after"], costs["params_after"]))
         if cfg.quantize.enabled:
             pq_path = quantize_int8(p_path, out / "pruned_int8.onnx", iter(calib), cfg.quantize.per_channel,
                                     cfg.quantize.method)
