@@ -20,6 +20,7 @@ from distill.compress.finetune import finetune_dir, finetune_identity, prune_and
 from distill.compress.litert_stages import Source, litert_stages
 from distill.compress.measure import accuracy, file_mb, onnx_accuracy, onnx_latency
 from distill.compress.onnx_export import check_parity, export_onnx, save_torchscript
+from distill.compress.plan import check_students
 from distill.compress.prune import count_cost
 from distill.compress.quantize import quantize_int8
 from distill.compress.report import format_table, pareto_plot, verdicts
@@ -147,7 +148,8 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) ->
             rows.append(_measure("pruned+int8", name, pq_path, vb, prep, cfg, costs["macs_after"],
                                  costs["params_after"]))
     if cfg.litert.enabled:
-        rows += litert_stages(sources, out, lambda stage, path, m, p: _measure(stage, name, path, vb, prep, cfg, m, p),
+        rows += litert_stages([s for s in sources if s.stem in cfg.litert.models], out,
+                              lambda stage, path, m, p: _measure(stage, name, path, vb, prep, cfg, m, p),
                               calib if cfg.quantize.enabled else [], all_pixels[:256], cfg.quantize.enabled)
     (out / "preprocessing.json").write_text(json.dumps(prep.as_dict(), indent=1))
     return rows
@@ -164,6 +166,7 @@ def run(cfg: CompressConfig) -> CompressResult:
     if job.cache_dir is None:
         raise ValueError(f"{run_dir}: trained without a teacher cache; compress fine-tunes from the cache")
     selected = select_students(run_dir, cfg.select.top_n, cfg.select.by)
+    check_students(cfg, job, run_dir, [r["variant"] for r in selected])  # exit 2 here, before any work
     begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
     rows: list[dict] = []
     for r in selected:
