@@ -40,9 +40,12 @@ class QuantizeConfig(StrictConfig):
 
 class LiteRTConfig(StrictConfig):
     enabled: bool = Field(True, description="also write fp32 + full-integer int8 .tflite models (LiteRT, for phones "
-                          "and boards), measured in the LiteRT interpreter; needs pip install -e '.[litert]' "
-                          "(without it they are skipped with a note); int8 follows quantize.enabled and its "
-                          "calib_samples")
+                          "and boards; converted by litert-torch), measured in the LiteRT interpreter; needs pip "
+                          "install -e '.[litert]' (without it they are skipped with a note); int8 follows "
+                          "quantize.enabled and its calib_samples")
+    models: list[Literal["baseline", "pruned"]] = Field(
+        ["baseline", "pruned"], min_length=1, description="which fp32 models get LiteRT targets (a conversion takes "
+        "seconds to tens of seconds on a CPU: [pruned] when only the pruned model ships)")
 
 
 class LatencyConfig(StrictConfig):

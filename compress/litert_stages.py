@@ -45,6 +45,11 @@ class Source:
     macs: int
     params: int
 
+    @property
+    def stem(self) -> str:
+        """Its files' stem: baseline, pruned (compress's `litert.models` names these)."""
+        return litert_files(f"{self.prefix}litert")[0].removesuffix(".tflite")
+
 
 def litert_parity(model: torch.nn.Module, tflite: Path, images: np.ndarray) -> dict:
     """PyTorch vs the fp32 .tflite in the LiteRT interpreter on real val images (no tolerance applied here)."""
