@@ -35,7 +35,9 @@ class QuantizeConfig(StrictConfig):
     enabled: bool = True
     calib_samples: int = Field(256, ge=8, description="cached training samples (replayed views) to calibrate on")
     per_channel: bool = True
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="ONNX Runtime's calibration; LiteRT int8 always takes each tensor's global min/max "
+        "over the calibration views (compress/litert_convert.py)")
 
 
 class LiteRTConfig(StrictConfig):

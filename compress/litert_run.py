@@ -47,7 +47,9 @@ class LiteRTModel:
             scale, zero = d["quantization"]
             return {"name": d["name"], "dtype": np.dtype(d["dtype"]).name, "shape": [int(s) for s in d["shape"]],
                     "scale": float(scale), "zero_point": int(zero)}
-        return {"input": one(self.inp), "output": one(self.out), "batch_resizable": self.resizable}
+        return {"input": one(self.inp), "output": one(self.out), "batch_resizable": self.resizable,
+                "signatures": {k: {"inputs": list(v["inputs"]), "outputs": list(v["outputs"])}
+                               for k, v in self.interp.get_signature_list().items()}}
 
     def _resize(self, batch: int) -> bool:
         shape = [batch, *(int(s) for s in self.inp["shape"][1:])]

@@ -141,9 +141,9 @@ def litert_card(choice: LiteRTChoice, prep: dict, calib_samples: int | None) -> 
         f"- `{choice.name}`: stage `{r['stage']}`, {r['size_mb']:.3f} MB, val top-1 {r['val_top1']:.4f} in the "
         f"LiteRT interpreter, {r['latency_b1_ms']:.3f} ms at batch 1 (XNNPACK, CPU). Converted from PyTorch by "
         "litert-torch.",
-        f"- Input `{inp.get('name', 'images')}`: **NHWC** ({', '.join(map(str, [1, size, size, ch]))}; {batch}), "
-        f"dtype {inp.get('dtype', 'float32')}. Output `{out.get('name', 'output_0')}`: logits "
-        f"({out.get('dtype', 'float32')}), signature `serving_default`.",
+        f"- Input `{inp.get('name')}`: **NHWC** ({', '.join(map(str, [1, size, size, ch]))}; {batch}), dtype "
+        f"{inp.get('dtype', 'float32')}. Output `{out.get('name')}`: logits ({out.get('dtype', 'float32')}). "
+        f"Signature `serving_default`: {json.dumps(io.get('signatures', {}).get('serving_default', {}))}.",
         f"- Quantization: {_quantization(choice, calib_samples)}",
         "- Preprocessing: exactly `preprocessing.json` (as for the ONNX models), then transpose (C, H, W) -> "
         "(H, W, C).",

@@ -83,7 +83,7 @@ def _serve_one(bundle, slug: str, base: str) -> dict:
         x, _ = mnist(1, 3000)
         status, body = _post_image(f"{base}/{slug}/predict", encode(x[0], mode="RGB"))
     finally:
-        serve.delete(slug)
+        serve.delete(slug, _blocking=False)  # its replica stops while the next architecture trains
     assert status == 200 and len(body["predictions"]) == 5 and body["model"] == "model.int8.onnx", body
     return body
 
@@ -107,7 +107,7 @@ def test_every_stage(arch, rgb_data, serve_url, tmp_path):
     t["train"] = time.perf_counter()
     comp = run_compress(CompressConfig.model_validate({
         "train_run": str(tmp_path / "students"), "out_dir": str(tmp_path / "compressed"),
-        "prune": {"ratio": 0.6, "steps": 1, "finetune_epochs": 1}, "quantize": {"calib_samples": 32},
+        "prune": {"ratio": 0.8, "steps": 1, "finetune_epochs": 1}, "quantize": {"calib_samples": 32},
         "litert": {"models": ["pruned"]}, "latency": {"repeats_b1": 3, "repeats_b32": 3, "warmup": 1}}))
     t["compress"] = time.perf_counter()
     rows = {r["stage"]: r for r in comp.rows}
