@@ -38,14 +38,19 @@ class QuantizeConfig(StrictConfig):
     enabled: bool = True
     calib_samples: int = Field(256, ge=8, description="cached training samples (replayed views) to calibrate on")
     per_channel: bool = True
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="ONNX Runtime's calibration; LiteRT int8 always takes each tensor's global min/max "
+        "over the calibration views (compress/litert_convert.py)")
 
 
 class LiteRTConfig(StrictConfig):
     enabled: bool = Field(True, description="also write fp32 + full-integer int8 .tflite models (LiteRT, for phones "
-                          "and boards), measured in the LiteRT interpreter; needs pip install -e '.[litert]' "
-                          "(without it they are skipped with a note); int8 follows quantize.enabled and its "
-                          "calib_samples")
+                          "and boards; converted by litert-torch), measured in the LiteRT interpreter; needs pip "
+                          "install -e '.[litert]' (without it they are skipped with a note); int8 follows "
+                          "quantize.enabled and its calib_samples")
+    models: list[Literal["baseline", "pruned"]] = Field(
+        ["baseline", "pruned"], min_length=1, description="which fp32 models get LiteRT targets (a conversion takes "
+        "seconds to tens of seconds on a CPU: [pruned] when only the pruned model ships)")
 
 
 class LatencyConfig(StrictConfig):

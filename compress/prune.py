@@ -24,17 +24,36 @@ def count_cost(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     return count_macs(model, example), count_params(model)
 
 
+def _pruner(model: nn.Module, example: torch.Tensor, ratio: float, steps: int, round_to: int) -> tp.pruner.MetaPruner:
+    try:
+        return tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                    pruning_ratio=ratio, iterative_steps=steps, ignored_layers=_classifier(model),
+                                    round_to=round_to, global_pruning=False)
+    except Exception as exc:  # Torch-Pruning raises many types while tracing; name the culprit if it does
+        raise PruningError(f"cannot build a dependency graph for this model: {exc}".splitlines()[0]) from exc
+
+
+def probe_prune(model: nn.Module, example: torch.Tensor, keep: float, round_to: int = 8) -> None:
+    """What planning checks, in one step and on the model given (a throwaway copy): Torch-Pruning can group its
+    layers, cut them to about `keep` of the cost and leave a model that still runs and keeps its classes."""
+    model.eval()
+    pruner = _pruner(model, example, min(max(1 - keep ** 0.5, 0.1), 0.9), 1, round_to)
+    try:
+        pruner.step()
+        with torch.no_grad():
+            out = model(example)
+    except Exception as exc:  # a reshape of pruned channels (attention heads) fails here, as in the real stage
+        raise PruningError(_culprit(model, exc)) from exc
+    if not _classifier(model) or out.shape[-1] != _classifier(model)[0].out_features:
+        raise PruningError("pruning changed the output shape; the classifier head must be the last Linear layer")
+
+
 def prune_to_target(model: nn.Module, example: torch.Tensor, keep: float, target: str = "macs",
                     round_to: int = 8, steps: int = 40) -> dict[str, int]:
     """Prune in place, step by step, until MACs (or params) <= keep x the original; returns before/after costs."""
     model.eval()
     macs0, params0 = count_cost(model, example)
-    try:
-        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=0.95, iterative_steps=steps, ignored_layers=_classifier(model),
-                                      round_to=round_to, global_pruning=False)
-    except Exception as exc:  # Torch-Pruning raises many types while tracing; name the culprit if it does
-        raise PruningError(f"cannot build a dependency graph for this model: {exc}".splitlines()[0]) from exc
+    pruner = _pruner(model, example, 0.95, steps, round_to)
     macs, params = macs0, params0
     goal = keep * (macs0 if target == "macs" else params0)
     for _ in range(steps):

@@ -30,6 +30,7 @@ from distill.compress.measure import (
     timed_rounds,
 )
 from distill.compress.onnx_export import check_parity, export_onnx, save_torchscript, session
+from distill.compress.plan import check_students
 from distill.compress.prune import count_cost
 from distill.compress.quantize import quantize_int8
 from distill.compress.report import failure, format_failures, format_table, pareto_plot, verdicts
@@ -157,7 +158,7 @@ def _pruned_stages(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, 
         pq_path = quantize_int8(p_path, out / "pruned_int8.onnx", iter(calib), cfg.quantize.per_channel,
                                 cfg.quantize.method)
         rows.append(measure("pruned+int8", pq_path, costs["macs_after"], costs["params_after"]))
-    return rows, Source("pruned+", p_path, pruned, costs["macs_after"], costs["params_after"])
+    return rows, Source("pruned+", pruned, costs["macs_after"], costs["params_after"])
 
 
 def _time_rows(rows: list[dict], prep: Preprocessing, cfg: CompressConfig) -> None:
@@ -206,7 +207,7 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, fa
     save_torchscript(model, out / "baseline.ts", prep.channels, prep.input_size)
     check_parity(model, base, images)
     rows = [_measure("baseline", name, base, vb, prep, cfg, macs, params)]
-    sources = [Source("", base, model, macs, params)]
+    sources = [Source("", model, macs, params)]
     calib = calibration(job, v, cfg.quantize.calib_samples) if cfg.quantize.enabled else []
     if cfg.quantize.enabled:
         q = quantize_int8(base, out / "int8.onnx", iter(calib), cfg.quantize.per_channel, cfg.quantize.method)
@@ -221,7 +222,8 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, fa
             log.exception("%s: the pruned stages failed", name)
             failures.append(failure(name, "pruned", exc))
     if cfg.litert.enabled:
-        rows += litert_stages(sources, out, lambda stage, path, m, p: _measure(stage, name, path, vb, prep, cfg, m, p),
+        rows += litert_stages([s for s in sources if s.stem in cfg.litert.models], out,
+                              lambda stage, path, m, p: _measure(stage, name, path, vb, prep, cfg, m, p),
                               calib if cfg.quantize.enabled else [], all_pixels[:256], cfg.quantize.enabled)
     _time_rows(rows, prep, cfg)  # every stage in the same alternating rounds, once all of them exist
     (out / "preprocessing.json").write_text(json.dumps(prep.as_dict(), indent=1))
@@ -239,6 +241,7 @@ def run(cfg: CompressConfig) -> CompressResult:
     if job.cache_dir is None:
         raise ValueError(f"{run_dir}: trained without a teacher cache; compress fine-tunes from the cache")
     selected = select_students(run_dir, cfg.select.top_n, cfg.select.by, cfg.select.students)
+    check_students(cfg, job, run_dir, [r["variant"] for r in selected])  # exit 2 here, before any work
     begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
     rows: list[dict] = []
     failures: list[dict] = []

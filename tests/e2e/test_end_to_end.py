@@ -81,7 +81,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     bundle = json.loads((demo / "bundle" / "bundle.json").read_text())  # the stage within the accuracy floor
     assert (demo / "bundle" / "model.onnx").exists() and (demo / "compressed" / "pareto.png").exists()
     assert (demo / "bundle" / "model.int8.onnx").exists() == ("int8" in bundle["stage"])
-    if importlib.util.find_spec("ai_edge_litert"):  # the `litert` extra (make venv and CI install it)
+    if importlib.util.find_spec("litert_torch"):  # the `litert` extra (make venv and CI install it)
         assert bundle["litert"]["file"] and (demo / "bundle" / bundle["litert"]["file"]).exists(), bundle["litert"]
     # every stage recorded in the demo's own MLflow store (issue 33), the sweep's curves beside its leaderboard
     from mlflow.tracking import MlflowClient
