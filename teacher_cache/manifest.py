@@ -165,8 +165,8 @@ class ManifestWriter:
     def open(self, fingerprint: str) -> Manifest | None:
         self._manifest = Manifest.read(self.journal, f"{self.store.location}/{MANIFEST_NAME}", fingerprint)
         self.snapshot_entries = len(self._manifest.shards) if self._manifest is not None else 0
-        if self.journal.pending:  # a run that ended without compacting (killed): fold its records in first
-            self.compact()
+        if self._manifest is not None and (self.journal.pending or self.journal.must_claim):
+            self.compact()  # fold in a killed run's records; in object storage, take the snapshot over (claim)
         return self._manifest
 
     def start(self, manifest: Manifest) -> None:
@@ -190,6 +190,7 @@ class ManifestWriter:
     def finish(self) -> None:
         """Compact if anything was journalled, and release the journal."""
         try:
+            self.journal.flush()  # a batch on its way counts once it has landed
             if self.journal.pending:
                 self.compact()
         finally:

@@ -40,7 +40,10 @@ class CacheLockedError(DistillError, RuntimeError):
 
 
 class LockLostError(DistillError, RuntimeError):
-    """This job may no longer write: its lease was not renewed in time (fenced), or another job took it."""
+    """This job may no longer write: its lease was not renewed in time (fenced), or another job took it (the store
+    refused a conditional write). What is committed stays; a re-run continues: exit 6 wherever it happens."""
+
+    exit_code = 6
 
 
 class UnsupportedStoreError(InputError):
@@ -113,6 +116,8 @@ class Journal(ABC):
     def pending(self) -> int:
         """Records in the journal since the last snapshot (the writer compacts when this grows)."""
 
+    must_claim = False  # True: a new holder compacts (rewrites the snapshot it read) before its first record, so
+    # that a previous holder's requests still on their way are refused by the store (object storage)
     loaded_stamp: tuple | None = None  # what `stamp()` said of the state `load` read (None: cannot tell)
 
     def stamp(self) -> tuple | None:
