@@ -249,6 +249,19 @@ def put_file(local: str | os.PathLike, url: str) -> None:
     filesystem().put_file(str(local), url)
 
 
+SINGLE_PUT_MAX = 1 << 30  # files up to this size go up in one PutObject, which answers with the ETag
+
+
+def upload(local: str | os.PathLike, url: str) -> str:
+    """Upload a file; returns the object's ETag (what a listing reports: its identity in the store)."""
+    if os.path.getsize(local) > SINGLE_PUT_MAX:
+        put_file(local, url)
+        return stat(url).etag  # a multipart upload's ETag: one HEAD
+    bucket, key = _bucket_key(url)
+    with open(local, "rb") as f:
+        return str(filesystem().call_s3("put_object", Bucket=bucket, Key=key, Body=f.read())["ETag"]).strip('"')
+
+
 def delete(url: str) -> None:
     bucket, key = _bucket_key(url)
     with contextlib.suppress(FileNotFoundError):

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from distill.teacher_cache.locate import find_cache_dir
-from distill.teacher_cache.reader import CacheReader, read_errors
+from distill.teacher_cache.reader import CacheReader
 from distill.teacher_cache.schema import COL_FEATURES
 
 LAST_RUN = "last_run.json"  # teacher_cache.run.SUMMARY_NAME (not imported: run.py pulls in torch and Ray)
@@ -67,7 +67,7 @@ def inspect_cache(path: Path | str, verify: bool = True) -> dict[str, Any]:
         else:
             mass, n_labelled, hits = entry.topk_mass, entry.labelled, entry.top1_correct
         mass_sum, labelled, correct = mass_sum + mass, labelled + n_labelled, correct + hits
-    errors = read_errors(reader.directory)
+    errors = reader.all_errors()
     last_status, failed = last_run_failures(reader.directory)
     views = meta.num_views if meta else 0
     return {

@@ -4,11 +4,11 @@ What differs between the two stays behind it:
 
 | | local directory | object-store prefix (`s3://`) |
 |---|---|---|
-| publish a file | temp name + fsync + rename to its name | upload under `<stem>-<sha256[:16]><suffix>` (no rename) |
+| publish a file | temp + fsync + rename to `<stem>-<sha256[:16]><suffix>` | upload under that name (no rename) |
 | write a small file | `atomic_write` | one PUT (atomic per object) |
 | journal record | one appended + fsynced line | one small object per batch of records |
 | lock | `flock` (the kernel frees it when we die) | lease object held by conditional PUTs, fenced |
-| read view | the directory itself | a verified local mirror, one directory per manifest version |
+| read view | a version: the manifest as planned, files by name | a verified local mirror, one per version |
 
 Stage code never asks which one it has.
 """
@@ -25,6 +25,12 @@ from typing import Any
 
 from distill.core.atomic_io import Writer
 from distill.core.errors import DistillError, InputError
+
+
+def content_addressed(name: str, sha256: str) -> str:
+    """``<stem>-<sha256[:16]><suffix>``: the name a published file gets (a name never changes content)."""
+    stem, suffix = os.path.splitext(name)
+    return f"{stem}-{sha256[:16]}{suffix}"
 
 
 def local_base(env: str, default: str, url: str) -> Path:
@@ -59,6 +65,16 @@ class FileInfo:
     ctime_ns: int | None = None
     inode: int | None = None
     etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Published:
+    """A file `publish` wrote: the name a record lists, its bytes, SHA-256 and identity as published."""
+
+    name: str
+    size: int
+    sha256: str
+    info: FileInfo
 
 
 @dataclass
@@ -155,26 +171,29 @@ class Store(ABC):
         """Files directly in this directory whose names end with `suffix` -> their sizes (no file is read)."""
 
     @abstractmethod
-    def walk(self) -> dict[str, int]:
-        """Every file under this directory, at any depth (``errors/s.jsonl``) -> its size: one listing."""
+    def walk(self) -> dict[str, FileInfo]:
+        """Every file under this directory, at any depth (``errors/s.jsonl``) -> its identity: one listing.
+        Directories whose names start with a dot (readers' versions) are not walked."""
 
     @abstractmethod
     def find(self, pattern: str) -> dict[str, int]:
         """Files matching a glob relative to this directory (``*/manifest.json``) -> modification time (ns)."""
 
     @abstractmethod
-    def publish(self, name: str, writer: Writer) -> tuple[str, int, str]:
-        """Write a file that a journal record will name, crash-safely: returns (stored name, bytes, sha256).
+    def publish(self, name: str, writer: Writer) -> Published:
+        """Write a file that a journal record will name, crash-safely, under a content-addressed name
+        (``<stem>-<sha256[:16]><suffix>``): a name never changes content, so a reader that planned with it reads
+        what it planned with, and nothing is ever half-written under a name a reader may open.
 
-        Local: written to a temp name and renamed to `name`. Object store: uploaded under a content-addressed
-        name (object stores cannot rename; a name that is never reused cannot be half-written under a reader).
+        Local: written to a temp name, fsynced, renamed. Object store: uploaded (no rename there).
         Runs in labelling processes that hold no lock; the record that lists it is written by the lock holder.
         """
 
     @abstractmethod
     def sweep(self, orphans: list[str]) -> int:
-        """Delete `orphans` (files no record names) and the temp files of killed writers. Only the lock holder
-        may call it, before its labellers start (their uploads are not listed yet). Returns how many went."""
+        """Delete `orphans` (files no record names) that no reader's held version lists, and the temp files of
+        killed writers. Only the lock holder may call it, before its labellers start (their uploads are not
+        listed yet) or after they stopped. Returns how many went."""
 
     @abstractmethod
     def lock(self, wait: bool = False, lease_s: float = 120.0) -> Lock:
@@ -188,7 +207,9 @@ class Store(ABC):
     def view(self, build: Callable[[], View], version: str | None = None) -> Path:
         """A local directory holding this store's files as `build()` names them, for readers.
 
-        Local: the directory itself (`build` is not called). Object store: a mirror per version under
-        $DISTILL_MIRROR_DIR, files checked against their SHA-256; `version` (from a job spec) refuses any other
-        state, so a long-lived worker never trusts an older mirror and a refresh never changes a directory in use.
+        Local: a version directory ``.versions/<version>/`` with the manifest as it is now, its files read from
+        the directory by name (core/storage/versions.py). Object store: a mirror per version under
+        $DISTILL_MIRROR_DIR, files checked against their SHA-256. Either is held by this process (a shared flock)
+        and the writer keeps what a held version lists; `version` (from a job spec) refuses any other state, so
+        a long-lived worker never trusts an older one and a refresh never changes files a running job reads.
         """

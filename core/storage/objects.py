@@ -14,7 +14,6 @@ Journal records are batched into one object per flush (a flusher thread writes w
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,16 +22,22 @@ from typing import Any
 
 from distill.core import object_store
 from distill.core.atomic_io import Writer, file_sha256, remove_stale_tmp, tmp_path_for
-from distill.core.storage.base import Journal, Lock, LockLostError, Store, View, local_base
+from distill.core.storage.base import (
+    FileInfo,
+    Journal,
+    Lock,
+    LockLostError,
+    Published,
+    Store,
+    View,
+    content_addressed,
+    local_base,
+)
 from distill.core.storage.journal import decode_records, encode_record, split_generation, with_generation
 from distill.core.storage.lease import LeaseLock
+from distill.core.storage.names import check_name
 
 FLUSH_S = 0.25  # journal records that arrive within this are written as one object
-
-
-def content_addressed(name: str, sha256: str) -> str:
-    stem, suffix = os.path.splitext(name)
-    return f"{stem}-{sha256[:16]}{suffix}"
 
 
 class ObjectJournal(Journal):
@@ -260,33 +265,36 @@ class ObjectStore(Store):
         return object_store.head_etag(self._url(name)) is not None
 
     def listing(self, suffix: str = "") -> dict[str, int]:
-        listed = {u.rsplit("/", 1)[-1]: i for u, i in object_store.list_dir(self.url).items() if u.endswith(suffix)}
+        listed = {check_name(u.rsplit("/", 1)[-1], self.url): i for u, i in object_store.list_dir(self.url).items()
+                  if u.endswith(suffix)}
         self._etags.update({n: i.etag for n, i in listed.items()})
         return {n: i.size for n, i in listed.items()}
 
-    def walk(self) -> dict[str, int]:
-        listed = {u.removeprefix(self.url + "/"): i for u, i in object_store.walk(self.url).items()}
+    def walk(self) -> dict[str, FileInfo]:
+        listed = {check_name(u.removeprefix(self.url + "/"), self.url): i
+                  for u, i in object_store.walk(self.url).items()}
+        listed = {n: i for n, i in listed.items() if not n.startswith(".") and "/." not in n}
         self._etags.update({n: i.etag for n, i in listed.items()})
-        return {n: i.size for n, i in listed.items()}
+        return {n: FileInfo(i.size, i.mtime_ns, etag=i.etag) for n, i in listed.items()}
 
     def find(self, pattern: str) -> dict[str, int]:
         return {u.removeprefix(self.url + "/"): i.mtime_ns for u, i in object_store.glob(self._url(pattern)).items()}
 
-    def publish(self, name: str, writer: Writer) -> tuple[str, int, str]:
-        self.staging.mkdir(parents=True, exist_ok=True)  # a labeller on another node makes its own
+    def publish(self, name: str, writer: Writer) -> Published:
         tmp = tmp_path_for(self.staging / name)
+        tmp.parent.mkdir(parents=True, exist_ok=True)  # a labeller on another node makes its own
         try:
             writer(tmp)
             size, digest = tmp.stat().st_size, file_sha256(tmp)
             stored = content_addressed(name, digest)
-            object_store.put_file(tmp, self._url(stored))
+            etag = object_store.upload(tmp, self._url(stored))
         finally:
             tmp.unlink(missing_ok=True)
-        return stored, size, digest
+        return Published(stored, size, digest, FileInfo(size, 0, etag=etag))
 
     def sweep(self, orphans: list[str]) -> int:
         self.fence()
-        n = remove_stale_tmp(self.staging) if self.staging.exists() else 0
+        n = sum(remove_stale_tmp(d) for d in (self.staging, self.staging / "errors") if d.exists())
         self.remove(orphans)
         return n + len(orphans)
 

@@ -363,7 +363,6 @@ def test_item1_a_stale_writers_snapshot_put_held_until_another_writer_committed_
 
 
 def test_item1_the_fence_runs_on_boottime_and_says_when_no_renewal_failed(monkeypatch):
-    from distill.core.storage import lease
 
     if not hasattr(time, "CLOCK_BOOTTIME"):
         pytest.skip("CLOCK_BOOTTIME is Linux's")
