@@ -21,6 +21,8 @@ from typing import Any, BinaryIO, cast
 
 import braceexpand
 
+from distill.core.errors import DistillError
+
 SCHEMES = ("s3://",)
 MAGIC = "*?["
 
@@ -293,7 +295,7 @@ def _precondition_failed(exc: BaseException) -> bool:
     return code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (409, 412)
 
 
-class PreconditionFailedError(OSError):
+class PreconditionFailedError(DistillError, OSError):
     """The store refused a conditional write (HTTP 412): the object is not the one the writer last saw."""
 
 

@@ -28,6 +28,7 @@ from distill.teacher_cache import metrics
 from distill.teacher_cache.config import CacheConfig
 from distill.teacher_cache.fingerprint import fingerprint
 from distill.teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
+from distill.teacher_cache.inspect_cache import teacher_score, weak_teacher_warning
 from distill.teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from distill.teacher_cache.manifest import Manifest, ManifestWriter, ShardEntry, plan_refresh
 from distill.teacher_cache.placement import resolve_placement
@@ -64,6 +65,8 @@ class CacheResult:
     seconds: float = 0.0
     teacher_seconds: float = 0.0
     label_seconds: float = 0.0  # inside the labeller (on actors with Ray); the driver's own share is the rest
+    teacher_top1: float | None = None  # the cached teacher's view-0 top-1 on every labelled row of the cache
+    labelled_rows: int = 0  # rows with a label in the whole cache (what teacher_top1 is measured on)
 
     @property
     def status(self) -> str:
@@ -139,12 +142,22 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
         writer.finish()  # the journal folded into the snapshot
         if writer.replaced:  # files of relabelled shards' previous labels, unless a reader's version holds them
             store.sweep(writer.replaced)
+        _check_teacher(writer, result)
         result.seconds = time.perf_counter() - t0
         _write_summary(store, result)
     metrics.RUN_SECONDS.set(result.seconds)
     if result.status == "success":
         metrics.LAST_SUCCESS.set_to_current_time()
     return result
+
+
+def _check_teacher(writer: ManifestWriter, result: CacheResult) -> None:
+    """The teacher's top-1 on the cache's labelled rows, and a warning here, before any student trains, when it is
+    no better than chance (labels that are not its classes, or a broken teacher)."""
+    result.teacher_top1, result.labelled_rows = teacher_score(writer.manifest.shards)
+    classes = writer.manifest.teacher.get("num_classes")
+    if (warning := weak_teacher_warning(result.teacher_top1, result.labelled_rows, classes)) is not None:
+        log.warning("%s", warning)
 
 
 def _prefetch(fn: Callable[[], dict[str, FileInfo]]) -> Callable[[], dict[str, FileInfo]]:

@@ -160,6 +160,12 @@ class Store(ABC):
         """Replace the file atomically: readers see the old bytes or the new ones. Fenced by the held lock."""
 
     @abstractmethod
+    def update(self, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        """Read-modify-write a small shared file that no store lock covers (the cache root's fingerprint memo):
+        `change(old bytes or None)` gives the new bytes (None: leave it). Two writers never lose each other's
+        change: a flock locally, a conditional PUT retried on conflict in object storage."""
+
+    @abstractmethod
     def remove(self, names: list[str]) -> None:
         """Delete files (missing ones are fine). Fenced by the held lock."""
 

@@ -210,6 +210,17 @@ class LocalStore(Store):
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(target, data)
 
+    def update(self, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target.with_name(target.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if (data := change(self.read(name))) is not None:
+                atomic_write(target, data)
+        finally:
+            os.close(fd)
+
     def remove(self, names: list[str]) -> None:
         self.fence()
         for name in names:

@@ -255,6 +255,19 @@ class ObjectStore(Store):
         self.fence()
         self._etags[name] = _put_fenced(self._url(name), data, etag)
 
+    def update(self, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        url = self._url(name)
+        for _ in range(20):
+            got = object_store.get_with_etag(url)
+            if (data := change(got[0] if got is not None else None)) is None:
+                return
+            try:
+                object_store.put_conditional(url, data, got[1] if got is not None else None)
+                return
+            except object_store.PreconditionFailedError:
+                continue  # another writer changed it between our GET and PUT: apply ours to theirs
+        raise OSError(f"{url}: changed by other writers on every one of 20 tries")
+
     def remove(self, names: list[str]) -> None:
         known = [(n, self._etag(n)) for n in names]
         self.fence()

@@ -90,31 +90,36 @@ def versions(base: Path) -> list[Path]:
         return []
 
 
+def remove_unless_held(directory: Path) -> bool:
+    """Remove a version directory unless a process holds it (its `.in-use` flock cannot be taken exclusively, or
+    this process holds it). True when it went."""
+    if str(directory) in _HELD:
+        return False
+    try:
+        fd = os.open(directory / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a running job (or server) reads it
+        shutil.rmtree(directory, ignore_errors=True)
+        log.info("removed version %s (no process uses it)", directory)
+        return True
+    finally:
+        os.close(fd)
+
+
 def prune(base: Path, keep: Path | None = None, held: Callable[[Path], None] | None = None) -> int:
     """Remove the versions under `base` that no process holds (their flock can be taken exclusively); call
     `held(directory)` for each one that a process holds. Returns how many went."""
     gone = 0
     for d in versions(base):
-        if d == keep or str(d) in _HELD:
-            if held is not None:
-                held(d)
-            continue
-        try:
-            fd = os.open(d / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if held is not None:
-                    held(d)  # a running job reads it
-                continue
-            shutil.rmtree(d, ignore_errors=True)
+        if d != keep and remove_unless_held(d):
             gone += 1
-            log.info("removed version %s (no process uses it)", d)
-        finally:
-            os.close(fd)
+        elif held is not None:
+            held(d)
     return gone
 
 

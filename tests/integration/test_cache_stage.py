@@ -207,7 +207,8 @@ def test_torchscript_and_export_teachers(setup):
     ref = CacheReader(base.cache_dir).arrays("train-000000")
     for path in (scripted, exported):
         over = {"teacher": {"scripted": str(path),
-                            "preprocessing": {"input_size": 32, "mean": [0.13], "std": [0.31], "channels": 1}},
+                            "preprocessing": {"input_size": 32, "crop_pct": 0.875, "mean": [0.13], "std": [0.31],
+                                              "channels": 1}},
                 "cache_root": str(tmp / f"cache_{path.suffix}")}
         res = run(_cfg(tmp, ckpt, **over))
         assert res.status == "success"

@@ -236,3 +236,49 @@ def test_item2_a_mirror_never_writes_outside_its_version_directory(tmp_path, s3)
     object_store.put_bytes("s3://cache/evil/fp/errors//x.jsonl", b"")
     with pytest.raises(UnsafeNameError):
         open_store("s3://cache/evil/fp").walk()  # a listing's names are checked too
+
+
+def test_item4_a_teacher_seen_within_a_clock_tick_of_its_last_change_is_not_memoised(tmp_path):
+    """Its identity proves nothing (a same-size rewrite in that tick keeps size, mtime, ctime and inode): the
+    next run must fingerprint the teacher again rather than trust the memo. Timestamps in the future (a skewed
+    file server's) are as racy, and make this independent of the machine's speed."""
+    import os
+    import time
+
+    from distill.teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
+
+    _, cfg = _cache(tmp_path, n=1)
+    future = time.time_ns() + 3600 * 10**9
+    os.utime(cfg.teacher.checkpoint, ns=(future, future))
+    remember_fingerprint(cfg, "f" * 16)
+    assert recall_fingerprint(cfg) is None
+
+
+def test_item4_the_cache_stage_warns_when_the_teacher_is_no_better_than_chance_and_inspect_says_why(tmp_path,
+                                                                                                    caplog):
+    """Before, the teacher's weakness was reported only after every student had trained, and `cache inspect` said
+    "teacher acc 0.0000" with no hint when the shards' labels were not the teacher's classes."""
+    import logging
+
+    from distill.teacher_cache.inspect_cache import format_inspect, inspect_cache
+
+    shards, cfg = _cache(tmp_path, n=1, per_shard=40)
+    fp = run(cfg).fingerprint
+    top1 = CacheReader(tmp_path / "cache" / fp).arrays("train-000000").topk_ids[:, 0, 0]
+
+    def label_with(labels) -> None:
+        rows = [(s.key, {**s.files, "cls": str(int(y)).encode()}) for s, y in zip(ShardReader(shards[0]), labels,
+                                                                                   strict=True)]
+        write_tar(shards[0], rows)
+
+    label_with(top1)  # labels the teacher agrees with: nothing to say
+    caplog.set_level(logging.WARNING, logger="distill.teacher_cache.run")
+    caplog.clear()
+    good = run(cfg)
+    assert good.teacher_top1 == 1.0 and good.labelled_rows == 40 and "chance" not in caplog.text
+    label_with((top1 + 1) % 10)  # another class order: the teacher is "wrong" on every row
+    bad = run(cfg)
+    assert bad.teacher_top1 == 0.0 and "no better than chance" in caplog.text
+    assert "not the teacher's classes" in caplog.text
+    text = format_inspect(inspect_cache(tmp_path / "cache"))
+    assert "teacher acc  0.0000" in text and "hint:" in text and "another class order" in text

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import yaml
-from helpers import S3_ROOT, S3_SHARDS, mnist_shard, s3_cache_cfg, upload_mnist_shards
+from helpers import S3_ROOT, S3_SHARDS, mnist_shard, s3_cache_cfg, save_teacher, upload_mnist_shards
 from s3_server import Refuse
 
 from distill.core import object_store
@@ -383,3 +383,89 @@ def test_item1_the_lease_floor_is_what_renewals_under_load_need():
     with pytest.raises(ValueError, match="lock_lease_s"):
         CacheConfig.model_validate({**d, "lock_lease_s": 5.0})
     assert CacheConfig.model_validate({**d, "lock_lease_s": MIN_LEASE_S}).lock_lease_s == MIN_LEASE_S
+
+
+def test_item4_two_runs_updating_the_fingerprint_memo_at_once_lose_neither_entry(tmp_path, s3):
+    """Runs of two teachers (two fingerprint directories, two locks) share the cache root's memo. The first
+    run's read of it is held at the server while the second one adds its entry; before, the first then wrote
+    the memo it had read plus its own entry, and the second teacher's entry was lost."""
+    from distill.teacher_cache.fingerprint_memo import MEMO_NAME, recall_fingerprint, remember_fingerprint
+
+    _, requests = s3
+    a = _cfg(tmp_path)
+    save_teacher(tmp_path / "t2.pt", seed=1)
+    b = a.model_copy(update={"teacher": a.teacher.model_copy(update={"checkpoint": tmp_path / "t2.pt"})})
+    for fp in ("a" * 16, "b" * 16):
+        object_store.put_bytes(f"{ROOT}/{fp}/manifest.json", b"{}")  # recall needs the directory to exist
+    reached, release, gets = threading.Event(), threading.Event(), []
+
+    def hold_first_read(method: str, key: str, environ: dict) -> None:
+        if method == "GET" and key == f"cache/root/{MEMO_NAME}":
+            gets.append(key)
+            if len(gets) == 1:
+                reached.set()
+                release.wait(120)
+
+    requests.before.append(hold_first_read)
+    first = threading.Thread(target=remember_fingerprint, args=(a, "a" * 16))
+    first.start()
+    assert reached.wait(120)
+    remember_fingerprint(b, "b" * 16)  # the second run, while the first one's read is on its way
+    release.set()
+    first.join(120)
+    assert recall_fingerprint(a) == "a" * 16 and recall_fingerprint(b) == "b" * 16
+
+
+def test_item4_journal_objects_of_every_older_generation_are_collected(s3):
+    """Leftovers of crashes and of stale writers in generations before the snapshot's: a compaction removes them
+    all (before, only the current and the previous generation were ever deleted)."""
+    from distill.core.storage.journal import encode_record, with_generation
+
+    url = f"{ROOT}/fp-gen"
+    for g in range(3):
+        object_store.put_bytes(f"{url}/manifest.{g}.journal/000000000000.jsonl", encode_record({"stale": g}))
+    snapshot = {"schema_version": 2, "fingerprint": "fp-gen", "teacher": {}, "shards": {}}
+    object_store.put_bytes(f"{url}/manifest.json", with_generation(snapshot, 3))
+    store = open_store(url)
+    lock = _holder(store, 600.0, lambda: 0.0).__enter__()
+    writer = ManifestWriter(store)
+    writer.open("fp-gen")
+    writer.put("s0", _entry("s0"))
+    writer.finish()
+    lock.__exit__(None, None, None)
+    assert [u for u in object_store.walk(url) if ".journal/" in u] == []
+    assert sorted(Manifest.load(open_store(url)).shards) == ["s0"]
+
+
+def test_item4_a_lock_lost_before_the_work_begins_exits_6_without_a_traceback(tmp_path, s3):
+    """The refresh holds the lock and reads the manifest; the server holds that read while its renewals fail for
+    longer than the fence allows. Its next write comes before any shard work (the claim, the sweep, the resolved
+    config): it must stop with exit 6 and one line, as a lock lost later does (before: a traceback, exit 1)."""
+    _, requests = s3
+    _upload(tmp_path, 1)
+    cfg = _cfg(tmp_path, lock_lease_s=30.0)
+    fp = run(cfg).fingerprint
+    gate = requests.hold(f"cache/root/{fp}/manifest.json")  # its body trickles until released (no timeout)
+
+    def refuse_renewals(method: str, key: str, environ: dict) -> None:
+        if gate.reached.is_set() and method == "PUT" and key.endswith("/.lock") and environ.get("HTTP_IF_MATCH"):
+            raise Refuse()
+
+    requests.before.append(refuse_renewals)
+    path = tmp_path / "refresh.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    proc = subprocess.Popen([*DISTILL, "cache", "refresh", "-c", str(path), "--no-ray"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 600
+        while not gate.reached.wait(0.1):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        t0 = time.monotonic()
+        while time.monotonic() < t0 + 30.0 * 3 / 4 + 1:  # longer than the fence allows since its last renewal
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+    finally:
+        gate.release()
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 6, out[-3000:]
+    assert "Traceback" not in out and "writes nothing more" in out, out[-3000:]
