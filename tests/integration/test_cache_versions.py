@@ -248,9 +248,10 @@ def test_item4_a_teacher_seen_within_a_clock_tick_of_its_last_change_is_not_memo
     from distill.teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
 
     _, cfg = _cache(tmp_path, n=1)
+    fp = run(cfg).fingerprint  # (recall needs the cache directory to exist)
     future = time.time_ns() + 3600 * 10**9
     os.utime(cfg.teacher.checkpoint, ns=(future, future))
-    remember_fingerprint(cfg, "f" * 16)
+    remember_fingerprint(cfg, fp)
     assert recall_fingerprint(cfg) is None
 
 

@@ -387,7 +387,7 @@ def test_item1_the_lease_floor_is_what_renewals_under_load_need():
 
 def test_item4_two_runs_updating_the_fingerprint_memo_at_once_lose_neither_entry(tmp_path, s3):
     """Runs of two teachers (two fingerprint directories, two locks) share the cache root's memo. The first
-    run's read of it is held at the server while the second one adds its entry; before, the first then wrote
+    run's read of it is answered (the memo as it was) only after the second one added its entry; before, the first then wrote
     the memo it had read plus its own entry, and the second teacher's entry was lost."""
     from distill.teacher_cache.fingerprint_memo import MEMO_NAME, recall_fingerprint, remember_fingerprint
 
@@ -399,14 +399,14 @@ def test_item4_two_runs_updating_the_fingerprint_memo_at_once_lose_neither_entry
         object_store.put_bytes(f"{ROOT}/{fp}/manifest.json", b"{}")  # recall needs the directory to exist
     reached, release, gets = threading.Event(), threading.Event(), []
 
-    def hold_first_read(method: str, key: str, environ: dict) -> None:
+    def hold_first_answer(method: str, key: str, environ: dict) -> None:  # (read by the server, not yet sent)
         if method == "GET" and key == f"cache/root/{MEMO_NAME}":
             gets.append(key)
             if len(gets) == 1:
                 reached.set()
                 release.wait(120)
 
-    requests.before.append(hold_first_read)
+    requests.after.append(hold_first_answer)
     first = threading.Thread(target=remember_fingerprint, args=(a, "a" * 16))
     first.start()
     assert reached.wait(120)
