@@ -42,7 +42,7 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
     """Run the teacher ONCE over the shards and write sparse soft labels to Parquet (incremental).
 
     \b
-    Output: <cache_root>/<fingerprint>/<shard>.parquet + manifest.json (+ its journal while a run is on) +
+    Output: <cache_root>/<fingerprint>/<shard>-<sha16>.parquet + manifest.json (+ its journal while a run is on) +
     errors/ + last_run.json.
     Unchanged shards (same size+mtime+ctime+inode, or same content hash) with the same teacher are skipped.
     --set features.enabled=true also stores the teacher's penultimate embedding per view (schema v2, feature
