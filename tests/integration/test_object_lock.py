@@ -387,8 +387,8 @@ def test_item1_the_lease_floor_is_what_renewals_under_load_need():
 
 def test_item4_two_runs_updating_the_fingerprint_memo_at_once_lose_neither_entry(tmp_path, s3):
     """Runs of two teachers (two fingerprint directories, two locks) share the cache root's memo. The first
-    run's read of it is answered (the memo as it was) only after the second one added its entry; before, the first then wrote
-    the memo it had read plus its own entry, and the second teacher's entry was lost."""
+    run's read of it is answered (the memo as it was) only after the second one added its entry; before, the
+    first then wrote the memo it had read plus its own entry, and the second teacher's entry was lost."""
     from distill.teacher_cache.fingerprint_memo import MEMO_NAME, recall_fingerprint, remember_fingerprint
 
     _, requests = s3
