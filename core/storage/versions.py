@@ -72,7 +72,11 @@ def hold_version(directory: Path) -> Path:
     so a worker process keeps what its driver planned with even after the driver is gone; any other directory
     is returned as it is."""
     if complete(directory):
-        hold(directory)
+        try:
+            hold(directory)
+        except OSError as exc:  # a version this user may not write (another user's registration)
+            log.warning("%s: cannot hold this version (%s); its files may be collected once its other holders end",
+                        directory, exc.strerror or exc)
     return directory
 
 
@@ -151,7 +155,7 @@ def local_version(root: Path, build: Callable[[], View], version: str | None = N
     write (a read-only share): then a refresh may change files under it."""
     base = root / VERSIONS
     if root.parent.name == VERSIONS:  # a version directory itself: nothing to make
-        return hold(root)
+        return hold_version(root)
     if version is not None and complete(base / version) and complete(hold(base / version)):
         return base / version
     try:
