@@ -196,6 +196,7 @@ class ManifestWriter:
         self._manifest: Manifest | None = None
         self.snapshot_entries = 0  # shards in the last snapshot written or read
         self.replaced: list[str] = []  # files of entries `put` replaced (collected once no reader holds them)
+        self._claimed = not self.journal.must_claim  # object storage: rewrite the snapshot before the first record
 
     @property
     def manifest(self) -> Manifest:
@@ -207,8 +208,8 @@ class ManifestWriter:
     def open(self, fingerprint: str) -> Manifest | None:
         self._manifest = Manifest.read(self.journal, f"{self.store.location}/{MANIFEST_NAME}", fingerprint)
         self.snapshot_entries = len(self._manifest.shards) if self._manifest is not None else 0
-        if self._manifest is not None and (self.journal.pending or self.journal.must_claim):
-            self.compact()  # fold in a killed run's records; in object storage, take the snapshot over (claim)
+        if self._manifest is not None and self.journal.pending:
+            self.compact()  # fold in a killed run's records (which also claims the snapshot: see `put`)
         return self._manifest
 
     def start(self, manifest: Manifest) -> None:
@@ -217,6 +218,8 @@ class ManifestWriter:
         self.compact()
 
     def put(self, stem: str, entry: ShardEntry) -> None:
+        if not self._claimed:  # a previous holder's requests still on their way now fail at the store
+            self.compact()
         if (previous := self.manifest.shards.get(stem)) is not None:
             self.replaced += sorted(previous.files(stem) - entry.files(stem))
         self.manifest.shards[stem] = entry
@@ -227,6 +230,7 @@ class ManifestWriter:
     def compact(self) -> None:
         self.journal.compact(self.manifest.snapshot())
         self.snapshot_entries = len(self.manifest.shards)
+        self._claimed = True
 
     def flush(self) -> None:
         self.journal.flush()

@@ -198,6 +198,8 @@ def _plan_and_label(cfg: CacheConfig, fp: str, teacher: LoadedTeacher | None, sh
         log.info("removed %d file(s) no manifest lists (replaced, or left by an interrupted run)", n)
 
     def check(entry: ShardEntry) -> str | None:
+        if entry.errors_file is not None and entry.errors_file not in files:  # (an older build's sweep removes it)
+            return f"{store.location}/{entry.errors_file} is missing"
         return cache_file_moved(store, entry, files.get(entry.file))
 
     plan = plan_refresh(manifest, shards, store.workdir, cache_file_check=check)
