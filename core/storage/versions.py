@@ -4,7 +4,8 @@ killed process's flock goes with it).
 
 Two kinds share this: the object-store mirror (core/storage/mirror.py: the version's files copied and checked)
 and a local or shared-filesystem cache (`local_version`): ``<dir>/.versions/<version>/`` holds the manifest as
-the reader planned with it and a ``.data`` mark naming the directory its files are in (``../..``). A local cache
+the reader planned with it, a ``.data`` mark naming the directory its files are in (``../..``) and links to the
+run summaries (``last_run.json``: they describe the last writer, so a reader sees the current one). A local cache
 publishes every file under a content-addressed name, so a name never changes content; the writer removes a file
 only when neither the current manifest nor a held version lists it (`collect`), so a refresh never takes a file
 from under a running job. No hard links: another user's files cannot be linked where the kernel protects them
@@ -27,7 +28,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from distill.core.atomic_io import atomic_write
+from distill.core.atomic_io import atomic_symlink, atomic_write
 from distill.core.storage.base import View
 from distill.core.storage.names import under
 
@@ -179,11 +180,17 @@ def local_version(root: Path, build: Callable[[], View], version: str | None = N
 
 
 def _fill(root: Path, view: View, target: Path) -> None:
-    """The files readers trust (the manifest as planned) and small extras, copied; the listed files stay in
-    `root` (content-addressed: their names never change content)."""
+    """The files readers trust (the manifest as planned), and links to the run summaries (they describe the last
+    writer, not a version: a reader sees the current ones); the listed files stay in `root` (content-addressed:
+    their names never change content) and are read there."""
     for name in view.optional:
-        if "/" not in name and (root / name).is_file():  # run summaries (error files are read from the data dir)
-            atomic_write(under(target, name), (root / name).read_bytes())
+        if "/" not in name:  # run summaries (error files of older builds are read from the data dir)
+            link = under(target, name)
+            try:
+                atomic_symlink(link, os.path.relpath(root / name, target))
+            except OSError:  # a filesystem without symlinks: a copy, as it is now
+                if (root / name).is_file():
+                    atomic_write(link, (root / name).read_bytes())
     for name, data in view.last.items():
         atomic_write(under(target, name), data)
     files = sorted(set(view.files) | {n for n in view.optional if "/" in n})  # (error files of older builds)
