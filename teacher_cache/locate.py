@@ -31,13 +31,13 @@ def _view(store: Store) -> Callable[[], View]:
         if manifest is None:
             raise FileNotFoundError(f"{store.location}: no manifest; run `distill cache` with that teacher and "
                                     "cache_root")
-        shards = sorted(manifest.shards.items())
-        return View(version=manifest.version(),
+        shards, snapshot = sorted(manifest.shards.items()), manifest.snapshot()
+        return View(version=manifest.version(snapshot),
                     files={e.file: e.file_sha256 for _, e in shards}
                     | {e.errors_file: e.errors_sha256 for _, e in shards if e.errors_file and e.errors_sha256},
                     optional=[f"{ERRORS_DIR}/{stem}.jsonl" for stem, e in shards if e.errors and not e.errors_file]
                     + list(EXTRA_FILES),
-                    last={MANIFEST_NAME: json.dumps(manifest.snapshot(), indent=1).encode()})
+                    last={MANIFEST_NAME: json.dumps(snapshot).encode()})  # (indent: the slow encoder)
 
     return build
 

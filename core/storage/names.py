@@ -15,7 +15,7 @@ from pathlib import Path
 
 from distill.core.errors import InputError
 
-HASH16 = "[0-9a-f]{16}"  # the content-addressed part of a published name: <stem>-<sha256[:16]><suffix>
+_HEX16 = re.compile("[0-9a-f]{16}")  # the content-addressed part of a published name: <stem>-<sha256[:16]><suffix>
 
 
 class UnsafeNameError(InputError):
@@ -43,7 +43,10 @@ def check_name(name: str, where: str) -> str:
 
 def _form(name: str, stem: str, prefix: str, suffix: str, where: str, what: str) -> str:
     check_name(name, where)
-    if not re.fullmatch(re.escape(prefix + stem) + f"(-{HASH16})?" + re.escape(suffix), name):
+    head, ok = prefix + stem, name.endswith(suffix)
+    middle = name[len(head):len(name) - len(suffix)] if ok and name.startswith(head) else None
+    hashed = middle is not None and len(middle) == 17 and middle[0] == "-" and _HEX16.fullmatch(middle[1:])
+    if middle != "" and not hashed:
         raise UnsafeNameError(f"{where}: {what} {name!r} of shard {stem!r} is not a name the cache writes "
                               f"({prefix}{stem}{suffix} or {prefix}{stem}-<sha256[:16]>{suffix}); the cache refuses "
                               "it: delete the directory (or the offending entry) and re-run `distill cache`")
