@@ -29,14 +29,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/distill pipeline --config examples/demo.yaml
 
-# The ops e2e test runs a real Prometheus server and Pushgateway (Debian packages; the test starts and stops
-# them itself). Installed here when missing and apt-get is usable; otherwise those tests are skipped.
+# The ops e2e test runs a real Prometheus server and Pushgateway, the tracking UI test a headless Chromium (Debian
+# packages; the tests start and stop them themselves). Installed here when missing and apt-get is usable;
+# otherwise those tests are skipped.
 test-deps:
-	@if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null; then \
+	@if ! command -v prometheus >/dev/null || ! command -v prometheus-pushgateway >/dev/null || ! command -v chromium >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway >/dev/null; \
-	  else echo "note: install prometheus + prometheus-pushgateway to run the operations tests in tests/e2e/test_operations.py"; fi; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway chromium >/dev/null; \
+	  else echo "note: install prometheus, prometheus-pushgateway and chromium to run tests/e2e/test_operations.py and tests/integration/test_mlflow_ui.py"; fi; \
 	fi
 
 # `make test`: everything but the cluster-operations tests (pytest marker `cluster`: each file starts a Ray

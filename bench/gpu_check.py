@@ -260,6 +260,10 @@ def report(p: dict, r: dict) -> str:
         lines.append(f"| {k} | {v:,.0f} |" if isinstance(v, float) else f"| {k} | {v or 'n/a (no CUDA)'} |")
     lim = 1 + r["student step ceiling (img/s)"] / r["teacher forward ceiling (img/s)"]
     ratios = [
+        # issue 31: the pass against the teacher's own forward on preloaded tensors (bf16 on CUDA), one view per
+        # image: the decoder (nvjpeg or processes) must keep up with the teacher for this to reach the goal
+        ("cache V=1 / teacher forward ceiling", _ratio(r["cache V=1 (view-img/s)"],
+                                                        r["teacher forward ceiling (img/s)"]), ">= 0.8 (GPU)"),
         ("cache V=4 / teacher forward ceiling", _ratio(r["cache V=4 (view-img/s)"],
                                                         r["teacher forward ceiling (img/s)"]), ">= 0.8"),
         ("cache V=1 / nvjpeg ceiling", _ratio(r["cache V=1 (view-img/s)"], r["decode nvjpeg (img/s)"]), ">= 0.8"),

@@ -11,8 +11,9 @@ Workloads (teachers with random weights: speed does not depend on them):
   (mlp, hidden 16, on the 224-px input).
 Students: K variants of one architecture, an alpha x temperature x lr sweep (one data stream).
 
-Per workload (after one discarded warm-up run: imports, first engine, cache checks) and K, all in this process, in
-this order, on the same cores:
+Per workload (after one discarded warm-up run: imports, first engine, cache checks) and K, all in this process, on
+the same cores, in `--repeats` rounds whose order alternates (group, loader+steps, today; then today, loader+steps,
+group; ...), each measurement with the machine's 1-minute load average before and after it:
 - group:   `distill train --no-ray` with train.fuse auto (one loader, K students): the epoch's wall time
            (metrics.csv epoch_seconds) and the whole run's;
 - loader:  the group's loader alone over the same epoch (decode + view replay + cache join, no model);
@@ -22,8 +23,13 @@ this order, on the same cores:
 - fused:   train.horizontal on (the K students as one model), epoch wall, for the record on this CPU;
 - layouts: per-step time of K engines (one per student, what training uses) against one DeepSpeed engine over a
            ModuleList of the K students with one parameter group each (no clipping: DeepSpeed's is global).
+- fused and layouts (below) run once, after the rounds.
 Ratios: efficiency = group epoch / (loader + sum of steps) (goal <= 1.15); speed-up = today / group (goal >= 3
-for K = 8 on the photos).
+for K = 8 on the photos), per round, reported as median [min-max]. The bound: with a loader cost L and a student
+step cost S per batch (measured: loader alone / batches, mean student step), one loader for K students can at most
+gain K(L+S)/(L+KS) over K loaders: near K when the loader dominates (L >> KS), near 1 when the students do. A
+loaded machine that slows the steps more than the loader moves a run toward 1: the bound printed beside each
+speed-up says which regime that run was in.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -43,24 +50,24 @@ STUDENTS = {"digits": {"arch": "cnn_small", "arch_kwargs": {"width": 8}},
             "photos": {"arch": "mlp", "arch_kwargs": {"hidden": 16, "depth": 1, "input_size": 224}}}
 
 
-def digits_data(work: Path) -> dict:
+def digits_data(work: Path, limit: int | None = None) -> dict:
     from distill.core.models import create_model
     from distill.images.shard_writer import ShardsConfig
     from distill.images.shard_writer import run as write_shards
     from distill.teacher_cache.config import CacheConfig
     from distill.teacher_cache.run import run as cache_run
 
-    shards = work / "digits" / "shards"
+    shards = work / "digits" / (f"shards-{limit}" if limit else "shards")
     if not (shards / "train-000000.tar").exists():
         write_shards(ShardsConfig.model_validate({"source": "mnist", "out_dir": str(shards), "samples_per_shard": 450,
-                                                  "val_fraction": 0.1, "image_format": "png"}))
+                                                  "val_fraction": 0.1, "image_format": "png", "limit": limit}))
     ckpt = work / "digits" / "teacher.pt"
     if not ckpt.exists():
         torch.manual_seed(0)
         torch.save(create_model("resnet_mini", num_classes=10, in_chans=1, width=16).state_dict(), ckpt)
     prep = {"input_size": 28, "crop_pct": 1.0, "mean": [0.1307], "std": [0.3081], "channels": 1}
     teacher = {"arch": "resnet_mini", "arch_kwargs": {"width": 16}, "checkpoint": str(ckpt), "preprocessing": prep}
-    cache = work / "digits" / "cache"
+    cache = work / "digits" / (f"cache-{limit}" if limit else "cache")
     res = cache_run(CacheConfig.model_validate({
         "shards": [str(shards / "train-*.tar")], "cache_root": str(cache), "teacher": teacher, "topk": 5,
         "views": {"num_views": 6, "scale": [0.7, 1.0], "ratio": [0.85, 1.18], "flip": False}, "batch_size": 128,
@@ -198,6 +205,45 @@ def layouts(cfg, k: int, n_steps: int = 20) -> dict:
     return out
 
 
+def fusion_bound(k: int, loader_s: float, step_s: float) -> float:
+    """The most one shared loader can gain over K loaders: K(L+S)/(L+KS) for per-batch loader cost L and student
+    step cost S (K loaders cost K(L+S) per batch of every student; one loader L+KS)."""
+    return k * (loader_s + step_s) / (loader_s + k * step_s)
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def _rounds(data: dict, workload: str, base: Path, k: int, repeats: int) -> list[dict]:
+    """`repeats` rounds of group / loader+steps / today, the order reversed every other round (A B C, C B A)."""
+    steps = {
+        "group": lambda r: timed_run(train_config(data, workload, base / f"group-r{r}", k)),
+        "alone": lambda r: loader_and_steps(train_config(data, workload, base / f"alone-r{r}", k)),
+        "today": lambda r: timed_run(train_config(data, workload, base / f"today-r{r}", k, fuse="off"))}
+    out = []
+    for r in range(repeats):
+        order = list(steps) if r % 2 == 0 else list(steps)[::-1]
+        got: dict = {"round": r, "order": order}
+        for name in order:
+            before = _load()
+            got[name] = steps[name](r)
+            got[name]["load_1m"] = [before, _load()]
+        g, a, t = got["group"], got["alone"], got["today"]
+        loader_b, step_b = a["loader_s"] / a["batches"], sum(a["steps_s"]) / len(a["steps_s"]) / a["batches"]
+        got.update(speedup_epoch=sum(t["epoch_s"]) / g["epoch_s"][0], speedup_wall=t["wall_s"] / g["wall_s"],
+                   efficiency=g["epoch_s"][0] / (a["loader_s"] + sum(a["steps_s"])),
+                   loader_per_batch_s=loader_b, step_per_batch_s=step_b, bound=fusion_bound(k, loader_b, step_b))
+        out.append(got)
+        print(json.dumps({"workload": workload, "k": k, **{x: got[x] for x in ("round", "order", "speedup_epoch",
+                                                                               "bound")}}), flush=True)
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, nargs="+", default=[4, 8])
@@ -205,40 +251,62 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=256, help="how many 224-px JPEGs")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_sweep")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "sweep.json")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of group / loader+steps / today, order alternating")
+    ap.add_argument("--digits", type=int, default=None, help="use only this many MNIST digits (quick runs)")
+    ap.add_argument("--skip-fused", action="store_true", help="skip the horizontal-fusion and engine-layout runs")
     args = ap.parse_args()
     rows = []
     for workload in args.workloads:
-        data = digits_data(args.work) if workload == "digits" else photos_data(args.work, args.photos)
+        data = (digits_data(args.work, args.digits) if workload == "digits" else photos_data(args.work, args.photos))
         timed_run(train_config(data, workload, args.work / workload / "warm-up", 2))  # first-run costs, discarded
         for k in args.k:
             base = args.work / workload / f"k{k}"
-            row = {"workload": workload, "k": k, "student": STUDENTS[workload]}
-            group = timed_run(train_config(data, workload, base / "group", k))
-            row.update(group_epoch_s=group["epoch_s"][0], group_wall_s=group["wall_s"])
-            row.update(loader_and_steps(train_config(data, workload, base / "alone", k)))
-            today = timed_run(train_config(data, workload, base / "today", k, fuse="off"))
-            row.update(today_epochs_s=sum(today["epoch_s"]), today_epoch_each_s=today["epoch_s"],
-                       today_wall_s=today["wall_s"])
-            fused = timed_run(train_config(data, workload, base / "fused", k, horizontal="on"))
-            row.update(fused_epoch_s=fused["epoch_s"][0], fused_wall_s=fused["wall_s"])
-            row.update(layouts(train_config(data, workload, base / "layouts", k), k))
-            row["efficiency"] = row["group_epoch_s"] / (row["loader_s"] + sum(row["steps_s"]))
-            row["speedup_epoch"] = row["today_epochs_s"] / row["group_epoch_s"]
-            row["speedup_wall"] = row["today_wall_s"] / row["group_wall_s"]
+            row: dict = {"workload": workload, "k": k, "student": STUDENTS[workload]}
+            rounds = _rounds(data, workload, base, k, args.repeats)
+            row["rounds"] = rounds
+            for key in ("speedup_epoch", "speedup_wall", "efficiency", "bound", "loader_per_batch_s",
+                        "step_per_batch_s"):
+                row[key] = _spread([r[key] for r in rounds])
+            row["group_epoch_s"] = _spread([r["group"]["epoch_s"][0] for r in rounds])
+            row["today_epochs_s"] = _spread([sum(r["today"]["epoch_s"]) for r in rounds])
+            row["loader_s"] = _spread([r["alone"]["loader_s"] for r in rounds])
+            row["steps_s"] = _spread([sum(r["alone"]["steps_s"]) for r in rounds])
+            row["load_1m"] = _spread([x for r in rounds for n in ("group", "alone", "today") for x in r[n]["load_1m"]])
+            if not args.skip_fused:
+                fused = timed_run(train_config(data, workload, base / "fused", k, horizontal="on"))
+                row.update(fused_epoch_s=fused["epoch_s"][0], fused_wall_s=fused["wall_s"])
+                row.update(layouts(train_config(data, workload, base / "layouts", k), k))
             rows.append(row)
-            print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M"),
+            "repeats": args.repeats}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print("| workload | K | group epoch s | loader alone s | sum of steps s | efficiency (<= 1.15) | today s "
-          "(K loaders) | speed-up epoch (>= 3 @ K=8 photos) | speed-up whole run | fused epoch s | K engines / "
-          "one engine per step |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print(table(rows, args.repeats))
+
+
+def _m(s: dict, fmt: str, scale: float = 1.0) -> str:
+    """median [min-max]"""
+    return f"{scale * s['median']:{fmt}} [{scale * s['min']:{fmt}}-{scale * s['max']:{fmt}}]"
+
+
+def table(rows: list[dict], repeats: int) -> str:
+    """The markdown table: medians over the rounds with their range, the bound, the load."""
+    out = [f"median [min-max] over {repeats} rounds (order alternating); L, S = loader and student step per batch; "
+           "bound = K(L+S)/(L+KS)",
+           "| workload | K | group epoch s | loader alone s | sum of steps s | efficiency (<= 1.15) | today s (K "
+           "loaders) | **speed-up**, epochs | speed-up, whole runs | L ms | S ms | **bound** | load (1 min) | fused "
+           "epoch s | K engines / one engine, per step |", "|---" * 15 + "|"]
     for r in rows:
-        print(f"| {r['workload']} | {r['k']} | {r['group_epoch_s']:.1f} | {r['loader_s']:.1f} | "
-              f"{sum(r['steps_s']):.1f} | {r['efficiency']:.2f} | {r['today_epochs_s']:.1f} | "
-              f"{r['speedup_epoch']:.2f} | {r['speedup_wall']:.2f} | {r['fused_epoch_s']:.1f} | "
-              f"{1e3 * r['k_engines_step_s']:.0f} / {1e3 * r['one_engine_step_s']:.0f} ms |")
+        fused = f"{r['fused_epoch_s']:.1f}" if "fused_epoch_s" in r else "-"
+        layout = (f"{1e3 * r['k_engines_step_s']:.0f} / {1e3 * r['one_engine_step_s']:.0f} ms"
+                  if "k_engines_step_s" in r else "-")
+        out.append(f"| {r['workload']} | {r['k']} | {_m(r['group_epoch_s'], '.1f')} | {_m(r['loader_s'], '.1f')} | "
+                   f"{_m(r['steps_s'], '.1f')} | {_m(r['efficiency'], '.2f')} | {_m(r['today_epochs_s'], '.1f')} | "
+                   f"{_m(r['speedup_epoch'], '.2f')} | {_m(r['speedup_wall'], '.2f')} | "
+                   f"{_m(r['loader_per_batch_s'], '.0f', 1e3)} | {_m(r['step_per_batch_s'], '.0f', 1e3)} | "
+                   f"{_m(r['bound'], '.2f')} | {_m(r['load_1m'], '.1f')} | {fused} | {layout} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def serve(config_path: Path | None, overrides: tuple[str, ...], bundle: str | No
 
     \b
     Example: distill serve --bundle runs/demo/bundle --port 8000
-             curl -s -H 'Content-Type: image/png' --data-binary @digit.png http://127.0.0.1:8000/predict
+    curl -s -H 'Content-Type: image/png' --data-binary @runs/demo/bundle/sample.png http://127.0.0.1:8000/predict
+    (sample.png: a held-out image that `distill deploy` puts in the bundle)
     """
     from distill.core.ray_cluster import connect_ray
     from distill.deploy.config import ServeConfig

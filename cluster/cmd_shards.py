@@ -18,17 +18,21 @@ SHOWN = 20  # skipped files printed in the summary; the rest are in <out_dir>/sk
               help="YAML config (fields below at top level, or under `shards:`).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one field (repeatable).")
 @click.option("--source", default=None, help="'mnist', 'digits' or an image-folder directory (one folder per class).")
-@click.option("--out-dir", default=None, help="Where to write train-*.tar, val-*.tar and classes.json.")
+@click.option("--out-dir", default=None, help="Where to write train-*.tar, val-*.tar, test-*.tar and classes.json.")
 def shards(config_path: Path | None, overrides: tuple[str, ...], source: str | None, out_dir: str | None) -> None:
-    """Write ImageNet-WDS shards (<key>.png|jpg|webp + .cls + .json) with a train/val split.
+    """Write ImageNet-WDS shards (<key>.png|jpg|webp + .cls + .json) with a train/val(/test) split.
 
     \b
     Every image is decoded once while it is written: empty, undecodable and oversized files are skipped,
     listed in the summary and in <out_dir>/skipped.jsonl, and not counted in `samples`.
 
     \b
-    Fields: source, out_dir, samples_per_shard (500), val_fraction (0.1), image_format (png|jpg|webp),
-            limit (all), seed (0).
+    Val selects (best epoch, best student, compress stages); test (test_fraction > 0) is held out: nothing
+    selects on it, `distill train` reports each student's best.pt on it and compares twins there.
+
+    \b
+    Fields: source, out_dir, samples_per_shard (500), val_fraction (0.1), test_fraction (0), image_format
+            (png|jpg|webp), limit (all), seed (0).
     Example: distill shards --source mnist --out-dir runs/demo/shards --set samples_per_shard=500
     """
     from distill.images.shard_writer import ShardsConfig, run
@@ -39,9 +43,10 @@ def shards(config_path: Path | None, overrides: tuple[str, ...], source: str | N
     result = run(cfg)
     (Path(cfg.out_dir) / "shards_config.resolved.yaml").write_text(
         yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    click.echo(json.dumps({"train": result.train_pattern, "val": result.val_pattern, "classes": len(result.classes),
-                           "samples": result.samples, "train_shards": len(result.train),
-                           "val_shards": len(result.val), "skipped": len(result.skipped),
+    click.echo(json.dumps({"train": result.train_pattern, "val": result.val_pattern, "test": result.test_pattern,
+                           "classes": len(result.classes), "samples": result.samples,
+                           "train_shards": len(result.train), "val_shards": len(result.val),
+                           "test_shards": len(result.test), "skipped": len(result.skipped),
                            "skipped_files": [{"file": f, "reason": r} for f, r in result.skipped[:SHOWN]]},
                           indent=1))
     if len(result.skipped) > SHOWN:

@@ -26,10 +26,17 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     pre-training and the no-KD baseline), online (teacher runs live: the baseline the cache must beat).
     Feature KD: beta > 0 (+ feature_loss cosine|mse) on a cache written with features.enabled: true.
     Variants: `variants:` (explicit list) and/or `grid:` (cartesian product over variant fields) over `base:`.
+    Students: arch (registered, timm:<name>, torchvision:<name>) + arch_kwargs, input_size, mean/std, channels
+    (default the cache's; 3 on a grey cache replicates its grey pixels: RGB-only torchvision models and RGB
+    weights), init_checkpoint (start from a local state dict, e.g. ImageNet weights of the same architecture:
+    weights_only=True, head replaced for another class count, stem adapted for other channels). Every student is
+    built and run on one input before any work: what does not fit is listed with the fix, exit 2, nothing done.
     Twins: every distilled recipe gets an undistilled twin (same recipe, mode none, named <arch>-noKD) unless
-    `twins: false`; the leaderboard shows Δ top-1 against it. `data.unlabelled_shards`: a cached pool whose
-    rows teach distilled variants through the KD term only; beside it a mode-none variant makes several passes
-    over the labelled shards per epoch, so a twin takes the same optimizer steps (`data.labelled_passes`).
+    `twins: false`; the leaderboard shows Δ top-1 against it, on data.test_shards when set (held out: each
+    best.pt, chosen on val, is scored on it once after training; <variant>/test.json), else on val.
+    `data.unlabelled_shards`: a cached pool whose rows teach distilled variants through the KD term only; beside
+    it a mode-none variant makes several passes over the labelled shards per epoch, so a twin takes the same
+    optimizer steps (`data.labelled_passes`).
     Groups: variants that share a data stream (shards + pool as their mode reads them, passes, views, batch,
     epochs, data seed, input preprocessing, ranks) train in one group: one loader, each batch read once for all;
     every student keeps its own optimizer, schedule, loss, checkpoints and files. The plan is printed first
@@ -38,6 +45,8 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
     Output: <run_dir>/<variant>/{metrics.csv, best.pt, arch.json, ds_ckpt/, status.json}, leaderboard.parquet.
     Re-running skips finished variants and resumes interrupted ones from their last epoch checkpoint.
     Without Ray, on N processes: torchrun --nproc_per_node N $(which distill) train -c X [--variant NAME]
+    A student that fails during the run (non-finite loss, a step that raises) fails alone: its leaderboard row
+    says why, the others go on, and compress/deploy take them.
     Exit: 0 all variants done, 3 some failed, 4 all failed, 2 bad config/input (found before training began),
     6 failed during the run (finished epochs are kept; re-run resumes), 143 stopped by SIGTERM (`ray job stop`:
     unfinished variants are marked interrupted and resume on the next run).
@@ -62,7 +71,7 @@ def train(config_path: Path | None, overrides: tuple[str, ...], no_ray: bool, ad
         return
     click.echo(format_twin_comparison(twin_pairs(result.leaderboard)) + "\n")
     click.echo(format_leaderboard(result.leaderboard))
-    click.echo("\n" + format_teacher_line(result.teacher_val_top1))
+    click.echo("\n" + format_teacher_line(result.teacher_val_top1, result.teacher_test_top1))
     if result.teacher_warning:
         click.echo(result.teacher_warning, err=True)
     click.echo(f"\nleaderboard: {result.leaderboard_path}\nrun dir:     {result.run_dir}")

@@ -17,11 +17,12 @@ from functools import partial
 from pathlib import Path
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distill.cluster.cli_common import StageFailedError
 from distill.compress.config import CompressConfig
 from distill.core.config import MetricsConfig, StrictConfig
+from distill.core.tracking import TrackingConfig
 from distill.deploy.config import DeployConfig
 from distill.images.shard_writer import ShardsConfig
 from distill.student_train.config import TrainConfig
@@ -42,6 +43,19 @@ class PipelineConfig(StrictConfig):
     ray_address: str | None = Field(None, description="Ray cluster for every stage (default: RAY_ADDRESS or local)")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="this process's exporter (cache, "
                                    "compress and deploy metrics); set targets_file for Prometheus file_sd")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow for every stage that does "
+                                     "not set its own `tracking` (default: one local store, <output>/../mlruns)")
+
+    @model_validator(mode="after")
+    def _tracking_everywhere(self) -> PipelineConfig:
+        """A pipeline-level `tracking` applies to the stages that do not set their own."""
+        if "tracking" in self.model_fields_set:
+            for stage in (self.teacher, self.cache, self.train, self.compress):
+                if stage is not None and "tracking" not in stage.model_fields_set:
+                    stage.tracking = self.tracking
+        return self
+    summary_json: Path | None = Field(None, description="write every stage's summary here as JSON (also printed "
+                                      "by `distill pipeline --json`); the screen ends on the short summary")
 
 
 def _shards_current(cfg: ShardsConfig) -> bool:
@@ -58,7 +72,8 @@ def run_shards(cfg: ShardsConfig) -> dict:
     res = run(cfg)
     (Path(cfg.out_dir) / "shards_config.resolved.yaml").write_text(
         yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    return {"stage": "shards", "train": res.train_pattern, "val": res.val_pattern, "samples": res.samples}
+    return {"stage": "shards", "train": res.train_pattern, "val": res.val_pattern, "test": res.test_pattern,
+            "samples": res.samples}
 
 
 def run_compress(cfg: CompressConfig) -> dict:
@@ -72,7 +87,10 @@ def run_compress(cfg: CompressConfig) -> dict:
         return {"stage": "compress", "skipped": True, "out_dir": str(cfg.out_dir)}
     res = run(cfg)
     log.info("compression report:\n%s", res.table)
-    return {"stage": "compress", "out_dir": str(res.out_dir), "plot": str(res.plot),
+    if res.status == "failure":
+        raise StageFailedError(f"compress stage: every student failed; see {res.out_dir}/report.txt")
+    return {"stage": "compress", "status": res.status, "failures": res.failures, "out_dir": str(res.out_dir),
+            "plot": str(res.plot),
             "rows": [{k: r[k] for k in ("student", "stage", "val_top1", "size_mb", "latency_b1_ms")} for r in res.rows]}
 
 
@@ -84,8 +102,9 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
         from distill.core.metrics_server import start_metrics_server
 
         start_metrics_server(cfg.metrics.host, cfg.metrics.port, cfg.metrics.targets_file, job="distill_pipeline")
+    started = False
     if any(s is not None and s.ray.enabled for s in (cfg.teacher, cfg.cache, cfg.train)):
-        connect_ray(cfg.ray_address)
+        started = connect_ray(cfg.ray_address)
     results: list[dict] = []
     try:
         _run_stages(cfg, results)
@@ -94,6 +113,15 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             from distill.core.metrics_server import push_final_metrics
 
             push_final_metrics(cfg.metrics.pushgateway, job="distill_pipeline")
+        if started:  # Ray's teardown logs now, not after the summary the command prints last
+            import ray
+
+            ray.shutdown()
+    if cfg.summary_json is not None:
+        from distill.core.atomic_io import atomic_write
+
+        Path(cfg.summary_json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(cfg.summary_json), json.dumps(results, indent=1) + "\n")
     return results
 
 
@@ -101,8 +129,10 @@ def run_deploy(cfg: DeployConfig) -> dict:
     from distill.deploy.bundle import run
 
     res = run(cfg)
-    return {"stage": "deploy", "bundle": str(res.bundle), "student": res.student, "parity": res.parity,
-            "litert": res.litert or f"none: {res.litert_reason}"}
+    files = sorted(json.loads((Path(res.bundle) / "bundle.json").read_text()).get("files", {}))
+    return {"stage": "deploy", "bundle": str(res.bundle), "student": res.student, "stage_shipped": res.stage,
+            "parity": res.parity, "litert": res.litert or f"none: {res.litert_reason}", "files": files,
+            "sample": res.sample, "sample_label": res.sample_label, "sample_content_type": res.sample_content_type}
 
 
 def run_cache_stage(cfg: CacheConfig) -> dict:
@@ -124,11 +154,13 @@ def run_train_stage(cfg: TrainConfig, name: str) -> dict:
     res = run(cfg)
     if res.status == "failure":
         raise StageFailedError(f"{name} stage: every variant failed; see {res.run_dir}/leaderboard.txt")
-    best = res.best()
+    best = res.best()  # chosen on val; its test top-1 is reported, never used to choose
     return {"stage": name, "status": res.status, "run_dir": str(res.run_dir),
             "best": best["variant"] if best else None, "best_val_top1": best["val_top1"] if best else None,
+            "best_test_top1": best.get("test_top1") if best else None,
             "best_mode": best["mode"] if best else None, "twins": twin_pairs(res.leaderboard),
             "teacher_val_top1": res.teacher_val_top1[0] if res.teacher_val_top1 else None,
+            "teacher_test_top1": res.teacher_test_top1[0] if res.teacher_test_top1 else None,
             "teacher_warning": res.teacher_warning}
 
 

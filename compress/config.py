@@ -8,11 +8,14 @@ from typing import Literal
 from pydantic import Field
 
 from distill.core.config import StrictConfig
+from distill.core.tracking import TrackingConfig
 
 
 class SelectConfig(StrictConfig):
     top_n: int = Field(1, ge=1, description="how many students to compress")
     by: Literal["val_top1", "pareto"] = Field("val_top1", description="best accuracy, or the accuracy/MACs front")
+    students: list[str] = Field(default_factory=list, description="compress these students (leaderboard variant "
+                                "names) instead of the top_n by `by`; `distill compress --student NAME`")
 
 
 class PruneConfig(StrictConfig):
@@ -35,20 +38,28 @@ class QuantizeConfig(StrictConfig):
     enabled: bool = True
     calib_samples: int = Field(256, ge=8, description="cached training samples (replayed views) to calibrate on")
     per_channel: bool = True
-    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="ONNX Runtime's calibration; LiteRT int8 always takes each tensor's global min/max "
+        "over the calibration views (compress/litert_convert.py)")
 
 
 class LiteRTConfig(StrictConfig):
     enabled: bool = Field(True, description="also write fp32 + full-integer int8 .tflite models (LiteRT, for phones "
-                          "and boards), measured in the LiteRT interpreter; needs pip install -e '.[litert]' "
-                          "(without it they are skipped with a note); int8 follows quantize.enabled and its "
-                          "calib_samples")
+                          "and boards; converted by litert-torch), measured in the LiteRT interpreter; needs pip "
+                          "install -e '.[litert]' (without it they are skipped with a note); int8 follows "
+                          "quantize.enabled and its calib_samples")
+    models: list[Literal["baseline", "pruned"]] = Field(
+        ["baseline", "pruned"], min_length=1, description="which fp32 models get LiteRT targets (a conversion takes "
+        "seconds to tens of seconds on a CPU: [pruned] when only the pruned model ships)")
 
 
 class LatencyConfig(StrictConfig):
-    repeats_b1: int = Field(50, ge=3)
-    repeats_b32: int = Field(10, ge=3)
-    warmup: int = Field(5, ge=1)
+    rounds: int = Field(5, ge=3, description="timing rounds; every stage of a student runs once per round, the order "
+                        "alternating (A B, B A, ...); the report gives the median of the rounds and their range, and "
+                        "calls a stage faster or slower only when the ranges do not overlap")
+    repeats_b1: int = Field(50, ge=3, description="calls per round at batch 1 (the round keeps their median)")
+    repeats_b32: int = Field(10, ge=3, description="calls per round at batch 32")
+    warmup: int = Field(5, ge=1, description="calls per model before the first round")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (default: all cores)")
 
 
@@ -67,3 +78,5 @@ class CompressConfig(StrictConfig):
                                  "loses at most this much val top-1 against its parent (deploy has its own floor)")
     min_smaller: float = Field(4.0, gt=0.0, description="the report's verdict: size goal (x smaller than parent)")
     min_speedup: float = Field(2.0, gt=0.0, description="the report's verdict: batch-32 latency goal (x faster)")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow: a run per compress and "
+                                     "per student stage (default store: <out_dir>/../mlruns)")

@@ -1,44 +1,54 @@
-"""LiteRT targets of `distill compress`: each fp32 model (baseline, pruned) as an fp32 .tflite and a full-integer
-int8 .tflite, measured in the LiteRT interpreter next to the ONNX stages.
+"""LiteRT targets of `distill compress`: each fp32 model (baseline, pruned) as an fp32 .tflite (litert-torch) and a
+full-integer int8 .tflite (ai-edge-quantizer), measured in the LiteRT interpreter next to the ONNX stages.
 
-Stages: `litert` / `litert+int8` from the baseline, `pruned+litert` / `pruned+litert+int8` from the pruned model.
-Without the extra, or when an operator does not convert, the ONNX stages are unaffected and `litert.json` in the
-student's directory says why (deploy puts that in the model card).
+Stages: `litert` / `litert+int8` from the baseline, `pruned+litert` / `pruned+litert+int8` from the pruned model
+(another stage adds its own prefix and file stem: `Source`). Each fp32 .tflite is checked against its PyTorch
+model in the LiteRT interpreter here (recorded in `litert.json`) and again by deploy before it is bundled. Without
+the extra, or when a model does not convert, the ONNX stages are unaffected and `litert.json` in the student's
+directory says why (deploy puts that in the model card).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from distill.compress.litert_export import LiteRTConversionError, export_litert
-from distill.compress.litert_run import LiteRTModel, litert_available, quantize_litert_int8
+from distill.compress.litert_convert import LiteRTConversionError, convert_litert, quantize_litert_int8
+from distill.compress.litert_run import LiteRTModel, litert_available
 from distill.core.atomic_io import atomic_write
 
 log = logging.getLogger(__name__)
+STEMS = {"": "baseline", "pruned+": "pruned"}  # stage prefix -> file stem of the fp32 model it converts
 
-# stage -> (fp32 .tflite, int8 .tflite or None, TorchScript twin of the PyTorch model it was made from)
-LITERT_FILES: dict[str, tuple[str, str | None, str]] = {
-    "litert": ("baseline.tflite", None, "baseline.ts"),
-    "litert+int8": ("baseline.tflite", "int8.tflite", "baseline.ts"),
-    "pruned+litert": ("pruned.tflite", None, "pruned.ts"),
-    "pruned+litert+int8": ("pruned.tflite", "pruned_int8.tflite", "pruned.ts")}
+
+def litert_files(stage: str) -> tuple[str, str | None, str]:
+    """(fp32 .tflite, int8 .tflite or None, TorchScript twin of the PyTorch model) of a LiteRT stage."""
+    prefix = stage.removesuffix("+int8").removesuffix("litert")
+    stem = STEMS.get(prefix, prefix.rstrip("+"))
+    int8 = ("int8.tflite" if stem == "baseline" else f"{stem}_int8.tflite") if stage.endswith("+int8") else None
+    return f"{stem}.tflite", int8, f"{stem}.ts"
+
 
 
 @dataclass
 class Source:
-    """One fp32 model to convert: its stage prefix ('' or 'pruned+'), ONNX file, PyTorch model and costs."""
+    """One fp32 PyTorch model to convert: its stage prefix ('' or 'pruned+') and costs."""
 
     prefix: str
-    onnx: Path
     model: torch.nn.Module
     macs: int
     params: int
+
+    @property
+    def stem(self) -> str:
+        """Its files' stem: baseline, pruned (compress's `litert.models` names these)."""
+        return litert_files(f"{self.prefix}litert")[0].removesuffix(".tflite")
 
 
 def litert_parity(model: torch.nn.Module, tflite: Path, images: np.ndarray) -> dict:
@@ -50,34 +60,43 @@ def litert_parity(model: torch.nn.Module, tflite: Path, images: np.ndarray) -> d
             "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()), "samples": len(images)}
 
 
-def litert_stages(sources: list[Source], out: Path, measure: object, calib: list[np.ndarray],
+def _one(src: Source, out: Path, measure: Callable[..., dict], calib: list[np.ndarray], images: np.ndarray,
+         int8: bool, status: dict) -> list[dict]:
+    """Convert, check and measure one source (and its int8 model); fills `status`."""
+    fp32_name, int8_name, _ = litert_files(f"{src.prefix}litert+int8")
+    _, channels, size, _ = images.shape
+    fp32 = convert_litert(src.model, out / fp32_name, channels, size, name=f"{out.name} ({src.prefix}litert)")
+    stage = f"{src.prefix}litert"
+    status["parity"][stage] = litert_parity(src.model, fp32, images)
+    rows = [measure(stage, fp32, src.macs, src.params)]
+    status["io"][stage] = LiteRTModel(fp32).io_details()
+    if int8 and int8_name:
+        q, status["calibration"] = quantize_litert_int8(fp32, out / int8_name, calib)
+        rows.append(measure(f"{stage}+int8", q, src.macs, src.params))
+        status["io"][f"{stage}+int8"] = LiteRTModel(q).io_details()
+    return rows
+
+
+def litert_stages(sources: list[Source], out: Path, measure: Callable[..., dict], calib: list[np.ndarray],
                   images: np.ndarray, int8: bool = True) -> list[dict]:
     """Convert, quantize and measure every source; returns report rows and writes `<out>/litert.json`.
 
     `measure(stage, path, macs, params)` makes one report row (the caller's, so ONNX and LiteRT rows are
-    measured alike).
+    measured alike). `images`: real val images (N, C, H, W) for the parity check; their shape is the input's.
     """
-    status: dict = {"status": "done", "reason": None, "parity": {}, "io": {}}
+    status: dict = {"status": "done", "reason": None, "converter": "litert-torch", "parity": {}, "io": {}}
     missing = litert_available()
     rows: list[dict] = []
     if missing:
         log.warning("LiteRT targets skipped: %s", missing)
         status.update(status="skipped", reason=missing)
     for src in sources if not missing else []:
-        fp32_name, int8_name, _ = LITERT_FILES[f"{src.prefix}litert+int8"]
         try:
-            fp32 = export_litert(src.onnx, out / fp32_name)
+            rows += _one(src, out, measure, calib, images, int8, status)
         except LiteRTConversionError as exc:
             log.warning("LiteRT: %s", exc)
             status.update(status="failed", reason=str(exc))
             break
-        status["parity"][f"{src.prefix}litert"] = litert_parity(src.model, fp32, images)
-        rows.append(measure(f"{src.prefix}litert", fp32, src.macs, src.params))
-        status["io"][f"{src.prefix}litert"] = LiteRTModel(fp32).io_details()
-        if int8:
-            q = quantize_litert_int8(fp32, out / int8_name, calib)
-            rows.append(measure(f"{src.prefix}litert+int8", q, src.macs, src.params))
-            status["io"][f"{src.prefix}litert+int8"] = LiteRTModel(q).io_details()
     status["calib_samples"] = sum(len(c) for c in calib)
     atomic_write(out / "litert.json", json.dumps(status, indent=1))
     return rows

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +20,24 @@ from distill.compress import metrics
 from distill.compress.config import CompressConfig
 from distill.compress.finetune import finetune_dir, finetune_identity, prune_and_finetune
 from distill.compress.litert_stages import Source, litert_stages
-from distill.compress.measure import accuracy, file_mb, onnx_accuracy, onnx_latency
-from distill.compress.onnx_export import check_parity, export_onnx, save_torchscript
+from distill.compress.measure import (
+    accuracy,
+    file_mb,
+    machine_load,
+    onnx_accuracy,
+    random_input,
+    speedup,
+    timed_rounds,
+)
+from distill.compress.onnx_export import check_parity, export_onnx, save_torchscript, session
+from distill.compress.plan import check_students
 from distill.compress.prune import count_cost
 from distill.compress.quantize import quantize_int8
-from distill.compress.report import format_table, pareto_plot, verdicts
+from distill.compress.report import failure, format_failures, format_table, pareto_plot, verdicts
 from distill.compress.select import select_students
+from distill.compress.tracking import record_compress
+from distill.core.errors import InputError
+from distill.core.graceful_stop import raise_if_stopping
 from distill.core.models import create_model
 from distill.core.run_phase import begin_work
 from distill.images.preprocessing import Preprocessing
@@ -41,6 +55,16 @@ class CompressResult:
     rows: list[dict]
     table: str
     plot: Path
+    failures: list[dict] = field(default_factory=list)  # {student, stage ("all" or "pruned"), reason}
+    students: list[str] = field(default_factory=list)  # the students it was asked to compress
+
+    @property
+    def status(self) -> str:
+        """success; partial (a student or its pruned stages failed, the rest is in the report); failure (none of
+        the students has a measured row)."""
+        if not self.failures:
+            return "success"
+        return "partial" if self.rows else "failure"
 
 
 def _stream(job: JobSpec, v: VariantConfig, train: bool, batch: int) -> JoinedStream:
@@ -78,37 +102,96 @@ def calibration(job: JobSpec, v: VariantConfig, samples: int) -> list[np.ndarray
 def load_student(run_dir: Path, name: str, v: VariantConfig) -> torch.nn.Module:
     info = json.loads((run_dir / name / "arch.json").read_text())
     model = create_model(info["arch"], info["num_classes"], info["in_chans"], **info["arch_kwargs"])
-    model.load_state_dict(torch.load(run_dir / name / "best.pt", map_location="cpu", weights_only=True))
+    ckpt = run_dir / name / "best.pt"
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged or cut-short file raises many types
+        raise InputError(f"{ckpt} cannot be read ({exc.__class__.__name__}: {str(exc).splitlines()[0]}): delete "
+                         f"{ckpt.parent} and re-run `distill train` to train this student again") from exc
+    model.load_state_dict(state)
     return model.eval()
+
+
+def _runner(path: Path, threads: int | None) -> Any:
+    """NCHW float32 batch -> logits, in the runtime the file is for (.onnx: ONNX Runtime, .tflite: LiteRT)."""
+    if path.suffix == ".tflite":
+        from distill.compress.litert_run import LiteRTModel
+
+        return LiteRTModel(path, threads)
+    sess = session(path, threads)
+    return lambda x: sess.run(None, {"input": x})[0]
 
 
 def _measure(stage: str, name: str, path: Path, vb: list, prep: Preprocessing, cfg: CompressConfig, macs: int,
              params: int) -> dict:
-    """One report row: accuracy, size and latency @1/@32 in the runtime the file is for (.onnx: ONNX Runtime,
-    .tflite: the LiteRT interpreter)."""
-    lat = cfg.latency
+    """One report row: accuracy and size in the runtime the file is for; latency comes later, from the student's
+    alternating timing rounds (`_time_rows`)."""
     if path.suffix == ".tflite":
-        from distill.compress.litert_run import LiteRTModel, litert_latency
-
-        runtime, acc, latency = "litert", accuracy(LiteRTModel(path, lat.threads), vb), litert_latency
+        runtime, acc = "litert", accuracy(_runner(path, cfg.latency.threads), vb)
     else:
-        runtime, acc, latency = "onnxruntime", onnx_accuracy(path, vb, lat.threads), onnx_latency
+        runtime, acc = "onnxruntime", onnx_accuracy(path, vb, cfg.latency.threads)
     row: dict[str, Any] = {"student": name, "stage": stage, "runtime": runtime, "file": str(path),
                            "size_mb": file_mb(path), "macs": macs, "params": params, **acc}
-    row["latency_b1_ms"] = 1e3 * latency(path, prep.channels, prep.input_size, 1, lat.repeats_b1, lat.warmup,
-                                         lat.threads)
-    row["latency_b32_ms"] = 1e3 * latency(path, prep.channels, prep.input_size, 32, lat.repeats_b32, lat.warmup,
-                                          lat.threads)
     metrics.VAL_TOP1.labels(name, stage).set(row["val_top1"])
     metrics.SIZE.labels(name, stage).set(row["size_mb"] * 1e6)
-    metrics.LATENCY.labels(name, stage, "1").set(row["latency_b1_ms"] / 1e3)
-    metrics.LATENCY.labels(name, stage, "32").set(row["latency_b32_ms"] / 1e3)
-    log.info("%s %s: top1 %.4f, %.2f MB, %.2f ms @1, %.2f ms @32", name, stage, row["val_top1"], row["size_mb"],
-             row["latency_b1_ms"], row["latency_b32_ms"])
+    log.info("%s %s: top1 %.4f, %.2f MB", name, stage, row["val_top1"], row["size_mb"])
     return row
 
 
-def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) -> list[dict]:
+def _pruned_stages(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, v: VariantConfig,
+                   model: torch.nn.Module, measure: Callable[[str, Path, int, int], dict], calib: list[np.ndarray],
+                   images: torch.Tensor, out: Path) -> tuple[list[dict], Source]:
+    """pruned (+ KD fine-tune from the cache) and pruned+int8: their rows and the pruned model for LiteRT."""
+    prep = student_prep(v, job.teacher_prep)
+    example = torch.zeros(1, prep.channels, prep.input_size, prep.input_size)
+    pruned = copy.deepcopy(model)
+    ident = finetune_identity(run_dir / name / "best.pt", (run_dir / name / "variant.yaml").read_text(),
+                              cfg.prune, str(job.cache_dir))
+    costs = prune_and_finetune(pruned, example, cfg.prune, v, job, finetune_dir(out, ident))
+    log.info("%s pruned: MACs %d -> %d, params %d -> %d", name, costs["macs_before"], costs["macs_after"],
+             costs["params_before"], costs["params_after"])
+    p_path = export_onnx(pruned, out / "pruned.onnx", prep.channels, prep.input_size)
+    save_torchscript(pruned, out / "pruned.ts", prep.channels, prep.input_size)
+    check_parity(pruned, p_path, images)
+    rows = [measure("pruned", p_path, costs["macs_after"], costs["params_after"])]
+    if cfg.quantize.enabled:
+        pq_path = quantize_int8(p_path, out / "pruned_int8.onnx", iter(calib), cfg.quantize.per_channel,
+                                cfg.quantize.method)
+        rows.append(measure("pruned+int8", pq_path, costs["macs_after"], costs["params_after"]))
+    return rows, Source("pruned+", pruned, costs["macs_after"], costs["params_after"])
+
+
+def _time_rows(rows: list[dict], prep: Preprocessing, cfg: CompressConfig) -> None:
+    """Latency of every stage of one student at batch 1 and 32, in alternating rounds (compress/measure.py):
+    each row gets the median, the range of the round medians, the machine's load, and its speed-up over the
+    baseline with a verdict that is "faster"/"slower" only outside that range."""
+    lat = cfg.latency
+    runners = {r["stage"]: _runner(Path(r["file"]), lat.threads) for r in rows}
+    before = machine_load()
+    spreads = {}
+    for batch, calls in ((1, lat.repeats_b1), (32, lat.repeats_b32)):
+        x = random_input(batch, prep.channels, prep.input_size)
+        spreads[batch] = timed_rounds({s: functools.partial(f, x) for s, f in runners.items()}, lat.rounds, calls,
+                                      lat.warmup)
+    after = machine_load()
+    for r in rows:
+        for batch in (1, 32):
+            t = spreads[batch][r["stage"]]
+            r.update({f"latency_b{batch}_ms": 1e3 * t.median, f"latency_b{batch}_ms_min": 1e3 * t.low,
+                      f"latency_b{batch}_ms_max": 1e3 * t.high})
+            metrics.LATENCY.labels(r["student"], r["stage"], str(batch)).set(t.median)
+        if "baseline" in runners and r["stage"] != "baseline":
+            r["speedup_b32"], r["speedup_b32_verdict"] = speedup(spreads[32]["baseline"], spreads[32][r["stage"]])
+        r.update(latency_rounds=lat.rounds, load_1m_before=before["load_1m"], load_1m_after=after["load_1m"],
+                 cpus=after["cpus"])
+        log.info("%s %s: %.3f ms @1 (%.3f-%.3f), %.2f ms @32 (%.2f-%.2f)", r["student"], r["stage"],
+                 r["latency_b1_ms"], r["latency_b1_ms_min"], r["latency_b1_ms_max"], r["latency_b32_ms"],
+                 r["latency_b32_ms_min"], r["latency_b32_ms_max"])
+
+
+def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, failures: list[dict]) -> list[dict]:
+    """Every stage of one student. The pruned stages may fail alone (an architecture Torch-Pruning cannot follow):
+    that is added to `failures` and the baseline's stages stand; any other error fails the student (raises)."""
     v = VariantConfig.model_validate(yaml.safe_load((run_dir / name / "variant.yaml").read_text()))
     prep = student_prep(v, job.teacher_prep)
     out = Path(cfg.out_dir).resolve() / name
@@ -124,31 +207,25 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str) ->
     save_torchscript(model, out / "baseline.ts", prep.channels, prep.input_size)
     check_parity(model, base, images)
     rows = [_measure("baseline", name, base, vb, prep, cfg, macs, params)]
-    sources = [Source("", base, model, macs, params)]
+    sources = [Source("", model, macs, params)]
     calib = calibration(job, v, cfg.quantize.calib_samples) if cfg.quantize.enabled else []
     if cfg.quantize.enabled:
         q = quantize_int8(base, out / "int8.onnx", iter(calib), cfg.quantize.per_channel, cfg.quantize.method)
         rows.append(_measure("int8", name, q, vb, prep, cfg, macs, params))
     if cfg.prune.enabled:
-        pruned = copy.deepcopy(model)
-        ident = finetune_identity(run_dir / name / "best.pt", (run_dir / name / "variant.yaml").read_text(),
-                                  cfg.prune, str(job.cache_dir))
-        costs = prune_and_finetune(pruned, example, cfg.prune, v, job, finetune_dir(out, ident))
-        log.info("%s pruned: MACs %d -> %d, params %d -> %d", name, costs["macs_before"], costs["macs_after"],
-                 costs["params_before"], costs["params_after"])
-        p_path = export_onnx(pruned, out / "pruned.onnx", prep.channels, prep.input_size)
-        save_torchscript(pruned, out / "pruned.ts", prep.channels, prep.input_size)
-        check_parity(pruned, p_path, images)
-        rows.append(_measure("pruned", name, p_path, vb, prep, cfg, costs["macs_after"], costs["params_after"]))
-        sources.append(Source("pruned+", p_path, pruned, costs["macs_after"], costs["params_after"]))
-        if cfg.quantize.enabled:
-            pq_path = quantize_int8(p_path, out / "pruned_int8.onnx", iter(calib), cfg.quantize.per_channel,
-                                    cfg.quantize.method)
-            rows.append(_measure("pruned+int8", name, pq_path, vb, prep, cfg, costs["macs_after"],
-                                 costs["params_after"]))
+        try:
+            p_rows, p_source = _pruned_stages(cfg, job, run_dir, name, v, model, lambda stage, path, m, p: _measure(
+                stage, name, path, vb, prep, cfg, m, p), calib, images, out)
+            rows, sources = rows + p_rows, sources + [p_source]
+        except Exception as exc:  # the baseline's stages stand; the reason goes into the report
+            raise_if_stopping()
+            log.exception("%s: the pruned stages failed", name)
+            failures.append(failure(name, "pruned", exc))
     if cfg.litert.enabled:
-        rows += litert_stages(sources, out, lambda stage, path, m, p: _measure(stage, name, path, vb, prep, cfg, m, p),
+        rows += litert_stages([s for s in sources if s.stem in cfg.litert.models], out,
+                              lambda stage, path, m, p: _measure(stage, name, path, vb, prep, cfg, m, p),
                               calib if cfg.quantize.enabled else [], all_pixels[:256], cfg.quantize.enabled)
+    _time_rows(rows, prep, cfg)  # every stage in the same alternating rounds, once all of them exist
     (out / "preprocessing.json").write_text(json.dumps(prep.as_dict(), indent=1))
     return rows
 
@@ -163,22 +240,33 @@ def run(cfg: CompressConfig) -> CompressResult:
     job = plan_job(train_cfg)
     if job.cache_dir is None:
         raise ValueError(f"{run_dir}: trained without a teacher cache; compress fine-tunes from the cache")
-    selected = select_students(run_dir, cfg.select.top_n, cfg.select.by)
+    selected = select_students(run_dir, cfg.select.top_n, cfg.select.by, cfg.select.students)
+    check_students(cfg, job, run_dir, [r["variant"] for r in selected])  # exit 2 here, before any work
     begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
     rows: list[dict] = []
-    for r in selected:
-        rows.extend(compress_one(cfg, job, run_dir, r["variant"]))
+    failures: list[dict] = []
+    for r in selected:  # one student that cannot be compressed is reported; the others go on
+        try:
+            rows.extend(compress_one(cfg, job, run_dir, r["variant"], failures))
+        except Exception as exc:
+            raise_if_stopping()
+            log.exception("%s: compression failed", r["variant"])
+            failures.append(failure(r["variant"], "all", exc))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(rows) + "\n\n" + "\n".join(verdicts(rows, cfg.max_top1_drop, cfg.min_smaller,
-                                                            cfg.min_speedup))
+    table = "\n\n".join(part for part in (
+        format_table(rows), "\n".join(verdicts(rows, cfg.max_top1_drop, cfg.min_smaller, cfg.min_speedup)),
+        format_failures(failures)) if part)
     (out / "report.txt").write_text(table + "\n")
     (out / "report.json").write_text(json.dumps(rows, indent=1))
+    (out / "failures.json").write_text(json.dumps(failures, indent=1))
     (out / "compress_config.resolved.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     import pyarrow.parquet as pq
 
     trained = pq.read_table(run_dir / "leaderboard.parquet").to_pylist()
     plot = pareto_plot(trained, rows, out / "pareto.png")
+    record_compress(cfg, rows, [plot, out / "report.txt", out / "report.json"])  # MLflow; never fails compress
     metrics.DURATION.set(time.perf_counter() - t0)
     log.info("compress done in %.1f s", time.perf_counter() - t0)
-    return CompressResult(out_dir=out, rows=rows, table=table, plot=plot)
+    return CompressResult(out_dir=out, rows=rows, table=table, plot=plot, failures=failures,
+                          students=[r["variant"] for r in selected])

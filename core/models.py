@@ -116,6 +116,10 @@ class UnknownModelError(InputError):
     """An architecture name that no registry knows."""
 
 
+class InputChannelsError(InputError):
+    """The architecture cannot take this many input channels (torchvision models take RGB only)."""
+
+
 def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: object) -> nn.Module:
     """Build an untrained model by name; unknown names raise an error listing where we looked."""
     source, _, bare = name.partition(":") if ":" in name else ("", "", name)
@@ -133,7 +137,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: objec
 
         if bare in torchvision.models.list_models():
             if in_chans != 3:
-                raise ValueError(f"torchvision model '{bare}' takes 3 input channels, not {in_chans}; "
+                raise InputChannelsError(f"torchvision model '{bare}' takes 3 input channels, not {in_chans}; "
                                  "set preprocessing.channels: 3 or use a timm/registered model")
             return torchvision.models.get_model(bare, num_classes=num_classes, **kwargs)
     raise UnknownModelError(
@@ -144,3 +148,24 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, **kwargs: objec
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates per image of one forward pass at `example`'s shape (N, C, H, W): the one MAC count of
+    the project (leaderboard, compress report, Pareto plot, model card).
+
+    What it counts: the multiply-adds of convolutions and matrix products (Linear, matmul, bmm, attention), from
+    PyTorch's FlopCounterMode (which counts a multiply-add as 2 FLOPs), divided by N. Not counted: BatchNorm,
+    activations, pooling, additions, softmax: the elementwise work, a few percent of a conv net's arithmetic,
+    which Torch-Pruning's counter included (so the same model once showed 5.56 MMACs in the leaderboard and 5.67 in
+    the compress report)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+    return int(fc.get_total_flops() // 2 // max(1, example.shape[0]))

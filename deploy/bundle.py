@@ -20,6 +20,7 @@ from distill.deploy.bundle_files import agreement_text, new_version, publish, se
 from distill.deploy.choose import STAGE_FILES, choose_stage, rank_within_floor, top1_drop
 from distill.deploy.config import DeployConfig
 from distill.deploy.litert_bundle import choose_litert, litert_card
+from distill.deploy.sample import pick_sample
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,21 @@ class DeployResult:
     refused: list[str] = field(default_factory=list)
     litert: str | None = None  # the .tflite in the bundle
     litert_reason: str | None = None  # why there is none
+    sample: str | None = None  # a held-out image in the bundle (sample.png): what the printed curl sends
+    sample_label: str | None = None
+    sample_content_type: str | None = None
 
 
 def _pick(cfg: DeployConfig, rows: list[dict]) -> str:
     students = sorted({r["student"] for r in rows})
     if cfg.student:
         if cfg.student not in students:
-            raise ValueError(f"student '{cfg.student}' was not compressed in {cfg.compress_dir}; "
-                             f"choose one of {students}")
+            failed = Path(cfg.compress_dir) / "failures.json"
+            why = [f["reason"] for f in (json.loads(failed.read_text()) if failed.exists() else [])
+                   if f["student"] == cfg.student]
+            raise ValueError(f"student '{cfg.student}' was not compressed in {cfg.compress_dir}"
+                             + (f" (its compression failed: {why[0]})" if why else "")
+                             + f"; choose one of {students}")
         return cfg.student
     base = [r for r in rows if r["stage"] == "baseline"]
     return max(base, key=lambda r: r["val_top1"])["student"]
@@ -94,7 +102,8 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
         "- `model.tflite` or `model.int8.tflite` (when the LiteRT checks passed): the LiteRT model for phones and "
         "boards, NHWC; see \"LiteRT\" below.",
         "- `preprocessing.json`: decode -> channels -> centre crop (crop_pct of the shorter side) -> resize -> "
-        "normalise; `classes.json`: class names by index.",
+        "normalise (with `source_channels`: decode with that many channels, then replicate the grey channel to "
+        "`channels`); `classes.json`: class names by index.",
         "",
         "## Preprocessing",
         f"```json\n{json.dumps(prep, indent=1)}\n```",
@@ -116,7 +125,8 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
         f"Parity (fp32 ONNX vs PyTorch, {parity['samples']} real val images): max |dlogit| "
         f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4f}; "
         f"int8 vs fp32 top-1 agreement {agreement_text(parity['int8_agreement'])}.",
-        "Latency: median of repeated runs after warm-up, on the machine that ran `distill compress`.",
+        "Latency: median of alternating timing rounds after warm-up, on the machine that ran `distill compress` "
+        "(its report.txt gives each range and the machine's load); MMACs: convolutions and matrix products.",
         "",
     ])
 
@@ -207,7 +217,11 @@ def run(cfg: DeployConfig) -> DeployResult:
         if lite.row is not None and lite.name is not None and lite.source is not None:
             write_file(version / lite.name, lite.source)
         num_classes = int(session(version / "model.onnx").get_outputs()[0].shape[1])
-        write_file(version / "classes.json", json.dumps(_classes(cfg, train_cfg, num_classes)))
+        classes = _classes(cfg, train_cfg, num_classes)
+        write_file(version / "classes.json", json.dumps(classes))
+        sample = pick_sample(train_cfg, classes)
+        if sample is not None:  # listed in bundle.json like every file (serve checks it, ignores it otherwise)
+            write_file(version / sample.name, sample.data)
         write_file(version / "preprocessing.json", json.dumps(prep, indent=1))
         lineage = _lineage(cfg, student, src_root, ccfg,
                            _choice_text(stage, chosen, [r for r in onnx_rows if r["student"] == student], notes,
@@ -218,7 +232,10 @@ def run(cfg: DeployConfig) -> DeployResult:
         seal(version, {"student": student, "stage": stage, "max_top1_drop": cfg.max_top1_drop, "refused": notes,
                        "parity": parity, "litert": {"file": lite.name, "stage": (lite.row or {}).get("stage"),
                                                     "parity": lite.parity, "io": lite.io, "refused": lite.notes,
-                                                    "reason": lite.reason}})
+                                                    "reason": lite.reason},
+                       "sample": None if sample is None else {"file": sample.name, "label": sample.label,
+                                                              "content_type": sample.content_type,
+                                                              "source": sample.source}})
         publish(out, version, cfg.keep_versions)  # the one step that makes the new bundle visible
     except BaseException:
         shutil.rmtree(version, ignore_errors=True)  # never published: nothing points at it
@@ -227,4 +244,6 @@ def run(cfg: DeployConfig) -> DeployResult:
     metrics.DURATION.set(time.perf_counter() - t0)
     metrics.PARITY.set(parity["max_abs_logit_diff"])
     return DeployResult(bundle=out, student=student, parity=parity, card=out / "model_card.md", stage=stage,
-                        refused=notes, litert=lite.name, litert_reason=lite.reason)
+                        refused=notes, litert=lite.name, litert_reason=lite.reason,
+                        sample=sample.name if sample else None, sample_label=sample.label if sample else None,
+                        sample_content_type=sample.content_type if sample else None)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.compress.litert_stages import LITERT_FILES
+from distill.compress.litert_stages import litert_files
 from distill.compress.litert_stages import litert_parity as measure_parity
 from distill.compress.onnx_export import ParityError
 from distill.deploy.bundle_files import agreement_text
@@ -33,6 +33,7 @@ class LiteRTChoice:
     name: str | None = None  # its name in the bundle
     parity: dict = field(default_factory=dict)
     io: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)  # how the int8 ranges were calibrated (litert.json)
     notes: list[str] = field(default_factory=list)
     reason: str | None = None  # why the bundle has no LiteRT model
 
@@ -43,7 +44,7 @@ def litert_parity(cfg: DeployConfig, src: Path, stage: str, images: np.ndarray) 
 
     from distill.compress.litert_run import LiteRTModel
 
-    fp32_name, int8_name, ts = LITERT_FILES[stage]
+    fp32_name, int8_name, ts = litert_files(stage)
     fp32 = src / fp32_name
     p = measure_parity(torch.jit.load(str(src / ts), map_location="cpu"), fp32, images)
     if p["max_abs_logit_diff"] > cfg.litert_parity_atol or p["top1_agreement"] < cfg.litert_min_agreement:
@@ -51,8 +52,8 @@ def litert_parity(cfg: DeployConfig, src: Path, stage: str, images: np.ndarray) 
                           f"|dlogit| {p['max_abs_logit_diff']:.3g} (tolerance deploy.litert_parity_atol = "
                           f"{cfg.litert_parity_atol}), top-1 agreement {p['top1_agreement']:.4f} (need "
                           f"deploy.litert_min_agreement = {cfg.litert_min_agreement}); it is not bundled. Re-run "
-                          "`distill compress`; if it persists, an operator converts wrongly "
-                          "(compress/litert_export.py)")
+                          "`distill compress`; if it persists, litert-torch converts an operator of this model wrongly "
+                          "(report it upstream with the model)")
     p["int8_agreement"] = None  # no int8 model (null in bundle.json: strict JSON has no NaN)
     if int8_name:
         a = LiteRTModel(fp32)(images).argmax(1)
@@ -102,11 +103,25 @@ def choose_litert(cfg: DeployConfig, src: Path, rows: list[dict], images: np.nda
             notes.append(f"{row['stage']} refused: {exc}")
             log.warning("LiteRT %s", notes[-1])
             continue
-        fp32_name, int8_name, _ = LITERT_FILES[row["stage"]]
+        fp32_name, int8_name, _ = litert_files(row["stage"])
         name = "model.int8.tflite" if int8_name else "model.tflite"
         return LiteRTChoice(row=row, source=src / (int8_name or fp32_name), name=name, parity=parity,
-                            io=status.get("io", {}).get(row["stage"], {}), notes=notes)
+                            io=status.get("io", {}).get(row["stage"], {}), notes=notes,
+                            calibration=status.get("calibration") or {})
     return LiteRTChoice(notes=notes, reason="no LiteRT model passed parity: " + "; ".join(notes))
+
+
+def _quantization(choice: LiteRTChoice, calib_samples: int | None) -> str:
+    inp, out = choice.io.get("input", {}), choice.io.get("output", {})
+    if inp.get("dtype") != "int8":
+        return "none: float32 throughout."
+    cal = choice.calibration
+    views = cal.get("views", calib_samples)
+    method = cal.get("method", "ai-edge-quantizer's moving average of per-call min/max (before issue 29)")
+    return (f"full-integer int8 (ai-edge-quantizer: weights int8 per output channel; activations, input and output "
+            f"int8). Ranges: {method}, on {views} cached training views. Input: q = clip(round(x / "
+            f"{inp.get('scale'):.6g}) + ({inp.get('zero_point')}), -128, 127); output: logits = "
+            f"{out.get('scale'):.6g} * (q - ({out.get('zero_point')})).")
 
 
 def litert_card(choice: LiteRTChoice, prep: dict, calib_samples: int | None) -> list[str]:
@@ -117,21 +132,20 @@ def litert_card(choice: LiteRTChoice, prep: dict, calib_samples: int | None) -> 
     inp, out = io.get("input", {}), io.get("output", {})
     int8 = inp.get("dtype") == "int8"
     size, ch = prep["input_size"], prep["channels"]
-    quant = (f"full-integer int8 (ai-edge-quantizer, static min/max: weights int8 per output channel; activations, "
-             f"input and output int8), calibrated on {calib_samples} cached training views. Input: q = clip(round(x / "
-             f"{inp.get('scale'):.6g}) + ({inp.get('zero_point')}), -128, 127); output: logits = "
-             f"{out.get('scale'):.6g} * (q - ({out.get('zero_point')}))." if int8 else "none: float32 throughout.")
+    batch = ("the batch can be resized" if io.get("batch_resizable", True)
+             else "batch fixed at 1: the graph flattens the whole image, run one image per call")
     feed = ("s, z = inp['quantization']; x = np.clip(np.round(x / s) + z, -128, 127).astype(np.int8)\n"
             if int8 else "")
     read = ("s, z = out['quantization']; logits = s * (logits.astype(np.float32) - z)\n" if int8 else "")
     return [
         "## LiteRT (phones, boards)",
         f"- `{choice.name}`: stage `{r['stage']}`, {r['size_mb']:.3f} MB, val top-1 {r['val_top1']:.4f} in the "
-        f"LiteRT interpreter, {r['latency_b1_ms']:.3f} ms at batch 1 (XNNPACK, CPU).",
-        f"- Input `{inp.get('name', 'input')}`: **NHWC** ({', '.join(map(str, [1, size, size, ch]))}; the batch can "
-        f"be resized), dtype {inp.get('dtype', 'float32')}. Output `logits` ({out.get('dtype', 'float32')}), "
-        "signature `serving_default`.",
-        f"- Quantization: {quant}",
+        f"LiteRT interpreter, {r['latency_b1_ms']:.3f} ms at batch 1 (XNNPACK, CPU). Converted from PyTorch by "
+        "litert-torch.",
+        f"- Input `{inp.get('name')}`: **NHWC** ({', '.join(map(str, [1, size, size, ch]))}; {batch}), dtype "
+        f"{inp.get('dtype', 'float32')}. Output `{out.get('name')}`: logits ({out.get('dtype', 'float32')}). "
+        f"Signature `serving_default`: {json.dumps(io.get('signatures', {}).get('serving_default', {}))}.",
+        f"- Quantization: {_quantization(choice, calib_samples)}",
         "- Preprocessing: exactly `preprocessing.json` (as for the ONNX models), then transpose (C, H, W) -> "
         "(H, W, C).",
         f"- Parity: fp32 LiteRT vs PyTorch on {p.get('samples')} real val images: max |dlogit| "

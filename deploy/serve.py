@@ -69,16 +69,18 @@ def preprocess(data: bytes, prep: dict, max_pixels: int) -> np.ndarray:
 
     Raises ImageTooLarge before any pixel is decoded when the header announces more than max_pixels.
     """
-    from distill.images.views import eval_view, image_to_tensor, normalize, replay_view
+    from distill.images.views import eval_view, image_to_tensor, match_channels, normalize, replay_view
 
     with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as im:
         if im.width * im.height > max_pixels:
             raise ImageTooLarge(f"image is {im.width}x{im.height} = {im.width * im.height:,} pixels, over the "
                                 f"limit of {max_pixels:,}; send a smaller image")
         im.load()
-        pixels = image_to_tensor(im, int(prep["channels"]))
+        # a student of a grey cache with 3 input channels: grey decoded, then replicated (as in training)
+        pixels = image_to_tensor(im, int(prep.get("source_channels") or prep["channels"]))
     view = eval_view(pixels.shape[1], pixels.shape[2], float(prep["crop_pct"]))
-    crop = replay_view(pixels, view, int(prep["input_size"]), prep["interpolation"])
+    crop = match_channels(replay_view(pixels, view, int(prep["input_size"]), prep["interpolation"]),
+                          int(prep["channels"]))
     return normalize(crop, tuple(prep["mean"]), tuple(prep["std"])).numpy().astype(np.float32)
 
 

@@ -35,13 +35,24 @@ class Preprocessing:
     std: tuple[float, ...]
     interpolation: str
     channels: int
+    # a student's input only: decode with this many channels (the cache's), then replicate to `channels` (a grey
+    # cache's student with 3 input channels sees the grey pixels its teacher labelled, in every channel)
+    source_channels: int | None = None
+
+    @property
+    def decode_channels(self) -> int:
+        """How many channels an image is decoded with (the pixels the teacher saw)."""
+        return self.source_channels or self.channels
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.source_channels is None:  # cache metadata and fingerprints keep their form
+            del d["source_channels"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        source = d.get("source_channels")
         return cls(int(d["input_size"]), float(d["crop_pct"]), tuple(d["mean"]), tuple(d["std"]),
-                   str(d["interpolation"]), int(d["channels"]))
+                   str(d["interpolation"]), int(d["channels"]), int(source) if source is not None else None)

@@ -44,7 +44,10 @@ class ShardsConfig(StrictConfig):
     source: str = Field(..., description="'mnist', 'digits' or an image-folder directory (one sub-folder per class)")
     out_dir: Path
     samples_per_shard: int = Field(500, ge=1)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of the samples for val-*.tar: the split "
+                                "that selects (best epoch, best student, compress stages)")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share held out as test-*.tar: nothing selects "
+                                 "on it; training reports each student's best.pt on it and the twin verdict")
     image_format: Literal["png", "jpg", "webp"] = Field("png", description="encoding for built-in sources")
     limit: int | None = Field(None, ge=1, description="use at most this many samples (quick runs)")
     seed: int = 0
@@ -60,6 +63,8 @@ class ShardsResult:
     classes: list[str]
     samples: int
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (source file, why)
+    test: list[Path] = field(default_factory=list)
+    test_pattern: str = ""
 
 
 @dataclass
@@ -209,18 +214,29 @@ def run(cfg: ShardsConfig) -> ShardsResult:
         classes, items = _image_folder(Path(cfg.source))
     order = np.random.default_rng(cfg.seed).permutation(len(items))
     items = [items[i] for i in order][: cfg.limit or len(items)]
-    n_val = int(round(len(items) * cfg.val_fraction))
+    n_val, n_test = split_sizes(len(items), cfg.val_fraction, cfg.test_fraction)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
     remove_stale_tmp(out)  # temp tars of a killed run
-    for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")):
+    for old in [p for split in ("train", "val", "test") for p in out.glob(f"{split}-*.tar")]:
         old.unlink()
     skipped: list[tuple[str, str]] = []
+    # val first, then test, then train: adding a test split leaves the val samples as they were
     val = _write_shards(items[:n_val], out, "val", cfg.samples_per_shard, "val shards", skipped)
-    train = _write_shards(items[n_val:], out, "train", cfg.samples_per_shard, "train shards", skipped)
+    test = _write_shards(items[n_val:n_val + n_test], out, "test", cfg.samples_per_shard, "test shards", skipped)
+    train = _write_shards(items[n_val + n_test:], out, "train", cfg.samples_per_shard, "train shards", skipped)
     (out / "classes.json").write_text(json.dumps(classes))
     skipped.sort()
     (out / "skipped.jsonl").write_text("".join(json.dumps({"file": f, "reason": r}) + "\n" for f, r in skipped))
     return ShardsResult(out, train, val, _pattern(train, "train", out), _pattern(val, "val", out), classes,
-                        len(items) - len(skipped), skipped)
+                        len(items) - len(skipped), skipped, test, _pattern(test, "test", out))
+
+
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(val, test) sample counts of n; the rest trains. Refuses splits that leave nothing to train on."""
+    n_val, n_test = int(round(n * val_fraction)), int(round(n * test_fraction))
+    if n and n_val + n_test >= n:
+        raise ValueError(f"val_fraction {val_fraction} + test_fraction {test_fraction} leave no train samples "
+                         f"out of {n}; lower them")
+    return n_val, n_test

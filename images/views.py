@@ -130,6 +130,17 @@ def image_to_tensor(image: Image.Image, channels: int) -> torch.Tensor:
     return F.pil_to_tensor(image)
 
 
+def match_channels(pixels: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 CHW (or NCHW) pixels with 1 channel -> `channels` copies of it (what PIL's L -> RGB conversion gives:
+    R = G = B = grey), so a 3-channel student reads a grey cache's exact pixels; equal counts pass unchanged."""
+    have = pixels.shape[-3]
+    if have == channels:
+        return pixels
+    if have != 1:
+        raise ValueError(f"cannot make {channels} channels from {have}: only grey (1 channel) is replicated")
+    return pixels.expand(*pixels.shape[:-3], channels, *pixels.shape[-2:]).contiguous()
+
+
 def replay_view(image: torch.Tensor, view: ViewParams, size: int | tuple[int, int],
                 interpolation: str = "bilinear") -> torch.Tensor:
     """(uint8 CHW image, view params) -> uint8 CHW tensor of the given size: crop, resize, flip."""

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from distill.core.config import PathOrURL, StrictConfig
+from distill.core.tracking import TrackingConfig
 from distill.images.preprocessing import PreprocessingConfig
 from distill.student_train.twins import add_twins
 from distill.student_train.variant import Mode, VariantConfig
@@ -19,7 +20,11 @@ __all__ = ["Mode", "VariantConfig", "DataConfig", "TuneConfig", "RayTrainConfig"
 
 class DataConfig(StrictConfig):
     train_shards: list[str] = Field(..., min_length=1)
-    val_shards: list[str] = Field(default_factory=list)
+    val_shards: list[str] = Field(default_factory=list, description="the split that selects: each student's best "
+                                  "epoch (best.pt) and the best student")
+    test_shards: list[str] = Field(default_factory=list, description="held out: nothing selects on it; after "
+                                   "training each student's best.pt is scored on it once (<variant>/test.json) and "
+                                   "the twin comparison is made on it. With a cache, cache these shards too")
     unlabelled_shards: list[str] = Field(default_factory=list, description="an unlabelled pool (cached): distilled "
                                          "variants learn from its rows through the KD term only (labels in these "
                                          "shards are ignored), mode none skips it")
@@ -102,6 +107,8 @@ class TrainConfig(StrictConfig):
                               "clusters (the target file then names the node's address)")
     metrics_targets_dir: Path | None = Field(None, description="where workers publish file_sd scrape targets "
                                              "(default: <run_dir>/metrics_targets)")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow: a run per sweep and per "
+                                     "student (default store: <run_dir>/../mlruns)")
 
     @field_validator("fuse", "horizontal", mode="before")
     @classmethod

@@ -32,8 +32,8 @@ from distill.images.shards import (
     open_shard,
     shard_stem,
 )
-from distill.images.views import normalize, replay_view
-from distill.teacher_cache.contract import CacheError, CacheReader, ShardArrays
+from distill.images.views import match_channels, normalize, replay_view
+from distill.teacher_cache.contract import CacheError, CacheReader, ShardArrays, read_shard_errors
 
 
 class DataJoinError(CacheError):
@@ -228,14 +228,15 @@ class JoinedStream(IterableDataset):
         for raw in ShardReader(pair.tar):
             try:
                 _, data = image_file(raw)
-                pixels = decode_cpu(data, s.student.channels, s.max_image_pixels)
+                pixels = decode_cpu(data, s.student.decode_channels, s.max_image_pixels)
                 label = parse_label(raw, s.num_classes)
             except SampleError:
                 continue  # the same samples `distill cache` would skip and record
             label = -1 if label is None else label
             view = sample_views(raw.key, pixels.shape[1], pixels.shape[2], policy)[1 if s.train else 0]
             zeros = np.zeros(1, dtype=np.float32)
-            out = replay_view(pixels, view, s.student.input_size, s.student.interpolation)
+            out = match_channels(replay_view(pixels, view, s.student.input_size, s.student.interpolation),
+                                 s.student.channels)
             if s.train and s.rotate > 0:
                 out = rotate_live(out, raw.key, policy.seed, s.rotate)  # the views' (seed, epoch) draw
             yield {"pixels": out, "label": label,
@@ -272,7 +273,7 @@ class JoinedStream(IterableDataset):
         s = self.spec
         try:  # the decoder the cache pass used (same formats, same pixel limit)
             _, data = image_file(RawSample(a.keys[i], files))
-            pixels = decode_cpu(data, s.student.channels, s.max_image_pixels)
+            pixels = decode_cpu(data, s.student.decode_channels, s.max_image_pixels)
         except SampleError as exc:
             raise DataJoinError(f"{pair.tar}: image '{a.keys[i]}' was cached but cannot be decoded now ({exc}); "
                                 "re-run `distill cache`") from None
@@ -281,7 +282,9 @@ class JoinedStream(IterableDataset):
                                 f"{tuple(a.image_hw[i])}; re-run `distill cache`")
         v = view_for(a.keys[i], s.epoch, s.views, s.train)
         view = a.view(i, v)
-        out = {"pixels": replay_view(pixels, view, s.student.input_size, s.student.interpolation),
+        student = match_channels(replay_view(pixels, view, s.student.input_size, s.student.interpolation),
+                                 s.student.channels)  # a grey cache's pixels, replicated for a 3-channel student
+        out = {"pixels": student,
                "label": -1 if pair.unlabelled else int(a.labels[i]), "ids": a.topk_ids[i, v],
                "vals": a.topk_logits[i, v],
                "tail": a.tail_lse[i, v], "teacher_top1_view0": int(a.topk_ids[i, 0, 0])}

@@ -51,7 +51,7 @@ def stream_key(v: VariantConfig, job: JobSpec) -> dict[str, Any]:
         "batch_size": v.batch_size,
         "epochs": v.epochs,
         "data seed": data_seed(v),
-        "input": f"{prep.input_size}px mean {list(prep.mean)} std {list(prep.std)}",
+        "input": f"{prep.input_size}px {prep.channels}ch mean {list(prep.mean)} std {list(prep.std)}",
         "ranks": v.num_workers,
         "online teacher": v.mode == "online",
     }

@@ -58,6 +58,7 @@ class JobSpec:
     # is what the planner read (for object storage, its mirror of one manifest version)
     labelled_passes: int | None = None  # mode none beside an unlabelled pool: passes per epoch (None: equal steps)
     asha: AshaRule | None = None  # stop weak students early (tune.asha)
+    test: list[ShardPair] = field(default_factory=list)  # held out: scored once per best.pt, never selected on
 
 
 @dataclass
@@ -70,10 +71,13 @@ class WorkerContext:
 
 
 def student_prep(v: VariantConfig, teacher: Preprocessing) -> Preprocessing:
-    """The student's input: its own size/normalisation after the replayed crop (teacher's by default)."""
+    """The student's input: its own size/normalisation/channels after the replayed crop (teacher's by default);
+    more channels than the cache's are the cache's grey replicated (`source_channels`)."""
+    channels = v.channels or teacher.channels
     return Preprocessing(input_size=v.input_size or teacher.input_size, crop_pct=teacher.crop_pct,
                          mean=tuple(v.mean or teacher.mean), std=tuple(v.std or teacher.std),
-                         interpolation=teacher.interpolation, channels=teacher.channels)
+                         interpolation=teacher.interpolation, channels=channels,
+                         source_channels=teacher.channels if channels != teacher.channels else None)
 
 
 def data_seed(v: VariantConfig) -> int:

@@ -92,6 +92,15 @@ def _num_classes(cfg: TrainConfig) -> int:
                      "(or keep the classes.json that `distill shards` writes beside the shards)")
 
 
+def _check_held_out(train: list[ShardPair], val: list[ShardPair], test: list[ShardPair]) -> None:
+    """A test shard that also trains or selects is no held-out split: refuse it before any work."""
+    for name, other in (("train", train), ("val", val)):
+        both = sorted({p.stem for p in test} & {p.stem for p in other})
+        if both:
+            raise ValueError(f"shards {both} are in both data.test_shards and data.{name}_shards (or the pool): the "
+                             "test split must be held out; list each shard in one split")
+
+
 def plan_job(cfg: TrainConfig) -> JobSpec:
     """Resolve shards and cache, check they line up and suit every variant's mode; raise before training."""
     variants = cfg.expand()
@@ -105,6 +114,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
                              "variants learn from unlabelled rows")
         train, labelled = _uncached_split(cfg.data.train_shards)
         val = _uncached_split(cfg.data.val_shards)[0] if cfg.data.val_shards else []
+        test = _uncached_split(cfg.data.test_shards)[0] if cfg.data.test_shards else []
         p = cfg.data.preprocessing
         prep = Preprocessing(input_size=p.input_size or 224, crop_pct=p.crop_pct or 0.875,
                              mean=tuple(p.mean or (0.485, 0.456, 0.406)), std=tuple(p.std or (0.229, 0.224, 0.225)),
@@ -115,6 +125,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
         reader = CacheReader(cache_dir, expect_fingerprint=cfg.data.fingerprint)
         train = resolve_split(cfg.data.train_shards, reader, "train")
         val = resolve_split(cfg.data.val_shards, reader, "val") if cfg.data.val_shards else []
+        test = resolve_split(cfg.data.test_shards, reader, "test") if cfg.data.test_shards else []
         meta = reader.meta(train[0].stem)
         prep, num_classes, num_views = Preprocessing.from_dict(meta.preprocessing), meta.num_classes, meta.num_views
         train = _with_label_counts(reader, train)
@@ -125,6 +136,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
         feature_dim = cache_feature_dim(reader, [p.stem for p in train], feature_kd) if feature_kd else None
     if not train:
         raise DataJoinError("no train shards")
+    _check_held_out(train, val, test)
     for name, v in variants:
         wants_labels = "label" in v.make_loss().needs
         if wants_labels and labelled == 0:
@@ -138,7 +150,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
         log.info("%d of %d train samples are labelled", labelled, sum(p.rows for p in train))
     return JobSpec(run_dir=Path(cfg.run_dir).resolve(), cache_dir=cache_dir.resolve() if cache_dir else None,
                    cache_location=cache_location,
-                   train=train, val=val, num_classes=num_classes,
+                   train=train, val=val, test=test, num_classes=num_classes,
                    num_views=num_views, teacher_prep=prep, teacher=cfg.teacher,
                    shuffle_buffer=cfg.data.shuffle_buffer,
                    interleave_shards=cfg.data.interleave_shards or (4 if cfg.data.unlabelled_shards else 1),

@@ -17,8 +17,9 @@ from distill.core.graceful_stop import StopRequested, raise_if_stopping, sigterm
 from distill.core.run_phase import begin_work
 from distill.student_train.asha import clear as clear_asha
 from distill.student_train.config import TrainConfig, VariantConfig
+from distill.student_train.curves import plot_curves
 from distill.student_train.groups import Group, format_plan, plan_groups
-from distill.student_train.job import JobSpec, WorkerContext, student_prep
+from distill.student_train.job import JobSpec, WorkerContext
 from distill.student_train.job_plan import plan_job
 from distill.student_train.leaderboard import (
     add_twin_deltas,
@@ -32,6 +33,9 @@ from distill.student_train.leaderboard import (
     write_leaderboard,
 )
 from distill.student_train.status import clear_stop, finished, mark_stopped, read_status, write_status
+from distill.student_train.student_check import check_students
+from distill.student_train.test_split import score_students_on_test
+from distill.student_train.tracking import finish_sweep, start_sweep
 from distill.student_train.train_loop import train_group
 from distill.student_train.twins import pair_twins
 from distill.student_train.unlabelled import samples_per_epoch
@@ -49,6 +53,7 @@ class TrainResult:
     seconds: float
     teacher_val_top1: tuple[float, int] | None = None  # (top-1, labelled val rows) of the cached teacher
     teacher_warning: str | None = None  # the teacher is below its best student beyond noise
+    teacher_test_top1: tuple[float, int] | None = None  # (top-1, labelled test rows) of the cached teacher
 
     @property
     def status(self) -> str:
@@ -186,6 +191,7 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
             raise ValueError(f"no variant named '{only}'; variants: {', '.join(names)}")
         variants = [(n, v) for n, v in variants if n == only]
     job = plan_job(cfg)
+    costs = check_students(variants, job)  # what the config decides fails here, before any work (exit 2)
     run_dir = job.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.resolved.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -205,6 +211,11 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
             log.info("%s", format_teacher_line(teacher))
         atomic_write(run_dir / "plan.txt", plan + "\n")
     begin_work()  # from here an error is "failed during the run" (exit 6), not "bad input" (core/run_phase.py)
+    twins = pair_twins(variants)
+    sweep = None
+    if launched is None or launched.rank == 0:  # the runs exist before any worker logs to them
+        sweep = start_sweep(cfg.tracking, run_dir, variants, twins, {n: g.id for g in groups for n in g.names},
+                            job.cache_dir.name if job.cache_dir else None)
     if launched is not None:  # every rank trains every group (finished students resume at their end: no steps)
         if launched.rank == 0:
             clear_asha(run_dir)
@@ -218,18 +229,21 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
             log.info("%d variant(s) already done in %s; skipping them", skipped, run_dir)
         if pending:
             _train_pending(cfg, job, pending, variants)
-    rows = []
-    for name, v in variants:
-        prep = student_prep(v, job.teacher_prep)
-        rows.append(variant_row(run_dir, name, v, job.num_classes, prep.channels, prep.input_size,
-                                samples_per_epoch(job.train, v.mode, job.labelled_passes)))
-    rows = add_twin_deltas(rows, pair_twins(variants))
+    score_students_on_test(job, variants, resolve_device(cfg.device))  # held out: scored once, selects nothing
+    rows = [variant_row(run_dir, name, v, costs.get(name), samples_per_epoch(job.train, v.mode, job.labelled_passes))
+            for name, v in variants]
+    rows = add_twin_deltas(rows, twins)
     path = write_leaderboard(run_dir, rows)
     warning = teacher_warning(teacher, rows)
     if warning:
         log.warning("%s", warning)
+    teacher_test = teacher_val_top1(job.cache_dir, [p.stem for p in job.test])
     text = (format_twin_comparison(twin_pairs(rows)) + "\n\n" + format_leaderboard(rows) + "\n\n"
-            + format_teacher_line(teacher) + "\n" + (warning + "\n" if warning else ""))
+            + format_teacher_line(teacher, teacher_test) + "\n" + (warning + "\n" if warning else ""))
     (run_dir / "leaderboard.txt").write_text(text)
+    curves = plot_curves(run_dir, [n for n, _ in variants], twins, teacher[0] if teacher else None)
+    if sweep is not None:
+        finish_sweep(sweep, run_dir, rows, [run_dir / "leaderboard.txt", path, run_dir / "plan.txt",
+                                            run_dir / "train_config.resolved.yaml", *([curves] if curves else [])])
     return TrainResult(run_dir=run_dir, leaderboard=rows, leaderboard_path=path, seconds=time.perf_counter() - t0,
-                       teacher_val_top1=teacher, teacher_warning=warning)
+                       teacher_val_top1=teacher, teacher_warning=warning, teacher_test_top1=teacher_test)

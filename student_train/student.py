@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from distill.core.atomic_io import atomic_write
-from distill.core.models import create_model
 from distill.student_train import checkpoints
 from distill.student_train import metrics as m
 from distill.student_train.epoch_losses import EpochLosses
@@ -32,6 +31,7 @@ from distill.student_train.feature_kd import forward_train, plain_student_state,
 from distill.student_train.job import JobSpec, student_prep
 from distill.student_train.losses import Loss
 from distill.student_train.precision import autocast, keep_batchnorm_fp32
+from distill.student_train.student_model import build_student
 from distill.student_train.variant import VariantConfig
 from distill.teacher_cache.contract import rebuild_log_probs
 
@@ -94,6 +94,7 @@ class StudentRun:
     last: dict[str, torch.Tensor] | None = None  # the losses of its last step (progress lines, Prometheus)
     summary: dict[str, Any] = field(default_factory=dict)  # its last epoch's metrics row
     rng: tuple[torch.Tensor, torch.Tensor | None] | None = None  # its generator states (CPU, CUDA) between steps
+    init: dict[str, Any] | None = None  # what its init_checkpoint gave it (student_model.load_init_checkpoint)
 
     @property
     def live(self) -> bool:
@@ -237,11 +238,11 @@ class LoopedUnit:
 
 def seeded_model(s: StudentRun, job: JobSpec, device: torch.device,
                  model: torch.nn.Module | None = None) -> torch.nn.Module:
-    """The student's initial weights from its own seed (as if it trained alone), + the feature-KD projector."""
+    """The student's initial weights from its own seed (as if it trained alone) or its init_checkpoint (a fresh
+    head from the seed), + the feature-KD projector. A given `model` (compress's pruned one) is taken as it is."""
     torch.manual_seed(s.v.seed)
     if model is None:
-        prep = student_prep(s.v, job.teacher_prep)
-        model = create_model(s.v.arch, num_classes=job.num_classes, in_chans=prep.channels, **s.v.arch_kwargs)
+        model, s.init = build_student(s.v, job.num_classes, student_prep(s.v, job.teacher_prep).channels)
     model = wrap_student(model, s.v.feature_kd, job.feature_dim, s.name)
     s.keep_rng(device)
     return model
@@ -270,7 +271,7 @@ def build_looped(s: StudentRun, job: JobSpec, world: int, device: torch.device, 
 
 
 def save_best(state: dict[str, torch.Tensor], v: VariantConfig, job: JobSpec, out: Path, row: dict[str, Any],
-              what: str, score: float) -> None:
+              what: str, score: float, init: dict[str, Any] | None = None) -> None:
     """best.pt (plain fp32 student weights, feature-KD projector dropped) and arch.json (how to rebuild it)."""
     state = plain_student_state(state)
     state = {k: t.detach().float().cpu() if t.is_floating_point() else t.detach().cpu() for k, t in state.items()}
@@ -278,7 +279,8 @@ def save_best(state: dict[str, torch.Tensor], v: VariantConfig, job: JobSpec, ou
     sp = student_prep(v, job.teacher_prep)
     info = {"arch": v.arch, "arch_kwargs": v.arch_kwargs, "num_classes": job.num_classes, "in_chans": sp.channels,
             "preprocessing": sp.as_dict(), "epoch": row["epoch"], "val_top1": row.get("val_top1"),
-            "best_by": what, "best_score": score, "cache_dir": str(job.cache_dir), "mode": v.mode}
+            "best_by": what, "best_score": score, "cache_dir": str(job.cache_dir), "mode": v.mode,
+            "init_checkpoint": init}
     atomic_write(out / "arch.json", json.dumps(info, indent=1))
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from distill.core.graceful_stop import raise_if_stopping
 from distill.core.hooks_for_tests import hold_after_epoch
 from distill.student_train import metrics as m
 from distill.student_train.asha import asha_decisions
@@ -47,6 +48,7 @@ from distill.student_train.student import (
     seeded_model,
     write_row,
 )
+from distill.student_train.tracking import log_epoch
 from distill.student_train.unlabelled import labelled_passes, train_pairs
 from distill.student_train.variant import VariantConfig
 from distill.teacher.load import load_teacher
@@ -260,7 +262,7 @@ def _train_epoch(units: list[Unit], active: list[StudentRun], job: JobSpec, st: 
     for step, batch in enumerate(batches):
         inputs = StepInputs(batch, ctx.device, job.num_classes, teacher)
         for u in stepping:
-            u.train_step(inputs, names)
+            _step_isolated(u, inputs, names, job, ctx, gid, f"epoch {epoch + 1} step {step + 1}")
         w_host = float(batch["weight"].sum())  # a host tensor from the loader: no device sync
         n_log += w_host
         for s in active:
@@ -280,6 +282,24 @@ def _train_epoch(units: list[Unit], active: list[StudentRun], job: JobSpec, st: 
         for acc, row in zip(accs, sums, strict=True):
             acc.sums = row
     return time.perf_counter() - t0
+
+
+def _step_isolated(u: Unit, inputs: StepInputs, names: set[str], job: JobSpec, ctx: WorkerContext, gid: str,
+                   when: str) -> None:
+    """One unit's step; on one rank, a step that raises (a layer that cannot take this batch, e.g. BatchNorm on a
+    1x1 map of a last batch of one) fails that unit's students and the group goes on. Across ranks the error may be
+    one rank's alone and its peers wait in that student's collectives, so it ends the group (run_launched)."""
+    try:
+        u.train_step(inputs, names)
+    except Exception as exc:
+        raise_if_stopping()  # SIGTERM surfacing as another exception: a stop, not this student's failure
+        if ctx.world > 1:
+            raise
+        reason = f"{exc.__class__.__name__}: {exc}".splitlines()[0][:400]
+        for s in u.students:
+            if s.live and s.name in names:
+                log.exception("student %s failed at %s", s.name, when)
+                _fail(s, u, f"variant {s.name}: its training step raised at {when}: {reason}", job, ctx, gid)
 
 
 def _check_finite(units: list[Unit], active: list[StudentRun], job: JobSpec, ctx: WorkerContext, gid: str,
@@ -356,12 +376,13 @@ def _finish_epoch(s: StudentRun, unit: Unit, row: dict[str, Any], job: JobSpec, 
         s.state["best"] = score
         state = unit.best_state(s)  # every rank (ZeRO-3 gathers)
         if ctx.rank == 0:
-            save_best(state, s.v, job, s.out, row, what, score)
+            save_best(state, s.v, job, s.out, row, what, score, s.init)
     s.state["epoch"] = epoch
     unit.save(s, epoch)
     row["wall_seconds"] = s.state["wall"]
     if ctx.rank == 0:
         write_row(s.out / "metrics.csv", row)
+        log_epoch(s.out, row)  # MLflow (student_train/tracking.py); never fails the epoch
     if row.get("val_top1") is not None:
         m.VAL_TOP1.labels(s.name).set(row["val_top1"])
     m.EPOCH.labels(s.name).set(epoch + 1)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from distill.core.config import StrictConfig
+from distill.core.config import StrictConfig, absolute
 
 if TYPE_CHECKING:
     from distill.student_train.losses import Loss
@@ -23,6 +24,13 @@ class VariantConfig(StrictConfig):
     input_size: int | None = Field(None, ge=8, description="student input size (default: the teacher's)")
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    channels: Literal[1, 3] | None = Field(None, description="student input channels (default: the cache's); 3 "
+                                           "on a grey (1-channel) cache replicates its grey pixels to 3 channels, "
+                                           "for architectures that take only RGB (torchvision) or RGB weights")
+    init_checkpoint: Path | None = Field(None, description="start from this local state dict (e.g. ImageNet "
+                                         "weights of the same architecture; loaded with weights_only=True): a "
+                                         "classifier head of another class count is replaced, a stem of other "
+                                         "input channels adapted (summed to grey / replicated to RGB)")
     mode: Mode = "soft"
     alpha: float = Field(0.9, ge=0.0, le=1.0, description="weight of the distillation term")
     temperature: float = Field(4.0, gt=0.0)
@@ -55,6 +63,12 @@ class VariantConfig(StrictConfig):
     data_seed: int | None = Field(None, description="seed of the data order and views (default: seed); "
                                   "students of one data seed share a data stream (train.fuse), so a seed "
                                   "sweep with a fixed data_seed varies only the initial weights")
+
+    @field_validator("init_checkpoint")
+    @classmethod
+    def _absolute(cls, path: Path | None) -> Path | None:
+        """A relative path means what it meant where the user typed it (Ray workers run elsewhere)."""
+        return absolute(path)  # type: ignore[return-value]
 
     @model_validator(mode="after")
     def _feature_kd_needs_teacher(self) -> VariantConfig:

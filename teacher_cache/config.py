@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from distill.core.config import MetricsConfig, PathOrURL, StrictConfig, absolute
 from distill.core.storage.lease import MIN_LEASE_S
+from distill.core.tracking import TrackingConfig
 from distill.images.views import ViewsConfig
 from distill.teacher.config import TeacherConfig
 
@@ -80,6 +81,8 @@ class CacheConfig(StrictConfig):
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     progress: bool = True
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow: a run per cache pass "
+                                     "(default store: <cache_root>/../mlruns)")
 
     def anchored(self) -> CacheConfig:
         """This config with its local paths absolute (core.config.absolute): the labellers may run elsewhere."""

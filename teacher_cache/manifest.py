@@ -208,6 +208,9 @@ class ManifestWriter:
             raise RuntimeError("ManifestWriter: open() a manifest or start() one first")
         return self._manifest
 
+    def manifest_or_none(self) -> Manifest | None:
+        return self._manifest
+
     def open(self, fingerprint: str) -> Manifest | None:
         self._manifest = Manifest.read(self.journal, f"{self.store.location}/{MANIFEST_NAME}", fingerprint)
         self.snapshot_entries = len(self._manifest.shards) if self._manifest is not None else 0

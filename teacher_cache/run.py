@@ -33,6 +33,7 @@ from distill.teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, S
 from distill.teacher_cache.manifest import Manifest, ManifestWriter, ShardEntry, plan_refresh
 from distill.teacher_cache.placement import resolve_placement
 from distill.teacher_cache.reader import ERRORS_DIR
+from distill.teacher_cache.tracking import record_cache_run
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "last_run.json"
@@ -145,6 +146,7 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
         _check_teacher(writer, result)
         result.seconds = time.perf_counter() - t0
         _write_summary(store, result)
+    record_cache_run(cfg, result, writer.manifest_or_none())  # MLflow; never fails the pass
     metrics.RUN_SECONDS.set(result.seconds)
     if result.status == "success":
         metrics.LAST_SUCCESS.set_to_current_time()

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # them; pytest-xdist's default reorder (files with the most tests first) queued the longest e2e file last.
 HEAVY_FIRST = (
     "e2e/test_end_to_end.py",
+    "integration/test_architectures.py",
     "integration/test_object_store.py",
     "integration/test_cache_cli.py",
     "integration/test_train_hardening.py",

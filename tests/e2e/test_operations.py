@@ -190,8 +190,27 @@ def _prom(ops, query: str) -> list:
     return prom_query(ops["prom"], query)
 
 
+def _dashboard_targets() -> list[tuple[str, str]]:
+    dash = json.loads((ROOT / "cluster" / "grafana" / "dashboards" / "distill.json").read_text())
+    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+
+
+def _unanswered_panels(ops, since: float) -> list[str]:
+    """Every target of every Grafana panel, evaluated by the real Prometheus over the test's own time range (as a
+    dashboard set to that range would): the ones that return no series."""
+    empty = []
+    for title, expr in _dashboard_targets():
+        url = f"http://127.0.0.1:{ops['prom']}/api/v1/query_range?" + urllib.parse.urlencode(
+            {"query": expr, "start": since, "end": time.time(), "step": 5})
+        result = json.loads(urllib.request.urlopen(url, timeout=30).read())["data"]["result"]
+        if not any(s["values"] for s in result):
+            empty.append(f"{title}: {expr}")
+    return empty
+
+
 @pytest.mark.timeout(2700)  # three submissions of the whole pipeline on 2 cores beside other tests
 def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
+    since = time.time()
     runs = ops["work"] / "runs"
     # the shards first, as the job's own stage would write them (the job then finds them current), so that the
     # cache pass can be held: its last shard is a pipe, and the job waits inside it until the test restores it
@@ -258,6 +277,16 @@ def test_pipeline_job_killed_twice_then_completes_with_metrics(ops):
     assert set(by_variant) >= {"cnn-soft", "cnn-noKD"}
     assert all(1 < v < 1e6 for v in by_variant.values()), by_variant
     assert _prom(ops, "max(max_over_time(distill_compress_duration_seconds[30m]))")
+    # every dashboard panel answers: the nightly refresh's own series (pushed) too, from a no-op refresh of this cache
+    refresh = subprocess.run([str(BIN / "distill"), "cache", "refresh", "--config", str(ops["config"]), "--set",
+                              "ray.enabled=false", "--set", f"metrics.pushgateway=http://127.0.0.1:{ops['push']}"],
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert refresh.returncode == 0, refresh.stderr[-2000:]
+    assert len(_dashboard_targets()) >= 17
+    deadline = time.time() + 180  # Prometheus scrapes every second; the Pushgateway's series need one scrape
+    while (empty := _unanswered_panels(ops, since)) and time.time() < deadline:
+        time.sleep(1)
+    assert not empty, f"dashboard panels that answer nothing: {empty}"
 
 
 def test_refresh_lock_refusal_and_noop(ops):

@@ -161,3 +161,112 @@ def test_mlp_student_prunes_to_target_and_keeps_its_input_and_classes():
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears[0].in_features == 28 * 28 and linears[-1].out_features == 10  # input and classes untouched
     assert all(lin.out_features % 8 == 0 for lin in linears[:-1]), [lin.out_features for lin in linears]
+
+
+@pytest.mark.parametrize("arch,kwargs", [("cnn_small", {"width": 24}), ("resnet_mini", {"width": 8}),
+                                         ("mobilenet_mini", {"width": 8}), ("mlp", {"hidden": 64})])
+def test_the_leaderboard_and_compress_count_the_same_macs(arch, kwargs):
+    # the case: cnn_small width 24 at 28 px was 5.56 MMACs in the leaderboard and 5.67 in compress; the
+    # leaderboard takes its counts from the check every student passes before training (student_check._measure)
+    from distill.images.preprocessing import Preprocessing
+    from distill.student_train.student_check import _measure
+    from distill.student_train.variant import VariantConfig
+
+    prep = Preprocessing(28, 1.0, (0.5,), (0.25,), "bilinear", 1)
+    cost = _measure(VariantConfig(arch=arch, arch_kwargs=kwargs), 10, prep)
+    params, macs = cost.params, cost.macs
+    model = create_model(arch, num_classes=10, in_chans=1, **kwargs)
+    assert count_cost(model, torch.zeros(1, 1, 28, 28)) == (macs, params)
+    pruned = create_model(arch, num_classes=10, in_chans=1, **kwargs)
+    if arch != "mlp":  # a pruned model is counted by the same rule as the trained ones it is plotted beside
+        costs = prune_to_target(pruned, torch.zeros(1, 1, 28, 28), keep=0.5, round_to=4)
+        assert costs["macs_after"] == count_cost(pruned, torch.zeros(1, 1, 28, 28))[0] < macs
+
+
+def test_what_the_mac_count_counts():
+    # convolutions and matrix products only: BatchNorm, ReLU, pooling and the add are not multiply-accumulates here
+    from distill.core.models import count_macs
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.fc = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.conv(x)))
+            y = y + self.dw(y)
+            return self.fc(torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+    conv, dw, fc = 8 * 3 * 9 * 16 * 16, 8 * 1 * 9 * 16 * 16, 8 * 10
+    m = Block()
+    assert count_macs(m, torch.zeros(1, 3, 16, 16)) == conv + dw + fc
+    assert count_macs(m, torch.zeros(4, 3, 16, 16)) == conv + dw + fc  # per image, whatever the batch
+    m.train()
+    count_macs(m, torch.zeros(1, 3, 16, 16))
+    assert m.training and int(m.bn.num_batches_tracked) == 0  # counted in eval: no BatchNorm statistics touched
+
+
+def test_timing_rounds_alternate_the_order_and_keep_one_median_per_round():
+    from distill.compress.measure import timed_rounds
+
+    calls = []
+    spreads = timed_rounds({n: (lambda n=n: calls.append(n)) for n in "ABC"}, rounds=4, calls=2, warmup=1)
+    assert calls[:3] == ["A", "B", "C"]  # the warm-up
+    assert calls[3:] == list("AABBCC" "CCBBAA" "AABBCC" "CCBBAA")
+    assert all(len(s.rounds) == 4 for s in spreads.values())
+
+
+def test_a_speed_up_is_claimed_only_outside_the_spread_of_the_rounds():
+    from distill.compress.measure import Spread, speedup
+
+    base = Spread((10.0, 10.5, 13.0))  # ms per call in three rounds; one round slowed by a neighbour
+    assert speedup(base, Spread((8.0, 8.2, 10.2))) == (pytest.approx(10.5 / 8.2), "within spread")  # 1.28x, no claim
+    assert speedup(base, Spread((4.0, 4.1, 4.3))) == (pytest.approx(10.5 / 4.1), "faster")
+    assert speedup(base, Spread((13.5, 14.0, 15.0)))[1] == "slower"
+    assert speedup(Spread((5.0, 5.0, 5.0)), Spread((5.0, 5.0, 5.0)))[1] == "within spread"
+
+
+def test_the_report_gives_no_speed_verdict_within_the_spread():
+    from distill.compress.report import format_table, verdicts
+
+    timed = {"latency_rounds": 5, "load_1m_before": 3.1, "load_1m_after": 3.4, "cpus": 2}
+    rows = [{**_row("baseline", 0.860, 1.20, 10.0), **timed, "speedup_b32": 1.0, "speedup_b32_verdict": "within spread",
+             "latency_b32_ms_min": 4.0, "latency_b32_ms_max": 12.0, "latency_b1_ms_min": 0.5, "latency_b1_ms_max": 1.1},
+            {**_row("int8", 0.858, 0.25, 4.5), **timed, "speedup_b32": 10 / 4.5, "speedup_b32_verdict": "within spread",
+             "latency_b32_ms_min": 4.2, "latency_b32_ms_max": 9.0, "latency_b1_ms_min": 0.4, "latency_b1_ms_max": 0.9}]
+    # 4.8x smaller, within the floor, 2.2x faster by the medians, but the rounds overlap: the goal is not met
+    text = verdicts(rows, 0.01, 4.0, 2.0)[0]
+    assert "does not pay" in text and "no measurable speed-up (2.22x, within the spread" in text
+    table = format_table(rows)
+    assert "~2.22x" in table and "4.50 (4.20-9.00)" in table
+    assert "load (1-min average) 3.10 before timing, 3.40 after, 2 CPUs" in table
+    rows[1]["speedup_b32_verdict"] = "faster"
+    assert "compression pays" in verdicts(rows, 0.01, 4.0, 2.0)[0]
+
+
+def test_pareto_plot_labels_never_overprint_and_each_stage_has_its_own_marker(tmp_path):
+    from matplotlib.text import Text
+
+    from distill.compress.report import MARKERS, pareto_figure
+
+    stages = list(MARKERS)
+    trained = [{"variant": "cnn-soft-a0.5-T2", "macs": 5.56e6, "val_top1": 0.976},
+               {"variant": "cnn_small-noKD", "macs": 5.56e6, "val_top1": 0.974}]
+    compressed = [{"student": "cnn-soft-a0.5-T2", "stage": s, "macs": 2.6e6 if "pruned" in s else 5.56e6,
+                   "val_top1": 0.976 if "pruned" not in s else 0.970, "latency_b1_ms": 0.05} for s in stages]
+    fig = pareto_figure(trained, compressed)
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in ax.texts]
+    assert len(labels) == len(trained) + len(compressed)
+    boxes = [Text.get_window_extent(t, renderer) for t in labels]
+    overlaps = [(labels[i].get_text(), labels[j].get_text()) for i in range(len(boxes))
+                for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+    assert not overlaps
+    # four stages share 5.56 MMACs and 97.6%: each is its own marker, at its own place
+    points = [tuple(ax.transData.transform(c.get_offsets()[0])) for c in ax.collections[1:]]
+    assert len(points) == len(stages) and len({(round(x), round(y)) for x, y in points}) == len(stages)
+    assert [t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()] == ["trained students", *stages]

@@ -4,13 +4,14 @@ is below its students."""
 from distill.student_train.config import VariantConfig
 from distill.student_train.leaderboard import format_leaderboard, format_teacher_line, teacher_warning, variant_row
 from distill.student_train.status import write_status
+from distill.student_train.student_check import StudentCost
 
 
 def test_mode_none_rows_show_no_alpha_or_temperature(tmp_path):
     for name in ("kd", "base", "argmax"):
         write_status(tmp_path, name, "done")
     rows = {name: variant_row(tmp_path, name, VariantConfig(mode=mode, arch_kwargs={"width": 4}, alpha=0.3,
-                                                            temperature=5.0), 10, 1, 28)
+                                                            temperature=5.0), StudentCost(100, 2000))
             for name, mode in (("kd", "soft"), ("base", "none"), ("argmax", "hard"))}
     assert (rows["kd"]["alpha"], rows["kd"]["temperature"]) == (0.3, 5.0)
     assert (rows["base"]["alpha"], rows["base"]["temperature"]) == (None, None)  # plain CE uses neither

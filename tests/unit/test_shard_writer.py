@@ -134,3 +134,30 @@ def test_each_shard_tar_is_fsynced_before_its_rename(tmp_path, monkeypatch):
     assert len(renames) == 2
     for i in renames:
         assert ("fsync", events[i][1]) in events[:i]
+
+
+def _keys(paths):
+    return [s.key for p in paths for s in ShardReader(p)]
+
+
+def test_a_test_split_is_held_out_and_leaves_val_as_it_was(tmp_path):
+    # sklearn's real 8x8 digits; val is cut first, then test, then train: adding a test split moves no val sample
+    before = run(ShardsConfig(source="digits", out_dir=tmp_path / "a", limit=200, samples_per_shard=50,
+                              val_fraction=0.1))
+    res = run(ShardsConfig(source="digits", out_dir=tmp_path / "b", limit=200, samples_per_shard=50,
+                           val_fraction=0.1, test_fraction=0.15))
+    val, test, train = _keys(res.val), _keys(res.test), _keys(res.train)
+    assert (len(val), len(test), len(train)) == (20, 30, 150)
+    assert not (set(val) & set(test) or set(val) & set(train) or set(test) & set(train))
+    assert val == _keys(before.val)  # the same val digits, in the same order
+    assert set(train) | set(test) == set(_keys(before.train))  # test comes out of the old train samples only
+    assert [p.name for p in res.test] == ["test-000000.tar"] and res.test_pattern.endswith("test-000000.tar")
+    # a re-run without a test split removes the old test shards (none left to be read as current)
+    run(ShardsConfig(source="digits", out_dir=tmp_path / "b", limit=200, samples_per_shard=50, val_fraction=0.1))
+    assert not list((tmp_path / "b").glob("test-*.tar"))
+
+
+def test_splits_that_leave_nothing_to_train_on_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="val_fraction 0.5 \\+ test_fraction 0.5 leave no train samples"):
+        run(ShardsConfig(source="digits", out_dir=tmp_path / "o", limit=20, val_fraction=0.5, test_fraction=0.5))
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").glob("*.tar"))

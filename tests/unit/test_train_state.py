@@ -102,5 +102,5 @@ def test_leaderboard_row_survives_a_damaged_status(tmp_path):
 
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "status.json").write_text("")
-    row = variant_row(tmp_path, "v", VariantConfig(arch_kwargs={"width": 4}), 10, 1, 28)
+    row = variant_row(tmp_path, "v", VariantConfig(arch_kwargs={"width": 4}), None)
     assert row["status"] == "unknown" and "damaged" in row["reason"]

@@ -108,15 +108,44 @@ def test_a_twin_beside_an_unlabelled_pool_makes_passes_for_equal_steps():
     assert labelled_passes([ShardPair("a", "a.tar", 1000, labelled=900), pool[0]], "none") == 1  # rounds
 
 
-def test_pipeline_end_prints_the_comparison_then_the_winner(capsys):
-    from distill.cluster.cmd_pipeline import _print_comparison
+def test_pipeline_end_prints_the_comparison_then_the_winner():
+    from distill.cluster.cmd_pipeline import _comparison
 
     pairs = twin_pairs(add_twin_deltas([_row("kd", "soft", 0.975), _row("base", "none", 0.968)], {"kd": "base"}))
-    _print_comparison([{"stage": "shards"}, {"stage": "train", "best": "kd", "best_val_top1": 0.975,
-                                              "best_mode": "soft", "twins": pairs}])
-    out = capsys.readouterr().out.splitlines()
+    out = _comparison([{"stage": "shards"}, {"stage": "train", "best": "kd", "best_val_top1": 0.975,
+                                             "best_mode": "soft", "twins": pairs}])
+    out = "\n".join(out).splitlines()
     assert out[0].startswith("distilled student vs its undistilled twin") and "+0.70 pt" in out[1]
-    assert out[2] == "winner: kd (97.50% val top-1; distilled, +0.70 pt over its twin base)"
+    assert "no test split" in out[0]  # compared on val, and the output says that val is the selection split
+    assert out[2] == "winner: kd (97.50% val top-1, chosen on val; distilled, +0.70 pt over its twin base on val)"
+
+
+def _scored(name, mode, val, test, n=250):
+    return {**_row(name, mode, val), "val_samples": n, "test_top1": test, "test_samples": n}
+
+
+def test_the_twin_verdict_and_its_noise_band_are_made_on_the_held_out_test_split():
+    # val (the best epoch of each, selected on it) says +2.4 pt, a clear win; test, which nothing selected on, says
+    # +0.8 pt: within one standard error of the twin's test top-1 on 250 images (1.2 pt at 96%)
+    rows = add_twin_deltas([_scored("kd", "soft", 0.984, 0.968), _scored("base", "none", 0.960, 0.960)],
+                           {"kd": "base"})
+    kd = next(r for r in rows if r["variant"] == "kd")
+    assert kd["compared_on"] == "test" and kd["delta_top1_vs_twin"] == pytest.approx(0.8)
+    [pair] = twin_pairs(rows)
+    assert (pair["top1"], pair["twin_top1"], pair["samples"]) == (0.968, 0.960, 250)
+    text = format_twin_comparison([pair]).splitlines()
+    assert "held-out test split" in text[0]
+    assert "96.80%" in text[1] and "+0.80 pt" in text[1] and "within noise (±1.2 pt" in text[1]
+    assert "(val 98.40% vs 96.00%)" in text[1]  # val beside it, for the reader; not the verdict
+    # the same rows without test scores fall back to val, and say so: there the +2.4 pt is a "win"
+    plain = add_twin_deltas([_row("kd", "soft", 0.984) | {"val_samples": 250},
+                             _row("base", "none", 0.960) | {"val_samples": 250}], {"kd": "base"})
+    assert next(r for r in plain if r["variant"] == "kd")["compared_on"] == "val"
+    text = format_twin_comparison(twin_pairs(plain)).splitlines()
+    assert "no test split" in text[0] and "+2.40 pt  distillation wins" in text[1]
+    # only one side scored on test (the twin's best.pt changed since): no mixed comparison, val for both
+    mixed = add_twin_deltas([_scored("kd", "soft", 0.984, 0.968), _row("base", "none", 0.960)], {"kd": "base"})
+    assert next(r for r in mixed if r["variant"] == "kd")["compared_on"] == "val"
 
 
 def test_a_delta_within_one_standard_error_is_called_noise_not_a_win():
