@@ -33,7 +33,7 @@ from distill.images.shards import (
     shard_stem,
 )
 from distill.images.views import match_channels, normalize, replay_view
-from distill.teacher_cache.contract import CacheError, CacheReader, ShardArrays, read_shard_errors
+from distill.teacher_cache.contract import CacheError, CacheReader, ShardArrays
 
 
 class DataJoinError(CacheError):
