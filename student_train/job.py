@@ -59,6 +59,7 @@ class JobSpec:
     labelled_passes: int | None = None  # mode none beside an unlabelled pool: passes per epoch (None: equal steps)
     asha: AshaRule | None = None  # stop weak students early (tune.asha)
     test: list[ShardPair] = field(default_factory=list)  # held out: scored once per best.pt, never selected on
+    fingerprint: str | None = None  # the teacher fingerprint of the cache (cache_dir may be a version under it)
 
 
 @dataclass

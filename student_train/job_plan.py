@@ -149,7 +149,7 @@ def plan_job(cfg: TrainConfig) -> JobSpec:
     if labelled < sum(p.rows for p in train):
         log.info("%d of %d train samples are labelled", labelled, sum(p.rows for p in train))
     return JobSpec(run_dir=Path(cfg.run_dir).resolve(), cache_dir=cache_dir.resolve() if cache_dir else None,
-                   cache_location=cache_location,
+                   cache_location=cache_location, fingerprint=reader.fingerprint if cache_dir else None,
                    train=train, val=val, test=test, num_classes=num_classes,
                    num_views=num_views, teacher_prep=prep, teacher=cfg.teacher,
                    shuffle_buffer=cfg.data.shuffle_buffer,

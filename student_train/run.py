@@ -215,7 +215,7 @@ def run(cfg: TrainConfig, only: str | None = None) -> TrainResult:
     sweep = None
     if launched is None or launched.rank == 0:  # the runs exist before any worker logs to them
         sweep = start_sweep(cfg.tracking, run_dir, variants, twins, {n: g.id for g in groups for n in g.names},
-                            job.cache_dir.name if job.cache_dir else None)
+                            job.fingerprint)
     if launched is not None:  # every rank trains every group (finished students resume at their end: no steps)
         if launched.rank == 0:
             clear_asha(run_dir)

@@ -85,22 +85,22 @@ def test_unknown_schema_version_names_the_file(kd_data, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(kd_data["cache_dir"], cache / kd_data["cache_dir"].name)
     d = cache / kd_data["cache_dir"].name
-    f = d / "train-000000.parquet"
-    t = pq.read_table(f)
-    meta = dict(t.schema.metadata)
-    meta[b"distill.schema_version"] = b"99"
-    pq.write_table(t.replace_schema_metadata(meta), f)
     from distill.images.shards import file_sha256
     from distill.teacher_cache.manifest import Manifest
 
     m = Manifest.load(d)
+    f = d / m.shards["train-000000"].file  # content-addressed: s-<sha>.parquet
+    t = pq.read_table(f)
+    meta = dict(t.schema.metadata)
+    meta[b"distill.schema_version"] = b"99"
+    pq.write_table(t.replace_schema_metadata(meta), f)
     m.shards["train-000000"].file_sha256 = file_sha256(f)
     m.shards["train-000000"].file_bytes = f.stat().st_size
     m.save(d)
     cfg = train_cfg(kd_data, tmp_path / "r")
     cfg["data"]["cache_root"] = str(cache)
     cfg["data"]["train_shards"] = [kd_data["train"][0].replace("*", "000000")]
-    with pytest.raises(CacheError, match=r"train-000000.parquet: cache schema version 99 is not supported"):
+    with pytest.raises(CacheError, match=rf"{f.name}: cache schema version 99 is not supported"):
         run(TrainConfig.model_validate(cfg))
 
 
