@@ -28,23 +28,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+WAIT_HELP = "Wait for a running writer of this cache instead of exiting (code 5)."
+
+
 @click.group(invoke_without_command=True)
 @config_options
+@click.option("--wait", is_flag=True, help=WAIT_HELP)
 @click.option("--no-ray", is_flag=True, help="Label every shard in this process (same code path, no Ray).")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster).")
 @click.pass_context
-def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ...], no_ray: bool,
+def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ...], wait: bool, no_ray: bool,
           address: str | None) -> None:
     """Run the teacher ONCE over the shards and write sparse soft labels to Parquet (incremental).
 
     \b
-    Output: <cache_root>/<fingerprint>/<shard>.parquet + manifest.json (+ its journal while a run is on) +
+    Output: <cache_root>/<fingerprint>/<shard>-<sha16>.parquet + manifest.json (+ its journal while a run is on) +
     errors/ + last_run.json.
     Unchanged shards (same size+mtime+ctime+inode, or same content hash) with the same teacher are skipped.
     --set features.enabled=true also stores the teacher's penultimate embedding per view (schema v2, feature
     KD; features.dim=D projects it down with a seeded random matrix): a different fingerprint directory.
     Exit: 0 all shards cached, 3 some shards failed, 4 all failed, 2 bad config/input (nothing done),
-    5 locked by another writer, 6 failed during the run (finished shards kept; re-run continues),
+    5 locked by another writer (--wait waits for it instead), 6 failed during the run (finished shards kept;
+    re-run continues; also when this run lost its object-store lock),
     143 stopped by SIGTERM, e.g. `ray job stop` (last_run.json says "stopped" and what was done; re-run continues).
     Example: distill cache --config examples/demo.yaml --set ray.num_actors=2
     """
@@ -57,12 +62,13 @@ def cache(ctx: click.Context, config_path: Path | None, overrides: tuple[str, ..
     cfg = load_config(CacheConfig, config_path, sets, "cache")
     _check_address(cfg)
     _start_metrics(cfg)
-    result = _run_or_exit(run, cfg)
+    result = _run_or_exit(run, cfg, wait_for_lock=wait)
     summary = result.summary()
     click.echo(json.dumps({k: summary[k] for k in ("status", "cache_dir", "fingerprint", "images", "decode_errors",
                                                    "seconds")}
                           | {"labelled": len(result.labelled), "unchanged": len(result.unchanged),
-                             "failed": result.failed, "vanished": result.vanished}
+                             "failed": result.failed, "vanished": result.vanished,
+                             "teacher_top1": result.teacher_top1, "labelled_rows": result.labelled_rows}
                           | ({"retried": result.retried, "lost_nodes": result.lost_nodes} if result.retried else {}),
                           indent=1))
     if result.failed:
@@ -106,7 +112,7 @@ def _run_or_exit(run: Callable[..., Any], cfg: CacheConfig, **kw: Any) -> Any:
         click.echo(f"error: the cache run failed during the run: {exc}", err=True)
         sys.exit(EXIT_RUN_FAILED)
     except CacheLockedError as exc:
-        click.echo(f"refused: {exc}", err=True)
+        click.echo(f"refused: {exc}; to wait for it instead, run the same command with --wait", err=True)
         sys.exit(EXIT_LOCKED)
 
 
@@ -143,7 +149,7 @@ def inspect(directory: str, as_json: bool, no_verify: bool) -> None:
 
 @cache.command()
 @config_options
-@click.option("--wait", is_flag=True, help="Wait for a running writer of this cache instead of exiting (code 5).")
+@click.option("--wait", is_flag=True, help=WAIT_HELP)
 @click.option("--no-ray", is_flag=True, help="Label every shard in this process (same code path, no Ray).")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster).")
 def refresh(config_path: Path | None, overrides: tuple[str, ...], wait: bool, no_ray: bool,
@@ -170,6 +176,7 @@ def refresh(config_path: Path | None, overrides: tuple[str, ...], wait: bool, no
     click.echo(json.dumps({"status": s["status"], "cache_dir": s["cache_url"] or s["cache_dir"], "new": len(s["new"]),
                            "changed": len(s["changed"]), "unchanged": len(s["unchanged"]), "touched": s["touched"],
                            "vanished": s["vanished"], "failed": s["failed"], "images": s["images"],
+                           "teacher_top1": s["teacher_top1"], "labelled_rows": s["labelled_rows"],
                            "seconds": round(s["seconds"], 2)}, indent=1))
     if cfg.metrics.pushgateway:
         try:

@@ -3,20 +3,29 @@
 `atomic_write` is the project's one way to write a file that something else will trust: the content goes to a
 temp name in the same directory, is fsynced, renamed over the target, and the directory is fsynced. A plain
 `write_text` truncates first, so a crash or a full disk leaves an empty status.json / manifest / `latest` that
-every later run trips over. Temp names carry `TMP_MARK`, so a directory's owner can sweep what a killed writer
-left behind (`remove_stale_tmp`).
+every later run trips over. A temp name is ``<name>.tmp-<pid>-<ns>``, a form no published name can take (those
+end in their suffix: ``.parquet``, ``.jsonl``, ``.json``), so a directory's owner can sweep what a killed writer
+left behind (`remove_stale_tmp`) without touching a file whose name merely contains ``.tmp-`` (a shard may be
+called that).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 TMP_MARK = ".tmp-"
+_TMP = re.compile(r"\.tmp-\d+-\d+$")
+
+
+def is_tmp(name: str) -> bool:
+    """A temp file of `tmp_path_for` (its name ends in ``.tmp-<pid>-<ns>``), not a published file."""
+    return _TMP.search(name) is not None
 
 Writer = Callable[[Path], None]  # writes the whole file at the path it is given (pyarrow, tarfile, torch.save)
 
@@ -35,11 +44,14 @@ def tmp_path_for(final: Path) -> Path:
     return final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{time.monotonic_ns()}")
 
 
-def atomic_write(final: Path, content: bytes | str | Writer) -> None:
+def atomic_write(final: Path, content: bytes | str | Writer,
+                 name_for: Callable[[Path], Path] | None = None) -> Path:
     """Replace `final` atomically and durably: temp file + fsync + os.replace + fsync of the directory.
 
     `content` is the bytes (or text, UTF-8) to write, or a function that writes the whole file at the temp
     path it is given. On any failure, a full disk or a SIGTERM included, no temp file is left behind.
+    `name_for(tmp)`, when given, names the file from what was written (a content-addressed name beside
+    `final`). Returns the path written.
     """
     final = Path(final)
     tmp = tmp_path_for(final)
@@ -55,11 +67,14 @@ def atomic_write(final: Path, content: bytes | str | Writer) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+        if name_for is not None:
+            final = name_for(tmp)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(final.parent)
+    return final
 
 
 def atomic_symlink(final: Path, target: str) -> None:
@@ -75,8 +90,9 @@ def remove_stale_tmp(directory: Path) -> int:
     """Delete temp files a killed writer left in `directory` (only its owner may: it holds the lock)."""
     n = 0
     for p in Path(directory).glob(f"*{TMP_MARK}*"):
-        p.unlink(missing_ok=True)
-        n += 1
+        if is_tmp(p.name):
+            p.unlink(missing_ok=True)
+            n += 1
     return n
 
 

@@ -21,6 +21,8 @@ from typing import Any, BinaryIO, cast
 
 import braceexpand
 
+from distill.core.errors import DistillError
+
 SCHEMES = ("s3://",)
 MAGIC = "*?["
 
@@ -95,10 +97,11 @@ def list_dir(url: str) -> dict[str, ObjectInfo]:
     return {i.url: i for e in entries if e.get("type") == "file" for i in [_info(e)]}
 
 
-def walk(url: str) -> dict[str, ObjectInfo]:
-    """Every object under a prefix, at any depth (one paginated LIST without a delimiter)."""
+def walk(url: str, prefix: str = "") -> dict[str, ObjectInfo]:
+    """Every object under a prefix, at any depth (one paginated LIST without a delimiter); with `prefix`, only
+    the keys that start with ``<url>/<prefix>`` (the store filters them: one LIST however large the directory)."""
     try:
-        found = filesystem().find(url.rstrip("/"), detail=True)
+        found = filesystem().find(url.rstrip("/"), detail=True, prefix=prefix)
     except FileNotFoundError:
         return {}
     return {i.url: i for e in found.values() if e.get("type", "file") == "file" for i in [_info(e)]}
@@ -248,6 +251,19 @@ def put_file(local: str | os.PathLike, url: str) -> None:
     filesystem().put_file(str(local), url)
 
 
+SINGLE_PUT_MAX = 1 << 30  # files up to this size go up in one PutObject, which answers with the ETag
+
+
+def upload(local: str | os.PathLike, url: str) -> str:
+    """Upload a file; returns the object's ETag (what a listing reports: its identity in the store)."""
+    if os.path.getsize(local) > SINGLE_PUT_MAX:
+        put_file(local, url)
+        return stat(url).etag  # a multipart upload's ETag: one HEAD
+    bucket, key = _bucket_key(url)
+    with open(local, "rb") as f:
+        return str(filesystem().call_s3("put_object", Bucket=bucket, Key=key, Body=f.read())["ETag"]).strip('"')
+
+
 def delete(url: str) -> None:
     bucket, key = _bucket_key(url)
     with contextlib.suppress(FileNotFoundError):
@@ -277,6 +293,51 @@ def _precondition_failed(exc: BaseException) -> bool:
     code = str(response.get("Error", {}).get("Code", ""))
     status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     return code in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (409, 412)
+
+
+class PreconditionFailedError(DistillError, OSError):
+    """The store refused a conditional write (HTTP 412): the object is not the one the writer last saw."""
+
+
+def put_conditional(url: str, data: bytes, etag: str | None) -> str:
+    """One PUT that lands only on the object the writer knows: ``If-Match`` its ETag, or ``If-None-Match: *``
+    when it knows there is none. Returns the new ETag; raises PreconditionFailedError when the store refuses."""
+    bucket, key = _bucket_key(url)
+    condition = {"IfMatch": f'"{etag}"'} if etag else {"IfNoneMatch": "*"}
+    try:
+        out = filesystem().call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    except OSError as exc:  # If-Match on a deleted object: 404 (FileNotFoundError) on AWS S3
+        if isinstance(exc, FileNotFoundError) or _precondition_failed(exc):
+            raise PreconditionFailedError(f"{url}: {'not ETag ' + etag if etag else 'exists'} any more") from None
+        raise
+    return str(out["ETag"]).strip('"')
+
+
+def delete_conditional(items: list[tuple[str, str]], concurrency: int = 32) -> list[str]:
+    """DELETE each (url, ETag) with ``If-Match`` (DeleteObjects takes no condition that every store honours), up
+    to `concurrency` at a time. Missing objects are fine; returns the URLs whose object had another ETag."""
+    import asyncio
+
+    fs = filesystem()
+
+    async def one(url: str, etag: str, gate: asyncio.Semaphore) -> str | None:
+        bucket, key = _bucket_key(url)
+        async with gate:
+            try:
+                await fs._call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=f'"{etag}"')
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                if _precondition_failed(exc):
+                    return url
+                raise
+        return None
+
+    async def every() -> list[str]:
+        gate = asyncio.Semaphore(concurrency)
+        return [u for u in await asyncio.gather(*(one(u, e, gate) for u, e in items)) if u is not None]
+
+    return _sync(every) if items else []
 
 
 def put_if_absent(url: str, data: bytes) -> str | None:

@@ -16,7 +16,7 @@ import yaml
 from distill.compress.onnx_export import ParityError, check_parity, session
 from distill.core.run_phase import begin_work
 from distill.deploy import metrics
-from distill.deploy.bundle_files import new_version, publish, seal, write_file
+from distill.deploy.bundle_files import agreement_text, new_version, publish, seal, write_file
 from distill.deploy.choose import STAGE_FILES, choose_stage, rank_within_floor, top1_drop
 from distill.deploy.config import DeployConfig
 from distill.deploy.litert_bundle import choose_litert, litert_card
@@ -124,7 +124,7 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
         "",
         f"Parity (fp32 ONNX vs PyTorch, {parity['samples']} real val images): max |dlogit| "
         f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4f}; "
-        f"int8 vs fp32 top-1 agreement {parity['int8_agreement']:.4f}.",
+        f"int8 vs fp32 top-1 agreement {agreement_text(parity['int8_agreement'])}.",
         "Latency: median of alternating timing rounds after warm-up, on the machine that ran `distill compress` "
         "(its report.txt gives each range and the machine's load); MMACs: convolutions and matrix products.",
         "",
@@ -157,17 +157,20 @@ def _parity(cfg: DeployConfig, fp32: Path, int8: Path | None, images: torch.Tens
     """fp32 ONNX vs its PyTorch twin, and int8 vs fp32 agreement; raises ParityError beyond tolerance."""
     model = torch.jit.load(str(fp32.with_suffix(".ts")), map_location="cpu")
     p = check_parity(model, fp32, images, atol=cfg.parity_atol)
-    parity = {"max_abs_logit_diff": p.max_abs_logit_diff, "top1_agreement": p.top1_agreement, "samples": p.samples}
+    parity: dict[str, float | int | None] = {"max_abs_logit_diff": p.max_abs_logit_diff,
+                                              "top1_agreement": p.top1_agreement, "samples": p.samples}
     if int8 is not None:
         a = session(fp32).run(None, {"input": images.numpy()})[0].argmax(1)
         b = session(int8).run(None, {"input": images.numpy()})[0].argmax(1)
-        parity["int8_agreement"] = float((a == b).mean())
-        if parity["int8_agreement"] < cfg.int8_min_agreement:
-            raise ParityError(f"{int8}: int8 agrees with fp32 on only {parity['int8_agreement']:.3f} of "
+        agreement = float((a == b).mean())
+        parity["int8_agreement"] = agreement
+        if agreement < cfg.int8_min_agreement:
+            raise ParityError(f"{int8}: int8 agrees with fp32 on only {agreement:.3f} of "
                               f"{len(a)} val images (need {cfg.int8_min_agreement}); recalibrate or deploy fp32")
     else:
-        parity["int8_agreement"] = float("nan")
+        parity["int8_agreement"] = None  # no int8 model (null in bundle.json: strict JSON has no NaN)
     return parity
+
 
 
 def _choose_onnx(cfg: DeployConfig, student: str, onnx_rows: list[dict], src: Path,

@@ -5,7 +5,10 @@ restarting) half-way through a deploy loads a new int8 model with the old classe
 deploy writes `<bundle>.versions/<id>/` completely (every file fsynced, `bundle.json` with their SHA-256 last),
 then moves the link `<bundle>` to it in one rename: readers see the old bundle or the new one. `<bundle>` stays
 the path users pass to `distill serve --bundle`. Serve checks every file against `bundle.json` before it loads
-anything, so a damaged or hand-edited bundle is refused with the file's name instead of served.
+anything, so a damaged or hand-edited bundle is refused with the file's name instead of served. A server pins the
+version it serves (`pin`: a shared flock on the version's `.in-use` for as long as it lives, as cache readers hold
+theirs: core/storage/versions.py), and a deploy never removes a version a server holds, whatever `keep` says; it
+goes with the first deploy after the last server on it stopped.
 
 This module imports nothing heavy: the Serve replicas use it.
 """
@@ -14,12 +17,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 from distill.core.atomic_io import atomic_symlink, atomic_write, file_sha256
 from distill.core.errors import InputError
+from distill.core.storage.versions import hold, remove_unless_held
 
 log = logging.getLogger(__name__)
 MANIFEST = "bundle.json"
@@ -62,11 +68,29 @@ def write_file(path: Path, content: bytes | str | Path) -> None:
         atomic_write(path, content)
 
 
+def strict_json(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf: "not measured") as None, so the text is strict JSON that
+    any parser reads (json.dumps writes NaN otherwise, which JSON does not have)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def agreement_text(value: float | None) -> str:
+    """An int8-vs-fp32 agreement for the model card: None (or an older bundle's NaN) when there is no int8 model."""
+    return "n/a (no int8 model)" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
 def seal(version: Path, meta: dict) -> dict:
-    """Write bundle.json last: `meta` plus the SHA-256 of every other file in the version directory."""
+    """Write bundle.json last: `meta` plus the SHA-256 of every other file in the version directory. Strict JSON
+    (null where a value was not measured); readers still accept the NaN that bundles before this wrote."""
     files = {f.name: file_sha256(f) for f in sorted(version.iterdir()) if f.is_file() and f.name != MANIFEST}
-    manifest = {**meta, "files": files}
-    atomic_write(version / MANIFEST, json.dumps(manifest, indent=1))
+    manifest = strict_json({**meta, "files": files})
+    atomic_write(version / MANIFEST, json.dumps(manifest, indent=1, allow_nan=False))
     return manifest
 
 
@@ -87,7 +111,20 @@ def publish(bundle: Path, version: Path, keep: int = 3) -> None:
                    reverse=True)
     sealed = [p for p in older if (p / MANIFEST).exists()]
     for stale in sealed[max(keep - 1, 0):] + [p for p in older if p not in sealed]:
-        shutil.rmtree(stale, ignore_errors=True)
+        if not remove_unless_held(stale):
+            log.info("kept bundle version %s beyond deploy.keep_versions: a server still serves it", stale)
+
+
+def pin(bundle: Path) -> tuple[Path, dict]:
+    """Verify `bundle` (see `verify`) and hold its version for this process's lifetime, so no deploy removes it
+    while this process serves it. A version directory this process may not write is served unpinned."""
+    root, manifest = verify(bundle)
+    try:
+        hold(root)
+    except OSError as exc:
+        log.warning("%s: cannot pin this bundle version (%s); a later deploy may remove it while it is served",
+                    root, exc.strerror or exc)
+    return root, manifest
 
 
 def verify(bundle: Path) -> tuple[Path, dict]:

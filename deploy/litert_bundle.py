@@ -19,6 +19,7 @@ import numpy as np
 from distill.compress.litert_stages import litert_files
 from distill.compress.litert_stages import litert_parity as measure_parity
 from distill.compress.onnx_export import ParityError
+from distill.deploy.bundle_files import agreement_text
 from distill.deploy.choose import candidates
 from distill.deploy.config import DeployConfig
 
@@ -53,7 +54,7 @@ def litert_parity(cfg: DeployConfig, src: Path, stage: str, images: np.ndarray) 
                           f"deploy.litert_min_agreement = {cfg.litert_min_agreement}); it is not bundled. Re-run "
                           "`distill compress`; if it persists, litert-torch converts an operator of this model wrongly "
                           "(report it upstream with the model)")
-    p["int8_agreement"] = float("nan")
+    p["int8_agreement"] = None  # no int8 model (null in bundle.json: strict JSON has no NaN)
     if int8_name:
         a = LiteRTModel(fp32)(images).argmax(1)
         b = LiteRTModel(src / int8_name)(images).argmax(1)
@@ -149,7 +150,7 @@ def litert_card(choice: LiteRTChoice, prep: dict, calib_samples: int | None) -> 
         "(H, W, C).",
         f"- Parity: fp32 LiteRT vs PyTorch on {p.get('samples')} real val images: max |dlogit| "
         f"{p.get('max_abs_logit_diff', float('nan')):.2e}, top-1 agreement {p.get('top1_agreement', float('nan')):.4f}"
-        f"; int8 vs fp32 top-1 agreement {p.get('int8_agreement', float('nan')):.4f}.",
+        f"; int8 vs fp32 top-1 agreement {agreement_text(p.get('int8_agreement'))}.",
         "- Run it (Python; Android/iOS use the same tensors through the LiteRT Interpreter API):",
         "```python\nimport numpy as np\nfrom ai_edge_litert.interpreter import Interpreter\n"
         f"it = Interpreter(model_path='{choice.name}'); it.allocate_tensors()\n"

@@ -11,7 +11,8 @@ so the event loop (and /healthz, and the uploads of the next batch) stays respon
 large batch. A replica admits `max_ongoing_requests` (default 2 x max_batch_size) requests at once: Serve's
 default of 5 would cap every batch at 5. Every file is checked against bundle.json's SHA-256 before anything is
 loaded (deploy/bundle_files.py), and every replica loads the version the bundle link pointed to when `distill
-serve` started, so a deploy during serving never mixes two bundles. Each replica runs one blank image end to end
+serve` started, so a deploy during serving never mixes two bundles; that version is pinned (`pin`) by the serve
+process and its replicas, so no deploy removes it while it is served. Each replica runs one blank image end to end
 before it reports ready, so no client pays for the imports and the model's first run.
 
 No `from __future__ import annotations` here: with postponed annotations Serve's class-based FastAPI ingress
@@ -34,7 +35,7 @@ from PIL import Image
 from ray import serve
 
 from distill.core.errors import InputError
-from distill.deploy.bundle_files import verify
+from distill.deploy.bundle_files import pin
 from distill.deploy.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class Replica:
                  batch_wait_ms: float, max_pixels: int = 40_000_000) -> None:
         import onnxruntime as ort
 
-        root, _ = verify(Path(bundle))  # nothing is loaded from a bundle whose files differ from bundle.json
+        root, _ = pin(Path(bundle))  # nothing is loaded from a bundle whose files differ from bundle.json; pinned
         name = "model.int8.onnx" if model == "int8" and (root / "model.int8.onnx").exists() else "model.onnx"
         self.session = ort.InferenceSession(str(root / name), providers=["CPUExecutionProvider"])
         self.prep = json.loads((root / "preprocessing.json").read_text())
@@ -186,7 +187,7 @@ def build_app(cfg: ServeConfig) -> Any:
     """Verify the bundle here (a clear error at the CLI) and pin its current version for every replica."""
     if not Path(cfg.bundle).exists():
         raise FileNotFoundError(f"{cfg.bundle} not found: `bundle` must be the out_dir of `distill deploy`")
-    version, _ = verify(Path(cfg.bundle))
+    version, _ = pin(Path(cfg.bundle))  # held while `distill serve` runs: no deploy removes it
     for needed in ("model.onnx", "preprocessing.json", "classes.json"):
         if not (version / needed).exists():
             raise FileNotFoundError(f"{version / needed} missing: `bundle` must be the out_dir of `distill deploy`")

@@ -33,7 +33,7 @@ from distill.images.shards import (
     shard_stem,
 )
 from distill.images.views import match_channels, normalize, replay_view
-from distill.teacher_cache.contract import CacheError, CacheReader, ShardArrays, read_shard_errors
+from distill.teacher_cache.contract import CacheError, CacheReader, ShardArrays
 
 
 class DataJoinError(CacheError):
@@ -252,7 +252,7 @@ class JoinedStream(IterableDataset):
         reader = CacheReader.shared(cache_dir)  # the manifest once per process, not once per shard
         arrays = reader.arrays(pair.stem)
         index = {k: i for i, k in enumerate(arrays.keys)}
-        skipped = {e["key"] for e in read_shard_errors(cache_dir, pair.stem)}
+        skipped = {e["key"] for e in reader.errors(pair.stem)}
         seen = 0
         for raw in ShardReader(pair.tar):
             i = index.get(raw.key)

@@ -28,6 +28,13 @@ class TeacherConfig(StrictConfig):
         if self.arch is not None and self.checkpoint is None and not self.pretrained:
             raise ValueError(f"`arch: {self.arch}` needs `checkpoint: PATH` (or `pretrained: true`); "
                              "an untrained teacher would cache noise")
-        if self.scripted is not None and self.preprocessing.input_size is None:
-            raise ValueError("a `scripted` teacher needs `preprocessing.input_size` (and mean/std)")
+        if self.scripted is not None:
+            p = self.preprocessing
+            missing = [f"preprocessing.{name}" for name in ("input_size", "mean", "std", "crop_pct")
+                       if getattr(p, name) is None]
+            if missing:  # a foreign file says nothing of its input: defaults would label the wrong pixels
+                raise ValueError(f"a `scripted` teacher needs {', '.join(missing)}: a TorchScript / torch.export "
+                                 "file does not record how its input was made, and defaults would feed it other "
+                                 "pixels than it was trained on (e.g. input_size: 224, crop_pct: 0.875, mean: "
+                                 "[0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] for ImageNet's usual ones)")
         return self

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distill.core.atomic_io import atomic_write, file_sha256
-from distill.core.storage import Store
+from distill.core.storage import Published, Store
 from distill.teacher_cache.schema import (
     COL_CROP,
     COL_FEATURES,
@@ -70,8 +70,8 @@ def write_cache_file(final: Path, cols: dict, meta: CacheMeta) -> tuple[int, str
     return final.stat().st_size, file_sha256(final)
 
 
-def publish_cache_file(store: Store, stem: str, cols: dict, meta: CacheMeta) -> tuple[str, int, str]:
-    """Write the shard's cache file into the store: (name the manifest will list, bytes, sha256)."""
+def publish_cache_file(store: Store, stem: str, cols: dict, meta: CacheMeta) -> Published:
+    """Write the shard's cache file into the store: the name the manifest will list, bytes, sha256, identity."""
     table = rows_to_table(cols, meta)
     return store.publish(f"{stem}.parquet",
                          lambda tmp: pq.write_table(table, tmp, compression="zstd", row_group_size=4096))

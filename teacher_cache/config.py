@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from distill.core.config import MetricsConfig, PathOrURL, StrictConfig, absolute
+from distill.core.storage.lease import MIN_LEASE_S
 from distill.core.tracking import TrackingConfig
 from distill.images.views import ViewsConfig
 from distill.teacher.config import TeacherConfig
@@ -55,9 +56,10 @@ class CacheConfig(StrictConfig):
     staging_dir: Path | None = Field(None, description="s3:// cache_root only: local directory where a labeller "
                                      "writes a cache file before uploading it (default "
                                      "~/.cache/distill/staging/<bucket_prefix>)")
-    lock_lease_s: float = Field(120.0, ge=5.0, description="s3:// cache_root only: lease of the lock object, "
-                                "renewed every third of it; the holder writes nothing once its last renewal is 3/4 "
-                                "of it old, and the next run breaks a lock it saw unchanged this long")
+    lock_lease_s: float = Field(120.0, ge=MIN_LEASE_S, description="s3:// cache_root only: lease of the lock "
+                                "object, renewed every third of it; the holder writes nothing once its last renewal "
+                                "is 3/4 of it old, and the next run breaks a lock it saw unchanged this long "
+                                f"(at least {MIN_LEASE_S:g}: renewals take seconds on a loaded host)")
     teacher: TeacherConfig
     topk: int = Field(10, ge=1)
     views: ViewsConfig = Field(default_factory=ViewsConfig)

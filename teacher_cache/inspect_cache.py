@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from distill.teacher_cache.locate import find_cache_dir
-from distill.teacher_cache.reader import CacheReader, read_errors
+from distill.teacher_cache.reader import CacheReader
 from distill.teacher_cache.schema import COL_FEATURES
 
 LAST_RUN = "last_run.json"  # teacher_cache.run.SUMMARY_NAME (not imported: run.py pulls in torch and Ray)
@@ -67,7 +68,7 @@ def inspect_cache(path: Path | str, verify: bool = True) -> dict[str, Any]:
         else:
             mass, n_labelled, hits = entry.topk_mass, entry.labelled, entry.top1_correct
         mass_sum, labelled, correct = mass_sum + mass, labelled + n_labelled, correct + hits
-    errors = read_errors(reader.directory)
+    errors = reader.all_errors()
     last_status, failed = last_run_failures(reader.directory)
     views = meta.num_views if meta else 0
     return {
@@ -97,6 +98,34 @@ def inspect_cache(path: Path | str, verify: bool = True) -> dict[str, Any]:
     }
 
 
+def near_chance(top1: float, labelled: int, num_classes: int | None) -> bool:
+    """The teacher's top-1 on labelled rows is within two standard errors of guessing (1 / classes)."""
+    if not num_classes or labelled <= 0:
+        return False
+    chance = 1.0 / num_classes
+    return top1 <= chance + 2 * math.sqrt(chance * (1 - chance) / labelled)
+
+
+def weak_teacher_warning(top1: float | None, labelled: int, num_classes: int | None) -> str | None:
+    """What the cache stage and `cache inspect` say when the teacher is no better than chance on the labels: the
+    labels are not its classes (another label set or class order), or the teacher is broken; either way students
+    distilled from it learn its mistakes, which training would only report after every student has trained."""
+    if top1 is None or not near_chance(top1, labelled, num_classes):
+        return None
+    return (f"the teacher's top-1 on the shards' own labels is {100 * top1:.2f}% on {labelled} labelled rows, no "
+            f"better than chance ({100 / (num_classes or 1):.1f}% for {num_classes} classes): either the shards' "
+            "labels are not the teacher's classes (another label set, or another class order: then this number "
+            "says nothing of the teacher) or the teacher is broken or untrained (check its checkpoint and, for a "
+            "foreign teacher, teacher.preprocessing). Students distilled from it learn what it predicts.")
+
+
+def teacher_score(shards: dict[str, Any]) -> tuple[float | None, int]:
+    """(top-1 of the cached teacher on labelled rows, labelled rows) from the manifest's per-shard counts."""
+    counted = [e for e in shards.values() if e.labelled is not None and e.top1_correct is not None]
+    labelled = sum(e.labelled for e in counted)
+    return (sum(e.top1_correct for e in counted) / labelled if labelled else None), labelled
+
+
 def _features_line(info: dict[str, Any]) -> str:
     f = info["features"]
     if not f:
@@ -121,6 +150,8 @@ def format_inspect(info: dict[str, Any]) -> str:
         _features_line(info),
         f"top-k mass   {info['mean_topk_mass']:.4f} (mean probability held by the stored top-k, T=1)",
         f"teacher acc  {acc_text}",
+        *([f"  hint: {hint}"] if (hint := weak_teacher_warning(acc, info["labelled_rows"], info["num_classes"]))
+          else []),
         f"errors       {info['errors_recorded']} samples skipped",
     ]
     lines += [f"  {e['shard']} {e['key']}: {e['reason']}" for e in info["first_errors"]]

@@ -22,7 +22,7 @@ import torch
 
 from distill.core import hooks_for_tests
 from distill.core.devices import resolve_device
-from distill.core.storage import Store, open_store
+from distill.core.storage import FileInfo, Store, open_store
 from distill.images.decode import DecodedSample, DecodeSpec, decode_batch_gpu
 from distill.images.decode_pool import DecodePool
 from distill.images.shards import ShardError, ShardIdentity, ShardPath, ShardReader
@@ -73,6 +73,7 @@ class ShardResult:
     file: str | None = None
     file_bytes: int = 0
     file_sha256: str | None = None
+    file_info: FileInfo | None = None  # the cache file's identity as published (mtime/ctime/inode, or ETag)
     identity: ShardIdentity | None = None
     stats: dict = field(default_factory=dict)  # labelled rows, teacher top-1 hits, top-k mass (the manifest's)
     seconds: float = 0.0
@@ -180,14 +181,15 @@ class Labeler:
                              self.teacher.num_classes, self.prep.as_dict(), self.teacher.info, task.stem,
                              self.policy.as_dict(), self.features.spec.as_dict() if self.features else None,
                              self.cfg.precision, self.head_precision, self.cfg.decode_backend)
-            name, nbytes, digest = publish_cache_file(task.store, task.stem, rows, meta)
+            published = publish_cache_file(task.store, task.stem, rows, meta)
         except (ShardError, OSError) as exc:
             result.message = str(exc)
             result.seconds = time.perf_counter() - t0
             return result
         result.ok, result.rows, result.error_records = True, len(rows["key"]), errors
         result.stats = shard_stats(rows)
-        result.file, result.file_bytes, result.file_sha256 = name, nbytes, digest
+        result.file, result.file_bytes, result.file_sha256 = published.name, published.size, published.sha256
+        result.file_info = published.info
         result.identity = dataclasses.replace(identity, sha256=reader.sha256)
         result.seconds = time.perf_counter() - t0
         return result

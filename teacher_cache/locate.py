@@ -1,8 +1,9 @@
 """Which cache directory a reader opens, as a local directory: the named or newest fingerprint under a cache root.
 
-Through the storage layer: a local root gives the directory itself; an ``s3://`` root gives a verified local mirror
-of the manifest's current version (one directory per version; see core/storage/mirror.py), so a job that names
-its version never reads another one and a refresh never changes files a running job reads.
+Through the storage layer: a local root gives a held version of the directory (the manifest as it is now, files
+by their content-addressed names: core/storage/versions.py); an ``s3://`` root gives a verified local mirror of
+the manifest's current version (core/storage/mirror.py). Either way a job that names its version never reads
+another one and a refresh never changes or removes files a running job reads.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from distill.core.storage import Store, View, open_store
+from distill.core.storage.versions import hold_version
 from distill.teacher_cache.manifest import MANIFEST_NAME, Manifest
 from distill.teacher_cache.reader import ERRORS_DIR, CacheError
 
@@ -21,18 +23,21 @@ EXTRA_FILES = ("last_run.json", "cache_config.resolved.yaml")
 
 
 def _view(store: Store) -> Callable[[], View]:
-    """What a reader needs of one fingerprint directory: every listed file (checksum-checked), the error files of
-    shards that recorded errors, the run summaries, and last the manifest (snapshot and journal as one)."""
+    """What a reader needs of one fingerprint directory: every listed file and error file (checksum-checked), the
+    error files of older builds (no checksum), the run summaries, and last the manifest (snapshot and journal as
+    one)."""
     def build() -> View:
         manifest = Manifest.load(store)
         if manifest is None:
             raise FileNotFoundError(f"{store.location}: no manifest; run `distill cache` with that teacher and "
                                     "cache_root")
-        return View(version=manifest.version(),
-                    files={e.file: e.file_sha256 for e in manifest.shards.values()},
-                    optional=[f"{ERRORS_DIR}/{stem}.jsonl" for stem, e in sorted(manifest.shards.items()) if e.errors]
+        shards, snapshot = sorted(manifest.shards.items()), manifest.snapshot()
+        return View(version=manifest.version(snapshot),
+                    files={e.file: e.file_sha256 for _, e in shards}
+                    | {e.errors_file: e.errors_sha256 for _, e in shards if e.errors_file and e.errors_sha256},
+                    optional=[f"{ERRORS_DIR}/{stem}.jsonl" for stem, e in shards if e.errors and not e.errors_file]
                     + list(EXTRA_FILES),
-                    last={MANIFEST_NAME: json.dumps(manifest.snapshot(), indent=1).encode()})
+                    last={MANIFEST_NAME: json.dumps(snapshot).encode()})  # (indent: the slow encoder)
 
     return build
 
@@ -50,7 +55,7 @@ def cache_dir_here(cache_dir: Path, location: str | None) -> Path:
     else a mirror of the same version (the directory's name) made here from `location`, the fingerprint
     directory's store; a store that has moved on since the job was planned is refused, never read."""
     if location is None or (cache_dir / MANIFEST_NAME).exists():
-        return cache_dir
+        return hold_version(cache_dir)
     return local_view(open_store(location), version=cache_dir.name)
 
 

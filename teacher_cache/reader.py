@@ -1,7 +1,11 @@
 """Read the cache: only manifest-listed files with a matching checksum, rows in shard order.
 
 Verification costs one checksum per file per process (remembered by the file's size, mtime, ctime and inode);
-every open also checks the recorded size and the Parquet footer, which is what `verify=False` keeps.
+every open also checks the recorded size and the Parquet footer and, where the manifest records the file's own
+identity (this build), that it did not move since it was published or else that its checksum still matches: so
+`verify=False` (the training loader) still refuses a same-size altered file.
+A directory may be a held version of a local cache (core/storage/versions.py): its manifest is the one the job
+planned with and its files are read, by their content-addressed names, from the cache directory (`data_dir`).
 The manifest is the snapshot plus its journal (see teacher_cache/manifest.py); `CacheReader.shared` reads it
 once per process while it stays unchanged (two stats to tell), however many shards a loader opens.
 
@@ -25,8 +29,10 @@ import pyarrow.parquet as pq
 from distill.core.atomic_io import checksum_matches
 from distill.core.errors import DistillError
 from distill.core.storage import open_store
+from distill.core.storage.names import under
+from distill.core.storage.versions import data_dir
 from distill.images.views import ViewParams
-from distill.teacher_cache.manifest import MANIFEST_NAME, Manifest, cache_file_problem
+from distill.teacher_cache.manifest import MANIFEST_NAME, Manifest, cache_file_altered, cache_file_problem
 from distill.teacher_cache.schema import (
     COL_CROP,
     COL_FEATURES,
@@ -105,6 +111,7 @@ class CacheReader:
             raise CacheError(f"{self.directory}: cache was written by teacher fingerprint {manifest.fingerprint}, "
                              f"but the config names {expect_fingerprint}; re-run `distill cache` with this teacher")
         self.manifest = manifest
+        self.data_dir = data_dir(self.directory)  # where the files are: the directory, or a version's cache dir
         self.verify = verify
         self._meta: dict[str, CacheMeta] = {}
         self._sorted: list[str] | None = None
@@ -137,7 +144,7 @@ class CacheReader:
         if entry is None:
             raise CacheError(f"{self.directory}: shard '{stem}' has no complete cache file (not in the manifest); "
                              "run `distill cache` over it")
-        return self.directory / entry.file
+        return under(self.data_dir, entry.file, str(self.directory / MANIFEST_NAME))
 
     def check(self, stem: str) -> Path:
         """Refuse a listed file that is missing, truncated or altered; the checksum only once per process."""
@@ -146,6 +153,9 @@ class CacheReader:
             raise CacheError(f"{path}: listed in the manifest but missing; re-run `distill cache`")
         if (problem := cache_file_problem(path, entry.file_bytes)) is not None:
             raise CacheError(f"{path}: {problem}; {FIX_DAMAGED}")
+        if cache_file_altered(path, entry):
+            raise CacheError(f"{path}: changed since it was written and its checksum does not match the manifest "
+                             f"(partial or altered file); {FIX_DAMAGED}")
         if self.verify and not checksum_matches(path, entry.file_sha256):
             raise CacheError(f"{path}: checksum does not match the manifest (partial or altered file); {FIX_DAMAGED}")
         return path
@@ -203,6 +213,24 @@ class CacheReader:
                              f"no '{COL_FEATURES}' column (damaged file); re-run `distill cache`")
         return _fixed(t.column(COL_FEATURES), m.num_views, m.feature_dim)
 
+    def errors(self, stem: str) -> list[dict]:
+        """The per-sample errors recorded for one shard (what its cache file deliberately lacks), from the error
+        file its entry names, checked against its checksum (an older build's unnamed file: unchecked)."""
+        entry = self.manifest.shards.get(stem)
+        if entry is None or not entry.errors:
+            return []
+        if entry.errors_file is None:
+            return read_shard_errors(self.data_dir, stem)
+        path = under(self.data_dir, entry.errors_file, str(self.directory / MANIFEST_NAME))
+        if not path.exists() or (entry.errors_sha256 and not checksum_matches(path, entry.errors_sha256)):
+            raise CacheError(f"{path}: missing, or not the error file the manifest lists (checksum); re-run "
+                             "`distill cache` over that shard")
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def all_errors(self) -> list[dict]:
+        """Every recorded per-sample error (shard, key, reason), shard by shard."""
+        return [e for stem in self.shards for e in self.errors(stem)]
+
     def iter_shard(self, stem: str) -> Iterator[CachedSample]:
         a = self.arrays(stem)
         for i, key in enumerate(a.keys):
@@ -213,14 +241,12 @@ class CacheReader:
 
 
 def read_shard_errors(cache_dir: Path, stem: str) -> list[dict]:
-    """The per-sample errors recorded for one shard (what its cache file deliberately lacks)."""
-    path = cache_dir / ERRORS_DIR / f"{stem}.jsonl"
+    """The errors of one shard in the unnamed file older builds wrote (``errors/<stem>.jsonl``); for a cache
+    directory as a whole use `CacheReader.errors`, which reads the file the manifest names and checks it."""
+    path = under(Path(cache_dir), f"{ERRORS_DIR}/{stem}.jsonl")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def read_errors(cache_dir: Path) -> list[dict]:
-    """Every recorded per-sample error (shard, key, reason) of a cache directory."""
-    out: list[dict] = []
-    for p in sorted((cache_dir / ERRORS_DIR).glob("*.jsonl")):
-        out.extend(json.loads(line) for line in p.read_text().splitlines() if line.strip())
-    return out
+    """Every recorded per-sample error (shard, key, reason) of a cache directory, as its manifest lists them."""
+    return CacheReader(cache_dir, verify=False).all_errors()

@@ -14,11 +14,13 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from distill.core.atomic_io import checksum_matches
 from distill.core.errors import DistillError
 from distill.core.graceful_stop import StopRequested, sigterm_deferred, sigterm_received
 from distill.core.ray_cluster import InfeasibleResourcesError, connect_ray
 from distill.core.run_phase import begin_work
-from distill.core.storage import Store, open_store
+from distill.core.storage import FileInfo, Published, Store, open_store
+from distill.core.storage.names import UnsafeNameError, check_part
 from distill.images.shards import ShardIdentity, ShardPath, expand_shard_patterns, shard_stem
 from distill.teacher.hooks import check_features
 from distill.teacher.load import LoadedTeacher, load_teacher
@@ -26,6 +28,7 @@ from distill.teacher_cache import metrics
 from distill.teacher_cache.config import CacheConfig
 from distill.teacher_cache.fingerprint import fingerprint
 from distill.teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
+from distill.teacher_cache.inspect_cache import teacher_score, weak_teacher_warning
 from distill.teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
 from distill.teacher_cache.manifest import Manifest, ManifestWriter, ShardEntry, plan_refresh
 from distill.teacher_cache.placement import resolve_placement
@@ -34,7 +37,6 @@ from distill.teacher_cache.tracking import record_cache_run
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "last_run.json"
-_NO_ERRORS = ShardEntry("", 0, 0, "", "", 0, "", 0, errors=0)
 
 
 class RunFailedError(DistillError, RuntimeError):
@@ -64,6 +66,8 @@ class CacheResult:
     seconds: float = 0.0
     teacher_seconds: float = 0.0
     label_seconds: float = 0.0  # inside the labeller (on actors with Ray); the driver's own share is the rest
+    teacher_top1: float | None = None  # the cached teacher's view-0 top-1 on every labelled row of the cache
+    labelled_rows: int = 0  # rows with a label in the whole cache (what teacher_top1 is measured on)
 
     @property
     def status(self) -> str:
@@ -82,10 +86,15 @@ class CacheResult:
 
 
 def map_shards(patterns: list[str]) -> dict[str, ShardPath]:
-    """stem -> path; two inputs with the same file name would overwrite each other's cache, so refuse."""
+    """stem -> path; two inputs with the same file name would overwrite each other's cache, so refuse; a name that
+    is no plain file name part (``...tar``, a backslash) is refused as every reader would refuse it."""
     out: dict[str, ShardPath] = {}
     for p in expand_shard_patterns(patterns):
         stem = shard_stem(p)
+        try:
+            check_part(stem, str(p))
+        except UnsafeNameError as exc:
+            raise UnsafeNameError(f"{exc}; rename the shard") from None
         if stem in out:
             raise ValueError(f"two shards share the name '{stem}': {out[stem]} and {p}; cache files are named "
                              "after the shard, so give shards unique file names")
@@ -132,6 +141,9 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
             writer.abandon()  # what is journalled stays; nothing is written once the lock is lost
             raise
         writer.finish()  # the journal folded into the snapshot
+        if writer.replaced:  # files of relabelled shards' previous labels, unless a reader's version holds them
+            store.sweep(writer.replaced)
+        _check_teacher(writer, result)
         result.seconds = time.perf_counter() - t0
         _write_summary(store, result)
     record_cache_run(cfg, result, writer.manifest_or_none())  # MLflow; never fails the pass
@@ -141,7 +153,16 @@ def run(cfg: CacheConfig, wait_for_lock: bool = False) -> CacheResult:
     return result
 
 
-def _prefetch(fn: Callable[[], dict[str, int]]) -> Callable[[], dict[str, int]]:
+def _check_teacher(writer: ManifestWriter, result: CacheResult) -> None:
+    """The teacher's top-1 on the cache's labelled rows, and a warning here, before any student trains, when it is
+    no better than chance (labels that are not its classes, or a broken teacher)."""
+    result.teacher_top1, result.labelled_rows = teacher_score(writer.manifest.shards)
+    classes = writer.manifest.teacher.get("num_classes")
+    if (warning := weak_teacher_warning(result.teacher_top1, result.labelled_rows, classes)) is not None:
+        log.warning("%s", warning)
+
+
+def _prefetch(fn: Callable[[], dict[str, FileInfo]]) -> Callable[[], dict[str, FileInfo]]:
     """Start `fn` in a daemon thread; the getter returns its result (or raises its error) when needed."""
     out: list = []
 
@@ -154,7 +175,7 @@ def _prefetch(fn: Callable[[], dict[str, int]]) -> Callable[[], dict[str, int]]:
     thread = threading.Thread(target=target, name="list-cache-dir", daemon=True)
     thread.start()
 
-    def get() -> dict[str, int]:
+    def get() -> dict[str, FileInfo]:
         thread.join()
         if isinstance(out[0], BaseException):
             raise out[0]
@@ -165,7 +186,7 @@ def _prefetch(fn: Callable[[], dict[str, int]]) -> Callable[[], dict[str, int]]:
 
 def _plan_and_label(cfg: CacheConfig, fp: str, teacher: LoadedTeacher | None, shards: dict[str, ShardPath],
                     store: Store, writer: ManifestWriter, result: CacheResult, t0: float,
-                    walk: Callable[[], dict[str, int]]) -> None:
+                    walk: Callable[[], dict[str, FileInfo]]) -> None:
     """Under the lock: recover the manifest, remove orphans, plan, label. Everything is written via `store`.
 
     `walk` lists the cache directory (started before the lock, beside the shard listing): a file it missed
@@ -175,18 +196,13 @@ def _plan_and_label(cfg: CacheConfig, fp: str, teacher: LoadedTeacher | None, sh
     manifest = writer.open(fp)
     shards_now = manifest.shards if manifest is not None else {}
     files = walk()  # one listing: orphans to remove, and what a no-op refresh checks of the cache files
-    listed = {e.file for e in shards_now.values()}
-    orphans = [n for n in files if n.endswith(".parquet") and "/" not in n and n not in listed]
-    orphans += [n for n in files if n.startswith(f"{ERRORS_DIR}/") and n.endswith(".jsonl") and not  # written
-                shards_now.get(n[len(ERRORS_DIR) + 1:-len(".jsonl")], _NO_ERRORS).errors]  # before a kill
-    if (n := store.sweep(orphans)):
-        log.info("removed %d file(s) no manifest lists (left by an interrupted run)", n)
+    if (n := store.sweep(orphans(files, shards_now))):
+        log.info("removed %d file(s) no manifest lists (replaced, or left by an interrupted run)", n)
 
     def check(entry: ShardEntry) -> str | None:
-        size = files.get(entry.file)
-        if size is None:
-            return f"{store.location}/{entry.file} is missing"
-        return None if size == entry.file_bytes else f"{entry.file}: {size} bytes, the manifest says {entry.file_bytes}"
+        if entry.errors_file is not None and entry.errors_file not in files:  # (an older build's sweep removes it)
+            return f"{store.location}/{entry.errors_file} is missing"
+        return cache_file_moved(store, entry, files.get(entry.file))
 
     plan = plan_refresh(manifest, shards, store.workdir, cache_file_check=check)
     if plan.todo and teacher is None:
@@ -234,6 +250,32 @@ def _plan_and_label(cfg: CacheConfig, fp: str, teacher: LoadedTeacher | None, sh
                              f"{len(tasks)} shards were cached; they are kept, re-run to continue)") from exc
 
 
+def orphans(files: dict[str, FileInfo], shards: dict[str, ShardEntry]) -> list[str]:
+    """Cache and error files no entry names: replaced by a relabel, or left by an interrupted run."""
+    listed = {name for stem, e in shards.items() for name in e.files(stem)}
+    return [n for n in files if n not in listed and (
+        (n.endswith(".parquet") and "/" not in n) or (n.startswith(f"{ERRORS_DIR}/") and n.endswith(".jsonl")))]
+
+
+def cache_file_moved(store: Store, entry: ShardEntry, now: FileInfo | None) -> str | None:
+    """Why a listed cache file must be labelled again, from one listing: missing, another size, or its own
+    identity moved (a same-size rewrite) and, locally, its checksum no longer matches the manifest."""
+    if now is None:
+        return f"{store.location}/{entry.file} is missing"
+    if now.size != entry.file_bytes:
+        return f"{entry.file}: {now.size} bytes, the manifest says {entry.file_bytes}"
+    recorded = entry.file_info()
+    if recorded is None:
+        return None  # an older build's entry: size only, as before
+    if recorded.etag is not None:
+        return None if now.etag == recorded.etag else f"{entry.file}: replaced (ETag {now.etag})"
+    if (now.mtime_ns, now.ctime_ns, now.inode) == (recorded.mtime_ns, recorded.ctime_ns, recorded.inode):
+        return None
+    if checksum_matches(store.workdir / entry.file, entry.file_sha256):
+        return None  # touched (chmod, a copy that kept the bytes): the same file
+    return f"{entry.file}: altered since it was written (checksum)"
+
+
 def _write_summary(store: Store, result: CacheResult) -> None:
     store.write(SUMMARY_NAME, json.dumps(result.summary(), indent=1).encode())
 
@@ -264,13 +306,16 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
         assert r.identity is not None and r.file is not None and r.file_sha256 is not None
         ident = complete_identity(r.identity, paths[r.stem], before.get(r.stem))
         with sigterm_deferred():  # the manifest and the summary agree on what was done, even on `ray job stop`
-            previous = writer.manifest.shards.get(r.stem)
-            _save_errors(store, r, had_errors=previous is not None and previous.errors > 0)
+            errors = _save_errors(store, r)  # after the shard's file, before its record; a new name each time
+            info = r.file_info or FileInfo(r.file_bytes, 0)
             writer.put(r.stem, ShardEntry(
                 source=r.source, size=ident.size, mtime_ns=ident.mtime_ns,
                 content_sha256=ident.sha256 or "", file=r.file, file_bytes=r.file_bytes,
                 file_sha256=r.file_sha256, rows=r.rows, errors=len(r.error_records),
-                ctime_ns=ident.ctime_ns, inode=ident.inode, etag=ident.etag, seen_ns=ident.seen_ns, **r.stats))
+                ctime_ns=ident.ctime_ns, inode=ident.inode, etag=ident.etag, seen_ns=ident.seen_ns,
+                errors_file=errors.name if errors else None, errors_sha256=errors.sha256 if errors else None,
+                file_mtime_ns=info.mtime_ns if r.file_info and info.etag is None else None,
+                file_ctime_ns=info.ctime_ns, file_inode=info.inode, file_etag=info.etag, **r.stats))
             result.labelled.append(r.stem)
             result.images += r.rows
             result.decode_errors += len(r.error_records)
@@ -337,11 +382,15 @@ def complete_identity(ident: ShardIdentity, path: ShardPath, before: ShardIdenti
     return ident
 
 
-def _save_errors(store: Store, r: ShardResult, had_errors: bool) -> None:
-    """Per-shard error files, replaced when a shard is relabelled, so records never duplicate. A clean shard whose
-    last labelling was clean too costs no request (the manifest says how many errors it had)."""
-    name = f"{ERRORS_DIR}/{r.stem}.jsonl"
-    if r.error_records:
-        store.write(name, "".join(json.dumps(e) + "\n" for e in r.error_records).encode())
-    elif had_errors:
-        store.remove([name])
+def _save_errors(store: Store, r: ShardResult) -> Published | None:
+    """The shard's error file, published like a cache file (a content-addressed name, its checksum in the
+    record), so it is never rewritten under a reader; the one it replaces goes with the next sweep. A clean
+    shard costs no request."""
+    if not r.error_records:
+        return None
+    data = "".join(json.dumps(e) + "\n" for e in r.error_records).encode()
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    return store.publish(f"{ERRORS_DIR}/{r.stem}.jsonl", write)

@@ -3,9 +3,9 @@
     store = open_store(cfg.cache_root, staging_dir=cfg.staging_dir).child(fingerprint)
     with store.lock(wait, lease_s):            # flock, or a lease object fenced on our clock
         snapshot, records = store.journal("manifest.json").load()
-        name, size, sha = store.publish("s.parquet", writer)   # rename, or a content-addressed upload
+        published = store.publish("s.parquet", writer)  # s-<sha16>.parquet: renamed, or uploaded
         store.journal("manifest.json").append(record)           # fsynced line, or a batched object
-    directory = store.view(build)              # the directory itself, or a verified mirror per version
+    directory = store.view(build)              # a held version: the manifest as planned, files by name
 
 `base` says what differs between a local directory and an object-store prefix and where; `locations` does the
 same for input files (shards).
@@ -22,6 +22,7 @@ from distill.core.storage.base import (
     Journal,
     Lock,
     LockLostError,
+    Published,
     Store,
     UnsupportedStoreError,
     View,
@@ -37,7 +38,7 @@ from distill.core.storage.locations import (
 )
 
 __all__ = ["CacheLockedError", "FileInfo", "Journal", "Location", "Lock", "LockLostError", "ObjectLocation",
-           "Store", "UnsupportedStoreError", "View", "expand", "open_read", "open_store", "parse_location",
+           "Published", "Store", "UnsupportedStoreError", "View", "expand", "open_read", "open_store", "parse_location",
            "read_sibling", "stat"]
 
 

@@ -4,11 +4,11 @@ What differs between the two stays behind it:
 
 | | local directory | object-store prefix (`s3://`) |
 |---|---|---|
-| publish a file | temp name + fsync + rename to its name | upload under `<stem>-<sha256[:16]><suffix>` (no rename) |
+| publish a file | temp + fsync + rename to `<stem>-<sha256[:16]><suffix>` | upload under that name (no rename) |
 | write a small file | `atomic_write` | one PUT (atomic per object) |
 | journal record | one appended + fsynced line | one small object per batch of records |
 | lock | `flock` (the kernel frees it when we die) | lease object held by conditional PUTs, fenced |
-| read view | the directory itself | a verified local mirror, one directory per manifest version |
+| read view | a version: the manifest as planned, files by name | a verified local mirror, one per version |
 
 Stage code never asks which one it has.
 """
@@ -27,6 +27,12 @@ from distill.core.atomic_io import Writer
 from distill.core.errors import DistillError, InputError
 
 
+def content_addressed(name: str, sha256: str) -> str:
+    """``<stem>-<sha256[:16]><suffix>``: the name a published file gets (a name never changes content)."""
+    stem, suffix = os.path.splitext(name)
+    return f"{stem}-{sha256[:16]}{suffix}"
+
+
 def local_base(env: str, default: str, url: str) -> Path:
     """A local directory for an object-store URL: $env, else `default`, then the URL made into a path."""
     base = Path(os.environ.get(env) or default).expanduser()
@@ -40,7 +46,10 @@ class CacheLockedError(DistillError, RuntimeError):
 
 
 class LockLostError(DistillError, RuntimeError):
-    """This job may no longer write: its lease was not renewed in time (fenced), or another job took it."""
+    """This job may no longer write: its lease was not renewed in time (fenced), or another job took it (the store
+    refused a conditional write). What is committed stays; a re-run continues: exit 6 wherever it happens."""
+
+    exit_code = 6
 
 
 class UnsupportedStoreError(InputError):
@@ -56,6 +65,16 @@ class FileInfo:
     ctime_ns: int | None = None
     inode: int | None = None
     etag: str | None = None
+
+
+@dataclass(frozen=True)
+class Published:
+    """A file `publish` wrote: the name a record lists, its bytes, SHA-256 and identity as published."""
+
+    name: str
+    size: int
+    sha256: str
+    info: FileInfo
 
 
 @dataclass
@@ -113,6 +132,8 @@ class Journal(ABC):
     def pending(self) -> int:
         """Records in the journal since the last snapshot (the writer compacts when this grows)."""
 
+    must_claim = False  # True: a new holder compacts (rewrites the snapshot it read) before its first record, so
+    # that a previous holder's requests still on their way are refused by the store (object storage)
     loaded_stamp: tuple | None = None  # what `stamp()` said of the state `load` read (None: cannot tell)
 
     def stamp(self) -> tuple | None:
@@ -139,6 +160,12 @@ class Store(ABC):
         """Replace the file atomically: readers see the old bytes or the new ones. Fenced by the held lock."""
 
     @abstractmethod
+    def update(self, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        """Read-modify-write a small shared file that no store lock covers (the cache root's fingerprint memo):
+        `change(old bytes or None)` gives the new bytes (None: leave it). Two writers never lose each other's
+        change: a flock locally, a conditional PUT retried on conflict in object storage."""
+
+    @abstractmethod
     def remove(self, names: list[str]) -> None:
         """Delete files (missing ones are fine). Fenced by the held lock."""
 
@@ -150,26 +177,29 @@ class Store(ABC):
         """Files directly in this directory whose names end with `suffix` -> their sizes (no file is read)."""
 
     @abstractmethod
-    def walk(self) -> dict[str, int]:
-        """Every file under this directory, at any depth (``errors/s.jsonl``) -> its size: one listing."""
+    def walk(self) -> dict[str, FileInfo]:
+        """Every file under this directory, at any depth (``errors/s.jsonl``) -> its identity: one listing.
+        Directories whose names start with a dot (readers' versions) are not walked."""
 
     @abstractmethod
     def find(self, pattern: str) -> dict[str, int]:
         """Files matching a glob relative to this directory (``*/manifest.json``) -> modification time (ns)."""
 
     @abstractmethod
-    def publish(self, name: str, writer: Writer) -> tuple[str, int, str]:
-        """Write a file that a journal record will name, crash-safely: returns (stored name, bytes, sha256).
+    def publish(self, name: str, writer: Writer) -> Published:
+        """Write a file that a journal record will name, crash-safely, under a content-addressed name
+        (``<stem>-<sha256[:16]><suffix>``): a name never changes content, so a reader that planned with it reads
+        what it planned with, and nothing is ever half-written under a name a reader may open.
 
-        Local: written to a temp name and renamed to `name`. Object store: uploaded under a content-addressed
-        name (object stores cannot rename; a name that is never reused cannot be half-written under a reader).
+        Local: written to a temp name, fsynced, renamed. Object store: uploaded (no rename there).
         Runs in labelling processes that hold no lock; the record that lists it is written by the lock holder.
         """
 
     @abstractmethod
     def sweep(self, orphans: list[str]) -> int:
-        """Delete `orphans` (files no record names) and the temp files of killed writers. Only the lock holder
-        may call it, before its labellers start (their uploads are not listed yet). Returns how many went."""
+        """Delete `orphans` (files no record names) that no reader's held version lists, and the temp files of
+        killed writers. Only the lock holder may call it, before its labellers start (their uploads are not
+        listed yet) or after they stopped. Returns how many went."""
 
     @abstractmethod
     def lock(self, wait: bool = False, lease_s: float = 120.0) -> Lock:
@@ -183,7 +213,9 @@ class Store(ABC):
     def view(self, build: Callable[[], View], version: str | None = None) -> Path:
         """A local directory holding this store's files as `build()` names them, for readers.
 
-        Local: the directory itself (`build` is not called). Object store: a mirror per version under
-        $DISTILL_MIRROR_DIR, files checked against their SHA-256; `version` (from a job spec) refuses any other
-        state, so a long-lived worker never trusts an older mirror and a refresh never changes a directory in use.
+        Local: a version directory ``.versions/<version>/`` with the manifest as it is now, its files read from
+        the directory by name (core/storage/versions.py). Object store: a mirror per version under
+        $DISTILL_MIRROR_DIR, files checked against their SHA-256. Either is held by this process (a shared flock)
+        and the writer keeps what a held version lists; `version` (from a job spec) refuses any other state, so
+        a long-lived worker never trusts an older one and a refresh never changes files a running job reads.
         """

@@ -4,8 +4,14 @@
 - **Hold**: the holder rewrites it every third of the lease with ``If-Match`` its last ETag. A failed renewal
   (any error: the store unreachable raises botocore's EndpointConnectionError, which is no OSError) is logged
   and retried sooner; the thread never dies of it.
-- **Fence**: before every write the holder checks, on its monotonic clock, that its last successful renewal is
-  younger than the lease minus a margin (a quarter of it); otherwise it writes nothing more (`LockLostError`).
+- **Fence**: before every write the holder checks, on its clock, that its last successful renewal is younger
+  than the lease minus a margin (a quarter of it); otherwise it writes nothing more (`LockLostError`). The clock
+  is CLOCK_BOOTTIME on Linux: `time.monotonic` stops while a host is suspended, so a holder that wakes up would
+  think no time had passed. This check cannot stop a request that passed it and lands late (network, retries, a
+  paused process): the store's conditional writes do (core/storage/objects.py).
+- **Floor**: the lease is at least `MIN_LEASE_S`. A renewal is sent every third of the lease, and the age the
+  fence sees may reach a third of it plus two renewals' round trips, which under load (a busy driver, botocore
+  retries) take seconds: a 5 s lease fenced a healthy writer.
 - **Break**: a job that finds the lock times its expiry on *its own* monotonic clock from when it first sees an
   ETag, and breaks it (``DELETE If-Match``) only when that ETag stayed unchanged for the holder's whole lease.
   Wall clocks of different hosts are never compared to break a lock (they may be hours apart); the holder's
@@ -32,8 +38,16 @@ from distill.core import object_store
 from distill.core.storage.base import CacheLockedError, Lock, LockLostError, UnsupportedStoreError
 
 log = logging.getLogger(__name__)
+MIN_LEASE_S = 30.0  # the renewals' round trips may take ~6 s before a healthy holder fences itself (see Floor)
 BOTOCORE_FLOOR = "1.35.69"  # PutObject If-Match (1.35.69), DeleteObject If-Match (1.35.67), If-None-Match (1.35.2)
 _PROBED: set[tuple[str, str]] = set()
+
+
+def boottime() -> float:
+    """Seconds on a clock that keeps counting while the host is suspended (CLOCK_BOOTTIME), where there is one."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.monotonic()  # pragma: no cover - not Linux
 
 
 def missing_conditional_parameters(put_members: set[str], delete_members: set[str]) -> list[str]:
@@ -87,12 +101,13 @@ class LeaseLock(Lock):
     """Exclusive lock on an object-store prefix (see the module docstring for the protocol)."""
 
     def __init__(self, url: str, lease_s: float = 120.0, wait: bool = False, *,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] | None = None, sleep: Callable[[float], None] = time.sleep,
                  on_change: Callable[[LeaseLock | None], None] | None = None) -> None:
         self.url, self.lease_s, self.wait = url, float(lease_s), wait
         self.margin = self.lease_s / 4
         self.owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:12]})"
-        self.clock, self.sleep, self.on_change = clock, sleep, on_change
+        self.clock = clock or (lambda: boottime())  # (looked up per call: a test may drive the module's clock)
+        self.sleep, self.on_change = sleep, on_change
         self.etag: str | None = None
         self.lost = False
         self.renewal_failures = 0
@@ -183,10 +198,13 @@ class LeaseLock(Lock):
                                 "job); it writes nothing more; re-run to continue")
         age = self.clock() - self._last_ok
         if age > self.lease_s - self.margin:
+            why = (f"{self.renewal_failures} renewal(s) failed: is the store reachable?" if self.renewal_failures
+                   else "no renewal failed: the renewals were late, e.g. on a loaded host, or this process was paused "
+                   "or its host suspended")
             raise LockLostError(
                 f"{self.url}: the lock was last renewed {age:.0f} s ago (lease {self.lease_s:g} s): another job "
-                f"may break it, so this job writes nothing more ({self.renewal_failures} renewal(s) failed: is the "
-                "store reachable?); re-run to continue, or raise cache.lock_lease_s")
+                f"may break it, so this job writes nothing more ({why}); re-run to continue, or raise "
+                "cache.lock_lease_s")
 
     def __exit__(self, *exc: object) -> None:
         self._released.set()  # no renewal starts after this; one may be in flight

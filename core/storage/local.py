@@ -1,8 +1,9 @@
-"""A local directory (or a shared filesystem) behind the `Store` interface: rename, fsync, flock."""
+"""A local directory (or a shared filesystem) behind the `Store` interface: rename, fsync, flock, held versions."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -11,9 +12,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from distill.core.atomic_io import TMP_MARK, Writer, atomic_write, file_sha256, fsync_dir, remove_stale_tmp
-from distill.core.storage.base import CacheLockedError, Journal, Lock, Store, View
+from distill.core.atomic_io import Writer, atomic_write, file_sha256, fsync_dir, is_tmp, remove_stale_tmp
+from distill.core.storage.base import (
+    CacheLockedError,
+    FileInfo,
+    Journal,
+    Lock,
+    Published,
+    Store,
+    View,
+    content_addressed,
+)
 from distill.core.storage.journal import decode_records, encode_record, split_generation, with_generation
+from distill.core.storage.versions import collect, gc_lock, local_version
 
 LOCK_NAME = ".lock"
 
@@ -109,9 +120,24 @@ class LocalJournal(Journal):
             os.ftruncate(self._fd, self._valid)  # drop a torn record a crash left (it was never read as one)
             if created:
                 fsync_dir(self.store.path)
-        os.write(self._fd, encode_record(record))
-        os.fsync(self._fd)
+        data = encode_record(record)
+        try:
+            _write_all(self._fd, data)
+            os.fsync(self._fd)
+        except OSError:
+            self._cut_back()
+            raise
+        self._valid += len(data)
         self._pending += 1
+
+    def _cut_back(self) -> None:
+        """After a failed or short write (a full disk): truncate to the last good record, so a record appended
+        once space is freed is not hidden behind a torn one; the next append opens and truncates again."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._valid)
+            os.close(fd)
 
     def compact(self, snapshot: dict[str, Any]) -> None:
         self.store.fence()
@@ -141,6 +167,16 @@ class LocalJournal(Journal):
         except FileNotFoundError:
             size = 0
         return (self._stat(), self.generation, size)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write every byte or raise: `os.write` may write fewer bytes than asked (a full disk, a file size limit)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "no byte written")
+        view = view[n:]
 
 
 class LocalStore(Store):
@@ -174,6 +210,17 @@ class LocalStore(Store):
         target.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(target, data)
 
+    def update(self, name: str, change: Callable[[bytes | None], bytes | None]) -> None:
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target.with_name(target.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if (data := change(self.read(name))) is not None:
+                atomic_write(target, data)
+        finally:
+            os.close(fd)
+
     def remove(self, names: list[str]) -> None:
         self.fence()
         for name in names:
@@ -186,34 +233,47 @@ class LocalStore(Store):
         out: dict[str, int] = {}
         with contextlib.suppress(FileNotFoundError), os.scandir(self.path) as entries:
             for e in entries:
-                if e.name.endswith(suffix) and TMP_MARK not in e.name and e.is_file():
+                if e.name.endswith(suffix) and not is_tmp(e.name) and e.is_file():
                     out[e.name] = e.stat().st_size
         return out
 
-    def walk(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for directory, _, names in os.walk(self.path):
+    def walk(self) -> dict[str, FileInfo]:
+        out: dict[str, FileInfo] = {}
+        for directory, dirs, names in os.walk(self.path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # readers' versions (.versions)
             for name in names:
-                if TMP_MARK not in name:
+                if not is_tmp(name):
                     p = Path(directory) / name
                     with contextlib.suppress(FileNotFoundError):
-                        out[str(p.relative_to(self.path))] = p.stat().st_size
+                        st = p.stat()
+                        out[str(p.relative_to(self.path))] = FileInfo(st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                                                      st.st_ino)
         return out
 
     def find(self, pattern: str) -> dict[str, int]:
         return {str(p.relative_to(self.path)): p.stat().st_mtime_ns for p in self.path.glob(pattern) if p.is_file()}
 
-    def publish(self, name: str, writer: Writer) -> tuple[str, int, str]:
-        final = self.path / name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(final, writer)
-        return name, final.stat().st_size, file_sha256(final)
+    def publish(self, name: str, writer: Writer) -> Published:
+        (self.path / name).parent.mkdir(parents=True, exist_ok=True)
+        digest = ""
+
+        def named(tmp: Path) -> Path:
+            nonlocal digest
+            digest = file_sha256(tmp)
+            return self.path / content_addressed(name, digest)  # same name, same bytes: replacing one is harmless
+
+        final = atomic_write(self.path / name, writer, named)
+        stored = str(final.relative_to(self.path))
+        st = final.stat()
+        return Published(stored, st.st_size, digest, FileInfo(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
 
     def sweep(self, orphans: list[str]) -> int:
         self.fence()
-        n = remove_stale_tmp(self.path) if self.path.exists() else 0
-        self.remove(orphans)
-        return n + len(orphans)
+        n = sum(remove_stale_tmp(d) for d in (self.path, self.path / "errors") if d.exists())
+        with gc_lock(self.path, exclusive=True):  # a held version's files stay (core/storage/versions.py)
+            gone = collect(self.path, orphans)
+            self.remove(gone)
+        return n + len(gone)
 
     def lock(self, wait: bool = False, lease_s: float = 120.0) -> Lock:
         return DirectoryLock(self.path, wait, store=self)
@@ -222,4 +282,4 @@ class LocalStore(Store):
         return LocalJournal(self, name)
 
     def view(self, build: Callable[[], View], version: str | None = None) -> Path:
-        return self.path
+        return local_version(self.path, build, version)

@@ -7,16 +7,15 @@ under a running job, and a job that names its version (in its spec) never reads 
 mirrored in an older version are hard-linked, not fetched again.
 
 Every process that uses a version holds a shared flock on its ``.in-use`` file until it exits; making a new
-version removes older ones that nobody holds (a killed process's flock goes with it).
+version removes older ones that nobody holds (a killed process's flock goes with it): core/storage/versions.py.
+Every name is checked to land under the version directory before anything is written there.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -24,11 +23,11 @@ from pathlib import Path
 from distill.core import object_store
 from distill.core.atomic_io import atomic_write, checksum_matches, remember_verified
 from distill.core.storage.base import View, local_base
+from distill.core.storage.names import under
+from distill.core.storage.versions import COMPLETE, hold, prune
+from distill.core.storage.versions import complete as _complete
 
 log = logging.getLogger(__name__)
-COMPLETE = ".complete"
-IN_USE = ".in-use"
-_HELD: dict[str, int] = {}  # version directory -> fd of its shared flock, for this process's lifetime
 
 
 class _Replaced(Exception):
@@ -46,7 +45,7 @@ def materialize(url: str, build: Callable[[], View], version: str | None = None)
     """The local directory of the store's current state (or of `version`, which must be the current one unless
     it is mirrored here already). A file replaced under us while copying: the state is read again once."""
     base = mirror_base(url)
-    if version is not None and _complete(base / version) and _complete(_hold(base / version)):
+    if version is not None and _complete(base / version) and _complete(hold(base / version)):
         return base / version
     for last_try in (False, True):
         view = build()
@@ -54,39 +53,15 @@ def materialize(url: str, build: Callable[[], View], version: str | None = None)
             raise FileNotFoundError(
                 f"{url}: version {version} of this cache is not mirrored on this machine and the store now "
                 f"holds version {view.version} (refreshed since the job was planned); re-run the job")
-        target = _hold(base / view.version)
+        target = hold(base / view.version)
         if not _complete(target):
             try:
                 _copy(url, view, target, last_try)
             except _Replaced:
                 continue
-        _prune(base, keep=target)
+        prune(base, keep=target)
         return target
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _complete(directory: Path) -> bool:
-    return (directory / COMPLETE).exists()
-
-
-def _hold(directory: Path) -> Path:
-    """Mark a version directory in use by this process: a shared flock on its `.in-use` file, kept until the
-    process ends. Taken before the directory is filled, so nobody prunes it under us."""
-    if str(directory) in _HELD:
-        return directory
-    for _ in range(5):
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(directory / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_SH)
-        try:
-            same = os.fstat(fd).st_ino == os.stat(directory / IN_USE).st_ino
-        except FileNotFoundError:
-            same = False  # pruned between our open and our flock: make it again
-        if same:
-            _HELD[str(directory)] = fd
-            return directory
-        os.close(fd)
-    raise OSError(f"{directory}: removed every time we opened it (another process prunes this mirror)")
 
 
 def _copies(base: Path, exclude: Path) -> dict[str, Path]:
@@ -105,7 +80,8 @@ def _copy(url: str, view: View, target: Path, last_try: bool) -> None:
     older = _copies(target.parent, exclude=target)
     fetched = linked = 0
     for name, sha in sorted(view.files.items()):
-        dest = target / name
+        dest = under(target, name, url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.exists() and checksum_matches(dest, sha):
             continue
         if name in older and checksum_matches(older[name], sha):
@@ -123,31 +99,12 @@ def _copy(url: str, view: View, target: Path, last_try: bool) -> None:
         remember_verified(dest, sha)
         fetched += 1
     for name in view.optional:
+        dest = under(target, name, url)
         if (data := object_store.get_bytes(object_store.join(url, name))) is not None:
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(target / name, data)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(dest, data)
     for name, data in view.last.items():
-        atomic_write(target / name, data)
+        atomic_write(under(target, name, url), data)
     atomic_write(target / COMPLETE, view.version.encode())
     log.info("mirrored %s version %s to %s (%d file(s) fetched, %d linked, %d already there)", url,
              view.version, target, fetched, linked, len(view.files) - fetched - linked)
-
-
-def _prune(base: Path, keep: Path) -> None:
-    """Remove other versions that no process holds (their flock can be taken exclusively)."""
-    for d in [p for p in base.iterdir() if p.is_dir()]:
-        if d == keep or str(d) in _HELD:
-            continue
-        try:
-            fd = os.open(d / IN_USE, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a running job reads it
-            shutil.rmtree(d, ignore_errors=True)
-            log.info("removed mirror version %s (no process uses it)", d)
-        finally:
-            os.close(fd)

@@ -116,7 +116,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert "test-000000.tar#" in bundle["sample"]["source"] and bundle["sample"]["label"] in [str(i) for i in range(10)]
     query = _query_as_printed(out, tmp_path)
     assert query.returncode == 0, (query.stdout[-2000:], query.stderr[-3000:])
-    assert len(json.loads(query.stdout)["predictions"]) == 5
+    # curl's JSON is the last line (the server's own banner may come first on the same terminal)
+    assert len(json.loads(query.stdout.strip().splitlines()[-1])["predictions"]) == 5
     stages = {s["stage"]: s for s in json.loads((demo / "pipeline.json").read_text())}
     assert stages["shards"]["skipped"] and stages["cache"]["labelled"] == 0 and stages["cache"]["unchanged"] == 7
     assert {s["stage"] for s in json.loads(again.stdout)} == set(stages)  # --json: the stage summaries, only them

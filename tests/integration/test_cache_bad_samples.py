@@ -72,7 +72,7 @@ def test_bad_labels_bombs_and_formats_are_recorded_not_cached(tmp_path, processe
     assert set(reasons) == {"cls_too_big", "cls_int32", "bomb", "gif"}
     assert "outside [0, 10)" in reasons["cls_too_big"] and "outside" in reasons["cls_int32"]
     assert "max_image_pixels" in reasons["bomb"]
-    labels = pd_labels(tmp_path / "cache" / "fp" / "s.parquet")
+    labels = pd_labels(tmp_path / "cache" / "fp" / res.file)  # s-<sha16>.parquet
     assert all(0 <= v < 10 for v in labels)
 
 
@@ -97,7 +97,7 @@ def test_non_finite_teacher_logits_are_recorded_not_cached(tmp_path):
     assert 0 < len(nan_keys) < 40 and res.rows == 40 - len(nan_keys)
     import pyarrow.parquet as pq
 
-    t = pq.read_table(tmp_path / "cache" / "fp" / "s.parquet")
+    t = pq.read_table(tmp_path / "cache" / "fp" / res.file)
     assert not nan_keys & set(t.column("key").to_pylist())
     tail = np.asarray(t.column("tail_lse").to_pylist(), dtype=np.float32)
     assert np.isfinite(tail).all()

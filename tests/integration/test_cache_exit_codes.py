@@ -38,7 +38,7 @@ def test_failure_during_the_run_is_not_reported_as_bad_input(tmp_path):
     scripted = tmp_path / "crash.pt"
     torch.jit.script(_CrashesOnBatches()).save(str(scripted))
     f = _cfg_file(tmp_path, teacher={"scripted": str(scripted), "preprocessing": {
-        "input_size": 32, "mean": [0.13], "std": [0.31], "channels": 1}})
+        "input_size": 32, "crop_pct": 0.875, "mean": [0.13], "std": [0.31], "channels": 1}})
     res = CliRunner().invoke(cli, ["cache", "--config", str(f), "--no-ray"])
     assert res.exit_code == EXIT_RUN_FAILED, res.output
     assert "failed during the run" in res.output and "teacher crashed on a batch" in res.output
@@ -104,3 +104,35 @@ def test_a_cache_held_by_another_writer_exits_5_for_cache_and_refresh(tmp_path):
             res = CliRunner().invoke(cli, cmd + ["--config", str(f), "--no-ray"])
             assert res.exit_code == EXIT_LOCKED, (cmd, res.output)
             assert "refused:" in res.output and "being written by another job" in res.output
+
+
+def test_cache_wait_waits_for_the_writer_and_the_exit_5_message_says_how(tmp_path):
+    """The README's `distill cache --wait` (before: only `distill cache refresh --wait` existed)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from helpers import _pids_holding
+
+    from distill.teacher_cache.config import CacheConfig
+    from distill.teacher_cache.manifest import DirectoryLock
+    from distill.teacher_cache.run import prepare
+
+    f = _cfg_file(tmp_path)
+    _, fp = prepare(CacheConfig.model_validate(yaml.safe_load(f.read_text())))
+    lock = DirectoryLock(tmp_path / "cache" / fp).__enter__()  # the other writer
+    try:
+        res = CliRunner().invoke(cli, ["cache", "--config", str(f), "--no-ray"])
+        assert res.exit_code == EXIT_LOCKED and "with --wait" in res.output, res.output
+        proc = subprocess.Popen([sys.executable, "-m", "distill", "cache", "--wait", "-c", str(f), "--no-ray"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+        deadline = time.monotonic() + 300
+        while proc.pid not in _pids_holding((tmp_path / "cache" / fp / ".lock").stat()):  # it waits on the lock
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.1)
+    finally:
+        lock.__exit__(None, None, None)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads(out[out.index("{"):out.rindex("}") + 1])["labelled"] == 2

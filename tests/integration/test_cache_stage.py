@@ -155,7 +155,7 @@ def test_bad_samples_and_bad_shards_fail_alone(tmp_path):
 def test_reader_rejects_altered_file(setup):
     tmp, shards, ckpt = setup
     res = run(_cfg(tmp, ckpt))
-    f = res.cache_dir / "train-000000.parquet"
+    f = CacheReader(res.cache_dir).path("train-000000")  # <stem>-<sha16>.parquet
     f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(CacheError, match="partial or altered file"):
         CacheReader(res.cache_dir).arrays("train-000000")
@@ -207,7 +207,8 @@ def test_torchscript_and_export_teachers(setup):
     ref = CacheReader(base.cache_dir).arrays("train-000000")
     for path in (scripted, exported):
         over = {"teacher": {"scripted": str(path),
-                            "preprocessing": {"input_size": 32, "mean": [0.13], "std": [0.31], "channels": 1}},
+                            "preprocessing": {"input_size": 32, "crop_pct": 0.875, "mean": [0.13], "std": [0.31],
+                                              "channels": 1}},
                 "cache_root": str(tmp / f"cache_{path.suffix}")}
         res = run(_cfg(tmp, ckpt, **over))
         assert res.status == "success"
@@ -320,16 +321,16 @@ def test_damaged_listed_cache_file_is_refused_on_the_training_path(setup):
 
     tmp, shards, ckpt = setup
     res = run(_cfg(tmp, ckpt))
-    f = res.cache_dir / "train-000001.parquet"
+    f = CacheReader(res.cache_dir).path("train-000001")
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match=r"train-000001\.parquet: checksum does not match.*delete it and re-run "
+    with pytest.raises(CacheError, match=r"train-000001-\w+\.parquet: .*checksum does not match.*delete it and re-run "
                                          r"`distill cache`"):
         resolve_split([str(tmp / "in" / "*.tar")], CacheReader(res.cache_dir), "train")
     # a truncated file is refused even by a reader that skips checksums (size + footer on every open) ...
     f.write_bytes(bytes(data[:-100]))
-    with pytest.raises(CacheError, match=r"train-000001\.parquet: .*bytes but the manifest says"):
+    with pytest.raises(CacheError, match=r"train-000001-\w+\.parquet: .*bytes but the manifest says"):
         CacheReader(res.cache_dir, verify=False).arrays("train-000001")
     # ... and `distill cache` relabels it
     assert run(_cfg(tmp, ckpt)).changed == ["train-000001"]
@@ -342,4 +343,4 @@ def test_damaged_listed_cache_file_is_refused_on_the_training_path(setup):
         CacheReader(res.cache_dir).arrays("train-000001")
     finally:
         atomic_io.file_sha256 = real
-    assert [p.name for p in calls] == ["train-000001.parquet"]
+    assert [p.name for p in calls] == [CacheReader(res.cache_dir).path("train-000001").name]

@@ -63,7 +63,7 @@ def test_sigterm_during_the_cache_pass_records_stopped_and_a_rerun_finishes(tmp_
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_STOPPED, out[-3000:]
     assert "stopped by SIGTERM" in out and "re-run" in out
-    cache_dir = find_cache_dir(tmp_path / "cache")
+    cache_dir = find_cache_dir(tmp_path / "cache").parent.parent  # the fingerprint directory (not a reader's version)
     first = json.loads((cache_dir / "last_run.json").read_text())
     assert first["status"] == "stopped" and first["labelled"] == ["train-000000"], first
     gate.restore()

@@ -52,7 +52,7 @@ def test_a_run_killed_mid_journal_lists_only_whole_records_and_the_rerun_labels_
 
     reader = CacheReader(cache_dir)
     assert reader.shards == sorted(r["shard"] for r in records[:-1]) and torn not in reader.shards
-    assert (cache_dir / f"{torn}.parquet").exists()  # its file was renamed into place before its record
+    assert (cache_dir / records[-1]["entry"]["file"]).exists()  # its file was renamed into place before its record
     with pytest.raises(CacheError, match=f"'{torn}' has no complete cache file"):
         reader.arrays(torn)
 

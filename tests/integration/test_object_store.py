@@ -161,13 +161,13 @@ def test_a_refresh_holding_the_lock_refuses_both_commands_then_labels_everything
 
 def test_killed_run_keeps_what_the_manifest_lists_and_the_next_run_breaks_the_expired_lock(tmp_path, s3):
     local = _upload_shards(tmp_path, 8, per_shard=40)
-    cfg = _cfg(tmp_path, lock_lease_s=15.0)
+    cfg = _cfg(tmp_path, lock_lease_s=30.0)
     gate = s3.hold("shards/train/train-000007.tar")  # the run waits inside its last shard until it is killed
     proc = _cli(tmp_path, "killed", cfg)
     try:
         _wait_for(gate.reached, proc, "the run to read its last shard")
         fp = object_store.filesystem().glob(f"{ROOT}/*/manifest.json")[0].rsplit("/", 2)[-2]
-        cfg2 = _cfg(tmp_path, staging="staging-elsewhere", lock_lease_s=15.0)  # resumed on another machine
+        cfg2 = _cfg(tmp_path, staging="staging-elsewhere", lock_lease_s=30.0)  # resumed on another machine
         with pytest.raises(CacheLockedError, match="is being written by another job"):
             run(cfg2)  # the lease is honoured while its holder lives (it renews it while it waits)
     finally:

@@ -105,7 +105,8 @@ def test_a_teacher_below_its_students_is_reported_and_warned_about(tmp_path):
     scripted = tmp_path / "zero.pt"
     torch.jit.script(_AlwaysZero()).save(str(scripted))
     cache = cache_cfg_dict([str(tmp_path / "in" / "*.tar")], str(tmp_path / "cache"), None)
-    cache["teacher"] = {"scripted": str(scripted), "preprocessing": cache["teacher"]["preprocessing"]}
+    cache["teacher"] = {"scripted": str(scripted), "preprocessing": {**cache["teacher"]["preprocessing"],
+                                                                     "crop_pct": 0.875}}
     train = {"run_dir": str(tmp_path / "run"), "ray": {"enabled": False}, "metrics_port": None, "twins": False,
              "data": {"train_shards": [str(tmp_path / "in" / "train-*.tar")],
                       "val_shards": [str(tmp_path / "in" / "val-*.tar")], "cache_root": str(tmp_path / "cache"),

@@ -80,3 +80,50 @@ def test_verify_names_the_file_that_differs(tmp_path):
     (link / MANIFEST).unlink()
     with pytest.raises(BundleError, match=r"bundle\.json missing"):
         verify(link)
+
+
+def test_a_version_a_server_holds_stays_beyond_keep_versions(tmp_path):
+    """Issue 30: `deploy.keep_versions` removed the oldest version even while `distill serve` held it. A server
+    holds its version with a shared flock on `.in-use` (what `pin` takes); a deploy removes it only once no
+    server holds it."""
+    import fcntl
+    import os
+
+    from distill.deploy.bundle_files import pin
+
+    link = tmp_path / "bundle"
+    served = _version(link, "served")
+    publish(link, served)
+    fd = os.open(served / ".in-use", os.O_RDWR | os.O_CREAT)  # a server (another process) serving it
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    for i in range(3):
+        publish(link, _version(link, str(i)), keep=2)
+    assert served.exists() and verify(served)[1]["stage"] == "served"
+    os.close(fd)  # that server stopped
+    publish(link, _version(link, "next"), keep=2)
+    assert not served.exists()
+    root, manifest = pin(link)  # what `distill serve` and its replicas do
+    for i in range(3):
+        publish(link, _version(link, f"later{i}"), keep=2)
+    assert root.exists() and manifest["stage"] == "next"
+
+
+def test_bundle_json_is_strict_json_and_bundles_with_nan_still_verify(tmp_path):
+    """Issue 30: a bundle without an int8 ONNX model wrote `"int8_agreement": NaN`, which strict JSON parsers
+    reject. Now null; a bundle of an older build (NaN in it) still verifies."""
+    link = tmp_path / "bundle"
+    v = new_version(link)
+    write_file(v / "model.onnx", b"m")
+    seal(v, {"parity": {"int8_agreement": float("nan"), "top1_agreement": 1.0}, "litert": {"x": float("inf")}})
+    text = (v / MANIFEST).read_text()
+
+    def strict(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    manifest = json.loads(text, parse_constant=strict)  # what a strict parser (JavaScript, Go, jq) does
+    assert manifest["parity"]["int8_agreement"] is None and manifest["litert"]["x"] is None
+    old = json.loads(text)
+    old["parity"]["int8_agreement"] = float("nan")
+    (v / MANIFEST).write_text(json.dumps(old))  # as older builds wrote it
+    assert "NaN" in (v / MANIFEST).read_text()
+    assert verify(v)[1]["parity"]["top1_agreement"] == 1.0

@@ -25,8 +25,19 @@ def test_teacher_source_rules():
         load_config(CacheConfig, None, ["shards=[a]", "cache_root=x", "teacher.checkpoint=t.pt"], "cache")
     with pytest.raises(ConfigError, match="needs `checkpoint"):
         load_config(CacheConfig, None, ["shards=[a]", "cache_root=x", "teacher.arch=resnet18"], "cache")
-    with pytest.raises(ConfigError, match="needs `preprocessing.input_size`"):
+    with pytest.raises(ConfigError, match="needs preprocessing.input_size, preprocessing.mean, preprocessing.std, "
+                                          "preprocessing.crop_pct"):
         load_config(CacheConfig, None, ["shards=[a]", "cache_root=x", "teacher.scripted=t.pt"], "cache")
+    # issue 30: mean/std/crop_pct were taken from defaults, and a foreign teacher labelled other pixels
+    with pytest.raises(ConfigError, match=r"`scripted` teacher needs preprocessing\.crop_pct: "):
+        load_config(CacheConfig, None, ["shards=[a]", "cache_root=x", "teacher.scripted=t.pt",
+                                        "teacher.preprocessing.input_size=32", "teacher.preprocessing.mean=[0.5]",
+                                        "teacher.preprocessing.std=[0.5]"], "cache")
+    cfg = load_config(CacheConfig, None, ["shards=[a]", "cache_root=x", "teacher.scripted=t.pt",
+                                          "teacher.preprocessing.input_size=32", "teacher.preprocessing.mean=[0.5]",
+                                          "teacher.preprocessing.std=[0.5]", "teacher.preprocessing.crop_pct=1.0"],
+                      "cache")
+    assert cfg.teacher.preprocessing.crop_pct == 1.0
 
 
 def test_section_and_overrides(tmp_path):

@@ -79,7 +79,8 @@ def test_scripted_teacher_is_refused_clearly(tmp_path):
         last_linear(nn.Sequential(nn.Conv2d(1, 2, 1)))
     with pytest.raises(ValueError, match="features.enabled needs an nn.Module teacher"):
         CacheConfig.model_validate({"shards": ["x.tar"], "cache_root": str(tmp_path),
-                                    "teacher": {"scripted": "t.pt", "preprocessing": {"input_size": 8}},
+                                    "teacher": {"scripted": "t.pt", "preprocessing": {"input_size": 8, "mean": [0.5],
+                                                                                  "std": [0.5], "crop_pct": 1.0}},
                                     "features": {"enabled": True}})
 
 

@@ -11,12 +11,14 @@ import pytest
 
 from distill.core.storage import open_store
 from distill.core.storage.journal import decode_records, encode_record, should_compact
-from distill.teacher_cache.manifest import MANIFEST_NAME, Manifest, ManifestWriter, ShardEntry
+from distill.teacher_cache.manifest import FILE_FIELDS, MANIFEST_NAME, Manifest, ManifestWriter, ShardEntry
 from distill.teacher_cache.reader import CacheReader
 
 
-def _entry(i: int) -> ShardEntry:
-    return ShardEntry(source=f"/in/s{i}.tar", size=i, mtime_ns=i, content_sha256="c" * 64, file=f"s{i}.parquet",
+def _entry(i: int, stem: str | None = None) -> ShardEntry:
+    """An entry of shard `stem` (s<i> by default): its file is named as the writer names it."""
+    return ShardEntry(source=f"/in/s{i}.tar", size=i, mtime_ns=i, content_sha256="c" * 64,
+                      file=f"{stem or f's{i}'}.parquet",
                       file_bytes=12, file_sha256="f" * 64, rows=3, errors=0, labelled=2, top1_correct=1,
                       topk_mass=2.5, written_at=1.0)
 
@@ -58,7 +60,7 @@ def test_snapshot_rewrites_cost_o1_per_shard(tmp_path):
     writer.journal.compact = counting
     n = 5000
     for i in range(n):
-        writer.put(f"s{i:05d}", _entry(i))
+        writer.put(f"s{i:05d}", _entry(i, f"s{i:05d}"))
         assert writer.journal.pending <= max(1000, writer.snapshot_entries)  # readers replay at most that
     assert written <= 3 * n  # entries written into snapshots over the run: a constant per shard, not n per shard
     assert written >= n  # and the snapshot did follow (compactions at 1000, 2000, 4000 shards)
@@ -108,26 +110,26 @@ def test_a_crash_between_snapshot_and_journal_removal_applies_nothing_twice(tmp_
     writer = ManifestWriter(open_store(tmp_path))
     writer.open("fp")
     m = Manifest.load(tmp_path)
-    m.shards["s0"] = _entry(9)  # changed after the compaction
+    m.shards["s0"] = _entry(9, "s0")  # changed after the compaction
     m.save(tmp_path)
     journal.write_bytes(stale)  # the old generation's journal, as if its removal never reached the disk
-    assert Manifest.load(tmp_path).shards["s0"] == _entry(9)  # a journal of another generation is ignored
+    assert Manifest.load(tmp_path).shards["s0"] == _entry(9, "s0")  # a journal of another generation is ignored
 
 
 def test_a_manifest_written_before_journals_loads_and_old_readers_read_the_snapshot(tmp_path):
     old = {"schema_version": 1, "fingerprint": "fp", "teacher": {"arch": "t"},
-           "shards": {"a": {k: v for k, v in _entry(1).__dict__.items()
-                            if k not in ("labelled", "top1_correct", "topk_mass", "seen_ns")}}}
+           "shards": {"a": {k: v for k, v in _entry(1, "a").__dict__.items()
+                            if k not in ("labelled", "top1_correct", "topk_mass", "seen_ns", *FILE_FIELDS)}}}
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(old))
     m = Manifest.load(tmp_path)
     assert m.shards["a"].rows == 3 and m.shards["a"].labelled is None  # not counted by the old build
-    m.shards["b"] = _entry(2)
+    m.shards["b"] = _entry(2, "b")
     m.save(tmp_path)
     raw = json.loads((tmp_path / MANIFEST_NAME).read_text())
     fields = set(old["shards"]["a"])
     assert all(set(e) == fields for e in raw["shards"].values())  # what an old build's ShardEntry(**v) takes
     assert raw["shard_stats"]["b"] == {"labelled": 2, "top1_correct": 1, "topk_mass": 2.5}
-    assert Manifest.load(tmp_path).shards["b"] == _entry(2)
+    assert Manifest.load(tmp_path).shards["b"] == _entry(2, "b")
 
 
 def test_record_framing_round_trips_and_stops_at_the_first_bad_line():
