@@ -181,7 +181,7 @@ def table(results: dict) -> str:
                 continue
             m = r[runtime]
 
-            def cell(kind: str) -> str:
+            def cell(kind: str, m: dict = m) -> str:
                 if kind not in m:
                     return "-"
                 return (f"{100 * m[kind]['top1']:.1f}% ({-m[kind]['drop_pt']:+.1f} pt, "

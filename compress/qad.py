@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 
 from distill.compress.config import CompressConfig, QADConfig
@@ -83,6 +84,8 @@ def train_qad(graph: nn.Module, v: VariantConfig, job: JobSpec, root: Path) -> d
     """Train a copy of the fake-quant graph through the training loop (the cache's soft labels and views; no
     teacher: mode soft/hard and job.teacher None) and load its best epoch back into `graph`; its last row."""
     qjob = replace(job, run_dir=root, teacher=None, asha=None)
+    (root / "qad").mkdir(parents=True, exist_ok=True)  # what was trained, readable beside its metrics
+    (root / "qad" / "variant.yaml").write_text(yaml.safe_dump(v.model_dump(mode="json"), sort_keys=False))
     row = train_variant("qad", v, qjob, WorkerContext(), model=copy.deepcopy(graph))
     graph.load_state_dict(torch.load(root / "qad" / "best.pt", map_location="cpu", weights_only=True))
     return row
@@ -102,7 +105,8 @@ def fake_quant_logits(graph: nn.Module, images: np.ndarray) -> np.ndarray:
 
 @dataclass
 class QADOutcome:
-    """One QAD copy: its `qad+int8` row, its float twin (LiteRT converts it), its fake-quant graph, its qad.json entry."""
+    """One QAD copy: its `qad+int8` row, its float twin (LiteRT converts it), its fake-quant graph, its qad.json
+    entry."""
 
     rows: list[dict]
     twin: Source

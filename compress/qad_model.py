@@ -68,14 +68,14 @@ def fake_quant_model(model: nn.Module, channels: int, size: int) -> fx.GraphModu
     example = torch.zeros(2, channels, size, size)
     batch = torch.export.Dim("batch", min=1, max=65536)
     graph = torch.export.export(float_model, (example,), dynamic_shapes=({0: batch},)).module()
-    graph = prepare_pt2e(graph, PT2EQuantizer().set_global(_config()))  # type: ignore[arg-type]
+    graph = prepare_pt2e(graph, PT2EQuantizer().set_global(_config()))
     modal = [n for n in graph.graph.nodes if n.op == "call_function" and any(
         w in str(n.target) for w in ("dropout", "batch_norm"))]
     if modal:  # each switch rewrites these ops by pattern (seconds): only where the mode changes something
         allow_exported_model_train_eval(graph)
     else:
-        graph.train = types.MethodType(_same_in_every_mode, graph)  # type: ignore[method-assign]
-        graph.eval = types.MethodType(_same_in_every_mode, graph)  # type: ignore[method-assign]
+        graph.train = types.MethodType(_same_in_every_mode, graph)
+        graph.eval = types.MethodType(_same_in_every_mode, graph)
     return graph
 
 
@@ -89,7 +89,7 @@ def fake_quants(graph: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
     from torchao.quantization.pt2e import FakeQuantizeBase
 
     fqs = [m for m in graph.modules() if isinstance(m, FakeQuantizeBase)]
-    weights = [m for m in fqs if m.qscheme == torch.per_channel_symmetric]  # type: ignore[attr-defined]
+    weights = [m for m in fqs if m.qscheme == torch.per_channel_symmetric]
     return weights, [m for m in fqs if m not in weights]
 
 

@@ -31,8 +31,8 @@ from distill.compress.measure import (
 )
 from distill.compress.onnx_export import check_parity, export_onnx, save_torchscript, session
 from distill.compress.plan import check_students
-from distill.compress.qad import finish_qad_json, qad_stages
 from distill.compress.prune import count_cost
+from distill.compress.qad import finish_qad_json, qad_stages
 from distill.compress.quantize import quantize_int8
 from distill.compress.report import failure, format_failures, format_table, pareto_plot, verdicts
 from distill.compress.select import select_students

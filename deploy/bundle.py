@@ -140,13 +140,15 @@ def qad_card(src: Path, stages: list[str]) -> list[str]:
         return []
     info = json.loads(path.read_text())
     lines = ["## Quantization-aware distillation",
-             f"Stage(s) {', '.join(f'`{s}`' for s in qad)}: the student fine-tuned with simulated int8 ({info['recipe']}) "
+             f"Stage(s) {', '.join(f'`{s}`' for s in qad)}: the student fine-tuned with simulated int8 "
+             f"({info['recipe']}) "
              "on the cached teacher soft labels and views (no teacher in memory), then quantized by the same recipe "
              "as the post-training int8 stages. `model.onnx` is its float twin (the QAD weights, BatchNorm folded)."]
     for entry in info["stages"]:
         v = entry["variant"]
         lines.append(f"- `{entry['stage']}`: {v['epochs']} epoch(s), lr {v['lr']:g}, mode {v['mode']}, alpha "
-                     f"{v['alpha']:g}, T {v['temperature']:g}; calibrated on {entry['calibration_views']} cached views. "
+                     f"{v['alpha']:g}, T {v['temperature']:g}; calibrated on {entry['calibration_views']} cached "
+                     "views. "
                      + "; ".join(f"fake-quant vs {k.removeprefix('fake_quant_vs_').replace('_', ' ')}: top-1 "
                                  f"agreement {a['top1_agreement']:.4f}, max |dlogit| {a['max_abs_logit_diff']:.3g}"
                                  for k, a in entry.items() if k.startswith("fake_quant_vs_")) + ".")
