@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distill.core.config import StrictConfig
 from distill.core.tracking import TrackingConfig
@@ -53,6 +53,27 @@ class LiteRTConfig(StrictConfig):
         "seconds to tens of seconds on a CPU: [pruned] when only the pruned model ships)")
 
 
+class QADConfig(StrictConfig):
+    """Quantization-aware distillation: fine-tune a fake-quant copy of the student (the deployed int8 recipe
+    simulated: compress/qad_model.py) on the cached soft labels and views, through the training loop; the teacher
+    is never loaded. Stages `qad+int8` (ONNX Runtime) and `qad+litert+int8` (LiteRT, when litert.enabled), and
+    `pruned+qad+int8` / `pruned+qad+litert+int8` from the pruned model."""
+
+    enabled: bool = Field(False, description="off by default: it trains the student again (epochs x the training "
+                          "set, slower per step than the fp32 fine-tune); needs pip install -e '.[litert]' "
+                          "(torchao's PT2E); without it the stage is skipped with the reason in qad.json")
+    models: list[Literal["baseline", "pruned"]] = Field(
+        ["baseline"], min_length=1, description="which fp32 models get a QAD copy (pruned: after its KD fine-tune)")
+    epochs: int = Field(2, ge=1, description="QAD epochs over the cached training set (best epoch by the fake-quant "
+                        "model's val top-1)")
+    lr: float = Field(2e-4, gt=0.0, description="peak learning rate: small, around the trained weights")
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    min_lr_ratio: float = Field(0.01, ge=0.0, le=1.0, description="cosine decays to lr x this")
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="KD weight (default: the student's; a no-KD "
+                                "student takes 0.5)")
+    temperature: float | None = Field(None, gt=0.0, description="default: the student's")
+
+
 class LatencyConfig(StrictConfig):
     rounds: int = Field(5, ge=3, description="timing rounds; every stage of a student runs once per round, the order "
                         "alternating (A B, B A, ...); the report gives the median of the rounds and their range, and "
@@ -72,6 +93,7 @@ class CompressConfig(StrictConfig):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     litert: LiteRTConfig = Field(default_factory=LiteRTConfig)
+    qad: QADConfig = Field(default_factory=QADConfig)
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
     val_limit: int | None = Field(None, ge=1, description="evaluate on at most this many val samples")
     max_top1_drop: float = Field(0.01, ge=0.0, le=1.0, description="the report's verdict: a stage pays when it "
@@ -80,3 +102,10 @@ class CompressConfig(StrictConfig):
     min_speedup: float = Field(2.0, gt=0.0, description="the report's verdict: batch-32 latency goal (x faster)")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow: a run per compress and "
                                      "per student stage (default store: <out_dir>/../mlruns)")
+
+    @model_validator(mode="after")
+    def _qad_needs_int8(self) -> CompressConfig:
+        if self.qad.enabled and not self.quantize.enabled:
+            raise ValueError("qad.enabled needs quantize.enabled: QAD's int8 models are calibrated on "
+                             "quantize.calib_samples cached views; turn quantize on or qad off")
+        return self

@@ -1,8 +1,9 @@
 """LiteRT targets of `distill compress`: each fp32 model (baseline, pruned) as an fp32 .tflite (litert-torch) and a
 full-integer int8 .tflite (ai-edge-quantizer), measured in the LiteRT interpreter next to the ONNX stages.
 
-Stages: `litert` / `litert+int8` from the baseline, `pruned+litert` / `pruned+litert+int8` from the pruned model
-(another stage adds its own prefix and file stem: `Source`). Each fp32 .tflite is checked against its PyTorch
+Stages: `litert` / `litert+int8` from the baseline, `pruned+litert` / `pruned+litert+int8` from the pruned model,
+`qad+litert+int8` / `pruned+qad+litert+int8` from the float twins of the QAD models (compress/qad.py: int8 only, their
+fp32 .tflite is converted and checked but is no stage of its own). Each fp32 .tflite is checked against its PyTorch
 model in the LiteRT interpreter here (recorded in `litert.json`) and again by deploy before it is bundled. Without
 the extra, or when a model does not convert, the ONNX stages are unaffected and `litert.json` in the student's
 directory says why (deploy puts that in the model card).
@@ -24,7 +25,8 @@ from distill.compress.litert_run import LiteRTModel, litert_available
 from distill.core.atomic_io import atomic_write
 
 log = logging.getLogger(__name__)
-STEMS = {"": "baseline", "pruned+": "pruned"}  # stage prefix -> file stem of the fp32 model it converts
+STEMS = {"": "baseline", "pruned+": "pruned", "qad+": "qad", "pruned+qad+": "pruned_qad"}  # stage prefix -> file
+# stem of the fp32 model it converts
 
 
 def litert_files(stage: str) -> tuple[str, str | None, str]:
@@ -38,16 +40,18 @@ def litert_files(stage: str) -> tuple[str, str | None, str]:
 
 @dataclass
 class Source:
-    """One fp32 PyTorch model to convert: its stage prefix ('' or 'pruned+') and costs."""
+    """One fp32 PyTorch model to convert: its stage prefix ('', 'pruned+', 'qad+', 'pruned+qad+') and costs;
+    `fp32_row`: its fp32 .tflite is a stage of its own (a QAD twin's is not: only its int8 model is)."""
 
     prefix: str
     model: torch.nn.Module
     macs: int
     params: int
+    fp32_row: bool = True
 
     @property
     def stem(self) -> str:
-        """Its files' stem: baseline, pruned (compress's `litert.models` names these)."""
+        """Its files' stem: baseline, pruned (compress's `litert.models` names these), qad, pruned_qad."""
         return litert_files(f"{self.prefix}litert")[0].removesuffix(".tflite")
 
 
@@ -68,7 +72,7 @@ def _one(src: Source, out: Path, measure: Callable[..., dict], calib: list[np.nd
     fp32 = convert_litert(src.model, out / fp32_name, channels, size, name=f"{out.name} ({src.prefix}litert)")
     stage = f"{src.prefix}litert"
     status["parity"][stage] = litert_parity(src.model, fp32, images)
-    rows = [measure(stage, fp32, src.macs, src.params)]
+    rows = [measure(stage, fp32, src.macs, src.params)] if src.fp32_row else []
     status["io"][stage] = LiteRTModel(fp32).io_details()
     if int8 and int8_name:
         q, status["calibration"] = quantize_litert_int8(fp32, out / int8_name, calib)

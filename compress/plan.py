@@ -5,7 +5,8 @@ its name and the reason (exit 2) before anything is pruned, fine-tuned or writte
 Checked per student: the model builds and maps (1, C, S, S) to its classes; pruning (when on) can copy it, group
 its layers with Torch-Pruning, cut them and still run with the same classes (one step to about the target: ViTs
 and MobileViTs fail here, their attention reshapes pruned channels); ONNX export traces it; LiteRT (when on and
-installed) can capture it with torch.export, litert-torch's first step (data-dependent control flow fails here).
+installed) can capture it with torch.export, litert-torch's first step (data-dependent control flow fails here);
+QAD (when on and installed) can capture it with a dynamic batch and insert its fake-quant nodes.
 Not checked: an operator litert-torch captures but cannot lower (e.g. a 2-D FFT) fails in the stage itself; the
 ONNX stages and bundle are unaffected and litert.json says why.
 """
@@ -75,8 +76,18 @@ def _litert(model: nn.Module, example: torch.Tensor, num_classes: int) -> None:
     torch.export.export(NHWC(model).eval(), (example.permute(0, 2, 3, 1).contiguous(),))
 
 
+def _qad(model: nn.Module, example: torch.Tensor, num_classes: int) -> None:
+    from distill.compress.qad_model import fake_quant_model
+
+    graph = fake_quant_model(model, example.shape[1], example.shape[2])
+    with torch.no_grad():
+        graph(example)
+        graph(torch.cat([example, example]))  # any batch: the training loop's last batch may be short
+
+
 def _probes(cfg: CompressConfig) -> list[tuple[str, Probe]]:
     from distill.compress.litert_run import litert_available
+    from distill.compress.qad_model import qad_available
 
     probes: list[tuple[str, Probe]] = [("forward", _forward)]
     if cfg.prune.enabled:
@@ -84,6 +95,8 @@ def _probes(cfg: CompressConfig) -> list[tuple[str, Probe]]:
     probes.append(("ONNX export", _onnx))
     if cfg.litert.enabled and litert_available() is None:
         probes.append(("LiteRT (litert-torch's torch.export capture)", _litert))
+    if cfg.qad.enabled and qad_available() is None:
+        probes.append(("QAD (the fake-quant graph: torch.export with any batch size, PT2E)", _qad))
     return probes
 
 
@@ -92,6 +105,8 @@ def _fix(stage: str) -> str:
         return "set prune.enabled: false to compress it without pruning, or train another student"
     if stage.startswith("LiteRT"):
         return "set litert.enabled: false to compress it for ONNX only"
+    if stage.startswith("QAD"):
+        return "set qad.enabled: false to compress it with post-training int8 only"
     return "train another student"
 
 

@@ -116,7 +116,8 @@ def verdicts(rows: list[dict], max_top1_drop: float, min_smaller: float, min_spe
 
 
 MARKERS = {"baseline": "o", "int8": "s", "pruned": "^", "pruned+int8": "*", "litert": "D", "litert+int8": "P",
-           "pruned+litert": "v", "pruned+litert+int8": "X"}
+           "pruned+litert": "v", "pruned+litert+int8": "X", "qad+int8": "p", "qad+litert+int8": "h",
+           "pruned+qad+int8": "<", "pruned+qad+litert+int8": ">"}
 
 
 def _dodge(stages: list[str], step: float) -> dict[str, float]:

@@ -32,6 +32,7 @@ from distill.compress.measure import (
 from distill.compress.onnx_export import check_parity, export_onnx, save_torchscript, session
 from distill.compress.plan import check_students
 from distill.compress.prune import count_cost
+from distill.compress.qad import finish_qad_json, qad_stages
 from distill.compress.quantize import quantize_int8
 from distill.compress.report import failure, format_failures, format_table, pareto_plot, verdicts
 from distill.compress.select import select_students
@@ -206,25 +207,31 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, fa
     base = export_onnx(model, out / "baseline.onnx", prep.channels, prep.input_size)
     save_torchscript(model, out / "baseline.ts", prep.channels, prep.input_size)
     check_parity(model, base, images)
-    rows = [_measure("baseline", name, base, vb, prep, cfg, macs, params)]
+
+    def measure(stage: str, path: Path, m: int, p: int) -> dict:
+        return _measure(stage, name, path, vb, prep, cfg, m, p)
+
+    rows = [measure("baseline", base, macs, params)]
     sources = [Source("", model, macs, params)]
     calib = calibration(job, v, cfg.quantize.calib_samples) if cfg.quantize.enabled else []
     if cfg.quantize.enabled:
         q = quantize_int8(base, out / "int8.onnx", iter(calib), cfg.quantize.per_channel, cfg.quantize.method)
-        rows.append(_measure("int8", name, q, vb, prep, cfg, macs, params))
+        rows.append(measure("int8", q, macs, params))
     if cfg.prune.enabled:
         try:
-            p_rows, p_source = _pruned_stages(cfg, job, run_dir, name, v, model, lambda stage, path, m, p: _measure(
-                stage, name, path, vb, prep, cfg, m, p), calib, images, out)
+            p_rows, p_source = _pruned_stages(cfg, job, run_dir, name, v, model, measure, calib, images, out)
             rows, sources = rows + p_rows, sources + [p_source]
         except Exception as exc:  # the baseline's stages stand; the reason goes into the report
             raise_if_stopping()
             log.exception("%s: the pruned stages failed", name)
             failures.append(failure(name, "pruned", exc))
-    if cfg.litert.enabled:
-        rows += litert_stages([s for s in sources if s.stem in cfg.litert.models], out,
-                              lambda stage, path, m, p: _measure(stage, name, path, vb, prep, cfg, m, p),
-                              calib if cfg.quantize.enabled else [], all_pixels[:256], cfg.quantize.enabled)
+    qad = qad_stages(cfg, job, v, sources, calib, all_pixels[:256], out, measure,
+                     lambda exc: failures.append(failure(name, "qad", exc))) if cfg.qad.enabled else []
+    rows += [r for o in qad for r in o.rows]
+    if cfg.litert.enabled:  # the QAD twins give their int8 .tflite (their fp32 one is checked, no stage)
+        rows += litert_stages([s for s in sources if s.stem in cfg.litert.models] + [o.twin for o in qad], out,
+                              measure, calib if cfg.quantize.enabled else [], all_pixels[:256], cfg.quantize.enabled)
+    finish_qad_json(out, qad, all_pixels[:256])
     _time_rows(rows, prep, cfg)  # every stage in the same alternating rounds, once all of them exist
     (out / "preprocessing.json").write_text(json.dumps(prep.as_dict(), indent=1))
     return rows

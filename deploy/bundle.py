@@ -131,6 +131,30 @@ def model_card(student: str, rows: list[dict], lineage: dict, parity: dict, prep
     ])
 
 
+def qad_card(src: Path, stages: list[str]) -> list[str]:
+    """The card's QAD section when a bundled model comes from quantization-aware distillation (compress/qad.py):
+    how it was trained and how closely its int8 models compute what the fake-quant model trained ('' otherwise)."""
+    qad = [s for s in stages if "qad+" in s]
+    path = src / "qad.json"
+    if not qad or not path.exists():
+        return []
+    info = json.loads(path.read_text())
+    lines = ["## Quantization-aware distillation",
+             f"Stage(s) {', '.join(f'`{s}`' for s in qad)}: the student fine-tuned with simulated int8 "
+             f"({info['recipe']}) "
+             "on the cached teacher soft labels and views (no teacher in memory), then quantized by the same recipe "
+             "as the post-training int8 stages. `model.onnx` is its float twin (the QAD weights, BatchNorm folded)."]
+    for entry in info["stages"]:
+        v = entry["variant"]
+        lines.append(f"- `{entry['stage']}`: {v['epochs']} epoch(s), lr {v['lr']:g}, mode {v['mode']}, alpha "
+                     f"{v['alpha']:g}, T {v['temperature']:g}; calibrated on {entry['calibration_views']} cached "
+                     "views. "
+                     + "; ".join(f"fake-quant vs {k.removeprefix('fake_quant_vs_').replace('_', ' ')}: top-1 "
+                                 f"agreement {a['top1_agreement']:.4f}, max |dlogit| {a['max_abs_logit_diff']:.3g}"
+                                 for k, a in entry.items() if k.startswith("fake_quant_vs_")) + ".")
+    return [*lines, ""]
+
+
 def _parity(cfg: DeployConfig, fp32: Path, int8: Path | None, images: torch.Tensor) -> dict:
     """fp32 ONNX vs its PyTorch twin, and int8 vs fp32 agreement; raises ParityError beyond tolerance."""
     model = torch.jit.load(str(fp32.with_suffix(".ts")), map_location="cpu")
@@ -181,7 +205,7 @@ def _lineage(cfg: DeployConfig, student: str, src_root: Path, ccfg: dict, choice
     return {"teacher": manifest.get("teacher", {}), "cache_dir": str(cache_dir),
             "fingerprint": manifest.get("fingerprint"), "train_run": str(train_run),
             "variant_yaml": (train_run / student / "variant.yaml").read_text(),
-            "compression": json.dumps({k: ccfg[k] for k in ("prune", "quantize", "litert") if k in ccfg}),
+            "compression": json.dumps({k: ccfg[k] for k in ("prune", "quantize", "litert", "qad") if k in ccfg}),
             "choice": choice}
 
 
@@ -227,8 +251,9 @@ def run(cfg: DeployConfig) -> DeployResult:
                            _choice_text(stage, chosen, [r for r in onnx_rows if r["student"] == student], notes,
                                         cfg.max_top1_drop))
         calib = ccfg.get("quantize", {}).get("calib_samples")
+        qad = qad_card(src, [stage, (lite.row or {}).get("stage", "")])
         write_file(version / "model_card.md", model_card(student, rows, lineage, parity, prep)
-                   + "\n".join(litert_card(lite, prep, calib)))
+                   + "\n".join(qad + litert_card(lite, prep, calib)))
         seal(version, {"student": student, "stage": stage, "max_top1_drop": cfg.max_top1_drop, "refused": notes,
                        "parity": parity, "litert": {"file": lite.name, "stage": (lite.row or {}).get("stage"),
                                                     "parity": lite.parity, "io": lite.io, "refused": lite.notes,

@@ -13,7 +13,9 @@ from distill.core.errors import InputError
 # stage -> (fp32 ONNX file, int8 ONNX file or None); the fp32 file's TorchScript twin is <stem>.ts
 STAGE_FILES: dict[str, tuple[str, str | None]] = {
     "baseline": ("baseline.onnx", None), "int8": ("baseline.onnx", "int8.onnx"),
-    "pruned": ("pruned.onnx", None), "pruned+int8": ("pruned.onnx", "pruned_int8.onnx")}
+    "pruned": ("pruned.onnx", None), "pruned+int8": ("pruned.onnx", "pruned_int8.onnx"),
+    # quantization-aware distillation (compress/qad.py): the int8 model and its float twin (the QAD weights)
+    "qad+int8": ("qad.onnx", "qad_int8.onnx"), "pruned+qad+int8": ("pruned_qad.onnx", "pruned_qad_int8.onnx")}
 
 
 class FloorError(InputError):

@@ -17,7 +17,7 @@ class DeployConfig(StrictConfig):
     out_dir: Path = Field(..., description="the bundle: a link to its newest version under <out_dir>.versions/, "
                           "moved atomically once a new version is complete")
     student: str | None = Field(None, description="default: the compressed student with the best baseline top-1")
-    stage: Literal["auto", "baseline", "int8", "pruned", "pruned+int8"] = Field(
+    stage: Literal["auto", "baseline", "int8", "pruned", "pruned+int8", "qad+int8", "pruned+qad+int8"] = Field(
         "auto", description="the served ONNX model; auto: the smallest (pick_by) stage on the accuracy/cost Pareto "
         "front within max_top1_drop; a named stage below the floor is refused")
     pick_by: Literal["size", "latency"] = Field("size", description="auto's cost: file size, or batch-32 latency")
@@ -28,7 +28,8 @@ class DeployConfig(StrictConfig):
     parity_atol: float = Field(1e-3, gt=0.0, description="max |dlogit| ONNX fp32 vs PyTorch on real val images")
     int8_min_agreement: float = Field(0.97, ge=0.0, le=1.0, description="int8 vs fp32 top-1 agreement floor")
     val_images: int = Field(256, ge=8)
-    litert_stage: Literal["auto", "none", "litert", "litert+int8", "pruned+litert", "pruned+litert+int8"] = Field(
+    litert_stage: Literal["auto", "none", "litert", "litert+int8", "pruned+litert", "pruned+litert+int8",
+                          "qad+litert+int8", "pruned+qad+litert+int8"] = Field(
         "auto", description="the LiteRT (.tflite) model bundled next to the ONNX ones; auto: the smallest "
         "(pick_by) within max_top1_drop that passes parity, else none with the reason in the card; a named stage "
         "that fails the floor or parity is refused")

@@ -18,6 +18,7 @@ HEAVY_FIRST = (
     "integration/test_train_hardening.py",
     "integration/test_train.py",
     "integration/test_cache_stage.py",
+    "integration/test_qad.py",
 )
 
 
