@@ -61,19 +61,27 @@ def parse_layout(text: str) -> tuple[str, list[str]]:
     return name, [item for item in rest.split(",") if item]
 
 
+def pass_config(shards: list[Path], teacher: Path, root: Path, overrides: list[str]) -> dict:
+    """The `distill cache` config of the benchmark, with `--set`-style overrides applied."""
+    from distill.cluster.config_loading import apply_overrides
+
+    cfg = {"shards": [str(s) for s in shards], "cache_root": str(root), "topk": TOPK,
+           "views": {"num_views": 1}, "batch_size": BATCH, "metrics": {"enabled": False}, "progress": False,
+           "tracking": {"enabled": False},  # MLflow is no part of the compared job (profile_pass.py: 11 s under load)
+           "teacher": {"scripted": str(teacher), "num_classes": 1000,
+                       "preprocessing": {"input_size": PX, "crop_pct": PX / RESIZE, "mean": MEAN, "std": STD}}}
+    apply_overrides(cfg, overrides)  # what `distill cache --set` does
+    return cfg
+
+
 def our_pass(shards: list[Path], teacher: Path, root: Path, overrides: list[str]) -> dict:
     """One `distill cache` run in this process; Ray (when enabled) is started and shut down inside the call."""
     import ray
 
-    from distill.cluster.config_loading import apply_overrides
     from distill.teacher_cache.config import CacheConfig
     from distill.teacher_cache.run import run
 
-    cfg = {"shards": [str(s) for s in shards], "cache_root": str(root), "topk": TOPK,
-           "views": {"num_views": 1}, "batch_size": BATCH, "metrics": {"enabled": False}, "progress": False,
-           "teacher": {"scripted": str(teacher), "num_classes": 1000,
-                       "preprocessing": {"input_size": PX, "crop_pct": PX / RESIZE, "mean": MEAN, "std": STD}}}
-    apply_overrides(cfg, overrides)  # what `distill cache --set` does
+    cfg = pass_config(shards, teacher, root, overrides)
     t0 = time.perf_counter()
     res = run(CacheConfig.model_validate(cfg))
     wall = time.perf_counter() - t0
