@@ -122,6 +122,7 @@ class Labeler:
                  or cfg.torch_threads is not None else "")
         f = cfg.features
         self.features = FeatureExtractor(self.model, f.dim, f.seed, f.projection) if f.enabled else None
+        self.ahead: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
         self._meter = BusyMeter(self._cpus, self.pool.worker_pids())
 
     def _follow_load(self) -> None:
@@ -222,6 +223,7 @@ class Labeler:
     def _run_teacher(self, task: ShardTask, reader: ShardReader, errors: list[dict],
                      progress: Callable[[ProgressEvent], None] | None, result: ShardResult) -> dict:
         q: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+        self.ahead = q  # decoded batches waiting for the forward (the overlap; read by tests)
         stop = threading.Event()
         thread = threading.Thread(target=self._producer, args=(task, reader, q, errors, stop), daemon=True)
         thread.start()

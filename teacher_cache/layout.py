@@ -128,6 +128,14 @@ def _own_cpu_s(pids: list[int]) -> float:
     return own
 
 
+def others_busy_cpus(busy_jiffies: float, total_jiffies: float, machine_cpus: int, own_cpu_s: float, wall_s: float,
+                     cpus: int) -> float:
+    """CPUs (of the `cpus` this process may use) that other processes kept busy: the machine's busy share of
+    /proc/stat over a window, less this process's own CPU time over the same window's wall time."""
+    others = busy_jiffies / total_jiffies * machine_cpus - own_cpu_s / wall_s
+    return max(0.0, others * cpus / machine_cpus)
+
+
 class BusyMeter:
     """CPUs other processes keep busy between two calls: all CPUs' busy time from /proc/stat minus this
     process's own (and its decode workers'), over the wall time, scaled to the CPUs this process may use."""
@@ -149,10 +157,8 @@ class BusyMeter:
         self._mark = now
         if st0 is None or st1 is None or st1[1] <= st0[1]:
             return None
-        all_cpus = os.cpu_count() or self.cpus
-        busy_share = (st1[0] - st0[0]) / (st1[1] - st0[1])  # of all the machine's CPUs
-        others = busy_share * all_cpus - (own1 - own0) / (t1 - t0)
-        return max(0.0, others * self.cpus / all_cpus)
+        return others_busy_cpus(st1[0] - st0[0], st1[1] - st0[1], os.cpu_count() or self.cpus, own1 - own0,
+                                t1 - t0, self.cpus)
 
 
 def sample_others_busy(cpus: int, seconds: float = 0.2) -> float | None:
