@@ -254,7 +254,7 @@ def report(results: dict[str, list[dict]], tag: str, peer: str | None) -> dict[s
         if name == "limit":
             continue
         v = [x["img_s"] for x in rs]
-        start = f"{med([x['ray_start_s'] for x in rs]):.1f}" if rs[0].get("ray_start_s") else "-"
+        start = f"{med([x['ray_start_s'] for x in rs]):.1f}" if rs[0].get("ray_start_s", 0) > 0.01 else "-"
         lab = f"{med([x['label_img_s'] for x in rs]):.1f}" if "label_img_s" in rs[0] else "-"
         ratio = f"{meds[name] / meds[peer]:.2f}x" if peer in meds else "-"
         print(f"| {name} | {meds[name]:.1f} [{min(v):.1f}-{max(v):.1f}] | {start} | {lab} | {ratio} |")
@@ -311,6 +311,9 @@ def main() -> None:
     print(f"peer (fastest Ray Data pipeline by median, quiet): {peer}")
     out: dict = {"quiet": quiet, "peer": peer}
     q = report(quiet, "quiet", peer)
+    if args.out:  # written after each phase: a stopped run keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1))
     if args.contention:
         cpu = max(os.sched_getaffinity(0))
         loop = busy_loop(cpu)
