@@ -234,6 +234,8 @@ def phase(names: list[str], args: argparse.Namespace, work: Path, tag: str) -> d
             res = child(name, r, args, work)
             results[name].append(res)
             extra = f", limit {res['limit_img_s']:.1f}" if "limit_img_s" in res else ""
+            extra += f", Ray's start {res['ray_start_s']:.1f} s" if res.get("ray_start_s", 0) > 0.01 else ""
+            extra += f", in the labeller {res['label_s']:.1f} s" if "label_s" in res else ""
             print(f"[{tag}] {name:>10} repeat {r}: {res['images']} images, {res['wall_s']:.1f} s, "
                   f"{res['img_s']:.1f} img/s{extra}, load {res['load1']:.1f}", flush=True)
     return results
