@@ -73,7 +73,7 @@ bench: $(STAMP)
 	test -d runs/demo/cache || $(MAKE) demo
 	$(BIN)/python bench/student_train.py
 	PYTHONPATH=. $(BIN)/python -m bench.sweep
-	PYTHONPATH=. $(BIN)/python bench/ray_layout.py
+	PYTHONPATH=. $(BIN)/python bench/ray_layout.py --contention
 	PYTHONPATH=. $(BIN)/python bench/scale.py
 	$(BIN)/distill pipeline --config bench/compress.yaml
 	test -f runs/demo/compressed/report.json || $(MAKE) demo

@@ -109,6 +109,10 @@ class DecodePool:
             for raw, r in zip(chunk, results, strict=True):
                 yield raw.key, r
 
+    def worker_pids(self) -> list[int]:
+        """The decode processes' ids (their CPU time is the labeller's own when it measures the node's load)."""
+        return list(getattr(self._pool, "_processes", None) or {}) if self._pool is not None else []
+
     def _isolated(self, chunk: list[RawSample]) -> list[DecodedSample | str]:
         """Decode a dead worker's chunk sample by sample in a process of its own: the sample that kills it (if
         the crash was not a one-off) becomes a bad sample, and a fresh process takes the rest."""

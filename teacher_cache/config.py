@@ -71,13 +71,14 @@ class CacheConfig(StrictConfig):
     decode_backend: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto = nvjpeg + on-device view replay when the teacher runs on CUDA, else Pillow")
     decode_processes: int | None = Field(None, ge=0, description="CPU decode worker processes per labeller; "
-                                         "empty = from its share S of the node's CPUs: S - 1 on a GPU, S // 2 on "
-                                         "the CPU from S = 3 (below: 0); 0 = decode in the labeller's reading thread")
+                                         "empty = from its share S of the node's free CPUs (other work's load "
+                                         "taken off): S - 1 on a GPU, S // 2 on the CPU from S = 3 (below: 0); "
+                                         "0 = decode in the labeller's reading thread")
     max_image_pixels: int = Field(40_000_000, ge=1, le=178_000_000, description="bigger images are recorded as "
                                   "bad samples, checked from the header before decoding (decompression bombs)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per labeller; empty = on the CPU "
-                                      "its share of the node's CPUs less the decode processes (1 up to 2 CPUs); on a "
-                                      "GPU, torch's (Ray: the actor's CPUs)")
+                                      "its share of the node's free CPUs less the decode processes (1 up to 2 "
+                                      "CPUs); on a GPU, torch's (Ray: the actor's CPUs)")
     ray: RayConfig = Field(default_factory=RayConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     progress: bool = True

@@ -33,13 +33,14 @@ from distill.teacher_cache.cache_file import publish_cache_file, shard_stats
 from distill.teacher_cache.config import CacheConfig
 from distill.teacher_cache.features import FeatureExtractor, teacher_forward
 from distill.teacher_cache.fingerprint import view_policy
-from distill.teacher_cache.layout import available_cpus, labeller_split
+from distill.teacher_cache.layout import BusyMeter, available_cpus, free_cpus, plan_layout, sample_others_busy
 from distill.teacher_cache.placement import resolve_placement
 from distill.teacher_cache.schema import SCHEMA_VERSION, CacheMeta
 from distill.teacher_cache.topk import pack_topk
 
 log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PREFETCH_BATCHES = 3  # decoded batches queued ahead of the forward: decode and view sampling overlap it
 
 
 @dataclass
@@ -78,6 +79,8 @@ class ShardResult:
     stats: dict = field(default_factory=dict)  # labelled rows, teacher top-1 hits, top-k mass (the manifest's)
     seconds: float = 0.0
     teacher_seconds: float = 0.0
+    wait_seconds: float = 0.0  # the teacher waiting for decoded batches (0 when decoding keeps ahead)
+    write_seconds: float = 0.0  # packing and publishing the Parquet file
 
 
 class Labeler:
@@ -89,10 +92,15 @@ class Labeler:
         self.cfg = cfg
         self.fingerprint = fingerprint
         self.gpu_decode = cfg.decode_backend == "gpu"
-        processes, threads = labeller_split(available_cpus() // max(1, labellers_on_node), cfg.device == "cuda")
-        processes = 0 if self.gpu_decode else (cfg.decode_processes if cfg.decode_processes is not None else processes)
+        self._cpus = available_cpus()
+        sized = cfg.torch_threads is not None and (cfg.decode_processes is not None or self.gpu_decode)
+        plan = plan_layout(self._cpus, None if sized else sample_others_busy(self._cpus), labellers_on_node,
+                           cfg.device == "cuda")
+        processes = 0 if self.gpu_decode else (cfg.decode_processes if cfg.decode_processes is not None
+                                               else plan.processes)
         self._threads_before = torch.get_num_threads()  # given back on close(): the process may go on training
-        if threads := cfg.torch_threads or threads:
+        self._resize = cfg.torch_threads is None and cfg.device != "cuda"  # threads follow the load between shards
+        if threads := cfg.torch_threads or plan.threads:
             torch.set_num_threads(threads)
         self.teacher = teacher or load_teacher(cfg.teacher)
         self.device = resolve_device(cfg.device)
@@ -107,11 +115,26 @@ class Labeler:
         self.spec = DecodeSpec(self.prep.channels, self.prep.input_size, self.prep.interpolation, self.policy,
                                self.teacher.num_classes, cfg.max_image_pixels)
         self.pool = DecodePool(self.spec, processes)
-        log.info("labeller: %s %s (head %s), %d torch thread(s), decode %s", self.device, self.dtype,
-                 self.head_precision, torch.get_num_threads(),
-                 "nvjpeg on the device" if self.gpu_decode else f"Pillow in {processes} process(es)")
+        log.info("labeller: %s %s (head %s), %d torch thread(s), decode %s, %d batch(es) decoded ahead; layout: "
+                 "%s%s", self.device, self.dtype, self.head_precision, torch.get_num_threads(),
+                 "nvjpeg on the device" if self.gpu_decode else f"Pillow in {processes} process(es)",
+                 PREFETCH_BATCHES, plan.reason, " (config overrides)" if cfg.decode_processes is not None
+                 or cfg.torch_threads is not None else "")
         f = cfg.features
         self.features = FeatureExtractor(self.model, f.dim, f.seed, f.projection) if f.enabled else None
+        self.ahead: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+        self._meter = BusyMeter(self._cpus, self.pool.worker_pids())
+
+    def _follow_load(self) -> None:
+        """Between shards: torch threads from the CPUs other work left free over the shard just done."""
+        others = self._meter.others_busy(self.pool.worker_pids())
+        if not self._resize or others is None:
+            return
+        threads = max(1, free_cpus(self._cpus, others) - self.pool.processes)
+        if threads != torch.get_num_threads():
+            log.info("labeller: %d torch thread(s) (was %d): %.1f CPU(s) busy with other work of %d",
+                     threads, torch.get_num_threads(), others, self._cpus)
+            torch.set_num_threads(threads)
 
     def close(self) -> None:
         self.pool.close()
@@ -172,16 +195,19 @@ class Labeler:
         t0 = time.perf_counter()
         result = ShardResult(stem=task.stem, source=str(task.path), ok=False)
         hooks_for_tests.check_labeller()  # off unless a test switched it on
+        self._follow_load()
         try:
             identity = ShardIdentity.stat(task.path)
             reader = ShardReader(task.path)
             errors: list[dict] = []
             rows = self._run_teacher(task, reader, errors, progress, result)
+            tw = time.perf_counter()
             meta = CacheMeta(SCHEMA_VERSION, self.fingerprint, self.cfg.topk, self.policy.num_views,
                              self.teacher.num_classes, self.prep.as_dict(), self.teacher.info, task.stem,
                              self.policy.as_dict(), self.features.spec.as_dict() if self.features else None,
                              self.cfg.precision, self.head_precision, self.cfg.decode_backend)
             published = publish_cache_file(task.store, task.stem, rows, meta)
+            result.write_seconds = time.perf_counter() - tw
         except (ShardError, OSError) as exc:
             result.message = str(exc)
             result.seconds = time.perf_counter() - t0
@@ -196,7 +222,8 @@ class Labeler:
 
     def _run_teacher(self, task: ShardTask, reader: ShardReader, errors: list[dict],
                      progress: Callable[[ProgressEvent], None] | None, result: ShardResult) -> dict:
-        q: queue.Queue = queue.Queue(maxsize=3)
+        q: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+        self.ahead = q  # decoded batches waiting for the forward (the overlap; read by tests)
         stop = threading.Event()
         thread = threading.Thread(target=self._producer, args=(task, reader, q, errors, stop), daemon=True)
         thread.start()
@@ -211,7 +238,12 @@ class Labeler:
         cols: dict[str, list] = {"key": [], "label": [], "hw": [], "views": [], "ids": [], "logits": [], "tail": [],
                                  "feat": []}
         n_err = 0
-        while (item := q.get()) is not None:
+        while True:
+            tq = time.perf_counter()
+            item = q.get()
+            result.wait_seconds += time.perf_counter() - tq
+            if item is None:
+                break
             if isinstance(item, BaseException):
                 raise item
             tb = time.perf_counter()

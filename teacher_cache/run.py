@@ -66,6 +66,8 @@ class CacheResult:
     seconds: float = 0.0
     teacher_seconds: float = 0.0
     label_seconds: float = 0.0  # inside the labeller (on actors with Ray); the driver's own share is the rest
+    wait_seconds: float = 0.0  # the teacher waiting for decoded batches, summed over shards
+    write_seconds: float = 0.0  # packing and publishing cache files, summed over shards
     teacher_top1: float | None = None  # the cached teacher's view-0 top-1 on every labelled row of the cache
     labelled_rows: int = 0  # rows with a label in the whole cache (what teacher_top1 is measured on)
 
@@ -323,6 +325,8 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
         metrics.DECODE_ERRORS.inc(len(r.error_records))
         result.teacher_seconds += r.teacher_seconds
         result.label_seconds += r.seconds
+        result.wait_seconds += r.wait_seconds
+        result.write_seconds += r.write_seconds
         metrics.SHARDS.labels("done").inc()
         metrics.BYTES_WRITTEN.inc(r.file_bytes)
 
