@@ -11,6 +11,9 @@ pruning off and QAD on: `int8` / `litert+int8` (post-training int8 of the studen
 calibration views and deployed recipe. Scored here on the val and test digits together (500 images: one image is
 0.2 pt): top-1, its drop against the fp32 model of the same runtime, and top-1 agreement with that fp32 model.
 Goal: where post-training int8 loses >= 1 pt or agrees < 0.97, QAD int8 within 0.3 pt of fp32, agreeing >= 0.97.
+Also scored: each QAD int8 model against its own float twin (`qad.onnx` / `qad.tflite`, the model it was quantized
+from), and the ONNX models with ONNX Runtime's optimizations off ("onnx-qdq-as-written": the recipe's arithmetic
+without this CPU's fused int8 kernels). `--score-only` re-scores a finished --work without training.
 The machine's 1-minute load is recorded before and after each step; compress times every stage in alternating
 rounds (its report rows carry the spread and the load).
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
 import numpy as np
+import onnxruntime as ort
 import yaml
 
 from distill.cluster.config_loading import load_config
@@ -44,8 +48,14 @@ from distill.student_train.job_plan import plan_job
 from distill.student_train.run import run as run_train
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = {"onnxruntime": {"fp32": "baseline.onnx", "ptq": "int8.onnx", "qad": "qad_int8.onnx"},
-         "litert": {"fp32": "baseline.tflite", "ptq": "int8.tflite", "qad": "qad_int8.tflite"}}
+FILES = {"onnxruntime": {"fp32": "baseline.onnx", "ptq": "int8.onnx", "qad_fp32": "qad.onnx",
+                         "qad": "qad_int8.onnx"},
+         "litert": {"fp32": "baseline.tflite", "ptq": "int8.tflite", "qad_fp32": "qad.tflite",
+                    "qad": "qad_int8.tflite"},
+         # the same ONNX files with ONNX Runtime's graph optimizations off: each QDQ node executed in float, i.e. the
+         # quantization recipe itself, without the fused int8 kernels of this CPU
+         "onnx-qdq-as-written": {"fp32": "baseline.onnx", "ptq": "int8.onnx", "qad_fp32": "qad.onnx",
+                                 "qad": "qad_int8.onnx"}}
 
 
 def load() -> float:
@@ -100,6 +110,11 @@ def score(student_dir: Path, batches: list[dict]) -> dict:
                 continue
             if runtime == "litert":
                 preds[kind] = LiteRTModel(path)(x).argmax(1)
+            elif runtime == "onnx-qdq-as-written":
+                opts = ort.SessionOptions()
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+                preds[kind] = sess.run(None, {"input": x})[0].argmax(1)
             else:
                 sess = session(path)
                 preds[kind] = sess.run(None, {"input": x})[0].argmax(1)
@@ -109,6 +124,8 @@ def score(student_dir: Path, batches: list[dict]) -> dict:
         out[runtime] = {kind: {"top1": float((p == y).mean()),
                                "drop_pt": 100 * float((fp32 == y).mean() - (p == y).mean()),
                                "agreement_with_fp32": float((p == fp32).mean())} for kind, p in preds.items()}
+        if "qad" in preds and "qad_fp32" in preds:  # QAD int8 against the float model it was quantized from
+            out[runtime]["qad"]["agreement_with_own_fp32"] = float((preds["qad"] == preds["qad_fp32"]).mean())
     return out
 
 
@@ -137,8 +154,12 @@ def main() -> None:
     ap.add_argument("--qad-epochs", type=int, default=2)
     ap.add_argument("--qad-lr", type=float, default=2e-4)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "qad.json")
+    ap.add_argument("--score-only", action="store_true", help="re-score the models already in --work (no training)")
     args = ap.parse_args()
     work = args.work.resolve()
+    if args.score_only:
+        rescore(work, args)
+        return
     steps: dict = {}
     t0, l0 = time.perf_counter(), load()
     cfg = ensure_demo_inputs(args.config)
@@ -172,9 +193,25 @@ def main() -> None:
     print(json.dumps({n: r["goal"] for n, r in results.items()}, indent=1))
 
 
+def rescore(work: Path, args: argparse.Namespace) -> None:
+    """Score the files a finished run left in --work again, into --out's "students" (keeping its steps)."""
+    os.chdir(ROOT)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results = {}
+    for name in [name_of(a) for a in args.students]:
+        r = score(work / "compressed" / name, eval_batches(work / "students", name))
+        r.update(goal=goal(r), qad_json=json.loads((work / "compressed" / name / "qad.json").read_text())["stages"],
+                 trained=json.loads((work / "students" / name / "arch.json").read_text()), load_after=load())
+        results[name] = r
+    previous.update(students=results, rescored=" ".join([Path(sys.executable).name, *sys.argv]))
+    args.out.write_text(json.dumps(previous, indent=1))
+    print(table(results))
+    print(json.dumps({n: r["goal"] for n, r in results.items()}, indent=1))
+
+
 def table(results: dict) -> str:
-    lines = ["| student | runtime | fp32 top-1 | PTQ int8 top-1 (drop, agreement) | QAD int8 top-1 (drop, agreement) |",
-             "|---|---|---|---|---|"]
+    lines = ["| student | runtime | fp32 top-1 | PTQ int8 top-1 (drop, agreement) | QAD int8 top-1 (drop, agreement) | "
+             "QAD float twin (drop, agreement) | QAD int8 vs its float twin |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         for runtime in FILES:
             if runtime not in r:
@@ -186,7 +223,9 @@ def table(results: dict) -> str:
                     return "-"
                 return (f"{100 * m[kind]['top1']:.1f}% ({-m[kind]['drop_pt']:+.1f} pt, "
                         f"{m[kind]['agreement_with_fp32']:.3f})")
-            lines.append(f"| {name} | {runtime} | {100 * m['fp32']['top1']:.1f}% | {cell('ptq')} | {cell('qad')} |")
+            own = m.get("qad", {}).get("agreement_with_own_fp32")
+            lines.append(f"| {name} | {runtime} | {100 * m['fp32']['top1']:.1f}% | {cell('ptq')} | {cell('qad')} | "
+                         f"{cell('qad_fp32')} | {'-' if own is None else f'{own:.3f}'} |")
     return "\n".join(lines)
 
 
