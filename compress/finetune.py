@@ -38,16 +38,22 @@ def finetune_identity(parent_ckpt: Path, variant_yaml: str, prune: PruneConfig, 
     return ident
 
 
-def finetune_dir(out: Path, ident: dict) -> Path:
-    """`<out>/finetune-<key>`, created fresh; stale fine-tunes of other parents/settings are deleted."""
-    root = out / f"finetune-{ident['key']}"
-    for old in out.glob("finetune*"):
+def keyed_dir(out: Path, stem: str, ident: dict, why_stale: str) -> Path:
+    """`<out>/<stem>-<key>` for a resumable training run (its identity written beside it): the same inputs resume
+    their own run; a directory of the same stem with another key (other inputs) is deleted."""
+    root = out / f"{stem}-{ident['key']}"
+    for old in out.glob(f"{stem}*"):
         if old.is_dir() and old != root:
-            log.info("removing stale fine-tune %s (another parent checkpoint or other prune settings)", old)
+            log.info("removing stale %s (%s)", old, why_stale)
             shutil.rmtree(old)
     root.mkdir(parents=True, exist_ok=True)
     (root / "identity.json").write_text(json.dumps(ident, indent=1))
     return root
+
+
+def finetune_dir(out: Path, ident: dict) -> Path:
+    """`<out>/finetune-<key>`; stale fine-tunes of other parents/settings are deleted."""
+    return keyed_dir(out, "finetune", ident, "another parent checkpoint or other prune settings")
 
 
 def step_keeps(ratio: float, steps: int) -> list[float]:

@@ -16,7 +16,6 @@ import copy
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ import yaml
 from torch import nn
 
 from distill.compress.config import CompressConfig, QADConfig
+from distill.compress.finetune import keyed_dir
 from distill.compress.litert_stages import Source
 from distill.compress.onnx_export import check_parity, export_onnx, save_torchscript, session
 from distill.compress.qad_model import RECIPE, calibrate_ranges, fake_quant_model, float_twin, qad_available
@@ -70,14 +70,7 @@ def qad_dir(out: Path, stem: str, src: Source, variant: VariantConfig, q: QADCon
     ident = {"source_sha256": _state_sha256(src.model), "variant": variant.model_dump(mode="json"),
              "qad": q.model_dump(mode="json"), "cache_dir": cache_dir, "calib_samples": calib_samples}
     ident["key"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    root = out / f"{stem}-{ident['key']}"
-    for old in out.glob(f"{stem}-*"):
-        if old.is_dir() and old != root:
-            log.info("removing stale QAD run %s (other weights or settings)", old)
-            shutil.rmtree(old)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "identity.json").write_text(json.dumps(ident, indent=1))
-    return root
+    return keyed_dir(out, stem, ident, "a QAD run of other weights or settings")
 
 
 def train_qad(graph: nn.Module, v: VariantConfig, job: JobSpec, root: Path) -> dict:
