@@ -10,7 +10,10 @@ def s3(monkeypatch, tmp_path):
     from distill.core import object_store
 
     with s3_server() as (endpoint, requests):
-        for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "DISTILL_MIRROR_DIR": str(tmp_path / "mirror")}.items():
+        # a cache in object storage keeps its MLflow store in ./mlruns by default: here, not in the checkout
+        (tmp_path / "mlruns").mkdir(exist_ok=True)
+        for k, v in {**S3_ENV, "AWS_ENDPOINT_URL": endpoint, "DISTILL_MIRROR_DIR": str(tmp_path / "mirror"),
+                     "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"}.items():
             monkeypatch.setenv(k, v)
         object_store.reset_filesystem()
         object_store.filesystem().mkdir("s3://shards")
