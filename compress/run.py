@@ -157,7 +157,7 @@ def _pruned_stages(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, 
     rows = [measure("pruned", p_path, costs["macs_after"], costs["params_after"])]
     if cfg.quantize.enabled:
         pq_path = quantize_int8(p_path, out / "pruned_int8.onnx", iter(calib), cfg.quantize.per_channel,
-                                cfg.quantize.method)
+                                cfg.quantize.method, cfg.quantize.reduce_range)
         rows.append(measure("pruned+int8", pq_path, costs["macs_after"], costs["params_after"]))
     return rows, Source("pruned+", pruned, costs["macs_after"], costs["params_after"])
 
@@ -215,7 +215,8 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, fa
     sources = [Source("", model, macs, params)]
     calib = calibration(job, v, cfg.quantize.calib_samples) if cfg.quantize.enabled else []
     if cfg.quantize.enabled:
-        q = quantize_int8(base, out / "int8.onnx", iter(calib), cfg.quantize.per_channel, cfg.quantize.method)
+        q = quantize_int8(base, out / "int8.onnx", iter(calib), cfg.quantize.per_channel, cfg.quantize.method,
+                          cfg.quantize.reduce_range)
         rows.append(measure("int8", q, macs, params))
     if cfg.prune.enabled:
         try:

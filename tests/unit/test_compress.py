@@ -63,6 +63,25 @@ def test_int8_quantization_end_to_end(tmp_path):
     assert b.shape == a.shape and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9
 
 
+def test_reduce_range_puts_int8_weights_on_7_bits(tmp_path):
+    """quantize.reduce_range: ONNX Runtime's int8 weights within [-64, 64] (no u8 x s8 saturation in x86 kernels
+    without VNNI); off, they use the 8-bit range."""
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = create_model("cnn_small", num_classes=10, in_chans=1, width=8).eval()
+    fp32 = export_onnx(model, tmp_path / "m.onnx", 1, 32)
+    calib = [np.random.default_rng(i).standard_normal((8, 1, 32, 32)).astype(np.float32) for i in range(4)]
+
+    def widest(reduce_range):
+        q = quantize_int8(fp32, tmp_path / f"m{reduce_range}.int8.onnx", iter(calib), reduce_range=reduce_range)
+        return max(int(np.abs(numpy_helper.to_array(t).astype(np.int32)).max())
+                   for t in onnx.load(str(q)).graph.initializer if t.data_type == onnx.TensorProto.INT8)
+
+    assert widest(False) > 64 and widest(True) <= 64
+
+
 def test_parity_passes_then_fails_on_an_altered_model(tmp_path):
     torch.manual_seed(0)
     model = create_model("resnet_mini", num_classes=10, in_chans=1, width=4).eval()
