@@ -178,10 +178,8 @@ def main() -> None:
     results = {}
     for name in names:
         t0, l0 = time.perf_counter(), load()
-        r = score(work / "compressed" / name, eval_batches(train_run, name))
-        qad = json.loads((work / "compressed" / name / "qad.json").read_text())
-        r.update(goal=goal(r), qad_json=qad["stages"], trained=json.loads((train_run / name / "arch.json").read_text()),
-                 report=[row for row in comp.rows if row["student"] == name],
+        r = student_result(work, name)
+        r.update(report=[row for row in comp.rows if row["student"] == name],
                  seconds=time.perf_counter() - t0, load_before=l0, load_after=load())
         results[name] = r
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": platform.platform(),
@@ -193,15 +191,22 @@ def main() -> None:
     print(json.dumps({n: r["goal"] for n, r in results.items()}, indent=1))
 
 
+def student_result(work: Path, name: str) -> dict:
+    """One student's scores, the goal's verdict, its qad.json entries and how it was trained."""
+    r = score(work / "compressed" / name, eval_batches(work / "students", name))
+    r.update(goal=goal(r), qad_json=json.loads((work / "compressed" / name / "qad.json").read_text())["stages"],
+             trained=json.loads((work / "students" / name / "arch.json").read_text()))
+    return r
+
+
 def rescore(work: Path, args: argparse.Namespace) -> None:
     """Score the files a finished run left in --work again, into --out's "students" (keeping its steps)."""
     os.chdir(ROOT)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     results = {}
     for name in [name_of(a) for a in args.students]:
-        r = score(work / "compressed" / name, eval_batches(work / "students", name))
-        r.update(goal=goal(r), qad_json=json.loads((work / "compressed" / name / "qad.json").read_text())["stages"],
-                 trained=json.loads((work / "students" / name / "arch.json").read_text()), load_after=load())
+        r = student_result(work, name)
+        r["load_after"] = load()
         results[name] = r
     previous.update(students=results, rescored=" ".join([Path(sys.executable).name, *sys.argv]))
     args.out.write_text(json.dumps(previous, indent=1))
