@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -28,12 +29,14 @@ from distill.student_train import metrics as m
 from distill.student_train.epoch_losses import EpochLosses
 from distill.student_train.evaluate import to_model_input
 from distill.student_train.feature_kd import forward_train, plain_student_state, wrap_student
-from distill.student_train.job import JobSpec, student_prep
+from distill.student_train.job import JobSpec, WorkerContext, student_prep
 from distill.student_train.losses import Loss
 from distill.student_train.precision import autocast, keep_batchnorm_fp32
 from distill.student_train.student_model import build_student
 from distill.student_train.variant import VariantConfig
 from distill.teacher_cache.contract import rebuild_log_probs
+
+log = logging.getLogger(__name__)
 
 SHARED_KEYS = ("label", "weight", "teacher_top1", "teacher_top1_view0", "topk_ids", "topk_logits", "tail_lse",
                "teacher_feat")
@@ -304,3 +307,19 @@ def epoch_score(row: dict[str, Any]) -> tuple[str, float]:
 def is_better(score: float, best: float | None) -> bool:
     """The first epoch always wins (best is None): a variant that trained always has a best.pt."""
     return best is None or score > best
+
+def report_progress(active: list[StudentRun], gid: str, epoch: int, step: int, steps: int, rate: float,
+                    ctx: WorkerContext) -> None:
+    """A training step's losses and rate: each live student's series, and one log line on rank 0."""
+    rank, parts = str(ctx.rank), []
+    for s in active:
+        if not s.live or s.last is None:
+            continue
+        last = torch.stack([s.last[k].detach().float() for k in s.loss_fn.parts]).tolist()
+        for part, val in zip(s.loss_fn.parts, last, strict=True):
+            m.LOSS.labels(s.name, rank, part).set(val)
+        m.SAMPLES_PER_S.labels(s.name, rank).set(rate)
+        parts.append(f"{s.name} {last[0]:.4f}")
+    if ctx.rank == 0 and parts:
+        log.info("[%s] epoch %d step %d/%d %.1f samples/s | loss %s", gid, epoch + 1, step + 1, steps,
+                 rate * ctx.world, " | ".join(parts))

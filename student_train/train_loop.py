@@ -44,6 +44,7 @@ from distill.student_train.student import (
     build_looped,
     epoch_score,
     is_better,
+    report_progress,
     save_best,
     seeded_model,
     write_row,
@@ -271,7 +272,7 @@ def _train_epoch(units: list[Unit], active: list[StudentRun], job: JobSpec, st: 
         if (step + 1) % job.log_every == 0 or step + 1 == steps:
             _check_finite(units, active, job, ctx, gid, f"by epoch {epoch + 1} step {step + 1}")
             now = time.perf_counter()
-            _log_progress(active, gid, epoch, step, steps, n_log / max(1e-9, now - t_log), ctx)
+            report_progress(active, gid, epoch, step, steps, n_log / max(1e-9, now - t_log), ctx)
             t_log, n_log = now, 0.0
     _check_finite(units, active, job, ctx, gid, f"in epoch {epoch + 1}")  # steps == 0 never reached the loop's
     live = [s for s in active if s.live]
@@ -313,22 +314,6 @@ def _check_finite(units: list[Unit], active: list[StudentRun], job: JobSpec, ctx
             _fail(s, _unit_of(units, s), f"variant {s.name}: non-finite loss {when} (lr={s.v.lr}); lower lr or warm "
                   "up longer (warmup_epochs), use precision fp32 instead of bf16, or check the inputs/labels for "
                   "NaN or out-of-range values", job, ctx, gid)
-
-
-def _log_progress(active: list[StudentRun], gid: str, epoch: int, step: int, steps: int, rate: float,
-                  ctx: WorkerContext) -> None:
-    rank, parts = str(ctx.rank), []
-    for s in active:
-        if not s.live or s.last is None:
-            continue
-        last = torch.stack([s.last[k].detach().float() for k in s.loss_fn.parts]).tolist()
-        for part, val in zip(s.loss_fn.parts, last, strict=True):
-            m.LOSS.labels(s.name, rank, part).set(val)
-        m.SAMPLES_PER_S.labels(s.name, rank).set(rate)
-        parts.append(f"{s.name} {last[0]:.4f}")
-    if ctx.rank == 0 and parts:
-        log.info("[%s] epoch %d step %d/%d %.1f samples/s | loss %s", gid, epoch + 1, step + 1, steps,
-                 rate * ctx.world, " | ".join(parts))
 
 
 def _row(s: StudentRun, epoch: int, seconds: float, unit: Unit) -> dict[str, Any]:
