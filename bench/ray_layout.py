@@ -11,7 +11,9 @@ Every run is a fresh process (no Ray or torch state carried over), the order of 
 between repeats, and each pipeline's median and spread (min-max) are reported with the 1-minute load. img/s =
 images / wall seconds of the pass, **Ray's start included for every Ray pipeline** (imports excluded for all);
 Ray's start is also reported apart. Pipelines:
-- `ray`: `distill cache` with Ray and its default layout; `noray`: `distill cache --no-ray`; each
+- `ray`: `distill cache` with Ray and its defaults: on the local cluster it starts, the driver labels shards while
+  Ray and the actor start (teacher_cache/head_start.py; how many is reported); `ray_plain`: the same with
+  `ray.label_while_starting: false` (the actors label everything); `noray`: `distill cache --no-ray`; each
   `--layout NAME:overrides`: `distill cache` with those config overrides;
 - Ray Data, all `read_webdataset(decoder=None)` -> ... -> `write_parquet`, the teacher in a callable class
   (top-10 + tail log-sum-exp), Pillow decode (resize 256, centre crop 224, normalise):
@@ -91,22 +93,19 @@ def our_pass(shards: list[Path], teacher: Path, root: Path, overrides: list[str]
     """One `distill cache` run in this process; Ray (when enabled) is started inside the timing, apart too."""
     import ray
 
-    from distill.core.ray_cluster import connect_ray
     from distill.teacher_cache.config import CacheConfig
     from distill.teacher_cache.run import run
 
     cfg = CacheConfig.model_validate(pass_config(shards, teacher, root, overrides))
     t0 = time.perf_counter()
-    if cfg.ray.enabled:
-        connect_ray(cfg.ray.address)  # what run() does first; timed apart here
-    ray_start = time.perf_counter() - t0
-    res = run(cfg)
+    res = run(cfg)  # starts Ray itself (timed apart inside: res.ray_start_seconds)
     wall = time.perf_counter() - t0
     if ray.is_initialized():
         ray.shutdown()
     assert res.status == "success", res.summary()
-    return {"images": res.images, "wall_s": wall, "ray_start_s": ray_start, "label_s": res.label_seconds,
-            "forward_s": res.teacher_seconds, "wait_s": res.wait_seconds, "write_s": res.write_seconds}
+    return {"images": res.images, "wall_s": wall, "ray_start_s": res.ray_start_seconds, "label_s": res.label_seconds,
+            "forward_s": res.teacher_seconds, "wait_s": res.wait_seconds, "write_s": res.write_seconds,
+            "on_driver": len(res.labelled_on_driver)}
 
 
 def limit_run(shards: list[Path], teacher: Path, root: Path) -> dict:
@@ -236,6 +235,7 @@ def phase(names: list[str], args: argparse.Namespace, work: Path, tag: str) -> d
             extra = f", limit {res['limit_img_s']:.1f}" if "limit_img_s" in res else ""
             extra += f", Ray's start {res['ray_start_s']:.1f} s" if res.get("ray_start_s", 0) > 0.01 else ""
             extra += f", in the labeller {res['label_s']:.1f} s" if "label_s" in res else ""
+            extra += f", {res['on_driver']} shard(s) on the driver" if res.get("on_driver") else ""
             print(f"[{tag}] {name:>10} repeat {r}: {res['images']} images, {res['wall_s']:.1f} s, "
                   f"{res['img_s']:.1f} img/s{extra}, load {res['load1']:.1f}", flush=True)
     return results
@@ -249,8 +249,9 @@ def report(results: dict[str, list[dict]], tag: str, peer: str | None) -> dict[s
     print(f"\n{tag}: median [min-max] of {len(next(iter(results.values())))} runs, load "
           f"{min(x['load1'] for rs in results.values() for x in rs):.1f}-"
           f"{max(x['load1'] for rs in results.values() for x in rs):.1f}")
-    print("| pipeline | img/s, whole pass (Ray's start in) | Ray's start s | labelling img/s | / peer |")
-    print("|---|---:|---:|---:|---:|")
+    print("| pipeline | img/s, whole pass (Ray's start in) | Ray's start s | labelling img/s | shards on the driver "
+          "| / peer |")
+    print("|---|---:|---:|---:|---:|---:|")
     meds = {name: med([x["img_s"] for x in rs]) for name, rs in results.items() if name != "limit"}
     for name, rs in results.items():
         if name == "limit":
@@ -259,14 +260,15 @@ def report(results: dict[str, list[dict]], tag: str, peer: str | None) -> dict[s
         start = f"{med([x['ray_start_s'] for x in rs]):.1f}" if rs[0].get("ray_start_s", 0) > 0.01 else "-"
         lab = f"{med([x['label_img_s'] for x in rs]):.1f}" if "label_img_s" in rs[0] else "-"
         ratio = f"{meds[name] / meds[peer]:.2f}x" if peer in meds else "-"
-        print(f"| {name} | {meds[name]:.1f} [{min(v):.1f}-{max(v):.1f}] | {start} | {lab} | {ratio} |")
+        driver = "/".join(str(x["on_driver"]) for x in rs) if "on_driver" in rs[0] else "-"
+        print(f"| {name} | {meds[name]:.1f} [{min(v):.1f}-{max(v):.1f}] | {start} | {lab} | {driver} | {ratio} |")
     if "limit" in results:
         rs = results["limit"]
         lim = med([x["limit_img_s"] for x in rs])
         print(f"shared-core limit: decode {med([x['decode_img_s'] for x in rs]):.1f} img/s, forward "
               f"{med([x['forward_img_s'] for x in rs]):.1f} img/s ({rs[0]['threads']} torch threads) -> limit "
               f"{lim:.1f} [{min(x['limit_img_s'] for x in rs):.1f}-{max(x['limit_img_s'] for x in rs):.1f}]")
-        for name in ("noray", "ray"):
+        for name in ("noray", "ray", "ray_plain"):
             if name in results:
                 lab = med([x["label_img_s"] for x in results[name]])
                 print(f"{name}: labelling {lab:.1f} img/s = {lab / lim:.2f} of the limit (goal >= 0.8)")
@@ -293,7 +295,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     shards = make_shards(work / "shards", args.images, args.shards)
     teacher = make_teacher(work)
-    pipelines: dict[str, list[str]] = {"ray": ["ray.enabled=true"], "noray": ["ray.enabled=false"], "limit": []}
+    pipelines: dict[str, list[str]] = {"ray": ["ray.enabled=true"], "noray": ["ray.enabled=false"], "limit": [],
+                                       "ray_plain": ["ray.enabled=true", "ray.label_while_starting=false"]}
     pipelines.update({name: [] for name in RD_VARIANTS})
     pipelines.update(parse_layout(text) for text in args.layout)
     if args.only:

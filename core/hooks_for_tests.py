@@ -8,6 +8,8 @@ pool forwards these variables to its actors (`forwarded_env`), so a test can set
 - `DISTILL_TEST_BREAK_LABELLER=PATH`: the first labeller that starts a shard while PATH exists deletes the file
   (one unlink succeeds, so exactly one labeller gets it) and is broken from then on: it raises a CUDA-style
   RuntimeError on that shard and on every later one, as a labeller with a sticky CUDA error does.
+- `DISTILL_TEST_DRIVER_SHARDS=N`: while a local Ray cluster starts, the driver labels at most N shards
+  (teacher_cache/head_start.py), so a test knows which shards the actors label whatever the machine's speed.
 - `DISTILL_TEST_CRASH_DECODER=MARKER`: a CPU decode process that is given a sample whose image bytes contain
   MARKER kills itself with SIGSEGV before decoding it, as a crashing image codec would.
 
@@ -34,6 +36,7 @@ HOLD_PREFIX = ".hold-after-epoch-"
 
 BREAK_LABELLER = "DISTILL_TEST_BREAK_LABELLER"
 CRASH_DECODER = "DISTILL_TEST_CRASH_DECODER"
+DRIVER_SHARDS = "DISTILL_TEST_DRIVER_SHARDS"
 _broken = False
 
 
@@ -54,6 +57,12 @@ def check_labeller() -> None:
             pass
     if _broken:
         raise RuntimeError(f"CUDA error: an illegal memory access was encountered (injected by {BREAK_LABELLER})")
+
+
+def driver_shard_cap() -> int | None:
+    """At most this many shards for the driver while Ray starts, if a test asked (see module doc)."""
+    value = os.environ.get(DRIVER_SHARDS)
+    return int(value) if value else None
 
 
 def check_decode(files: Iterable[bytes]) -> None:

@@ -43,6 +43,8 @@ class PoolReport:
     actors_dropped: int = 0  # replacements never placed within the deadline
     actors_retired: int = 0  # alive but replaced: the labeller raised (maybe broken for good) or a shard hung
     timed_out: dict[str, int] = field(default_factory=dict)  # stem -> attempts that passed the shard deadline
+    labelled_on_driver: list[str] = field(default_factory=list)  # while the actors started (head_start.py)
+    ray_start_s: float = 0.0  # connecting to Ray, or starting a local cluster (0 when this process was connected)
 
 
 @dataclass
@@ -116,6 +118,10 @@ class ShardScheduler(Generic[A, T]):
         return late
 
     # work ------------------------------------------------------------------------------------------------
+    def add(self, tasks: list[T]) -> None:
+        """Queue more tasks (first attempts), after the ones queued already."""
+        self.todo.extend((t, 0) for t in tasks)
+
     def assignments(self, now: float) -> list[tuple[A, T, int]]:
         """(actor, task, attempt) for every idle actor that gets a queued task now."""
         out = []

@@ -34,6 +34,9 @@ class RayConfig(StrictConfig):
                                          "actors, the smallest node's CPUs for CPU actors (one actor fills a node)")
     gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per labeller actor (e.g. 1, or 0.5 for two "
                                   "actors per GPU); the actors on a node share its CPUs for decoding")
+    label_while_starting: bool = Field(True, description="a local cluster this run starts (no address, no "
+                                       "RAY_ADDRESS): the driver labels shards with the teacher it has loaded while "
+                                       "Ray and the actors start, then hands the rest to the actors")
     max_shard_retries: int = Field(2, ge=0, description="times a shard whose actor died (node lost, OOM) is "
                                    "labelled again on a live actor before it counts as failed")
     actor_start_timeout_s: float = Field(120.0, gt=0.0, description="an actor not placed and loaded within this "

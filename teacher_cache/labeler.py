@@ -295,3 +295,29 @@ class Labeler:
         packed = (ids.to(torch.int32), vals, tail, finite)
         ids, vals, tail, finite = (t.cpu() for t in packed)  # the one device->host transfer per batch: small tensors
         return ids, vals, tail, finite, feats.float().cpu() if feats is not None else None
+
+
+def label_in_process(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[ShardTask],
+                     on_result: Callable[[ShardResult], None], on_progress: Callable[[ProgressEvent], None],
+                     until: Callable[[], bool] | None = None, labellers_on_node: int = 1) -> list[ShardTask]:
+    """Label `tasks` one after the other in this process; with `until`, stop before a shard once it says so.
+
+    Returns the tasks not labelled (none unless `until` stopped it)."""
+    labeler = Labeler(cfg, fp, teacher, labellers_on_node=labellers_on_node)
+    rest = list(tasks)
+    try:
+        while rest and not (until is not None and until()):
+            shown = 0
+
+            def counted(ev: ProgressEvent) -> None:
+                nonlocal shown
+                shown += ev.images
+                on_progress(ev)
+
+            r = labeler.label_shard(rest.pop(0), counted)
+            if not r.ok and shown:  # a shard that broke half-way gives its images back
+                on_progress(ProgressEvent(images=-shown))
+            on_result(r)
+    finally:
+        labeler.close()
+    return rest

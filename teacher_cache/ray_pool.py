@@ -135,12 +135,14 @@ class _Progress:
 
 
 def label_with_ray(cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
-                   on_result: Callable[[ShardResult], None], on_progress: Callable[[ProgressEvent], None]
-                   ) -> PoolReport:
-    """Schedule whole shards onto live actors; a dead actor's shard is retried elsewhere (see actor_pool)."""
-    cfg = resolve_placement(_with_actor_defaults(cfg))  # decided here, once: actors never resolve `auto` themselves
-    check_fits([{"CPU": actor_layout(cfg)[1], "GPU": cfg.ray.gpus_per_actor}], "a teacher actor (ray.*_per_actor)")
-    pool = _PoolRun(cfg, fingerprint, tasks, on_result, on_progress)
+                   on_result: Callable[[ShardResult], None], on_progress: Callable[[ProgressEvent], None],
+                   pool: PoolRun | None = None) -> PoolReport:
+    """Schedule whole shards onto live actors; a dead actor's shard is retried elsewhere (see actor_pool).
+
+    `pool`: actors started already (`open_pool`), given `tasks` now (teacher_cache/head_start.py)."""
+    if pool is None:
+        pool = open_pool(cfg, fingerprint, len(tasks), on_result, on_progress)
+    pool.add(tasks)
     try:
         pool.run()
     finally:
@@ -165,15 +167,25 @@ def _with_actor_defaults(cfg: CacheConfig) -> CacheConfig:
     return cfg.model_copy(update={"ray": ray_cfg})
 
 
-class _PoolRun:
+def open_pool(cfg: CacheConfig, fingerprint: str, shards: int, on_result: Callable[[ShardResult], None],
+              on_progress: Callable[[ProgressEvent], None]) -> PoolRun:
+    """Start the actors for `shards` shards (at most one each); they get their shards in `label_with_ray`."""
+    cfg = resolve_placement(_with_actor_defaults(cfg))  # decided here, once: actors never resolve `auto` themselves
+    check_fits([{"CPU": actor_layout(cfg)[1], "GPU": cfg.ray.gpus_per_actor}], "a teacher actor (ray.*_per_actor)")
+    pool = PoolRun(cfg, fingerprint, min(actor_layout(cfg)[0], shards), on_result, on_progress)
+    pool.start(time.monotonic())
+    return pool
+
+
+class PoolRun:
     """One run of the actor pool: Ray calls in, ShardScheduler decisions out."""
 
-    def __init__(self, cfg: CacheConfig, fingerprint: str, tasks: list[ShardTask],
+    def __init__(self, cfg: CacheConfig, fingerprint: str, target: int,
                  on_result: Callable[[ShardResult], None], on_progress: Callable[[ProgressEvent], None]) -> None:
         import ray
 
         self.cfg, self.on_result = cfg, on_result
-        self.sched: ShardScheduler = ShardScheduler(tasks, cfg.ray.max_shard_retries, cfg.ray.actor_start_timeout_s,
+        self.sched: ShardScheduler = ShardScheduler([], cfg.ray.max_shard_retries, cfg.ray.actor_start_timeout_s,
                                                     cfg.ray.actor_start_deadline_s,
                                                     deadline_of=lambda t: shard_deadline_s(cfg, t))
         self.progress = _Progress(on_progress)
@@ -183,7 +195,7 @@ class _PoolRun:
             options["runtime_env"] = {"env_vars": env}
         self.actor_cls: Any = ray.remote(**options)(TeacherActor)  # an actor class (ray's stubs type it as the class)
         self.args = (cfg.model_dump(mode="json"), fingerprint)
-        self.target = min(actor_layout(cfg)[0], len(tasks))
+        self.target = target
         self.ready_refs: dict = {}  # node() ref -> actor
         self.label_refs: dict = {}  # label() ref -> (actor, task, attempt)
         self.node_of: dict[int, str] = {}
@@ -205,12 +217,23 @@ class _PoolRun:
     def fail(self, task: ShardTask, message: str) -> None:
         self.on_result(ShardResult(stem=task.stem, source=str(task.path), ok=False, message=message))
 
+    def start(self, now: float) -> None:
+        for _ in range(self.target):
+            self.spawn(now)
+
+    def add(self, tasks: list[ShardTask]) -> None:
+        self.sched.add(tasks)
+
+    def answered(self) -> bool:
+        """An actor is ready, or failed to start: the pool has something to act on."""
+        import ray
+
+        refs = list(self.ready_refs)
+        return not refs or bool(ray.wait(refs, num_returns=1, timeout=0)[0])
+
     def run(self) -> None:
         import ray
 
-        now = time.monotonic()
-        for _ in range(self.target):
-            self.spawn(now)
         while not self.sched.done:
             raise_if_stopping()  # a SIGTERM swallowed by a best-effort call (a progress poll) ends it here
             for actor, task, attempt in self.sched.assignments(time.monotonic()):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from distill.core.atomic_io import checksum_matches
 from distill.core.errors import DistillError
 from distill.core.graceful_stop import StopRequested, sigterm_deferred, sigterm_received
-from distill.core.ray_cluster import InfeasibleResourcesError, connect_ray
+from distill.core.ray_cluster import InfeasibleResourcesError
 from distill.core.run_phase import begin_work
 from distill.core.storage import FileInfo, Published, Store, open_store
 from distill.core.storage.names import UnsafeNameError, check_part
@@ -29,7 +29,7 @@ from distill.teacher_cache.config import CacheConfig
 from distill.teacher_cache.fingerprint import fingerprint
 from distill.teacher_cache.fingerprint_memo import recall_fingerprint, remember_fingerprint
 from distill.teacher_cache.inspect_cache import teacher_score, weak_teacher_warning
-from distill.teacher_cache.labeler import Labeler, ProgressEvent, ShardResult, ShardTask
+from distill.teacher_cache.labeler import ProgressEvent, ShardResult, ShardTask, label_in_process
 from distill.teacher_cache.manifest import Manifest, ManifestWriter, ShardEntry, plan_refresh
 from distill.teacher_cache.placement import resolve_placement
 from distill.teacher_cache.reader import ERRORS_DIR
@@ -60,6 +60,8 @@ class CacheResult:
     vanished: list[str] = field(default_factory=list)
     retried: dict[str, int] = field(default_factory=dict)  # shards labelled again after their actor died
     lost_nodes: list[str] = field(default_factory=list)  # Ray nodes that died with a labelling actor
+    labelled_on_driver: list[str] = field(default_factory=list)  # by this process while Ray started (head_start)
+    ray_start_seconds: float = 0.0  # connecting to Ray or starting a local cluster (in `seconds`)
     stopped: bool = False  # SIGTERM (e.g. `ray job stop`) ended the run; what is listed is kept
     images: int = 0
     decode_errors: int = 0
@@ -332,40 +334,19 @@ def _execute(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[Shar
 
     try:
         if cfg.ray.enabled:
-            from distill.teacher_cache.ray_pool import label_with_ray
+            from distill.teacher_cache.head_start import label_on_ray
 
-            connect_ray(cfg.ray.address)
-            report = label_with_ray(cfg, fp, tasks, on_result, on_progress)
-            result.retried, result.lost_nodes = report.retried, report.lost_nodes
+            report = label_on_ray(cfg, fp, teacher, tasks, on_result, on_progress, result.labelled_on_driver)
+            result.retried, result.lost_nodes, result.ray_start_seconds = (report.retried, report.lost_nodes,
+                                                                           report.ray_start_s)
             if report.lost_nodes:
                 log.warning("lost Ray node(s) %s; shards labelled again elsewhere: %s", ", ".join(report.lost_nodes),
                             ", ".join(sorted(report.retried)) or "none")
         else:
-            _label_in_process(cfg, fp, teacher, tasks, on_result, on_progress)
+            label_in_process(cfg, fp, teacher, tasks, on_result, on_progress)
     finally:
         image_bar.close()
         shard_bar.close()
-
-
-def _label_in_process(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[ShardTask],
-                      on_result: Callable[[ShardResult], None],
-                      on_progress: Callable[[ProgressEvent], None]) -> None:
-    labeler = Labeler(cfg, fp, teacher)
-    try:
-        for task in tasks:
-            shown = 0
-
-            def counted(ev: ProgressEvent) -> None:
-                nonlocal shown
-                shown += ev.images
-                on_progress(ev)
-
-            r = labeler.label_shard(task, counted)
-            if not r.ok and shown:  # a shard that broke half-way gives its images back
-                on_progress(ProgressEvent(images=-shown))
-            on_result(r)
-    finally:
-        labeler.close()
 
 
 def complete_identity(ident: ShardIdentity, path: ShardPath, before: ShardIdentity | None) -> ShardIdentity:
