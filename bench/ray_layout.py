@@ -20,7 +20,7 @@ Ray's start is also reported apart. Pipelines:
   `rd_actor` decode inside the teacher actor, 1 actor, 2 torch threads; `rd_actor1` the same with 1 thread;
   `rd_tasks` decode in tasks feeding a 1-thread teacher actor; `rd_2actors` decode inside the actor, 2 actors
   x 1 thread (0.5 CPU each, so the read tasks are never starved). The fastest by median on the quiet machine
-  is the peer (the run prints which; on 2026-12-06's loaded 2-core VM it was `rd_actor1`: BENCHMARKS.md);
+  is the peer (the run prints which; on the quiet 2-core VM of 2026-12-06 it was `rd_2actors`: BENCHMARKS.md);
 - `limit`: the shared-core limit 1 / (1/decode + 1/forward) from the labeller's own decode (all images, its
   reading thread) and its own forward step on the decoded batches (normalise + forward + top-k), with the
   threads the labeller chose, in one process. pass / limit uses the pass's labelling rate (images / seconds
