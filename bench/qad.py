@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/qad.py [--config examples/demo.yaml] [--work runs/bench_qad] [--epochs 12]
         [--students timm:mobilenetv3_small_050 timm:mobilenetv2_050] [--size 32] [--qad-epochs 2] [--qad-lr 2e-4]
-        [--out bench/out/qad.json]
+        [--out bench/out/qad.json] [--reduce-range]
 
 The demo's MNIST digits, teacher and cache (built from --config when missing). Each student is trained from the
 cache (mode soft, every train shard labelled, in-process, 1 rank) at --size px, then `distill compress` runs with
@@ -155,6 +155,8 @@ def main() -> None:
     ap.add_argument("--qad-lr", type=float, default=2e-4)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "qad.json")
     ap.add_argument("--score-only", action="store_true", help="re-score the models already in --work (no training)")
+    ap.add_argument("--reduce-range", action="store_true", help="quantize.reduce_range: ONNX Runtime int8 weights on "
+                    "7 bits (x86 CPUs without VNNI); compressed into --work/compressed-reduce-range")
     args = ap.parse_args()
     work = args.work.resolve()
     if args.score_only:
@@ -170,15 +172,15 @@ def main() -> None:
     names = [name_of(a) for a in args.students]
     t0, l0 = time.perf_counter(), load()
     comp = run_compress(CompressConfig.model_validate({
-        "train_run": str(train_run), "out_dir": str(work / "compressed"), "select": {"students": names},
-        "prune": {"enabled": False}, "quantize": {"calib_samples": 256},
+        "train_run": str(train_run), "out_dir": str(work / compressed_dir(args)), "select": {"students": names},
+        "prune": {"enabled": False}, "quantize": {"calib_samples": 256, "reduce_range": args.reduce_range},
         "qad": {"enabled": True, "epochs": args.qad_epochs, "lr": args.qad_lr},
         "latency": {"rounds": 5, "repeats_b1": 20, "repeats_b32": 5}}))
     steps["compress (PTQ + QAD)"] = {"seconds": time.perf_counter() - t0, "load_before": l0, "load_after": load()}
     results = {}
     for name in names:
         t0, l0 = time.perf_counter(), load()
-        r = student_result(work, name)
+        r = student_result(work, name, args)
         r.update(report=[row for row in comp.rows if row["student"] == name],
                  seconds=time.perf_counter() - t0, load_before=l0, load_after=load())
         results[name] = r
@@ -191,10 +193,15 @@ def main() -> None:
     print(json.dumps({n: r["goal"] for n, r in results.items()}, indent=1))
 
 
-def student_result(work: Path, name: str) -> dict:
+def compressed_dir(args: argparse.Namespace) -> str:
+    return "compressed-reduce-range" if args.reduce_range else "compressed"
+
+
+def student_result(work: Path, name: str, args: argparse.Namespace) -> dict:
     """One student's scores, the goal's verdict, its qad.json entries and how it was trained."""
-    r = score(work / "compressed" / name, eval_batches(work / "students", name))
-    r.update(goal=goal(r), qad_json=json.loads((work / "compressed" / name / "qad.json").read_text())["stages"],
+    out = work / compressed_dir(args) / name
+    r = score(out, eval_batches(work / "students", name))
+    r.update(goal=goal(r), qad_json=json.loads((out / "qad.json").read_text())["stages"],
              trained=json.loads((work / "students" / name / "arch.json").read_text()))
     return r
 
@@ -205,7 +212,7 @@ def rescore(work: Path, args: argparse.Namespace) -> None:
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     results = {}
     for name in [name_of(a) for a in args.students]:
-        r = student_result(work, name)
+        r = student_result(work, name, args)
         r["load_after"] = load()
         results[name] = r
     previous.update(students=results, rescored=" ".join([Path(sys.executable).name, *sys.argv]))

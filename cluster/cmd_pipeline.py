@@ -135,6 +135,7 @@ def _query(bundle: str, deploy: dict) -> list[str]:
 
 
 def curl_command(image: str, content_type: str, url: str = "http://127.0.0.1:8000/predict") -> str:
-    """A curl that waits for the server (retries while it starts) and prints the top-k JSON."""
-    return (f"curl -s --retry 30 --retry-all-errors --retry-delay 2 --fail-with-body "
+    """A curl that waits for the server (retries for up to 3 minutes while it starts: Ray and Serve took over a
+    minute on a loaded 2-core machine, and 30 retries ran out in a test) and prints the top-k JSON."""
+    return (f"curl -s --retry 90 --retry-all-errors --retry-delay 2 --fail-with-body "
             f"-H 'Content-Type: {content_type}' --data-binary {shlex.quote('@' + image)} {url}")

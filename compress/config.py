@@ -41,11 +41,12 @@ class QuantizeConfig(StrictConfig):
     method: Literal["minmax", "entropy", "percentile"] = Field(
         "minmax", description="ONNX Runtime's calibration; LiteRT int8 always takes each tensor's global min/max "
         "over the calibration views (compress/litert_convert.py)")
-    reduce_range: bool = Field(False, description="ONNX Runtime int8 weights on 7 bits: on x86 CPUs without VNNI "
-                               "(AVX2, pre-VNNI AVX-512) the fused u8 x s8 kernels can saturate their 16-bit sums; "
-                               "a MobileNetV2 lost 2.0 pt there that the graph itself does not, and 0.4 pt with this "
-                               "on (BENCHMARKS.md); turn it on when you serve ONNX int8 from such CPUs. Not applied "
-                               "to QAD's int8 (its fake-quant graph simulates 8-bit weights)")
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="ONNX Runtime int8 weights on 7 bits: on x86 CPUs without VNNI (AVX2, pre-VNNI AVX-512) "
+        "the fused u8 x s8 kernels can saturate their 16-bit sums; MobileNets lost 2.6-3.4 pt there that the graph "
+        "itself does not, and 0.2-1.0 pt with this on (BENCHMARKS.md). auto = on when the CPU compress runs on (where "
+        "the int8 models are measured and gated) is x86 without VNNI; set it for the CPUs you serve from. Not applied "
+        "to QAD's int8 (its fake-quant graph simulates 8-bit weights)")
 
 
 class LiteRTConfig(StrictConfig):

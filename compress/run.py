@@ -33,7 +33,7 @@ from distill.compress.onnx_export import check_parity, export_onnx, save_torchsc
 from distill.compress.plan import check_students
 from distill.compress.prune import count_cost
 from distill.compress.qad import finish_qad_json, qad_stages
-from distill.compress.quantize import quantize_int8
+from distill.compress.quantize import quantize_int8, resolve_reduce_range
 from distill.compress.report import failure, format_failures, format_table, pareto_plot, verdicts
 from distill.compress.select import select_students
 from distill.compress.tracking import record_compress
@@ -240,6 +240,11 @@ def compress_one(cfg: CompressConfig, job: JobSpec, run_dir: Path, name: str, fa
 
 def run(cfg: CompressConfig) -> CompressResult:
     t0 = time.perf_counter()
+    rr = resolve_reduce_range(cfg.quantize.reduce_range)  # decided once, recorded in compress_config.resolved.yaml
+    if cfg.quantize.enabled and cfg.quantize.reduce_range == "auto":
+        log.info("quantize.reduce_range: auto -> %s (%s)", rr, "x86 without VNNI: 7-bit ONNX Runtime int8 weights"
+                 if rr else "8-bit ONNX Runtime int8 weights")
+    cfg = cfg.model_copy(update={"quantize": cfg.quantize.model_copy(update={"reduce_range": rr})})
     run_dir = Path(cfg.train_run).resolve()
     resolved = run_dir / "train_config.resolved.yaml"
     if not resolved.exists():

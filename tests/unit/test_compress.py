@@ -289,3 +289,18 @@ def test_pareto_plot_labels_never_overprint_and_each_stage_has_its_own_marker(tm
     points = [tuple(ax.transData.transform(c.get_offsets()[0])) for c in ax.collections[1:]]
     assert len(points) == len(stages) and len({(round(x), round(y)) for x, y in points}) == len(stages)
     assert [t.get_text().split(" (")[0] for t in ax.get_legend().get_texts()] == ["trained students", *stages]
+
+
+def test_reduce_range_auto_is_on_for_x86_without_vnni_only():
+    """quantize.reduce_range: auto = 7-bit weights where ONNX Runtime's u8 x s8 kernels can saturate (x86 before VNNI),
+    read from the CPU's flags; 8-bit on VNNI CPUs, on ARM, and where the flags cannot be read."""
+    from distill.compress.quantize import resolve_reduce_range, x86_without_vnni
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    vnni = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni\n"
+    assert x86_without_vnni("x86_64", avx2) and x86_without_vnni("AMD64", avx2)
+    assert not x86_without_vnni("x86_64", vnni)
+    assert not x86_without_vnni("x86_64", vnni.replace("avx512f avx512_vnni", "avx_vnni"))
+    assert not x86_without_vnni("aarch64", avx2) and not x86_without_vnni("x86_64", "no flags here\n")
+    assert resolve_reduce_range(True) and not resolve_reduce_range(False)
+    assert resolve_reduce_range("auto") == x86_without_vnni()
