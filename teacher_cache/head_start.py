@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 
 from distill.core import hooks_for_tests
+from distill.core.graceful_stop import sigterm_deferred
 from distill.core.ray_cluster import check_fits, connect_ray
 from distill.teacher.load import LoadedTeacher
 from distill.teacher_cache.actor_pool import PoolReport
@@ -59,10 +60,16 @@ def label_on_ray(cfg: CacheConfig, fp: str, teacher: LoadedTeacher, tasks: list[
             report = label_with_ray(cfg, fp, tasks, on_result, on_progress)
             report.ray_start_s = ray_start_s
             return report
-        pool = open_pool(cfg, fp, len(tasks), on_result, on_progress)
-        while labeller.running(on_result, on_progress):
-            if pool.answered():  # an actor is ready (or failed to start): it takes over after this shard
-                labeller.stop()
+        # SIGTERM is raised between these calls, never inside Ray's Python code or a queue's lock (an exception raised
+        # there can leave a lock held, and the stop path below hung once on a loaded machine)
+        with sigterm_deferred():
+            pool = open_pool(cfg, fp, len(tasks), on_result, on_progress)
+        while True:
+            with sigterm_deferred():
+                if not labeller.running(on_result, on_progress):
+                    break
+                if pool.answered():  # an actor is ready (or failed to start): it takes over after this shard
+                    labeller.stop()
     except BaseException:
         if labeller is not None:  # what it finished is recorded before the error (or the stop) goes on
             with contextlib.suppress(BaseException):
@@ -150,10 +157,13 @@ class _DriverLabeller:
         first: BaseException | None = None
         while True:  # every result is passed on, even after one of them raised (a SIGTERM deferred in on_result)
             try:
-                if not self.running(on_result, on_progress) and self._events.empty():
-                    break
+                with sigterm_deferred():
+                    if not self.running(on_result, on_progress) and self._events.empty():
+                        break
             except BaseException as exc:  # noqa: BLE001 - the first one is raised below
                 first = first or exc
+                if self._events.empty() and not self._thread.is_alive():
+                    break
         if first is not None or self._error is not None:
             raise first or self._error  # type: ignore[misc]
         return self.rest
