@@ -1,14 +1,15 @@
 """A local Ray run's first seconds, put to work: the driver labels shards while Ray and the teacher actors start.
 
 Before an actor labels anything, Ray's processes start and each teacher actor imports torch and loads the teacher:
-on a quiet 2-core node 4.4 s + 4 s, as long as labelling 2,048 images (BENCHMARKS.md, issue 31). The driver has
-the teacher loaded already (the fingerprint needs it). So when this run starts a local cluster itself (no
-`ray.address`, no RAY_ADDRESS, Ray not yet up in this process: the driver's CPUs are then the cluster's), Ray and
-the actors start in a background thread while the driver labels shards, a whole shard at a time, with the same
-labeller as `--no-ray`. Once an actor is ready (or failed to start) the remaining shards go to the pool, which
-retries and replaces actors as before (teacher_cache/actor_pool.py). A Ray Data pipeline's read tasks run while
-its actor loads in the same way. On a cluster the driver labels nothing: it may run on a head node with no room
-for a teacher. `ray.label_while_starting: false` turns it off.
+on a quiet 2-core node 4.4 s + 4 s, as long as labelling 2,048 images (BENCHMARKS.md, issue 31). The driver has the
+teacher loaded already (the fingerprint needs it). So when this run starts a local cluster itself (no `ray.address`,
+no RAY_ADDRESS, Ray not yet up in this process: the driver's CPUs are then the cluster's), the driver labels shards
+in a background thread, a whole shard at a time, with the same labeller as `--no-ray`, while the main thread starts
+Ray and the actors (actors created from another thread were never placed) and receives the results (manifest writes
+and SIGTERM belong to the main thread). Once an actor is ready (or failed to start) the remaining shards go to the
+pool, which retries and replaces actors as before (teacher_cache/actor_pool.py). A Ray Data pipeline's read tasks
+run while its actor loads in the same way. On a cluster the driver labels nothing: it may run on a head node with no
+room for a teacher. `ray.label_while_starting: false` turns it off.
 """
 
 from __future__ import annotations
